@@ -1,0 +1,1 @@
+//! Criterion benches for keyward; see `*.rs` beside this crate manifest.

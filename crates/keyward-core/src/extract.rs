@@ -1,0 +1,524 @@
+//! Taking a [`Key`] from a request: the [`KeyExtractor`] trait and the built-in [`KeySpec`]s.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::Request;
+use http::header::HeaderName;
+
+use crate::Key;
+
+/// Takes the coordination key from a request.
+///
+/// `Ok(None)` means the request carries no key (the layer then applies its policy for
+/// keyless requests); `Err` means it carries one that is unusable (answered with 400).
+///
+/// Implemented by [`KeySpec`] and by every closure of the right shape:
+///
+/// ```
+/// use keyward_core::{Key, KeyError, KeyExtractor};
+/// let by_tenant = |req: &http::Request<()>| -> Result<Option<Key>, KeyError> {
+///     Ok(req.headers().get("x-tenant").and_then(|v| v.to_str().ok()).map(Key::from))
+/// };
+/// let req = http::Request::builder().header("x-tenant", "acme").body(()).unwrap();
+/// assert_eq!(by_tenant.extract(&req).unwrap(), Some(Key::from("acme")));
+/// ```
+pub trait KeyExtractor<B> {
+    /// Extracts the key of `req`.
+    fn extract(&self, req: &Request<B>) -> Result<Option<Key>, KeyError>;
+}
+
+impl<B, F> KeyExtractor<B> for F
+where
+    F: Fn(&Request<B>) -> Result<Option<Key>, KeyError>,
+{
+    fn extract(&self, req: &Request<B>) -> Result<Option<Key>, KeyError> {
+        self(req)
+    }
+}
+
+/// A key the request carries but that cannot be used. Its message names the spec and the
+/// reason, never the raw value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The value is not valid (not visible ASCII, too long, malformed).
+    #[error("key from `{spec}` is invalid: {reason}")]
+    Invalid {
+        /// The spec that produced the value, e.g. `header:Idempotency-Key`.
+        spec: String,
+        /// Why the value was refused.
+        reason: String,
+    },
+    /// A `path:` spec was used without a route template and without [`PathParams`].
+    #[error(
+        "key spec `path:{param}` needs a route template (KeySpec::with_template) or a PathParams extension"
+    )]
+    NoPathParams {
+        /// The parameter name.
+        param: String,
+    },
+}
+
+/// A key spec string that does not parse. The message names the spec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// Not one of the known forms.
+    #[error(
+        "unknown key spec {0:?}: expected header:NAME, path:PARAM, query:NAME, peer_ip or method_uri"
+    )]
+    Unknown(String),
+    /// The form is known but its argument is not valid.
+    #[error("key spec {spec:?}: {reason}")]
+    BadArgument {
+        /// The whole spec string.
+        spec: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A route template that matchit refuses.
+    #[error("route template {template:?}: {reason}")]
+    BadTemplate {
+        /// The template.
+        template: String,
+        /// matchit's reason.
+        reason: String,
+    },
+}
+
+/// Route parameters of a request (`{id}` in `/payments/{id}` -> `id`), as a request
+/// extension. The sidecar inserts it after routing; library users can insert it
+/// themselves or give `path:` specs a template with [`KeySpec::with_template`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PathParams(pub Vec<(String, String)>);
+
+impl PathParams {
+    /// The value of parameter `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// A compiled route template for `path:` specs.
+#[derive(Clone)]
+pub struct PathTemplate {
+    template: Arc<str>,
+    router: Arc<matchit::Router<()>>,
+}
+
+impl PathTemplate {
+    /// Compiles a matchit template such as `/payments/{id}` or `/files/{*rest}`.
+    pub fn new(template: &str) -> Result<Self, SpecError> {
+        let mut router = matchit::Router::new();
+        router
+            .insert(template, ())
+            .map_err(|err| SpecError::BadTemplate {
+                template: template.to_owned(),
+                reason: err.to_string(),
+            })?;
+        Ok(PathTemplate {
+            template: template.into(),
+            router: Arc::new(router),
+        })
+    }
+
+    /// The parameters of `path`, or `None` if it does not match the template.
+    pub fn params(&self, path: &str) -> Option<PathParams> {
+        let matched = self.router.at(path).ok()?;
+        Some(PathParams(
+            matched
+                .params
+                .iter()
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect(),
+        ))
+    }
+}
+
+impl fmt::Debug for PathTemplate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("PathTemplate").field(&self.template).finish()
+    }
+}
+
+/// The client address of a request, as a request extension, for the `peer_ip` spec.
+/// A `std::net::SocketAddr` extension is accepted as well.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// A built-in key extractor, parsed from the spec strings the sidecar config uses.
+///
+/// | spec | key |
+/// |---|---|
+/// | `header:NAME` | the header's value (absent: no key; several values: invalid) |
+/// | `path:PARAM` | a route parameter |
+/// | `query:NAME` | a query parameter, percent-decoded |
+/// | `peer_ip` | the client IP ([`PeerAddr`] or `SocketAddr` extension) |
+/// | `method_uri` | method, path and the query with its pairs sorted |
+/// | a list | all of the above joined: a composite key |
+///
+/// ```
+/// use keyward_core::{Key, KeyExtractor, KeySpec};
+/// let spec: KeySpec = "query:page".parse().unwrap();
+/// let req = http::Request::get("/items?page=2%20b").body(()).unwrap();
+/// assert_eq!(spec.extract(&req).unwrap(), Some(Key::from("2 b")));
+///
+/// let bad = "cookie:session".parse::<KeySpec>().unwrap_err();
+/// assert!(bad.to_string().contains("cookie:session"));
+/// ```
+#[derive(Clone, Debug)]
+pub enum KeySpec {
+    /// `header:NAME`
+    Header(HeaderName),
+    /// `path:PARAM`
+    Path {
+        /// Parameter name.
+        param: String,
+        /// Template to match the request path against when there is no [`PathParams`].
+        template: Option<PathTemplate>,
+    },
+    /// `query:NAME`
+    Query(String),
+    /// `peer_ip`
+    PeerIp,
+    /// `method_uri`
+    MethodUri,
+    /// A composite key made of every part.
+    Composite(Vec<KeySpec>),
+}
+
+impl KeySpec {
+    /// Parses one spec string such as `header:Idempotency-Key`.
+    pub fn parse(spec: &str) -> Result<Self, SpecError> {
+        let spec = spec.trim();
+        let bad = |reason: &str| SpecError::BadArgument {
+            spec: spec.to_owned(),
+            reason: reason.to_owned(),
+        };
+        match spec.split_once(':') {
+            Some(("header", name)) => HeaderName::from_bytes(name.trim().as_bytes())
+                .map(KeySpec::Header)
+                .map_err(|_| bad("not a valid header name")),
+            Some(("path", param)) if is_identifier(param) => Ok(KeySpec::Path {
+                param: param.to_owned(),
+                template: None,
+            }),
+            Some(("path", _)) => Err(bad("expected a route parameter name like path:id")),
+            Some(("query", name)) if !name.is_empty() => Ok(KeySpec::Query(name.to_owned())),
+            Some(("query", _)) => Err(bad("expected a query parameter name like query:page")),
+            None if spec == "peer_ip" => Ok(KeySpec::PeerIp),
+            None if spec == "method_uri" => Ok(KeySpec::MethodUri),
+            _ => Err(SpecError::Unknown(spec.to_owned())),
+        }
+    }
+
+    /// Parses a list of specs into one composite key (a single spec stays itself).
+    pub fn parse_all<I, S>(specs: I) -> Result<Self, SpecError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut parts = specs
+            .into_iter()
+            .map(|spec| KeySpec::parse(spec.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        match parts.len() {
+            0 => Err(SpecError::Unknown(String::new())),
+            1 => Ok(parts.remove(0)),
+            _ => Ok(KeySpec::Composite(parts)),
+        }
+    }
+
+    /// Gives every `path:` part the route template to match the request path against.
+    pub fn with_template(self, template: &PathTemplate) -> Self {
+        match self {
+            KeySpec::Path { param, .. } => KeySpec::Path {
+                param,
+                template: Some(template.clone()),
+            },
+            KeySpec::Composite(parts) => KeySpec::Composite(
+                parts
+                    .into_iter()
+                    .map(|part| part.with_template(template))
+                    .collect(),
+            ),
+            other => other,
+        }
+    }
+
+    fn extract_str<B>(&self, req: &Request<B>) -> Result<Option<String>, KeyError> {
+        match self {
+            KeySpec::Header(name) => header_value(name, req),
+            KeySpec::Path { param, template } => {
+                if let Some(params) = req.extensions().get::<PathParams>() {
+                    return Ok(params.get(param).map(str::to_owned));
+                }
+                let Some(template) = template else {
+                    return Err(KeyError::NoPathParams {
+                        param: param.clone(),
+                    });
+                };
+                Ok(template
+                    .params(req.uri().path())
+                    .and_then(|params| params.get(param).map(str::to_owned)))
+            }
+            KeySpec::Query(name) => Ok(query_value(req.uri().query().unwrap_or(""), name)),
+            KeySpec::PeerIp => Ok(peer_ip(req).map(|ip| ip.to_string())),
+            KeySpec::MethodUri => Ok(Some(method_uri(req))),
+            KeySpec::Composite(parts) => {
+                // Each part is length-prefixed so that ("a:b", "c") and ("a", "b:c") differ.
+                let mut out = String::new();
+                for part in parts {
+                    let Some(value) = part.extract_str(req)? else {
+                        return Ok(None);
+                    };
+                    if !out.is_empty() {
+                        out.push('|');
+                    }
+                    out.push_str(&value.len().to_string());
+                    out.push(':');
+                    out.push_str(&value);
+                }
+                Ok(Some(out))
+            }
+        }
+    }
+}
+
+impl FromStr for KeySpec {
+    type Err = SpecError;
+
+    fn from_str(spec: &str) -> Result<Self, Self::Err> {
+        KeySpec::parse(spec)
+    }
+}
+
+impl fmt::Display for KeySpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySpec::Header(name) => write!(f, "header:{name}"),
+            KeySpec::Path { param, .. } => write!(f, "path:{param}"),
+            KeySpec::Query(name) => write!(f, "query:{name}"),
+            KeySpec::PeerIp => f.write_str("peer_ip"),
+            KeySpec::MethodUri => f.write_str("method_uri"),
+            KeySpec::Composite(parts) => {
+                for (i, part) in parts.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{part}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl<B> KeyExtractor<B> for KeySpec {
+    fn extract(&self, req: &Request<B>) -> Result<Option<Key>, KeyError> {
+        Ok(self.extract_str(req)?.map(Key::from))
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+fn header_value<B>(name: &HeaderName, req: &Request<B>) -> Result<Option<String>, KeyError> {
+    let mut values = req.headers().get_all(name).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let invalid = |reason: &str| KeyError::Invalid {
+        spec: format!("header:{name}"),
+        reason: reason.to_owned(),
+    };
+    if values.next().is_some() {
+        return Err(invalid("the header is sent more than once"));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| invalid("the value is not visible ASCII"))?;
+    Ok(Some(value.trim().to_owned()))
+}
+
+fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+    let extensions = req.extensions();
+    extensions
+        .get::<PeerAddr>()
+        .map(|peer| peer.0.ip())
+        .or_else(|| extensions.get::<SocketAddr>().map(SocketAddr::ip))
+}
+
+fn method_uri<B>(req: &Request<B>) -> String {
+    let mut pairs: Vec<&str> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .collect();
+    pairs.sort_unstable();
+    let mut out = format!("{} {}", req.method(), req.uri().path());
+    if !pairs.is_empty() {
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+fn query_value(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (percent_decode(key).as_deref() == Some(name))
+            .then(|| percent_decode(value))
+            .flatten()
+    })
+}
+
+/// Decodes `application/x-www-form-urlencoded` text; `None` if it is not UTF-8 after
+/// decoding.
+fn percent_decode(input: &str) -> Option<String> {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len()
+                && hex(bytes[i + 1]).is_some()
+                && hex(bytes[i + 2]).is_some() =>
+            {
+                let (hi, lo) = (hex(bytes[i + 1])?, hex(bytes[i + 2])?);
+                out.push(hi << 4 | lo);
+                i += 2;
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+fn hex(byte: u8) -> Option<u8> {
+    match byte {
+        b'0'..=b'9' => Some(byte - b'0'),
+        b'a'..=b'f' => Some(byte - b'a' + 10),
+        b'A'..=b'F' => Some(byte - b'A' + 10),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(uri: &str) -> Request<()> {
+        Request::get(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn parses_every_builtin_and_names_bad_specs() {
+        assert!(matches!(
+            KeySpec::parse("header:X-Api-Key"),
+            Ok(KeySpec::Header(_))
+        ));
+        assert!(matches!(
+            KeySpec::parse("path:id"),
+            Ok(KeySpec::Path { .. })
+        ));
+        assert!(matches!(KeySpec::parse("query:q"), Ok(KeySpec::Query(_))));
+        assert!(matches!(KeySpec::parse("peer_ip"), Ok(KeySpec::PeerIp)));
+        assert!(matches!(
+            KeySpec::parse("method_uri"),
+            Ok(KeySpec::MethodUri)
+        ));
+        for bad in [
+            "header:bad name",
+            "path:",
+            "path:a/b",
+            "query:",
+            "cookie:x",
+            "",
+            "peer",
+        ] {
+            let err = KeySpec::parse(bad).unwrap_err();
+            assert!(err.to_string().contains(bad.trim()), "{err}");
+        }
+    }
+
+    #[test]
+    fn header_absent_is_none_repeated_is_invalid() {
+        let spec = KeySpec::parse("header:x-k").unwrap();
+        assert_eq!(spec.extract(&get("/")).unwrap(), None);
+        let req = Request::get("/")
+            .header("x-k", "a")
+            .header("x-k", "b")
+            .body(())
+            .unwrap();
+        assert!(matches!(spec.extract(&req), Err(KeyError::Invalid { .. })));
+    }
+
+    #[test]
+    fn method_uri_sorts_query_pairs() {
+        let a = KeySpec::MethodUri.extract(&get("/x?b=2&a=1")).unwrap();
+        let b = KeySpec::MethodUri.extract(&get("/x?a=1&b=2")).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a, Some(Key::from("GET /x?a=1&b=2")));
+    }
+
+    #[test]
+    fn path_from_template_or_extension() {
+        let template = PathTemplate::new("/payments/{id}").unwrap();
+        let spec = KeySpec::parse("path:id").unwrap();
+        assert!(matches!(
+            spec.extract(&get("/payments/7")),
+            Err(KeyError::NoPathParams { .. })
+        ));
+        let spec = spec.with_template(&template);
+        assert_eq!(
+            spec.extract(&get("/payments/7")).unwrap(),
+            Some(Key::from("7"))
+        );
+        assert_eq!(spec.extract(&get("/other")).unwrap(), None);
+        let mut req = get("/elsewhere");
+        req.extensions_mut()
+            .insert(PathParams(vec![("id".into(), "9".into())]));
+        assert_eq!(spec.extract(&req).unwrap(), Some(Key::from("9")));
+    }
+
+    #[test]
+    fn composite_keys_are_unambiguous() {
+        let spec = KeySpec::parse_all(["query:a", "query:b"]).unwrap();
+        let one = spec.extract(&get("/?a=x:y&b=z")).unwrap();
+        let two = spec.extract(&get("/?a=x&b=y:z")).unwrap();
+        assert_ne!(one, two);
+        assert_eq!(spec.extract(&get("/?a=x")).unwrap(), None);
+    }
+
+    #[test]
+    fn peer_ip_from_extensions() {
+        let mut req = get("/");
+        assert_eq!(KeySpec::PeerIp.extract(&req).unwrap(), None);
+        req.extensions_mut()
+            .insert(PeerAddr("127.0.0.1:9".parse().unwrap()));
+        assert_eq!(
+            KeySpec::PeerIp.extract(&req).unwrap(),
+            Some(Key::from("127.0.0.1"))
+        );
+    }
+
+    #[test]
+    fn percent_decoding_is_lenient_on_stray_percent() {
+        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
+        assert_eq!(percent_decode("100%").as_deref(), Some("100%"));
+        assert_eq!(percent_decode("%zz").as_deref(), Some("%zz"));
+        assert_eq!(percent_decode("%ff"), None);
+    }
+}

@@ -1,0 +1,189 @@
+use std::fmt;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+/// A coordination key taken from a request, e.g. an `Idempotency-Key` header value or a
+/// tenant id.
+///
+/// The raw value is sensitive (it may be a customer id or a bearer-like token): its
+/// `Debug` output is redacted and telemetry only ever sees its [`KeyHash`].
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(Arc<str>);
+
+impl Key {
+    /// Wraps a raw key value.
+    pub fn new(value: impl Into<Arc<str>>) -> Self {
+        Key(value.into())
+    }
+
+    /// The raw key value. Do not log it; use [`Key::hash`].
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The telemetry-safe hash of this key.
+    pub fn hash(&self) -> KeyHash {
+        KeyHash::of(self.as_str().as_bytes())
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({})", self.hash())
+    }
+}
+
+impl From<&str> for Key {
+    fn from(value: &str) -> Self {
+        Key::new(value)
+    }
+}
+
+impl From<String> for Key {
+    fn from(value: String) -> Self {
+        Key::new(value)
+    }
+}
+
+/// The first 16 hex digits of the SHA-256 of a key: what spans, logs and metrics carry in
+/// place of the raw key (`keyward.key_hash`).
+///
+/// ```
+/// use keyward_core::Key;
+/// let hash = Key::from("order-42").hash();
+/// assert_eq!(hash.as_str().len(), 16);
+/// assert_eq!(hash, Key::from("order-42").hash());
+/// assert_ne!(hash, Key::from("order-43").hash());
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash([u8; 16]);
+
+impl KeyHash {
+    /// Hashes arbitrary bytes.
+    pub fn of(bytes: &[u8]) -> Self {
+        let digest = Sha256::digest(bytes);
+        let mut hex = [0u8; 16];
+        for (i, byte) in digest.iter().take(8).enumerate() {
+            hex[2 * i] = HEX[(byte >> 4) as usize];
+            hex[2 * i + 1] = HEX[(byte & 0x0f) as usize];
+        }
+        KeyHash(hex)
+    }
+
+    /// Hashes `bytes` keyed with `secret`, for deployments where keys are guessable
+    /// (tenant ids, account numbers) and an unkeyed hash could be reversed by enumeration.
+    pub fn keyed(secret: &[u8], bytes: &[u8]) -> Self {
+        let mut input = Vec::with_capacity(secret.len() + bytes.len() + 8);
+        input.extend_from_slice(&(secret.len() as u64).to_be_bytes());
+        input.extend_from_slice(secret);
+        input.extend_from_slice(bytes);
+        Self::of(&input)
+    }
+
+    /// The 16 lowercase hex digits.
+    pub fn as_str(&self) -> &str {
+        // The array only ever holds bytes from `HEX`.
+        std::str::from_utf8(&self.0).unwrap_or("0000000000000000")
+    }
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl fmt::Display for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({})", self.as_str())
+    }
+}
+
+/// Who a key belongs to: the hash of the principal (by default the `Authorization`
+/// header), or [`Scope::Unscoped`] where a route shares keys between all callers.
+///
+/// Two principals that send the same `Idempotency-Key` get different scopes, so neither
+/// can ever see the other's stored response.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Keys are shared by every caller of the route (`scope = "none"`).
+    Unscoped,
+    /// Keys belong to the principal with this hash.
+    Principal(KeyHash),
+    /// The route is scoped but the request carries no principal: all anonymous callers
+    /// share one scope, separate from every authenticated principal.
+    Anonymous,
+}
+
+impl Scope {
+    /// The scope of a principal value.
+    pub fn of(principal: &[u8]) -> Self {
+        Scope::Principal(KeyHash::of(principal))
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Scope::Unscoped => "-",
+            Scope::Anonymous => "anon",
+            Scope::Principal(hash) => hash.as_str(),
+        }
+    }
+}
+
+/// A key with everything that decides which requests it coordinates: the layer, the route
+/// and the principal's scope. Its [`ScopedKey::storage_key`] is
+/// `{layer}:{route}:{scope}:{key}`.
+///
+/// ```
+/// use keyward_core::{Key, Scope, ScopedKey};
+/// let a = ScopedKey::new("idem", "payments", Scope::of(b"Bearer alice"), Key::from("k1"));
+/// let b = ScopedKey::new("idem", "payments", Scope::of(b"Bearer bob"), Key::from("k1"));
+/// assert_ne!(a.storage_key(), b.storage_key());
+/// assert!(a.storage_key().starts_with("idem:payments:"));
+/// assert!(a.storage_key().ends_with(":k1"));
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct ScopedKey {
+    storage_key: Arc<str>,
+    key_hash: KeyHash,
+}
+
+impl ScopedKey {
+    /// Builds the scoped key of `key` for `layer` on `route`.
+    pub fn new(layer: &str, route: &str, scope: Scope, key: Key) -> Self {
+        Self::with_hash(layer, route, scope, &key, key.hash())
+    }
+
+    /// Like [`ScopedKey::new`] with a precomputed (possibly keyed) telemetry hash.
+    pub fn with_hash(layer: &str, route: &str, scope: Scope, key: &Key, key_hash: KeyHash) -> Self {
+        let storage_key = format!("{layer}:{route}:{}:{}", scope.as_str(), key.as_str());
+        ScopedKey {
+            storage_key: storage_key.into(),
+            key_hash,
+        }
+    }
+
+    /// `{layer}:{route}:{scope}:{key}`: the name the record has in the store.
+    pub fn storage_key(&self) -> &str {
+        &self.storage_key
+    }
+
+    /// The storage key as a shared string, for use as a map key without copying.
+    pub fn shared_storage_key(&self) -> Arc<str> {
+        self.storage_key.clone()
+    }
+
+    /// The telemetry-safe hash of the raw key (not of the scope).
+    pub fn key_hash(&self) -> KeyHash {
+        self.key_hash
+    }
+}
+
+impl fmt::Debug for ScopedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScopedKey({})", self.key_hash)
+    }
+}

@@ -1,0 +1,31 @@
+//! Core types shared by every keyward layer and store.
+//!
+//! keyward gives services "one coordinator per key". Every request yields a [`Key`]
+//! (through a [`KeyExtractor`]); the key is scoped by the principal and the route into a
+//! [`ScopedKey`], and a store coordinates all requests sharing that scoped key.
+//!
+//! This crate holds what layers and stores agree on:
+//!
+//! - [`Key`], [`KeyHash`], [`ScopedKey`]: what is coordinated, and how it is named in
+//!   storage and in telemetry (raw keys never appear in telemetry, only [`KeyHash`]).
+//! - [`KeyExtractor`], [`KeySpec`]: how a key is taken from a request.
+//! - [`store`]: the store traits each layer needs, shaped so that a remote store (Redis)
+//!   answers each decision in one round trip.
+//! - [`Problem`]: RFC 9457 `application/problem+json` rejections with stable `type` values.
+//! - [`KeywardBody`]: the response body every layer returns.
+//! - [`telemetry`]: span, field and outcome names from the behaviour contract.
+#![forbid(unsafe_code)]
+
+mod body;
+mod extract;
+mod fencing;
+mod key;
+pub mod problem;
+pub mod store;
+pub mod telemetry;
+
+pub use body::KeywardBody;
+pub use extract::{KeyError, KeyExtractor, KeySpec, PathParams, SpecError};
+pub use fencing::FencingToken;
+pub use key::{Key, KeyHash, Scope, ScopedKey};
+pub use problem::Problem;

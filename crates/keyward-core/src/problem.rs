@@ -1,0 +1,161 @@
+//! RFC 9457 `application/problem+json` rejections.
+//!
+//! Every rejection keyward produces carries one of the stable `type` values in [`types`];
+//! clients and dashboards may switch on them. They are documented in `docs/problems.md`.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
+use http::{Response, StatusCode};
+use std::time::Duration;
+
+/// The stable `type` URIs of keyward's problem responses.
+pub mod types {
+    /// 400: the route requires an `Idempotency-Key` and the request has none.
+    pub const IDEMPOTENCY_KEY_MISSING: &str =
+        "https://keyward.dev/problems/idempotency-key-missing";
+    /// 400: the `Idempotency-Key` is not a 1..=255 character sf-string or token.
+    pub const IDEMPOTENCY_KEY_INVALID: &str =
+        "https://keyward.dev/problems/idempotency-key-invalid";
+    /// 422: the key was first used with a different request (method, path, query, body).
+    pub const IDEMPOTENCY_KEY_REUSED: &str = "https://keyward.dev/problems/idempotency-key-reused";
+    /// 409: a request with this key is still being processed.
+    pub const IDEMPOTENCY_IN_FLIGHT: &str =
+        "https://keyward.dev/problems/idempotency-request-in-flight";
+    /// 400: a coordination key (quota, serial, single flight) is present but unusable.
+    pub const KEY_INVALID: &str = "https://keyward.dev/problems/key-invalid";
+    /// 413: the request body is larger than the route's `max_body`.
+    pub const BODY_TOO_LARGE: &str = "https://keyward.dev/problems/request-body-too-large";
+    /// 400: the request body could not be read.
+    pub const BODY_UNREADABLE: &str = "https://keyward.dev/problems/request-body-unreadable";
+    /// 429: the key's quota is used up.
+    pub const QUOTA_EXCEEDED: &str = "https://keyward.dev/problems/quota-exceeded";
+    /// 503: waited longer than `max_wait` for the key's turn.
+    pub const SERIAL_TIMEOUT: &str = "https://keyward.dev/problems/serial-wait-timeout";
+    /// 503: more than `max_queue` requests already wait for this key.
+    pub const SERIAL_QUEUE_FULL: &str = "https://keyward.dev/problems/serial-queue-full";
+    /// 502: the request this one was coalesced with failed.
+    pub const COALESCED_LEADER_FAILED: &str =
+        "https://keyward.dev/problems/coalesced-leader-failed";
+    /// 503: the coordination store did not answer and the route fails closed.
+    pub const STORE_UNAVAILABLE: &str = "https://keyward.dev/problems/store-unavailable";
+}
+
+/// A problem response under construction.
+///
+/// ```
+/// use keyward_core::problem::{Problem, types};
+/// use http::StatusCode;
+/// let res = Problem::new(StatusCode::CONFLICT, types::IDEMPOTENCY_IN_FLIGHT, "Request in flight")
+///     .detail("a request with this Idempotency-Key is still being processed")
+///     .retry_after(std::time::Duration::from_millis(1500))
+///     .into_response();
+/// assert_eq!(res.status(), StatusCode::CONFLICT);
+/// assert_eq!(res.headers()["content-type"], "application/problem+json");
+/// assert_eq!(res.headers()["retry-after"], "2");
+/// let json: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+/// assert_eq!(json["type"], types::IDEMPOTENCY_IN_FLIGHT);
+/// assert_eq!(json["status"], 409);
+/// ```
+#[derive(Clone, Debug)]
+pub struct Problem {
+    status: StatusCode,
+    type_uri: &'static str,
+    title: &'static str,
+    detail: Option<String>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Problem {
+    /// A problem with its status, stable type and short title.
+    pub fn new(status: StatusCode, type_uri: &'static str, title: &'static str) -> Self {
+        Problem {
+            status,
+            type_uri,
+            title,
+            detail: None,
+            headers: Vec::new(),
+        }
+    }
+
+    /// A human-readable explanation of this occurrence. Never put raw keys in it.
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// Adds `Retry-After` in whole seconds, rounded up, at least 1.
+    pub fn retry_after(self, after: Duration) -> Self {
+        let value = HeaderValue::from(retry_after_seconds(after));
+        self.header(RETRY_AFTER, value)
+    }
+
+    /// Adds a response header.
+    pub fn header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// The status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable type URI.
+    pub fn type_uri(&self) -> &'static str {
+        self.type_uri
+    }
+
+    /// Renders the response.
+    pub fn into_response(self) -> Response<Bytes> {
+        let mut body = serde_json::json!({
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status.as_u16(),
+        });
+        if let (Some(detail), Some(map)) = (self.detail, body.as_object_mut()) {
+            map.insert("detail".to_owned(), detail.into());
+        }
+        let bytes = Bytes::from(body.to_string());
+        let mut res = Response::new(bytes);
+        *res.status_mut() = self.status;
+        let headers = res.headers_mut();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        res
+    }
+}
+
+/// Whole seconds for `Retry-After`: rounded up and at least 1, so that a client never
+/// retries immediately into the same rejection.
+pub fn retry_after_seconds(after: Duration) -> u64 {
+    let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_rounds_up_and_is_at_least_one() {
+        assert_eq!(retry_after_seconds(Duration::ZERO), 1);
+        assert_eq!(retry_after_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_seconds(Duration::from_secs(60)), 60);
+    }
+
+    #[test]
+    fn detail_is_json_escaped() {
+        let res = Problem::new(StatusCode::BAD_REQUEST, types::KEY_INVALID, "Invalid key")
+            .detail("quote \" and \n newline")
+            .into_response();
+        let json: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert_eq!(json["detail"], "quote \" and \n newline");
+    }
+}

@@ -1,0 +1,35 @@
+//! The store traits the layers coordinate through.
+//!
+//! Every decision a layer makes is one method call, so that a remote store can answer it
+//! in one round trip (one Lua script on Redis). Implementations: `keyward::MemoryStore`
+//! (one process, moka) and `keyward::RedisStore` (many processes).
+
+mod idempotency;
+
+pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
+
+use std::time::Duration;
+
+/// A store that failed to answer. What the layer does then is [`OnStoreError`].
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// No answer within `store.timeout`.
+    #[error("store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store could not be reached or refused the command.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The store answered with data this version cannot read.
+    #[error("store returned malformed data: {0}")]
+    Corrupt(String),
+}
+
+/// What a layer does when its store fails (`store.on_error`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnStoreError {
+    /// Answer 503 `store-unavailable`: never run a request uncoordinated.
+    #[default]
+    Closed,
+    /// Let the request through uncoordinated, counted as `store_error` and logged.
+    Open,
+}

@@ -1,0 +1,120 @@
+//! Span, field, metric and outcome names from the behaviour contract. Dashboards depend on
+//! these exact strings.
+
+/// Span of an `IdempotencyLayer` decision.
+pub const SPAN_IDEMPOTENCY: &str = "keyward.idempotency";
+/// Span of a `QuotaLayer` decision.
+pub const SPAN_QUOTA: &str = "keyward.quota";
+/// Span of a `PerKeySerialLayer` decision.
+pub const SPAN_SERIAL: &str = "keyward.serial";
+/// Span of a `SingleFlightLayer` decision.
+pub const SPAN_SINGLE_FLIGHT: &str = "keyward.single_flight";
+
+/// Span field: the route name.
+pub const FIELD_ROUTE: &str = "keyward.route";
+/// Span field: [`crate::KeyHash`] of the key.
+pub const FIELD_KEY_HASH: &str = "keyward.key_hash";
+/// Span field: the decision's outcome (see the outcome enums).
+pub const FIELD_OUTCOME: &str = "keyward.outcome";
+/// Span field: seconds spent waiting (for a lock, an in-flight request, a leader).
+pub const FIELD_WAIT_SECONDS: &str = "keyward.wait_seconds";
+/// Span field: the fencing token issued to the request.
+pub const FIELD_FENCING_TOKEN: &str = "keyward.fencing_token";
+
+/// Counter `{layer, route, outcome}`.
+pub const METRIC_DECISIONS: &str = "keyward_decisions_total";
+/// Histogram `{layer, route}`.
+pub const METRIC_WAIT_SECONDS: &str = "keyward_wait_seconds";
+/// Histogram `{op}`.
+pub const METRIC_STORE_SECONDS: &str = "keyward_store_seconds";
+
+/// Outcome of any layer whose store failed.
+pub const OUTCOME_STORE_ERROR: &str = "store_error";
+
+macro_rules! outcomes {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident => $text:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)*
+            /// The store failed (with `on_error = "open"` the request went through
+            /// uncoordinated; with `"closed"` it was answered 503).
+            StoreError,
+        }
+
+        impl $name {
+            /// The contract's name of this outcome.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)*
+                    $name::StoreError => OUTCOME_STORE_ERROR,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+outcomes! {
+    /// Outcomes of `keyward.idempotency`.
+    IdempotencyOutcome {
+        /// First request: the handler ran and its response was stored.
+        Executed => "executed",
+        /// A stored response was replayed.
+        Replayed => "replayed",
+        /// Another request holds the key: 409 (or waited and still in flight).
+        InFlight => "in_flight",
+        /// Same key, different request: 422.
+        Mismatch => "mismatch",
+        /// No key (400 where required, else passed through uncoordinated).
+        MissingKey => "missing_key",
+        /// Malformed key: 400.
+        InvalidKey => "invalid_key",
+        /// The handler ran but its result is not stored (5xx, 408, 425, 429, error,
+        /// oversized response, lost lease): the key is free for a retry.
+        Released => "released",
+        /// The outcome upstream is unknown (transport error or timeout): key released.
+        Ambiguous => "ambiguous",
+    }
+}
+
+outcomes! {
+    /// Outcomes of `keyward.quota`.
+    QuotaOutcome {
+        /// Within quota.
+        Allowed => "allowed",
+        /// Over quota: 429.
+        Limited => "limited",
+        /// Over quota in shadow mode: let through, counted.
+        ShadowLimited => "shadow_limited",
+    }
+}
+
+outcomes! {
+    /// Outcomes of `keyward.serial`.
+    SerialOutcome {
+        /// The request got the key's turn.
+        Acquired => "acquired",
+        /// Waited longer than `max_wait`: 503.
+        Timeout => "timeout",
+        /// Too many waiters: 503.
+        QueueFull => "queue_full",
+    }
+}
+
+outcomes! {
+    /// Outcomes of `keyward.single_flight`.
+    SingleFlightOutcome {
+        /// This request made the inner call.
+        Leader => "leader",
+        /// This request received a copy of the leader's response.
+        Follower => "follower",
+        /// The leader failed and this request got 502.
+        LeaderFailed => "leader_failed",
+    }
+}

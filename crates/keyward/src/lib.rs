@@ -1,0 +1,8 @@
+//! keyward: one coordinator per key.
+#![forbid(unsafe_code)]
+
+#[cfg(feature = "memory")]
+mod memory;
+
+#[cfg(feature = "memory")]
+pub use memory::{MemoryStore, MemoryStoreBuilder};
