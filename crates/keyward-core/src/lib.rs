@@ -19,13 +19,15 @@
 mod body;
 mod extract;
 mod fencing;
+mod idempotency_key;
 mod key;
 pub mod problem;
 pub mod store;
 pub mod telemetry;
 
 pub use body::KeywardBody;
-pub use extract::{KeyError, KeyExtractor, KeySpec, PathParams, SpecError};
+pub use extract::{KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate, PeerAddr, SpecError};
 pub use fencing::FencingToken;
+pub use idempotency_key::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_LEN, parse_idempotency_key};
 pub use key::{Key, KeyHash, Scope, ScopedKey};
 pub use problem::Problem;

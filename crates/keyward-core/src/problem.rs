@@ -105,6 +105,12 @@ impl Problem {
         self.type_uri
     }
 
+    /// Renders the response with a [`KeywardBody`](crate::KeywardBody), the body type
+    /// every layer returns.
+    pub fn into_keyward_response<B: http_body::Body>(self) -> Response<crate::KeywardBody<B>> {
+        self.into_response().map(crate::KeywardBody::full)
+    }
+
     /// Renders the response.
     pub fn into_response(self) -> Response<Bytes> {
         let mut body = serde_json::json!({

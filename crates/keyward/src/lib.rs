@@ -1,8 +1,29 @@
 //! keyward: one coordinator per key.
+//!
+//! Tower layers that coordinate all requests sharing a key, through a store shared by
+//! every instance that uses it:
+//!
+//! | layer | guarantees |
+//! |---|---|
+//! | [`IdempotencyLayer`] | a retried request takes effect once; the retry gets the first response |
+//!
+//! Stores: [`MemoryStore`] (feature `memory`, default) for one process.
+//!
+//! The key of each request comes from a [`KeySpec`] (`header:NAME`, `path:PARAM`,
+//! `query:NAME`, `peer_ip`, `method_uri`, or a list of them) or any closure implementing
+//! [`KeyExtractor`]. Rejections are RFC 9457 problem responses
+//! ([`keyward_core::problem::types`]).
 #![forbid(unsafe_code)]
 
+pub mod idempotency;
 #[cfg(feature = "memory")]
 mod memory;
 
+pub use idempotency::{IdempotencyLayer, OnInFlight};
+pub use keyward_core::store::OnStoreError;
+pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+/// The core types, re-exported.
+pub use keyward_core as core;

@@ -30,11 +30,13 @@ use super::MemoryStore;
 const SHARDS: usize = 64;
 
 pub(super) struct IdempotencyTable {
-    in_flight: Box<[Mutex<HashMap<Arc<str>, Claim>>]>,
+    in_flight: Box<[Mutex<ClaimMap>]>,
     hasher: RandomState,
     completed: Cache<Arc<str>, Arc<CompletedRecord>>,
     next_token: AtomicU64,
 }
+
+type ClaimMap = HashMap<Arc<str>, Claim>;
 
 struct Claim {
     token: FencingToken,
@@ -80,7 +82,7 @@ impl IdempotencyTable {
         }
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Arc<str>, Claim>> {
+    fn shard(&self, key: &str) -> MutexGuard<'_, ClaimMap> {
         let index = (self.hasher.hash_one(key) as usize) % SHARDS;
         // A panic while holding this lock cannot leave a map half-updated (every critical
         // section is a single insert/remove), so a poisoned lock is safe to reuse.
@@ -155,10 +157,10 @@ impl IdempotencyTable {
     ) -> Completion {
         let storage_key = key.storage_key();
         let mut shard = self.shard(storage_key);
-        if !shard
+        let holds_key = shard
             .get(storage_key)
-            .is_some_and(|claim| claim.token == token)
-        {
+            .is_some_and(|claim| claim.token == token);
+        if !holds_key {
             return Completion::Fenced;
         }
         let record = CompletedRecord {

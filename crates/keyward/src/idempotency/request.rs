@@ -1,0 +1,106 @@
+//! Reading the request body (capped) and fingerprinting the request.
+
+use bytes::Bytes;
+use http::HeaderName;
+use http::request::Parts;
+use http_body::Body;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use keyward_core::store::Fingerprint;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request body was not read.
+#[derive(Debug)]
+pub(crate) enum BodyRejection {
+    /// Over `max_body`.
+    TooLarge,
+    /// The client's body stream failed.
+    Unreadable(BoxError),
+}
+
+/// Reads the whole body, refusing it as soon as it grows past `max` bytes (so an
+/// oversized body is never buffered to its end).
+pub(crate) async fn read_body<B>(parts: &Parts, body: B, max: usize) -> Result<Bytes, BodyRejection>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(BodyRejection::TooLarge);
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<LengthLimitError>() => Err(BodyRejection::TooLarge),
+        Err(err) => Err(BodyRejection::Unreadable(err)),
+    }
+}
+
+/// The request's fingerprint: method, path, query, the configured headers (name and all
+/// values, in order) and the body.
+pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
+    let mut builder = Fingerprint::builder()
+        .part(parts.method.as_str().as_bytes())
+        .part(parts.uri.path().as_bytes())
+        .part(parts.uri.query().unwrap_or("").as_bytes());
+    for name in headers {
+        builder = builder.part(name.as_str().as_bytes());
+        for value in parts.headers.get_all(name) {
+            builder = builder.part(value.as_bytes());
+        }
+    }
+    builder.part(body).finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::Full;
+
+    fn parts(uri: &str) -> Parts {
+        http::Request::post(uri).body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn fingerprint_covers_method_path_query_body_and_headers() {
+        let base = fingerprint(&parts("/a?x=1"), &[], b"body");
+        assert_eq!(base, fingerprint(&parts("/a?x=1"), &[], b"body"));
+        assert_ne!(base, fingerprint(&parts("/a?x=2"), &[], b"body"));
+        assert_ne!(base, fingerprint(&parts("/b?x=1"), &[], b"body"));
+        assert_ne!(base, fingerprint(&parts("/a?x=1"), &[], b"bodY"));
+        let get = http::Request::get("/a?x=1")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert_ne!(base, fingerprint(&get, &[], b"body"));
+        let mut typed = parts("/a?x=1");
+        typed
+            .headers
+            .insert("content-type", "text/plain".parse().unwrap());
+        let ct = [http::header::CONTENT_TYPE];
+        assert_ne!(
+            fingerprint(&typed, &ct, b"body"),
+            fingerprint(&parts("/a?x=1"), &ct, b"body")
+        );
+    }
+
+    #[tokio::test]
+    async fn body_over_the_cap_is_refused() {
+        let p = parts("/");
+        let ok = read_body(&p, Full::new(Bytes::from(vec![0u8; 10])), 10).await;
+        assert_eq!(ok.unwrap().len(), 10);
+        let big = read_body(&p, Full::new(Bytes::from(vec![0u8; 11])), 10).await;
+        assert!(matches!(big, Err(BodyRejection::TooLarge)));
+        let mut declared = parts("/");
+        declared
+            .headers
+            .insert("content-length", "11".parse().unwrap());
+        let early = read_body(&declared, Full::new(Bytes::new()), 10).await;
+        assert!(matches!(early, Err(BodyRejection::TooLarge)));
+    }
+}

@@ -1,0 +1,435 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use keyward_core::problem::types;
+use keyward_core::store::{
+    ClaimOutcome, Completion, IdempotencyStore, OnStoreError, StoreError, StoredResponse,
+};
+use keyward_core::telemetry::{
+    FIELD_FENCING_TOKEN, FIELD_KEY_HASH, FIELD_OUTCOME, FIELD_WAIT_SECONDS, IdempotencyOutcome,
+};
+use keyward_core::{
+    Key, KeyExtractor, KeySpec, KeywardBody, Problem, Scope, ScopedKey, parse_idempotency_key,
+};
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::{Instrument, Span};
+
+use super::claim::{ClaimGuard, with_renewal};
+use super::future::ResponseFuture;
+use super::layer::{Config, OnInFlight, Settings};
+use super::request::{BodyRejection, fingerprint, read_body};
+use super::response::{
+    Buffered, buffer_response, original, releases_key, replay, storable_headers,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Short layer name in stored keys: `idem:{route}:{scope}:{key}`.
+const LAYER: &str = "idem";
+
+/// Makes retried requests idempotent; built by
+/// [`IdempotencyLayer`](super::IdempotencyLayer).
+pub struct IdempotencyService<S, St, K> {
+    pub(crate) inner: S,
+    pub(crate) store: St,
+    pub(crate) config: Arc<Config<K>>,
+}
+
+impl<S: Clone, St: Clone, K> Clone for IdempotencyService<S, St, K> {
+    fn clone(&self) -> Self {
+        IdempotencyService {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St, K> fmt::Debug for IdempotencyService<S, St, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyService")
+            .field("inner", &self.inner)
+            .field("route", &self.config.settings.route)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, K, B, ResB> Service<Request<B>> for IdempotencyService<S, St, K>
+where
+    S: Service<Request<B>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    St: IdempotencyStore,
+    K: KeyExtractor<B> + Send + Sync + 'static,
+    B: Body + From<Bytes> + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    ResB: Body<Data = Bytes> + Send + Unpin + 'static,
+    ResB::Error: Send,
+{
+    type Response = Response<KeywardBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The clone may not be ready; the instance poll_ready was called on is.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let settings = &self.config.settings;
+        let span = tracing::info_span!(
+            "keyward.idempotency",
+            keyward.route = %settings.route,
+            keyward.key_hash = tracing::field::Empty,
+            keyward.outcome = tracing::field::Empty,
+            keyward.wait_seconds = tracing::field::Empty,
+            keyward.fencing_token = tracing::field::Empty,
+        );
+
+        let key = match self.scoped_key(&req) {
+            Ok(Some(key)) => key,
+            Ok(None) if settings.required => {
+                record(&span, IdempotencyOutcome::MissingKey);
+                let problem = Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    types::IDEMPOTENCY_KEY_MISSING,
+                    "Idempotency-Key required",
+                )
+                .detail(format!(
+                    "this route requires a key from {}",
+                    self.config.key_name
+                ));
+                return ResponseFuture::ready(problem.into_keyward_response());
+            }
+            Ok(None) => {
+                record(&span, IdempotencyOutcome::MissingKey);
+                let _entered = span.enter();
+                return ResponseFuture::pass_through(inner.call(req));
+            }
+            Err(reason) => {
+                record(&span, IdempotencyOutcome::InvalidKey);
+                let problem = Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    types::IDEMPOTENCY_KEY_INVALID,
+                    "Invalid Idempotency-Key",
+                )
+                .detail(reason);
+                return ResponseFuture::ready(problem.into_keyward_response());
+            }
+        };
+        span.record(FIELD_KEY_HASH, key.key_hash().as_str());
+        let attempt = Attempt {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            key,
+            span: span.clone(),
+        };
+        ResponseFuture::coordinated(Box::pin(attempt.run(inner, req).instrument(span)))
+    }
+}
+
+impl<S, St, K> IdempotencyService<S, St, K> {
+    /// The request's key, validated and scoped; `Err` carries a message for the client
+    /// that never repeats the raw key.
+    fn scoped_key<B>(&self, req: &Request<B>) -> Result<Option<ScopedKey>, String>
+    where
+        K: KeyExtractor<B>,
+    {
+        let Some(raw) = self
+            .config
+            .key
+            .extract(req)
+            .map_err(|err| err.to_string())?
+        else {
+            return Ok(None);
+        };
+        let key = parse_idempotency_key(raw.as_str())
+            .map_err(|err| format!("{} ({})", err, self.config.key_name))?;
+        let settings = &self.config.settings;
+        let scope = scope_of(settings.scope.as_ref(), req).map_err(|err| err.to_string())?;
+        Ok(Some(ScopedKey::new(
+            LAYER,
+            &settings.route,
+            scope,
+            Key::from(key),
+        )))
+    }
+}
+
+fn scope_of<B>(
+    principal: Option<&KeySpec>,
+    req: &Request<B>,
+) -> Result<Scope, keyward_core::KeyError> {
+    let Some(spec) = principal else {
+        return Ok(Scope::Unscoped);
+    };
+    Ok(match spec.extract(req)? {
+        Some(principal) => Scope::of(principal.as_str().as_bytes()),
+        None => Scope::Anonymous,
+    })
+}
+
+fn record(span: &Span, outcome: IdempotencyOutcome) {
+    span.record(FIELD_OUTCOME, outcome.as_str());
+}
+
+/// One coordinated request: everything the boxed future needs.
+struct Attempt<St, K> {
+    store: St,
+    config: Arc<Config<K>>,
+    key: ScopedKey,
+    span: Span,
+}
+
+/// What running the handler produced.
+enum Ran<ResB: Body> {
+    /// Read to its end and storable.
+    Complete {
+        parts: http::response::Parts,
+        body: Bytes,
+        trailers: Option<http::HeaderMap>,
+    },
+    /// Not to be stored (status, size or body error): the key is released.
+    Released(Response<KeywardBody<ResB>>),
+}
+
+impl<St, K> Attempt<St, K>
+where
+    St: IdempotencyStore,
+{
+    fn settings(&self) -> &Settings {
+        &self.config.settings
+    }
+
+    fn record(&self, outcome: IdempotencyOutcome) {
+        record(&self.span, outcome);
+    }
+
+    async fn run<S, B, ResB>(
+        self,
+        mut inner: S,
+        req: Request<B>,
+    ) -> Result<Response<KeywardBody<ResB>>, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<ResB>>,
+        B: Body + From<Bytes>,
+        B::Error: Into<BoxError>,
+        ResB: Body<Data = Bytes> + Unpin,
+    {
+        let settings = self.settings();
+        let (parts, body) = req.into_parts();
+        let body = match read_body(&parts, body, settings.max_body).await {
+            Ok(body) => body,
+            Err(BodyRejection::TooLarge) => {
+                let problem = Problem::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    types::BODY_TOO_LARGE,
+                    "Request body too large",
+                )
+                .detail(format!(
+                    "idempotent requests on this route are limited to {} bytes",
+                    settings.max_body
+                ));
+                return Ok(problem.into_keyward_response());
+            }
+            Err(BodyRejection::Unreadable(error)) => {
+                tracing::debug!(%error, "request body could not be read");
+                let problem = Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    types::BODY_UNREADABLE,
+                    "Request body unreadable",
+                );
+                return Ok(problem.into_keyward_response());
+            }
+        };
+        let fingerprint = fingerprint(&parts, &settings.fingerprint_headers, &body);
+
+        let token = match self.claim(&fingerprint).await {
+            Ok(Claim::Token(token)) => token,
+            Ok(Claim::Answer(res)) => return Ok(*res),
+            Err(error) => {
+                self.record(IdempotencyOutcome::StoreError);
+                tracing::warn!(%error, "idempotency store failed");
+                return match settings.on_store_error {
+                    OnStoreError::Closed => Ok(store_unavailable()),
+                    OnStoreError::Open => {
+                        let req = Request::from_parts(parts, B::from(body));
+                        inner.call(req).await.map(|res| res.map(KeywardBody::inner))
+                    }
+                };
+            }
+        };
+        self.span.record(FIELD_FENCING_TOKEN, token.get());
+
+        let guard = ClaimGuard::new(self.store.clone(), self.key.clone(), token);
+        let mut req = Request::from_parts(parts, B::from(body));
+        req.extensions_mut().insert(token);
+        let max_response = settings.max_response;
+        let store_server_errors = settings.store_server_errors;
+        let work = async move {
+            let res = inner.call(req).await?;
+            if releases_key(res.status(), store_server_errors) {
+                return Ok(Ran::Released(res.map(KeywardBody::inner)));
+            }
+            Ok(match buffer_response(res, max_response).await {
+                Buffered::Complete {
+                    parts,
+                    body,
+                    trailers,
+                } => Ran::Complete {
+                    parts,
+                    body,
+                    trailers,
+                },
+                Buffered::PassThrough(res) => Ran::Released(res),
+            })
+        };
+        let ran = with_renewal(work, &self.store, &self.key, token, settings.lease).await;
+
+        let response = match ran {
+            Err(error) => {
+                // The inner service failed without a response (a transport error or a
+                // timeout upstream): whether the effect happened is unknown.
+                self.release(token).await;
+                self.record(IdempotencyOutcome::Ambiguous);
+                Err(error)
+            }
+            Ok(Ran::Released(res)) => {
+                self.release(token).await;
+                self.record(IdempotencyOutcome::Released);
+                Ok(res)
+            }
+            Ok(Ran::Complete {
+                parts,
+                body,
+                trailers,
+            }) => {
+                let stored = StoredResponse {
+                    status: parts.status,
+                    headers: storable_headers(&parts.headers, &settings.replay_headers),
+                    body: body.clone(),
+                    trailers: trailers.clone(),
+                };
+                self.complete(token, &fingerprint, stored).await;
+                Ok(original(parts, body, trailers))
+            }
+        };
+        guard.disarm();
+        response
+    }
+
+    /// Claims the key, waiting for an in-flight holder if the route says so. Either the
+    /// caller now holds the key, or the request is answered here (replay, 409, 422).
+    async fn claim<ResB: Body>(
+        &self,
+        fingerprint: &keyward_core::store::Fingerprint,
+    ) -> Result<Claim<ResB>, StoreError> {
+        let settings = self.settings();
+        let started = Instant::now();
+        let deadline = match settings.on_in_flight {
+            OnInFlight::Wait(wait) => Some(started + wait),
+            OnInFlight::Reject => None,
+        };
+        loop {
+            let outcome = self
+                .store
+                .claim(&self.key, fingerprint, settings.lease)
+                .await?;
+            let waited = started.elapsed();
+            if !waited.is_zero() {
+                self.span.record(FIELD_WAIT_SECONDS, waited.as_secs_f64());
+            }
+            match outcome {
+                ClaimOutcome::Claimed(token) => return Ok(Claim::Token(token)),
+                ClaimOutcome::Completed(stored) => {
+                    self.record(IdempotencyOutcome::Replayed);
+                    return Ok(Claim::Answer(Box::new(replay(&stored))));
+                }
+                ClaimOutcome::Mismatch => {
+                    self.record(IdempotencyOutcome::Mismatch);
+                    let problem = Problem::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        types::IDEMPOTENCY_KEY_REUSED,
+                        "Idempotency-Key reused with a different request",
+                    )
+                    .detail("this key was first used with a different method, path, query or body");
+                    return Ok(Claim::Answer(Box::new(problem.into_keyward_response())));
+                }
+                ClaimOutcome::InFlight { holder, .. } => {
+                    let now = Instant::now();
+                    if let Some(deadline) = deadline.filter(|deadline| *deadline > now) {
+                        self.store
+                            .wait_settled(&self.key, holder, deadline - now)
+                            .await?;
+                        continue;
+                    }
+                    self.record(IdempotencyOutcome::InFlight);
+                    let problem = Problem::new(
+                        StatusCode::CONFLICT,
+                        types::IDEMPOTENCY_IN_FLIGHT,
+                        "Request with this Idempotency-Key in flight",
+                    )
+                    .detail("a request with this key is still being processed; retry later")
+                    .retry_after(Duration::from_secs(1));
+                    return Ok(Claim::Answer(Box::new(problem.into_keyward_response())));
+                }
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        token: keyward_core::FencingToken,
+        fingerprint: &keyward_core::store::Fingerprint,
+        stored: StoredResponse,
+    ) {
+        match self
+            .store
+            .complete(&self.key, token, fingerprint, stored, self.settings().ttl)
+            .await
+        {
+            Ok(Completion::Stored) => self.record(IdempotencyOutcome::Executed),
+            Ok(Completion::Fenced) => {
+                // Our lease ran out and another request took the key over: storing now
+                // would overwrite its result. Downstream fencing decides which write wins.
+                tracing::warn!("idempotency lease expired before completion; response not stored");
+                self.record(IdempotencyOutcome::Executed);
+            }
+            Err(error) => {
+                tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
+                self.record(IdempotencyOutcome::StoreError);
+                self.release(token).await;
+            }
+        }
+    }
+
+    async fn release(&self, token: keyward_core::FencingToken) {
+        if let Err(error) = self.store.release(&self.key, token).await {
+            tracing::warn!(%error, "idempotency release failed; the key frees when its lease ends");
+        }
+    }
+}
+
+enum Claim<ResB: Body> {
+    Token(keyward_core::FencingToken),
+    Answer(Box<Response<KeywardBody<ResB>>>),
+}
+
+fn store_unavailable<ResB: Body>() -> Response<KeywardBody<ResB>> {
+    Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        types::STORE_UNAVAILABLE,
+        "Coordination store unavailable",
+    )
+    .retry_after(Duration::from_secs(1))
+    .into_keyward_response()
+}
