@@ -1,1 +1,151 @@
-//! Black-box integration tests for keyward; see `tests/*.rs`.
+//! The test kit for keyward's black-box tests (see `tests/*.rs`): a counting upstream
+//! service and helpers to drive layers with plain `http` requests.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::sync::Semaphore;
+
+/// The request and response body of test services.
+pub type TestBody = Full<Bytes>;
+
+/// An upstream that counts its calls and can be held: while the gate is closed, every
+/// call waits inside the handler (in flight) until [`Upstream::open`].
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    calls: Arc<AtomicUsize>,
+    entered: Arc<Semaphore>,
+    gate: Arc<Semaphore>,
+    status: StatusCode,
+}
+
+impl Upstream {
+    /// An upstream answering `status`, gate open.
+    pub fn new(status: StatusCode) -> Self {
+        Upstream {
+            calls: Arc::new(AtomicUsize::new(0)),
+            entered: Arc::new(Semaphore::new(0)),
+            gate: Arc::new(Semaphore::new(Semaphore::MAX_PERMITS)),
+            status,
+        }
+    }
+
+    /// An upstream answering `status` whose calls wait until [`Upstream::open`].
+    pub fn held(status: StatusCode) -> Self {
+        Upstream {
+            gate: Arc::new(Semaphore::new(0)),
+            ..Upstream::new(status)
+        }
+    }
+
+    /// Lets every waiting and future call through.
+    pub fn open(&self) {
+        self.gate.add_permits(Semaphore::MAX_PERMITS / 2);
+    }
+
+    /// Waits until `n` calls have entered the handler.
+    pub async fn entered(&self, n: u32) {
+        let permits = self.entered.acquire_many(n).await.expect("never closed");
+        permits.forget();
+    }
+
+    /// How many times the handler ran.
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Handles one request: counts it, waits at the gate, answers
+    /// `"{method} {path} call={n} body={body}"` with a `Set-Cookie` and a `Date`.
+    pub async fn handle(self, req: Request<TestBody>) -> Result<Response<TestBody>, Infallible> {
+        let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        self.entered.add_permits(1);
+        let _pass = self.gate.acquire().await.expect("never closed");
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let token = parts
+            .extensions
+            .get::<keyward::FencingToken>()
+            .map(|t| t.get())
+            .unwrap_or(0);
+        let text = format!(
+            "{} {} call={n} token={token} body={}",
+            parts.method,
+            parts.uri.path(),
+            String::from_utf8_lossy(&body)
+        );
+        Ok(Response::builder()
+            .status(self.status)
+            .header("content-type", "text/plain")
+            .header("set-cookie", format!("session={n}"))
+            .header("date", "Mon, 23 Nov 2026 00:00:00 GMT")
+            .header("x-call", n.to_string())
+            .body(Full::new(Bytes::from(text)))
+            .expect("valid response"))
+    }
+}
+
+/// A request with an optional idempotency key, principal and body.
+pub fn post(
+    path: &str,
+    key: Option<&str>,
+    principal: Option<&str>,
+    body: &str,
+) -> Request<TestBody> {
+    let mut builder = Request::post(path);
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    if let Some(principal) = principal {
+        builder = builder.header("authorization", principal);
+    }
+    builder
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("valid request")
+}
+
+/// A response read to the end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    /// Status.
+    pub status: StatusCode,
+    /// Whether `Idempotent-Replayed: true` was set.
+    pub replayed: bool,
+    /// Whether `Set-Cookie` was present.
+    pub set_cookie: bool,
+    /// `Retry-After`, if any.
+    pub retry_after: Option<String>,
+    /// Body text.
+    pub body: String,
+}
+
+/// Reads a response to the end.
+pub async fn seen<B>(res: Response<B>) -> Seen
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("body readable").to_bytes();
+    Seen {
+        status: parts.status,
+        replayed: parts
+            .headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true"),
+        set_cookie: parts.headers.contains_key("set-cookie"),
+        retry_after: parts
+            .headers
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}

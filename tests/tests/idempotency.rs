@@ -1,0 +1,474 @@
+//! IdempotencyLayer on the memory store: the contract's "must show" list.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::time::Duration;
+
+use http::StatusCode;
+use keyward::MemoryStore;
+use keyward::core::store::{ClaimOutcome, Completion, IdempotencyStore, StoredResponse};
+use keyward::core::{Key, Scope, ScopedKey};
+use keyward::idempotency::{IdempotencyLayer, OnInFlight};
+use keyward_tests::{Seen, TestBody, Upstream, post, seen};
+use tower::util::BoxCloneSyncService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+type Svc = BoxCloneSyncService<
+    http::Request<TestBody>,
+    http::Response<keyward::KeywardBody<TestBody>>,
+    std::convert::Infallible,
+>;
+
+fn service(layer: IdempotencyLayer<MemoryStore>, upstream: &Upstream) -> Svc {
+    let upstream = upstream.clone();
+    BoxCloneSyncService::new(
+        ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(move |req| upstream.clone().handle(req)),
+    )
+}
+
+async fn send(svc: &Svc, req: http::Request<TestBody>) -> Seen {
+    seen(svc.clone().oneshot(req).await.unwrap()).await
+}
+
+fn layer(store: &MemoryStore) -> IdempotencyLayer<MemoryStore> {
+    IdempotencyLayer::new(store.clone()).route("payments")
+}
+
+#[tokio::test]
+async fn fifty_concurrent_duplicates_with_reject_run_once() {
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()), &upstream);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(
+                async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await },
+            )
+        })
+        .collect();
+    upstream.entered(1).await;
+    // Every duplicate is answered while the first is still held in the handler...
+    let mut conflicts = 0;
+    let mut pending = Vec::new();
+    for task in tasks {
+        if task.is_finished() {
+            let res = task.await.unwrap();
+            assert_eq!(res.status, StatusCode::CONFLICT);
+            assert_eq!(res.retry_after.as_deref(), Some("1"));
+            conflicts += 1;
+        } else {
+            pending.push(task);
+        }
+    }
+    // ...or finishes soon after without entering it; then the first is let through.
+    upstream.open();
+    let mut created = 0;
+    for task in pending {
+        let res = task.await.unwrap();
+        match res.status {
+            StatusCode::CREATED => created += 1,
+            StatusCode::CONFLICT => conflicts += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(upstream.calls(), 1);
+    assert_eq!(created, 1);
+    assert_eq!(conflicts, 49);
+    let replay = send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await;
+    assert!(replay.replayed);
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_duplicates_with_wait_all_get_the_same_response() {
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let layer = layer(&MemoryStore::new()).on_in_flight(OnInFlight::Wait(Duration::from_secs(10)));
+    let svc = service(layer, &upstream);
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(
+                async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await },
+            )
+        })
+        .collect();
+    upstream.entered(1).await;
+    upstream.open();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    assert_eq!(upstream.calls(), 1);
+    assert!(results.iter().all(|r| r.status == StatusCode::CREATED));
+    assert!(results.iter().all(|r| r.body == results[0].body));
+    assert_eq!(results.iter().filter(|r| r.replayed).count(), 49);
+}
+
+#[tokio::test(start_paused = true)]
+async fn wait_is_bounded_then_409() {
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let layer = layer(&MemoryStore::new()).on_in_flight(OnInFlight::Wait(Duration::from_secs(2)));
+    let svc = service(layer, &upstream);
+    let first = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, post("/pay", Some("k"), None, "1")).await })
+    };
+    upstream.entered(1).await;
+    let started = tokio::time::Instant::now();
+    let second = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(second.status, StatusCode::CONFLICT);
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    upstream.open();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn different_body_is_422_and_different_principal_executes_separately() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()), &upstream);
+    let first = send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let other_body = send(&svc, post("/pay", Some("k"), Some("alice"), "99")).await;
+    assert_eq!(other_body.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(other_body.body.contains("idempotency-key-reused"));
+    let other_path = send(&svc, post("/refund", Some("k"), Some("alice"), "10")).await;
+    assert_eq!(other_path.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let bob = send(&svc, post("/pay", Some("k"), Some("bob"), "10")).await;
+    assert_eq!(bob.status, StatusCode::CREATED);
+    assert!(!bob.replayed, "bob must not see alice's response");
+    assert_ne!(bob.body, first.body);
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn missing_invalid_and_overlong_keys_are_400() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()).required(true), &upstream);
+    let missing = send(&svc, post("/pay", None, None, "1")).await;
+    assert_eq!(missing.status, StatusCode::BAD_REQUEST);
+    assert!(missing.body.contains("idempotency-key-missing"));
+    let long = "k".repeat(256);
+    for bad in ["", "a b", "\"unterminated", "a,b", long.as_str()] {
+        let res = send(&svc, post("/pay", Some(bad), None, "1")).await;
+        assert_eq!(res.status, StatusCode::BAD_REQUEST, "{bad:?}");
+        assert!(res.body.contains("idempotency-key-invalid"), "{bad:?}");
+        assert!(
+            !res.body.contains(bad) || bad.is_empty(),
+            "raw key echoed: {bad:?}"
+        );
+    }
+    let sf = send(&svc, post("/pay", Some("\"abc\""), None, "1")).await;
+    assert_eq!(sf.status, StatusCode::CREATED);
+    let token = send(&svc, post("/pay", Some("abc"), None, "1")).await;
+    assert!(
+        token.replayed,
+        "sf-string \"abc\" and token abc are the same key"
+    );
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn missing_key_passes_through_when_not_required() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()), &upstream);
+    send(&svc, post("/pay", None, None, "1")).await;
+    send(&svc, post("/pay", None, None, "1")).await;
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_and_nothing_is_claimed() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let store = MemoryStore::new();
+    let svc = service(layer(&store).max_body(1024 * 1024), &upstream);
+    let big = "x".repeat(2 * 1024 * 1024);
+    let res = send(&svc, post("/pay", Some("k"), None, &big)).await;
+    assert_eq!(res.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(upstream.calls(), 0);
+    // Nothing claimed: the same key with a normal body executes.
+    let ok = send(&svc, post("/pay", Some("k"), None, "small")).await;
+    assert_eq!(ok.status, StatusCode::CREATED);
+    assert!(!ok.replayed);
+}
+
+#[tokio::test]
+async fn server_error_releases_the_key() {
+    let failing = Upstream::new(StatusCode::INTERNAL_SERVER_ERROR);
+    let store = MemoryStore::new();
+    let svc = service(layer(&store), &failing);
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    assert_eq!(failing.calls(), 2, "the retry executes again");
+    let healthy = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store), &healthy);
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+        StatusCode::CREATED
+    );
+    assert!(
+        send(&svc, post("/pay", Some("k"), None, "1"))
+            .await
+            .replayed
+    );
+}
+
+#[tokio::test]
+async fn handler_panic_releases_the_key() {
+    let store = MemoryStore::new();
+    let panicking = ServiceBuilder::new().layer(layer(&store)).service_fn(
+        |_req: http::Request<TestBody>| async move {
+            if true {
+                panic!("handler bug");
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(TestBody::default()))
+        },
+    );
+    let result = tokio::spawn(panicking.oneshot(post("/pay", Some("k"), None, "1"))).await;
+    assert!(result.unwrap_err().is_panic());
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store), &upstream);
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn dropped_client_future_releases_the_key() {
+    let store = MemoryStore::new();
+    let stuck = Upstream::held(StatusCode::CREATED);
+    let svc = service(layer(&store), &stuck);
+    let task = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, post("/pay", Some("k"), None, "1")).await })
+    };
+    stuck.entered(1).await;
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+        StatusCode::CONFLICT
+    );
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store), &upstream);
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn completed_responses_expire_after_ttl() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(
+        layer(&MemoryStore::new()).ttl(Duration::from_secs(60)),
+        &upstream,
+    );
+    send(&svc, post("/pay", Some("k"), None, "1")).await;
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(
+        send(&svc, post("/pay", Some("k"), None, "1"))
+            .await
+            .replayed
+    );
+    tokio::time::advance(Duration::from_secs(1)).await;
+    let after = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert!(!after.replayed);
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dead_holders_lease_expires_and_its_late_completion_is_fenced() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_secs(30);
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(lease), &upstream);
+    // Another process claimed the key (for some request) and died without releasing.
+    let key = ScopedKey::new("idem", "payments", Scope::Anonymous, Key::from("k"));
+    let ClaimOutcome::Claimed(dead) = store
+        .claim(&key, &keyward::core::store::Fingerprint([0; 32]), lease)
+        .await
+        .unwrap()
+    else {
+        panic!("released key must be claimable");
+    };
+    // While the dead claim's lease lives, the key is taken (by another request: 422).
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    tokio::time::advance(lease + Duration::from_millis(1)).await;
+    let fresh = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(
+        fresh.status,
+        StatusCode::CREATED,
+        "expired lease is taken over"
+    );
+    let token: u64 = fresh
+        .body
+        .split("token=")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        token > dead.get(),
+        "the successor's fencing token is higher"
+    );
+    let late = StoredResponse {
+        status: StatusCode::OK,
+        headers: Default::default(),
+        body: "stale".into(),
+        trailers: None,
+    };
+    let outcome = store
+        .complete(
+            &key,
+            dead,
+            &keyward::core::store::Fingerprint([0; 32]),
+            late,
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, Completion::Fenced);
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.body,
+        fresh.body
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_live_slow_handler_keeps_its_lease() {
+    let store = MemoryStore::new();
+    let lease = Duration::from_secs(3);
+    let slow = ServiceBuilder::new()
+        .layer(layer(&store).lease(lease))
+        .service_fn(|_req: http::Request<TestBody>| async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(TestBody::from("done")))
+        });
+    let first = tokio::spawn(slow.oneshot(post("/pay", Some("k"), None, "1")));
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(lease), &upstream);
+    for _ in 0..3 {
+        tokio::time::sleep(lease).await;
+        assert_eq!(
+            send(&svc, post("/pay", Some("k"), None, "1")).await.status,
+            StatusCode::CONFLICT
+        );
+    }
+    let first = seen(first.await.unwrap().unwrap()).await;
+    assert_eq!(first.body, "done");
+    assert_eq!(
+        send(&svc, post("/pay", Some("k"), None, "1")).await.body,
+        "done"
+    );
+    assert_eq!(upstream.calls(), 0);
+}
+
+#[tokio::test]
+async fn replay_never_contains_set_cookie_or_date() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()), &upstream);
+    let mut first = svc
+        .clone()
+        .oneshot(post("/pay", Some("k"), None, "1"))
+        .await
+        .unwrap();
+    assert!(first.headers().contains_key("set-cookie"));
+    assert!(first.headers().contains_key("date"));
+    let _ = first.headers_mut();
+    let replay = svc
+        .clone()
+        .oneshot(post("/pay", Some("k"), None, "1"))
+        .await
+        .unwrap();
+    assert!(!replay.headers().contains_key("set-cookie"));
+    assert!(!replay.headers().contains_key("date"));
+    assert_eq!(replay.headers()["x-call"], "1");
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+}
+
+#[tokio::test]
+async fn oversized_responses_pass_through_and_release() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()).max_response(8), &upstream);
+    let first = send(
+        &svc,
+        post("/pay", Some("k"), None, "a body longer than eight bytes"),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(
+        first.body.contains("call=1"),
+        "passed through whole: {}",
+        first.body
+    );
+    let second = send(
+        &svc,
+        post("/pay", Some("k"), None, "a body longer than eight bytes"),
+    )
+    .await;
+    assert!(!second.replayed);
+    assert_eq!(upstream.calls(), 2);
+}
+
+#[tokio::test]
+async fn fencing_token_reaches_the_handler() {
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&MemoryStore::new()), &upstream);
+    let a = send(&svc, post("/pay", Some("a"), None, "1")).await;
+    let b = send(&svc, post("/pay", Some("b"), None, "1")).await;
+    let token = |s: &Seen| -> u64 {
+        s.body
+            .split("token=")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(token(&a) > 0);
+    assert!(token(&b) > token(&a));
+}
+
+#[tokio::test]
+async fn works_as_an_axum_layer() {
+    use axum::routing::post as axum_post;
+    let app = axum::Router::new()
+        .route(
+            "/payments",
+            axum_post(|body: String| async move { (StatusCode::CREATED, format!("paid {body}")) }),
+        )
+        .layer(
+            IdempotencyLayer::new(MemoryStore::new())
+                .route("payments")
+                .required(true),
+        );
+    let req = || {
+        http::Request::post("/payments")
+            .header("idempotency-key", "abc")
+            .body(axum::body::Body::from("5"))
+            .unwrap()
+    };
+    let mut app = app.into_service();
+    let first = seen(app.ready().await.unwrap().call(req()).await.unwrap()).await;
+    let second = seen(app.ready().await.unwrap().call(req()).await.unwrap()).await;
+    assert_eq!(first.body, "paid 5");
+    assert!(second.replayed);
+    assert_eq!(second.body, "paid 5");
+}
