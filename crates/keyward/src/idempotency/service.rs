@@ -339,14 +339,15 @@ where
             OnInFlight::Wait(wait) => Some(started + wait),
             OnInFlight::Reject => None,
         };
+        let mut waited = false;
         loop {
             let outcome = self
                 .store
                 .claim(&self.key, fingerprint, settings.lease)
                 .await?;
-            let waited = started.elapsed();
-            if !waited.is_zero() {
-                self.span.record(FIELD_WAIT_SECONDS, waited.as_secs_f64());
+            if waited {
+                self.span
+                    .record(FIELD_WAIT_SECONDS, started.elapsed().as_secs_f64());
             }
             match outcome {
                 ClaimOutcome::Claimed(token) => return Ok(Claim::Token(token)),
@@ -370,6 +371,7 @@ where
                         self.store
                             .wait_settled(&self.key, holder, deadline - now)
                             .await?;
+                        waited = true;
                         continue;
                     }
                     self.record(IdempotencyOutcome::InFlight);
