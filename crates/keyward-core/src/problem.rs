@@ -36,6 +36,10 @@ pub mod types {
     /// 502: the request this one was coalesced with failed.
     pub const COALESCED_LEADER_FAILED: &str =
         "https://keyward.dev/problems/coalesced-leader-failed";
+    /// 502: the sidecar could not reach the upstream (the outcome is unknown).
+    pub const UPSTREAM_UNREACHABLE: &str = "https://keyward.dev/problems/upstream-unreachable";
+    /// 504: the upstream did not answer within `request_timeout` (the outcome is unknown).
+    pub const UPSTREAM_TIMEOUT: &str = "https://keyward.dev/problems/upstream-timeout";
     /// 503: the coordination store did not answer and the route fails closed.
     pub const STORE_UNAVAILABLE: &str = "https://keyward.dev/problems/store-unavailable";
 }

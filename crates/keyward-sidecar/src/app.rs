@@ -1,0 +1,127 @@
+//! Request handling: match a route, run its stack, log one line.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use http::{Method, Request, Response};
+use keyward_core::{PathParams, PeerAddr};
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use crate::config::Config;
+use crate::metrics::{REQUEST_SPAN, outcomes_of};
+use crate::proxy::Upstream;
+use crate::stack::{self, Stack};
+use keyward::MemoryStore;
+
+struct Route {
+    name: String,
+    methods: Option<Vec<Method>>,
+    service: Stack,
+}
+
+/// Every route of a config, ready to serve.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    router: matchit::Router<Vec<usize>>,
+    routes: Vec<Route>,
+    passthrough: Stack,
+}
+
+impl App {
+    pub fn new(config: &Config, store: &MemoryStore) -> Result<App, matchit::InsertError> {
+        let upstream = Upstream::new(
+            config.server.upstream.clone(),
+            config.server.request_timeout,
+        );
+        let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
+        let mut order = Vec::new();
+        let routes = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let entry = by_path.entry(route.path.as_str()).or_default();
+                if entry.is_empty() {
+                    order.push(route.path.as_str());
+                }
+                entry.push(i);
+                Route {
+                    name: route.name.clone(),
+                    methods: route.methods.clone(),
+                    service: stack::build(route, store, &config.store, upstream.clone()),
+                }
+            })
+            .collect();
+        let mut router = matchit::Router::new();
+        for path in order {
+            router.insert(path, by_path.remove(path).unwrap_or_default())?;
+        }
+        Ok(App {
+            inner: Arc::new(Inner {
+                router,
+                routes,
+                passthrough: stack::boxed_upstream(upstream),
+            }),
+        })
+    }
+
+    /// Serves one request from `peer`.
+    pub async fn handle(&self, mut req: Request<Body>, peer: SocketAddr) -> Response<Body> {
+        let started = Instant::now();
+        req.extensions_mut().insert(PeerAddr(peer));
+        let method = req.method().clone();
+        let (route_name, service) = match self.route_for(&mut req) {
+            Some(route) => (route.name.as_str(), route.service.clone()),
+            None => ("-", self.inner.passthrough.clone()),
+        };
+        let span = tracing::info_span!(REQUEST_SPAN, route = route_name);
+        let res = match service.oneshot(req).instrument(span.clone()).await {
+            Ok(res) => res,
+            Err(error) => {
+                tracing::warn!(parent: &span, %error, "no response from upstream");
+                error.into_response()
+            }
+        };
+        tracing::info!(
+            parent: &span,
+            route = route_name,
+            method = %method,
+            status = res.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            outcomes = %outcomes_of(&span),
+            "request"
+        );
+        res
+    }
+
+    fn route_for(&self, req: &mut Request<Body>) -> Option<&Route> {
+        let matched = self.inner.router.at(req.uri().path()).ok()?;
+        let route = matched
+            .value
+            .iter()
+            .map(|&i| &self.inner.routes[i])
+            .find(|route| {
+                route
+                    .methods
+                    .as_ref()
+                    .is_none_or(|m| m.contains(req.method()))
+            })?;
+        let params = PathParams(
+            matched
+                .params
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        );
+        req.extensions_mut().insert(params);
+        Some(route)
+    }
+}

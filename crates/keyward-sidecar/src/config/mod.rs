@@ -1,0 +1,640 @@
+//! The sidecar's configuration: TOML parsed with serde into [`raw`] structs, then checked
+//! into a [`Config`] whose every value is usable. Every problem found is reported with the
+//! field's path and the bad value, all at once.
+
+mod raw;
+pub mod units;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{Method, Uri};
+use keyward::idempotency::OnInFlight;
+use keyward::{KeySpec, OnStoreError};
+
+use raw::{RawConfig, RawKey, RawRoute};
+use units::{parse_duration, parse_size};
+
+/// A checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub telemetry: TelemetryConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub upstream: Uri,
+    pub admin: Option<SocketAddr>,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub header_read_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Redis { url: String },
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // TEMP: read once the other layers are wired in
+pub struct StoreConfig {
+    pub backend: Backend,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub on_error: OnStoreError,
+    pub max_response_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // TEMP: read once the other layers are wired in
+pub struct TelemetryConfig {
+    pub service_name: String,
+    pub otlp_endpoint: Option<String>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub name: String,
+    /// `None`: every method.
+    pub methods: Option<Vec<Method>>,
+    pub path: String,
+    pub idempotency: Option<IdempotencyConfig>,
+    pub quota: Option<QuotaConfig>,
+    pub serial: Option<SerialConfig>,
+    pub single_flight: Option<SingleFlightConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdempotencyConfig {
+    pub key: KeySpec,
+    pub required: bool,
+    pub scope: Option<KeySpec>,
+    pub ttl: Duration,
+    pub lease: Duration,
+    pub on_in_flight: OnInFlight,
+    pub max_body: usize,
+    pub max_response: usize,
+    pub store_server_errors: bool,
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // TEMP: read once the other layers are wired in
+pub struct QuotaConfig {
+    pub key: KeySpec,
+    pub scope: Option<KeySpec>,
+    pub limit: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub shadow: bool,
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // TEMP: read once the other layers are wired in
+pub struct SerialConfig {
+    pub key: KeySpec,
+    pub scope: Option<KeySpec>,
+    pub max_wait: Duration,
+    pub max_queue: usize,
+}
+
+#[derive(Debug, Clone)]
+#[allow(dead_code)] // TEMP: read once the other layers are wired in
+pub struct SingleFlightConfig {
+    pub key: KeySpec,
+    pub scope: Option<KeySpec>,
+    pub methods: Vec<Method>,
+    pub max_body: usize,
+}
+
+/// One problem in a configuration: the field's path and what is wrong with its value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Syntax { path: String, message: String },
+    #[error("{path}: invalid configuration\n{}", list(.errors))]
+    Invalid {
+        path: String,
+        errors: Vec<FieldError>,
+    },
+}
+
+fn list(errors: &[FieldError]) -> String {
+    errors
+        .iter()
+        .map(|e| format!("  {e}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl Config {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|err| match err {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                path: shown.clone(),
+                message,
+            },
+            ConfigError::Invalid { errors, .. } => ConfigError::Invalid {
+                path: shown.clone(),
+                errors,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|err| ConfigError::Syntax {
+            path: "<config>".to_owned(),
+            message: err.to_string().trim_end().to_owned(),
+        })?;
+        let mut check = Checker::default();
+        let config = check.config(raw);
+        if check.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: "<config>".to_owned(),
+                errors: check.errors,
+            })
+        }
+    }
+}
+
+/// Collects every problem while building a config with placeholder values, so that one
+/// run of `keyward check` reports them all.
+#[derive(Default)]
+struct Checker {
+    errors: Vec<FieldError>,
+}
+
+const DEFAULT_ADMIN: &str = "127.0.0.1:9901";
+
+impl Checker {
+    fn fail(&mut self, field: &str, message: impl Into<String>) {
+        self.errors.push(FieldError {
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, field: &str, value: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match parse_duration(text) {
+            Some(d) if !d.is_zero() => d,
+            Some(_) => {
+                self.fail(field, format!("{text:?} must be longer than zero"));
+                default
+            }
+            None => {
+                self.fail(
+                    field,
+                    format!(
+                        "{text:?} is not a duration like \"500ms\", \"30s\", \"5m\" or \"24h\""
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, field: &str, value: Option<&str>, default: u64) -> u64 {
+        let Some(text) = value else { return default };
+        match parse_size(text) {
+            Some(n) if n > 0 => n,
+            _ => {
+                self.fail(
+                    field,
+                    format!("{text:?} is not a size like \"64KiB\" or \"1MiB\""),
+                );
+                default
+            }
+        }
+    }
+
+    fn key(&mut self, field: &str, value: Option<&RawKey>, default: &str) -> KeySpec {
+        let parsed = match value {
+            None => KeySpec::parse(default),
+            Some(RawKey::One(spec)) => KeySpec::parse(spec),
+            Some(RawKey::Many(specs)) if specs.is_empty() => {
+                self.fail(field, "an empty list names no key");
+                return KeySpec::MethodUri;
+            }
+            Some(RawKey::Many(specs)) => KeySpec::parse_all(specs),
+        };
+        parsed.unwrap_or_else(|err| {
+            self.fail(field, err.to_string());
+            KeySpec::MethodUri
+        })
+    }
+
+    fn scope(&mut self, field: &str, value: Option<&str>) -> Option<KeySpec> {
+        match value {
+            None => Some(KeySpec::Header(http::header::AUTHORIZATION)),
+            Some("none") => None,
+            Some(spec) => match KeySpec::parse(spec) {
+                Ok(spec) => Some(spec),
+                Err(err) => {
+                    self.fail(field, format!("{err} (or \"none\")"));
+                    None
+                }
+            },
+        }
+    }
+
+    fn methods(&mut self, field: &str, values: &[String]) -> Vec<Method> {
+        values
+            .iter()
+            .filter_map(
+                |m| match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+                    Ok(method) => Some(method),
+                    Err(_) => {
+                        self.fail(field, format!("{m:?} is not an HTTP method"));
+                        None
+                    }
+                },
+            )
+            .collect()
+    }
+
+    fn socket(&mut self, field: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.fail(
+                    field,
+                    format!("{text:?} is not an address like \"127.0.0.1:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let server = self.server(&raw.server);
+        let store = self.store(&raw.store);
+        let telemetry = self.telemetry(&raw.telemetry);
+        let mut names = HashSet::new();
+        let mut paths = matchit::Router::new();
+        let routes = raw
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, route)| {
+                let field = format!("routes[{i}]");
+                if !names.insert(route.name.clone()) {
+                    self.fail(
+                        &format!("{field}.name"),
+                        format!("{:?} is used by an earlier route", route.name),
+                    );
+                }
+                self.route(&field, route, &mut paths)
+            })
+            .collect();
+        Config {
+            server,
+            store,
+            telemetry,
+            routes,
+        }
+    }
+
+    fn server(&mut self, raw: &raw::RawServer) -> ServerConfig {
+        let listen = self
+            .socket("server.listen", &raw.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let upstream = match raw.upstream.parse::<Uri>() {
+            Ok(uri)
+                if uri.scheme_str() == Some("http")
+                    && uri.authority().is_some()
+                    && matches!(uri.path(), "" | "/")
+                    && uri.query().is_none() =>
+            {
+                uri
+            }
+            Ok(uri) if uri.scheme_str() == Some("https") => {
+                self.fail("server.upstream", format!("{:?}: https upstreams are not supported yet; terminate TLS in front of the upstream or use http://", raw.upstream));
+                uri
+            }
+            _ => {
+                self.fail("server.upstream", format!("{:?} is not an upstream like \"http://127.0.0.1:9000\" (scheme and authority, no path)", raw.upstream));
+                Uri::from_static("http://127.0.0.1:9000")
+            }
+        };
+        let admin = match raw.admin.as_deref() {
+            Some("off") => None,
+            Some(text) => self.socket("server.admin", text),
+            None => DEFAULT_ADMIN.parse().ok(),
+        };
+        ServerConfig {
+            listen,
+            upstream,
+            admin,
+            request_timeout: self.duration(
+                "server.request_timeout",
+                raw.request_timeout.as_deref(),
+                Duration::from_secs(30),
+            ),
+            shutdown_grace: self.duration(
+                "server.shutdown_grace",
+                raw.shutdown_grace.as_deref(),
+                Duration::from_secs(10),
+            ),
+            header_read_timeout: self.duration(
+                "server.header_read_timeout",
+                raw.header_read_timeout.as_deref(),
+                Duration::from_secs(10),
+            ),
+        }
+    }
+
+    fn store(&mut self, raw: &raw::RawStore) -> StoreConfig {
+        let backend = match raw.backend.as_deref() {
+            None | Some("memory") => Backend::Memory,
+            Some("redis") => {
+                let url = raw
+                    .url
+                    .clone()
+                    .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    self.fail(
+                        "store.url",
+                        format!("{:?} is not a redis:// or rediss:// URL", redact_url(&url)),
+                    );
+                }
+                Backend::Redis { url }
+            }
+            Some(other) => {
+                self.fail(
+                    "store.backend",
+                    format!("{other:?} is not \"memory\" or \"redis\""),
+                );
+                Backend::Memory
+            }
+        };
+        let on_error = match raw.on_error.as_deref() {
+            None | Some("closed") => OnStoreError::Closed,
+            Some("open") => OnStoreError::Open,
+            Some(other) => {
+                self.fail(
+                    "store.on_error",
+                    format!("{other:?} is not \"closed\" or \"open\""),
+                );
+                OnStoreError::Closed
+            }
+        };
+        StoreConfig {
+            backend,
+            prefix: raw.prefix.clone().unwrap_or_else(|| "keyward:".to_owned()),
+            timeout: self.duration(
+                "store.timeout",
+                raw.timeout.as_deref(),
+                Duration::from_millis(50),
+            ),
+            on_error,
+            max_response_bytes: self.size(
+                "store.max_response_bytes",
+                raw.max_response_bytes.as_deref(),
+                256 << 20,
+            ),
+        }
+    }
+
+    fn telemetry(&mut self, raw: &raw::RawTelemetry) -> TelemetryConfig {
+        let log_format = match raw.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                self.fail(
+                    "telemetry.log_format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                );
+                LogFormat::Text
+            }
+        };
+        TelemetryConfig {
+            service_name: raw
+                .service_name
+                .clone()
+                .unwrap_or_else(|| "keyward".to_owned()),
+            otlp_endpoint: raw.otlp_endpoint.clone(),
+            log_format,
+        }
+    }
+
+    fn route(
+        &mut self,
+        field: &str,
+        raw: &RawRoute,
+        paths: &mut matchit::Router<()>,
+    ) -> RouteConfig {
+        let valid_name = !raw.name.is_empty()
+            && raw
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid_name {
+            self.fail(
+                &format!("{field}.name"),
+                format!("{:?} must be letters, digits, '_' or '-'", raw.name),
+            );
+        }
+        if !raw.path.starts_with('/') {
+            self.fail(
+                &format!("{field}.path"),
+                format!("{:?} must start with '/'", raw.path),
+            );
+        } else if let Err(err) = paths.insert(raw.path.as_str(), ()) {
+            // The same path twice is fine when the methods differ; the router groups them.
+            if !matches!(err, matchit::InsertError::Conflict { ref with } if *with == raw.path) {
+                self.fail(&format!("{field}.path"), format!("{:?}: {err}", raw.path));
+            }
+        }
+        let methods = raw
+            .methods
+            .as_ref()
+            .map(|m| self.methods(&format!("{field}.methods"), m));
+        RouteConfig {
+            name: raw.name.clone(),
+            methods,
+            path: raw.path.clone(),
+            idempotency: raw
+                .idempotency
+                .as_ref()
+                .map(|r| self.idempotency(&format!("{field}.idempotency"), r)),
+            quota: raw
+                .quota
+                .as_ref()
+                .map(|r| self.quota(&format!("{field}.quota"), r)),
+            serial: raw
+                .serial
+                .as_ref()
+                .map(|r| self.serial(&format!("{field}.serial"), r)),
+            single_flight: raw
+                .single_flight
+                .as_ref()
+                .map(|r| self.single_flight(&format!("{field}.single_flight"), r)),
+        }
+    }
+
+    fn idempotency(&mut self, field: &str, raw: &raw::RawIdempotency) -> IdempotencyConfig {
+        let f = |name: &str| format!("{field}.{name}");
+        let wait = self.duration(&f("wait"), raw.wait.as_deref(), Duration::from_secs(10));
+        let on_in_flight = match raw.on_in_flight.as_deref() {
+            None | Some("reject") => OnInFlight::Reject,
+            Some("wait") => OnInFlight::Wait(wait),
+            Some(other) => {
+                self.fail(
+                    &f("on_in_flight"),
+                    format!("{other:?} is not \"reject\" or \"wait\""),
+                );
+                OnInFlight::Reject
+            }
+        };
+        IdempotencyConfig {
+            key: self.key(&f("key"), raw.key.as_ref(), "header:Idempotency-Key"),
+            required: raw.required.unwrap_or(false),
+            scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            ttl: self.duration(&f("ttl"), raw.ttl.as_deref(), Duration::from_secs(86_400)),
+            lease: self.duration(&f("lease"), raw.lease.as_deref(), Duration::from_secs(30)),
+            on_in_flight,
+            max_body: self.size_usize(&f("max_body"), raw.max_body.as_deref(), 1 << 20),
+            max_response: self.size_usize(&f("max_response"), raw.max_response.as_deref(), 1 << 20),
+            store_server_errors: raw.store_server_errors.unwrap_or(false),
+        }
+    }
+
+    fn size_usize(&mut self, field: &str, value: Option<&str>, default: usize) -> usize {
+        let bytes = self.size(field, value, default as u64);
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
+    fn count(&mut self, field: &str, value: i64, min: i64) -> u32 {
+        match u32::try_from(value) {
+            Ok(n) if value >= min => n,
+            _ => {
+                self.fail(
+                    field,
+                    format!("{value} must be a whole number from {min} to {}", u32::MAX),
+                );
+                1
+            }
+        }
+    }
+
+    fn quota(&mut self, field: &str, raw: &raw::RawQuota) -> QuotaConfig {
+        let f = |name: &str| format!("{field}.{name}");
+        let limit = self.count(&f("limit"), raw.limit, 1);
+        let burst = match raw.burst {
+            Some(burst) => self.count(&f("burst"), burst, 1),
+            None => limit,
+        };
+        QuotaConfig {
+            key: self.key(&f("key"), raw.key.as_ref(), "peer_ip"),
+            scope: match raw.scope.as_deref() {
+                None => None,
+                Some(s) => self.scope(&f("scope"), Some(s)),
+            },
+            limit,
+            per: self.duration(&f("per"), Some(raw.per.as_str()), Duration::from_secs(60)),
+            burst,
+            shadow: raw.shadow.unwrap_or(false),
+        }
+    }
+
+    fn serial(&mut self, field: &str, raw: &raw::RawSerial) -> SerialConfig {
+        let f = |name: &str| format!("{field}.{name}");
+        let max_queue = match raw.max_queue {
+            None => 64,
+            Some(n) => match usize::try_from(n) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.fail(&f("max_queue"), format!("{n} must be zero or more"));
+                    64
+                }
+            },
+        };
+        SerialConfig {
+            key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
+            scope: match raw.scope.as_deref() {
+                None => None,
+                Some(s) => self.scope(&f("scope"), Some(s)),
+            },
+            max_wait: self.duration(
+                &f("max_wait"),
+                raw.max_wait.as_deref(),
+                Duration::from_secs(5),
+            ),
+            max_queue,
+        }
+    }
+
+    fn single_flight(&mut self, field: &str, raw: &raw::RawSingleFlight) -> SingleFlightConfig {
+        let f = |name: &str| format!("{field}.{name}");
+        let methods = match &raw.methods {
+            Some(m) => self.methods(&f("methods"), m),
+            None => vec![Method::GET, Method::HEAD],
+        };
+        SingleFlightConfig {
+            key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
+            scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            methods,
+            max_body: self.size_usize(&f("max_body"), raw.max_body.as_deref(), 8 << 20),
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`, for logs and messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://***@{host}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

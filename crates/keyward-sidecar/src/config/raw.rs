@@ -1,0 +1,110 @@
+//! The TOML file as written: strings where the file has strings, checked by
+//! [`super::Config::from_raw`]. Unknown fields are rejected.
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub server: RawServer,
+    #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
+    pub telemetry: RawTelemetry,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: String,
+    pub upstream: String,
+    pub admin: Option<String>,
+    pub request_timeout: Option<String>,
+    pub shutdown_grace: Option<String>,
+    pub header_read_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    pub backend: Option<String>,
+    pub url: Option<String>,
+    pub prefix: Option<String>,
+    pub timeout: Option<String>,
+    pub on_error: Option<String>,
+    pub max_response_bytes: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTelemetry {
+    pub service_name: Option<String>,
+    pub otlp_endpoint: Option<String>,
+    pub log_format: Option<String>,
+}
+
+/// A key spec: one string or a list (a composite key).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum RawKey {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    pub methods: Option<Vec<String>>,
+    pub path: String,
+    pub idempotency: Option<RawIdempotency>,
+    pub quota: Option<RawQuota>,
+    pub serial: Option<RawSerial>,
+    pub single_flight: Option<RawSingleFlight>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdempotency {
+    pub key: Option<RawKey>,
+    pub required: Option<bool>,
+    pub scope: Option<String>,
+    pub ttl: Option<String>,
+    pub lease: Option<String>,
+    pub on_in_flight: Option<String>,
+    pub wait: Option<String>,
+    pub max_body: Option<String>,
+    pub max_response: Option<String>,
+    pub store_server_errors: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuota {
+    pub key: Option<RawKey>,
+    pub scope: Option<String>,
+    pub limit: i64,
+    pub per: String,
+    pub burst: Option<i64>,
+    pub shadow: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSerial {
+    pub key: Option<RawKey>,
+    pub scope: Option<String>,
+    pub max_wait: Option<String>,
+    pub max_queue: Option<i64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSingleFlight {
+    pub key: Option<RawKey>,
+    pub scope: Option<String>,
+    pub methods: Option<Vec<String>>,
+    pub max_body: Option<String>,
+}

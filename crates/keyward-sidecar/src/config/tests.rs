@@ -1,0 +1,185 @@
+use super::*;
+
+const CONTRACT_EXAMPLE: &str = r#"
+[server]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:9000"
+admin = "127.0.0.1:9901"
+request_timeout = "30s"
+shutdown_grace = "10s"
+
+[store]
+backend = "memory"
+url = "redis://127.0.0.1:6379"
+prefix = "keyward:"
+timeout = "50ms"
+on_error = "closed"
+
+[telemetry]
+service_name = "keyward"
+otlp_endpoint = "http://127.0.0.1:4317"
+log_format = "text"
+
+[[routes]]
+name = "payments"
+methods = ["POST"]
+path = "/payments/{id}"
+
+[routes.idempotency]
+key = "header:Idempotency-Key"
+required = true
+scope = "header:Authorization"
+ttl = "24h"
+lease = "30s"
+on_in_flight = "reject"
+wait = "10s"
+max_body = "1MiB"
+
+[routes.quota]
+key = "header:X-Api-Key"
+limit = 100
+per = "1m"
+burst = 100
+shadow = false
+
+[routes.serial]
+key = "path:id"
+max_wait = "5s"
+max_queue = 64
+
+[routes.single_flight]
+key = "method_uri"
+max_body = "8MiB"
+"#;
+
+#[test]
+fn the_contract_example_parses() {
+    let config = Config::from_toml(CONTRACT_EXAMPLE).unwrap();
+    assert_eq!(config.server.listen, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(config.store.timeout, Duration::from_millis(50));
+    let route = &config.routes[0];
+    assert_eq!(route.methods.as_deref(), Some(&[Method::POST][..]));
+    let idem = route.idempotency.as_ref().unwrap();
+    assert!(idem.required);
+    assert_eq!(idem.max_body, 1 << 20);
+    assert_eq!(route.quota.as_ref().unwrap().per, Duration::from_secs(60));
+    assert_eq!(route.serial.as_ref().unwrap().max_queue, 64);
+    assert_eq!(route.single_flight.as_ref().unwrap().max_body, 8 << 20);
+}
+
+fn errors(toml: &str) -> Vec<String> {
+    match Config::from_toml(toml) {
+        Err(ConfigError::Invalid { errors, .. }) => errors.iter().map(|e| e.to_string()).collect(),
+        Err(other) => vec![other.to_string()],
+        Ok(_) => vec![],
+    }
+}
+
+const SERVER: &str =
+    "[server]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:9000\"\n";
+
+#[test]
+fn every_error_names_the_field_and_the_value() {
+    let cases = [
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[[routes]]\nname = \"b\"\npath = \"/b\"\n[routes.quota]\nlimit = 5\nper = \"5 minutes\"\n"
+            ),
+            "routes[1].quota.per: \"5 minutes\" is not a duration",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.quota]\nlimit = 0\nper = \"1s\"\n"
+            ),
+            "routes[0].quota.limit: 0",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.idempotency]\nkey = \"cookie:x\"\n"
+            ),
+            "routes[0].idempotency.key: unknown key spec \"cookie:x\"",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.idempotency]\non_in_flight = \"queue\"\n"
+            ),
+            "routes[0].idempotency.on_in_flight: \"queue\"",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.idempotency]\nmax_body = \"lots\"\n"
+            ),
+            "routes[0].idempotency.max_body: \"lots\"",
+        ),
+        (
+            format!("{SERVER}[[routes]]\nname = \"a\"\npath = \"a\"\n"),
+            "routes[0].path: \"a\" must start with '/'",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[[routes]]\nname = \"a\"\npath = \"/b\"\n"
+            ),
+            "routes[1].name: \"a\" is used by an earlier route",
+        ),
+        (
+            format!("{SERVER}[store]\non_error = \"maybe\"\n"),
+            "store.on_error: \"maybe\"",
+        ),
+        (
+            "[server]\nlisten = \"localhost\"\nupstream = \"http://127.0.0.1:9000\"\n".to_owned(),
+            "server.listen: \"localhost\"",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\nupstream = \"ftp://x\"\n".to_owned(),
+            "server.upstream: \"ftp://x\"",
+        ),
+        (
+            format!("{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\nmethods = [\"G E T\"]\n"),
+            "routes[0].methods: \"G E T\"",
+        ),
+        (
+            format!("{SERVER}[store]\nbackend = \"etcd\"\n"),
+            "store.backend: \"etcd\"",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let errors = errors(&toml);
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "expected {expected:?} in {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_name() {
+    let errors = errors(&format!(
+        "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.quota]\nlimit = 1\nper = \"1s\"\nburts = 3\n"
+    ));
+    assert!(errors[0].contains("burts"), "{errors:?}");
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let errors = errors(&format!(
+        "{SERVER}[store]\non_error = \"x\"\ntimeout = \"y\"\n"
+    ));
+    assert_eq!(errors.len(), 2, "{errors:?}");
+}
+
+#[test]
+fn passwords_are_redacted() {
+    assert_eq!(
+        redact_url("redis://:s3cret@host:6379"),
+        "redis://:***@host:6379"
+    );
+    assert_eq!(
+        redact_url("rediss://user:s3cret@host"),
+        "rediss://user:***@host"
+    );
+    assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    let errors = errors(&format!(
+        "{SERVER}[store]\nbackend = \"redis\"\nurl = \"http://u:s3cret@h\"\n"
+    ));
+    assert!(errors.iter().all(|e| !e.contains("s3cret")), "{errors:?}");
+}

@@ -1,0 +1,201 @@
+//! `keyward`: keyward's layers in front of any HTTP upstream.
+#![forbid(unsafe_code)]
+
+mod admin;
+mod app;
+mod config;
+mod metrics;
+mod proxy;
+mod server;
+mod stack;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use config::{Backend, Config, LogFormat};
+use metrics::{Metrics, MetricsLayer};
+
+/// Exit code for a configuration that cannot be used (EX_USAGE... EX_DATAERR is 65;
+/// 64 is what `keyward check` has always promised).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+/// One coordinator per key: idempotent retries, per-key serial execution, per-key quotas
+/// and request coalescing in front of any HTTP upstream.
+#[derive(Parser)]
+#[command(name = "keyward", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (and the admin listener) with the routes of a config file.
+    Serve {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Check a config file: exit 0 if it is usable, 64 with every problem named if not.
+    Check {
+        /// The TOML config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match Config::load(&config) {
+            Ok(config) => {
+                println!("{}", summary(&config));
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("keyward: {err}");
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
+        Command::Serve { config } => {
+            let config = match Config::load(&config) {
+                Ok(config) => config,
+                Err(err) => {
+                    eprintln!("keyward: {err}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("keyward: cannot start the runtime: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            runtime.block_on(serve(config))
+        }
+    }
+}
+
+fn summary(config: &Config) -> String {
+    let backend = match &config.store.backend {
+        Backend::Memory => "memory".to_owned(),
+        Backend::Redis { url } => format!("redis {}", config::redact_url(url)),
+    };
+    let mut out = format!(
+        "ok: listen {} -> upstream {}, store {backend}, {} route(s)",
+        config.server.listen,
+        config.server.upstream,
+        config.routes.len()
+    );
+    for route in &config.routes {
+        let layers: Vec<&str> = [
+            route.quota.as_ref().map(|_| "quota"),
+            route.idempotency.as_ref().map(|_| "idempotency"),
+            route.serial.as_ref().map(|_| "serial"),
+            route.single_flight.as_ref().map(|_| "single_flight"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        out.push_str(&format!(
+            "\n  {} {}: {}",
+            route.name,
+            route.path,
+            layers.join(" -> ")
+        ));
+    }
+    out
+}
+
+fn init_logging(format: LogFormat, metrics: &Metrics) {
+    let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_target(false)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(MetricsLayer::new(metrics.clone()))
+        .with(fmt.with_filter(filter))
+        .init();
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let metrics = Metrics::default();
+    init_logging(config.telemetry.log_format, &metrics);
+    if config.telemetry.otlp_endpoint.is_some() {
+        tracing::warn!(
+            "telemetry.otlp_endpoint is set but OTLP export is not built yet; spans and metrics stay local (logs, /metrics)"
+        );
+    }
+    let store = match &config.store.backend {
+        Backend::Memory => keyward::MemoryStore::builder()
+            .max_response_bytes(config.store.max_response_bytes)
+            .build(),
+        Backend::Redis { url } => {
+            tracing::error!(url = %config::redact_url(url), "the redis backend is not available in this build");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let app = match app::App::new(&config, &store) {
+        Ok(app) => app,
+        Err(err) => {
+            eprintln!("keyward: routes: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(listen = %config.server.listen, %err, "cannot listen");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(addr) = config.server.admin {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the admin listener is reachable from other machines");
+        }
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(admin) => {
+                let router = admin::router(metrics.clone());
+                tokio::spawn(async move {
+                    if let Err(err) = axum::serve(admin, router).await {
+                        tracing::error!(%err, "admin listener stopped");
+                    }
+                });
+            }
+            Err(err) => {
+                tracing::error!(%addr, %err, "cannot listen for admin");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    tracing::info!(listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
+    let drained = server::serve(
+        listener,
+        app,
+        config.server.header_read_timeout,
+        config.server.shutdown_grace,
+        server::shutdown_signal(),
+    )
+    .await;
+    if drained {
+        tracing::info!("all in-flight requests finished; bye");
+    } else {
+        tracing::warn!(
+            "shutdown grace ran out; remaining requests were cut off and their claims released"
+        );
+    }
+    ExitCode::SUCCESS
+}

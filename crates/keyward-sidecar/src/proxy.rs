@@ -1,0 +1,212 @@
+//! The upstream: a pooled HTTP/1.1 client that forwards a request as a reverse proxy
+//! does (hop-by-hop headers removed, `X-Forwarded-For` and `Forwarded` appended) and fails
+//! with a [`ProxyError`] when no response arrives, so that layers see "outcome unknown"
+//! rather than a response.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keyward_core::problem::types;
+use keyward_core::{PeerAddr, Problem};
+use tower::Service;
+
+/// No response from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("upstream unreachable: {0}")]
+    Unreachable(#[source] hyper_util::client::legacy::Error),
+    #[error("upstream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("cannot build the upstream request: {0}")]
+    BadRequest(String),
+}
+
+impl ProxyError {
+    /// The problem response a client gets for this error.
+    pub fn into_response(self) -> Response<Body> {
+        let problem = match &self {
+            ProxyError::Unreachable(_) => Problem::new(
+                StatusCode::BAD_GATEWAY,
+                types::UPSTREAM_UNREACHABLE,
+                "Upstream unreachable",
+            ),
+            ProxyError::Timeout(after) => Problem::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                types::UPSTREAM_TIMEOUT,
+                "Upstream timeout",
+            )
+            .detail(format!("no response within {} ms", after.as_millis())),
+            ProxyError::BadRequest(_) => Problem::new(
+                StatusCode::BAD_REQUEST,
+                types::BODY_UNREADABLE,
+                "Request cannot be forwarded",
+            ),
+        };
+        problem.into_response().map(Body::from)
+    }
+}
+
+/// The upstream service.
+#[derive(Clone, Debug)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+    base: Uri,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(base: Uri, timeout: Duration) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Upstream {
+            client,
+            base,
+            timeout,
+        }
+    }
+
+    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
+        let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut parts = self.base.clone().into_parts();
+        parts.path_and_query = Some(
+            path_and_query
+                .parse()
+                .map_err(|_| ProxyError::BadRequest("bad path".into()))?,
+        );
+        Uri::from_parts(parts).map_err(|err| ProxyError::BadRequest(err.to_string()))
+    }
+}
+
+impl Service<Request<Body>> for Upstream {
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (mut parts, body) = req.into_parts();
+        let uri = self.upstream_uri(&parts.uri);
+        let client = self.client.clone();
+        let timeout = self.timeout;
+        Box::pin(async move {
+            parts.uri = uri?;
+            let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
+            remove_hop_by_hop(&mut parts.headers);
+            append_forwarded(&mut parts.headers, peer);
+            parts.version = http::Version::HTTP_11;
+            let req = Request::from_parts(parts, body);
+            let res = match tokio::time::timeout(timeout, client.request(req)).await {
+                Err(_) => return Err(ProxyError::Timeout(timeout)),
+                Ok(Err(err)) => return Err(ProxyError::Unreachable(err)),
+                Ok(Ok(res)) => res,
+            };
+            let (mut parts, body) = res.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, Body::new(body)))
+        })
+    }
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes the headers that describe one connection, including those `Connection` names.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded` (RFC 7239).
+pub fn append_forwarded(headers: &mut HeaderMap, peer: Option<SocketAddr>) {
+    let Some(peer) = peer else { return };
+    let ip = peer.ip();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {ip}"),
+        None => ip.to_string(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", value);
+    }
+    let node = if ip.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip.to_string()
+    };
+    let mut element = format!("for={node};proto=http");
+    if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
+        if host.bytes().all(|b| b.is_ascii_graphic()) {
+            element.push_str(&format!(";host=\"{host}\""));
+        }
+    }
+    if let Ok(value) = HeaderValue::from_str(&element) {
+        headers.append(header::FORWARDED, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "close, x-secret".parse().unwrap());
+        headers.insert("x-secret", "1".parse().unwrap());
+        headers.insert("transfer-encoding", "chunked".parse().unwrap());
+        headers.insert("x-kept", "1".parse().unwrap());
+        remove_hop_by_hop(&mut headers);
+        assert_eq!(
+            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            ["x-kept"]
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_are_appended() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        headers.insert("host", "api.example".parse().unwrap());
+        append_forwarded(&mut headers, Some("127.0.0.1:5000".parse().unwrap()));
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(
+            headers["forwarded"],
+            "for=127.0.0.1;proto=http;host=\"api.example\""
+        );
+        let mut v6 = HeaderMap::new();
+        append_forwarded(&mut v6, Some("[::1]:5000".parse().unwrap()));
+        assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=http");
+    }
+}

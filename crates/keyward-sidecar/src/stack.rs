@@ -1,0 +1,67 @@
+//! Each route's layer stack, outermost first: quota -> idempotency -> serial ->
+//! single_flight -> upstream.
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{Request, Response};
+use keyward::{IdempotencyLayer, MemoryStore};
+use tower::util::BoxCloneSyncService;
+use tower::{Layer, Service, ServiceExt};
+
+use crate::config::{RouteConfig, StoreConfig};
+use crate::proxy::{ProxyError, Upstream};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A route's stack. Upstream errors (no response: unreachable, timeout) stay errors
+/// through every layer, so idempotency counts them `ambiguous`; the app turns them into
+/// 502/504 problems last.
+pub type Stack = BoxCloneSyncService<Request<Body>, Response<Body>, ProxyError>;
+
+fn boxed<S, B>(service: S) -> Stack
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = ProxyError>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    BoxCloneSyncService::new(service.map_response(|res| res.map(Body::new)))
+}
+
+/// The stack of `route`.
+pub fn build(
+    route: &RouteConfig,
+    store: &MemoryStore,
+    store_config: &StoreConfig,
+    upstream: Upstream,
+) -> Stack {
+    let mut stack = boxed(upstream);
+    if let Some(idem) = &route.idempotency {
+        let mut layer = IdempotencyLayer::new(store.clone())
+            .route(route.name.as_str())
+            .key(idem.key.clone())
+            .required(idem.required)
+            .ttl(idem.ttl)
+            .lease(idem.lease)
+            .on_in_flight(idem.on_in_flight)
+            .max_body(idem.max_body)
+            .max_response(idem.max_response)
+            .store_server_errors(idem.store_server_errors)
+            .on_store_error(store_config.on_error);
+        layer = match &idem.scope {
+            Some(scope) => layer.scope(scope.clone()),
+            None => layer.unscoped(),
+        };
+        stack = boxed(layer.layer(stack));
+    }
+    stack
+}
+
+/// The upstream alone, for requests no route matches.
+pub fn boxed_upstream(upstream: Upstream) -> Stack {
+    boxed(upstream)
+}

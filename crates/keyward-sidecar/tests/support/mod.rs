@@ -1,0 +1,275 @@
+//! Black-box kit: a counting upstream, the built `keyward` binary as a process, and a
+//! small HTTP client. Everything listens on 127.0.0.1.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::IntoResponse;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+/// What the upstream saw.
+#[derive(Default)]
+pub struct Seen {
+    pub hits: AtomicUsize,
+    pub by_path: Mutex<HashMap<String, usize>>,
+    pub headers: Mutex<Vec<HeaderMap>>,
+    pub in_flight: Mutex<HashMap<String, usize>>,
+    pub max_in_flight: Mutex<HashMap<String, usize>>,
+}
+
+/// A counting upstream: answers `{method} {path} hit={n}`; `?delay_ms=N` makes it slow;
+/// `?status=N` sets the status.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub seen: Arc<Seen>,
+}
+
+async fn upstream_handler(State(seen): State<Arc<Seen>>, req: Request) -> impl IntoResponse {
+    let n = seen.hits.fetch_add(1, Ordering::SeqCst) + 1;
+    let path = req.uri().path().to_owned();
+    *seen
+        .by_path
+        .lock()
+        .unwrap()
+        .entry(path.clone())
+        .or_default() += 1;
+    seen.headers.lock().unwrap().push(req.headers().clone());
+    let query: HashMap<String, String> = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('=').map(|(a, b)| (a.to_owned(), b.to_owned())))
+        .collect();
+    {
+        let mut in_flight = seen.in_flight.lock().unwrap();
+        let now = in_flight.entry(path.clone()).or_default();
+        *now += 1;
+        let mut max = seen.max_in_flight.lock().unwrap();
+        let m = max.entry(path.clone()).or_default();
+        *m = (*m).max(*now);
+    }
+    if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    *seen.in_flight.lock().unwrap().get_mut(&path).unwrap() -= 1;
+    let status = query
+        .get("status")
+        .and_then(|v| v.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        [("set-cookie", format!("s={n}"))],
+        format!("{path} hit={n} body={}", String::from_utf8_lossy(&body)),
+    )
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(Seen::default());
+        let app = axum::Router::new()
+            .fallback(upstream_handler)
+            .with_state(seen.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Upstream { addr, seen }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.seen.hits.load(Ordering::SeqCst)
+    }
+}
+
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keyward"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running `keyward serve`; killed on drop.
+pub struct Sidecar {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempdir::Dir,
+}
+
+pub mod tempdir {
+    use std::path::{Path, PathBuf};
+
+    /// A directory removed on drop.
+    pub struct Dir(PathBuf);
+
+    impl Dir {
+        pub fn new(tag: &str) -> Dir {
+            let path = std::env::temp_dir().join(format!(
+                "keyward-test-{tag}-{}-{}",
+                std::process::id(),
+                super::free_port()
+            ));
+            std::fs::create_dir_all(&path).unwrap();
+            Dir(path)
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Sidecar {
+    /// Starts `keyward serve` with `[server]` pointing at `upstream` and `rest` appended.
+    pub async fn start(upstream: SocketAddr, rest: &str) -> Sidecar {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\nrequest_timeout = \"2s\"\nshutdown_grace = \"5s\"\n\n{rest}"
+        );
+        let dir = tempdir::Dir::new("sidecar");
+        let path = dir.path().join("keyward.toml");
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(binary())
+            .args(["serve", "-c"])
+            .arg(&path)
+            .env("KEYWARD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let sidecar = Sidecar {
+            child,
+            addr,
+            admin,
+            _dir: dir,
+        };
+        // Bounded wait for the listeners (a process start, not a race in the code).
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(addr).await.is_ok()
+                && tokio::net::TcpStream::connect(admin).await.is_ok()
+            {
+                return sidecar;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("keyward did not start listening on {addr}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Sends SIGTERM and waits for the exit status (bounded).
+    pub async fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        for _ in 0..400 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("keyward did not exit after SIGTERM");
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response read to the end.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub async fn send(
+    client: &HttpClient,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let req = builder
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap();
+    let res = client.request(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// Runs `keyward check -c` on a file with `text`.
+pub fn check(text: &str) -> (i32, String) {
+    let dir = tempdir::Dir::new("check");
+    let path = dir.path().join("keyward.toml");
+    std::fs::write(&path, text).unwrap();
+    check_file(&path)
+}
+
+pub fn check_file(path: &std::path::Path) -> (i32, String) {
+    let out = Command::new(binary())
+        .args(["check", "-c"])
+        .arg(path)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+pub fn unused(_: Body) {}
