@@ -263,15 +263,34 @@ where
                     OnStoreError::Closed => Ok(store_unavailable()),
                     OnStoreError::Open => {
                         let req = Request::from_parts(parts, B::from(body));
-                        inner.call(req).await.map(|res| res.map(KeywardBody::inner))
+                        let res = Box::pin(inner.call(req)).await;
+                        res.map(|res| res.map(KeywardBody::inner))
                     }
                 };
             }
         };
         self.span.record(FIELD_FENCING_TOKEN, token.get());
 
+        let req = Request::from_parts(parts, B::from(body));
+        // Boxed on its own: the first execution is the rare path, and keeping its state
+        // out of this future keeps replays (the common path) small and cheap to move.
+        Box::pin(self.execute(inner, req, token, &fingerprint)).await
+    }
+
+    /// Runs the handler as the key's holder, then stores or releases.
+    async fn execute<S, B, ResB>(
+        &self,
+        mut inner: S,
+        mut req: Request<B>,
+        token: keyward_core::FencingToken,
+        fingerprint: &keyward_core::store::Fingerprint,
+    ) -> Result<Response<KeywardBody<ResB>>, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<ResB>>,
+        ResB: Body<Data = Bytes> + Unpin,
+    {
+        let settings = self.settings();
         let guard = ClaimGuard::new(self.store.clone(), self.key.clone(), token);
-        let mut req = Request::from_parts(parts, B::from(body));
         req.extensions_mut().insert(token);
         let max_response = settings.max_response;
         let store_server_errors = settings.store_server_errors;
@@ -319,7 +338,7 @@ where
                     body: body.clone(),
                     trailers: trailers.clone(),
                 };
-                self.complete(token, &fingerprint, stored).await;
+                self.complete(token, fingerprint, stored).await;
                 Ok(original(parts, body, trailers))
             }
         };
@@ -368,8 +387,8 @@ where
                 ClaimOutcome::InFlight { holder, .. } => {
                     let now = Instant::now();
                     if let Some(deadline) = deadline.filter(|deadline| *deadline > now) {
-                        self.store
-                            .wait_settled(&self.key, holder, deadline - now)
+                        // Boxed: waiting is rare, and its timer would bloat every request.
+                        Box::pin(self.store.wait_settled(&self.key, holder, deadline - now))
                             .await?;
                         waited = true;
                         continue;
