@@ -3,6 +3,8 @@
 
 #[cfg(feature = "memory")]
 mod memory;
+pub mod serial;
 
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use serial::{PerKeySerial, PerKeySerialLayer};

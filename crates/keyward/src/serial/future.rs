@@ -1,0 +1,274 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use keyward_core::problem::types;
+use keyward_core::store::{AcquireOutcome, OnStoreError, SerialLimits, SerialStore, StoreError};
+use keyward_core::telemetry::{
+    FIELD_FENCING_TOKEN, FIELD_OUTCOME, FIELD_WAIT_SECONDS, SerialOutcome,
+};
+use keyward_core::{FencingToken, KeywardBody, Problem, ScopedKey};
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::Span;
+
+use super::body::{PermitBody, PermitGuard};
+use super::layer::Config;
+use super::{FENCING_TOKEN_HEADER, remove_fencing_header};
+
+type AcquireFuture = Pin<Box<dyn Future<Output = Result<AcquireOutcome, StoreError>> + Send>>;
+
+pin_project! {
+    /// Response future of [`PerKeySerial`](super::PerKeySerial): waits for the key's turn,
+    /// then runs the inner service and moves the key into the response body.
+    pub struct ResponseFuture<S, St, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        St: SerialStore,
+    {
+        #[pin]
+        state: State<S, St, ReqBody>,
+        span: Span,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, St, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        St: SerialStore,
+    {
+        Rejected {
+            response: Option<Response<Bytes>>,
+        },
+        Acquiring {
+            acquire: AcquireFuture,
+            waiting: Option<Waiting<S, St, ReqBody>>,
+        },
+        Calling {
+            #[pin]
+            future: S::Future,
+            guard: Option<PermitGuard<St>>,
+        },
+    }
+}
+
+/// What a request waiting for its turn keeps until then.
+struct Waiting<S, St, ReqBody> {
+    inner: S,
+    req: Request<ReqBody>,
+    store: St,
+    limits: SerialLimits,
+    on_store_error: OnStoreError,
+    started: Instant,
+}
+
+impl<S, St, ReqBody> ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: SerialStore,
+{
+    pub(crate) fn uncoordinated(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Calling {
+                future,
+                guard: None,
+            },
+            span: Span::none(),
+        }
+    }
+
+    pub(crate) fn rejected(problem: Problem) -> Self {
+        ResponseFuture {
+            state: State::Rejected {
+                response: Some(problem.into_response()),
+            },
+            span: Span::none(),
+        }
+    }
+
+    pub(crate) fn acquiring(
+        inner: S,
+        req: Request<ReqBody>,
+        store: St,
+        key: ScopedKey,
+        config: &Config,
+        span: Span,
+    ) -> Self {
+        let limits = config.limits;
+        let acquiring_store = store.clone();
+        let acquire: AcquireFuture =
+            Box::pin(async move { acquiring_store.acquire(&key, limits).await });
+        let waiting = Waiting {
+            inner,
+            req,
+            store,
+            limits,
+            on_store_error: config.on_store_error,
+            started: Instant::now(),
+        };
+        ResponseFuture {
+            state: State::Acquiring {
+                acquire,
+                waiting: Some(waiting),
+            },
+            span,
+        }
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Future for ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    St: SerialStore,
+    ResBody: Body,
+{
+    type Output = Result<Response<KeywardBody<PermitBody<ResBody, St>>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let _entered = this.span.enter();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Rejected { response } => {
+                    // `None` only if polled again after completion, which futures need not
+                    // answer.
+                    return match response.take() {
+                        Some(response) => Poll::Ready(Ok(response.map(KeywardBody::full))),
+                        None => Poll::Pending,
+                    };
+                }
+                StateProj::Acquiring { acquire, waiting } => {
+                    let outcome = ready!(acquire.as_mut().poll(cx));
+                    let Some(waiting) = waiting.take() else {
+                        return Poll::Pending;
+                    };
+                    let next = decide(waiting, outcome, this.span);
+                    this.state.set(next);
+                }
+                StateProj::Calling { future, guard } => {
+                    let result = ready!(future.poll(cx));
+                    // On error the guard is dropped here, releasing the key.
+                    let guard = guard.take();
+                    return Poll::Ready(result.map(|response| {
+                        response.map(|body| KeywardBody::inner(PermitBody::new(body, guard)))
+                    }));
+                }
+            }
+        }
+    }
+}
+
+/// Turns the store's answer into the next state: the inner call (holding the key, or
+/// uncoordinated when the store failed open) or a rejection.
+fn decide<S, St, ReqBody>(
+    waiting: Waiting<S, St, ReqBody>,
+    outcome: Result<AcquireOutcome, StoreError>,
+    span: &Span,
+) -> State<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: SerialStore,
+{
+    let Waiting {
+        mut inner,
+        mut req,
+        store,
+        limits,
+        on_store_error,
+        started,
+    } = waiting;
+    span.record(FIELD_WAIT_SECONDS, started.elapsed().as_secs_f64());
+    let (outcome, rejection, guard) = match outcome {
+        Ok(AcquireOutcome::Acquired(permit)) => {
+            let token = permit.token();
+            span.record(FIELD_FENCING_TOKEN, token.get());
+            forward_token(&mut req, token);
+            let guard = PermitGuard::new(store, permit);
+            (SerialOutcome::Acquired, None, Some(guard))
+        }
+        Ok(AcquireOutcome::Timeout) => {
+            let problem = Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                types::SERIAL_TIMEOUT,
+                "Timed out waiting for the key",
+            )
+            .detail(format!(
+                "waited {:?} for earlier requests with the same key",
+                limits.max_wait
+            ))
+            .retry_after(limits.max_wait);
+            (SerialOutcome::Timeout, Some(problem), None)
+        }
+        Ok(AcquireOutcome::QueueFull) => {
+            let problem = Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                types::SERIAL_QUEUE_FULL,
+                "Too many requests waiting for the key",
+            )
+            .detail(format!(
+                "{} requests with the same key are already waiting",
+                limits.max_queue
+            ))
+            .retry_after(limits.max_wait);
+            (SerialOutcome::QueueFull, Some(problem), None)
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, policy = ?on_store_error, "serial store failed");
+            match on_store_error {
+                OnStoreError::Closed => {
+                    let problem = Problem::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        types::STORE_UNAVAILABLE,
+                        "Coordination store unavailable",
+                    );
+                    (SerialOutcome::StoreError, Some(problem), None)
+                }
+                OnStoreError::Open => {
+                    remove_fencing_header(&mut req);
+                    (SerialOutcome::StoreError, None, None)
+                }
+            }
+        }
+    };
+    span.record(FIELD_OUTCOME, outcome.as_str());
+    match rejection {
+        Some(problem) => State::Rejected {
+            response: Some(problem.into_response()),
+        },
+        // Should `call` panic, unwinding drops `guard` and so releases the key.
+        None => State::Calling {
+            future: inner.call(req),
+            guard,
+        },
+    }
+}
+
+fn forward_token<B>(req: &mut Request<B>, token: FencingToken) {
+    req.headers_mut()
+        .insert(FENCING_TOKEN_HEADER, HeaderValue::from(token.get()));
+    req.extensions_mut().insert(token);
+}
+
+impl<S, St, ReqBody> fmt::Debug for ResponseFuture<S, St, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    St: SerialStore,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Rejected { .. } => "rejected",
+            State::Acquiring { .. } => "acquiring",
+            State::Calling { .. } => "calling",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish_non_exhaustive()
+    }
+}
