@@ -269,6 +269,7 @@ impl MemoryStore {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::pin::pin;
