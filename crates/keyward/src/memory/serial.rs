@@ -10,7 +10,6 @@
 //! across the key's entry being removed and created again.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -26,7 +25,6 @@ type Shard = Mutex<HashMap<Arc<str>, KeyQueue>>;
 
 pub(super) struct SerialTable {
     shards: Box<[Shard]>,
-    hasher: RandomState,
     next_token: AtomicU64,
     next_waiter: AtomicU64,
 }
@@ -51,18 +49,31 @@ enum Entered {
     QueueFull,
 }
 
+fn hex_value(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => 0,
+    }
+}
+
 impl SerialTable {
     pub(super) fn new() -> Self {
         SerialTable {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
             next_token: AtomicU64::new(1),
             next_waiter: AtomicU64::new(1),
         }
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Arc<str>, KeyQueue>> {
-        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
+    fn shard(&self, key: &ScopedKey) -> MutexGuard<'_, HashMap<Arc<str>, KeyQueue>> {
+        // The key hash is already computed (a SHA-256 prefix, in hex): its first byte picks
+        // the shard without hashing the key once more.
+        let hex = key.key_hash();
+        let hex = hex.as_str().as_bytes();
+        let byte =
+            hex.first().map_or(0, |&c| hex_value(c)) << 4 | hex.get(1).map_or(0, |&c| hex_value(c));
+        let index = usize::from(byte) % SHARDS;
         // Every critical section leaves the map consistent before it can panic (there is
         // nothing in them that panics), so a poisoned lock is safe to reuse.
         self.shards[index]
@@ -76,7 +87,7 @@ impl SerialTable {
 
     /// Takes the key if it is free, else queues behind its holder, else refuses.
     fn enter(&self, key: &ScopedKey, max_queue: usize) -> Entered {
-        let mut shard = self.shard(key.storage_key());
+        let mut shard = self.shard(key);
         let queue = match shard.entry(key.shared_storage_key()) {
             std::collections::hash_map::Entry::Vacant(vacant) => {
                 let token = self.issue_token();
@@ -101,10 +112,10 @@ impl SerialTable {
     }
 
     /// Hands the key from `token` to the first waiter, or frees it if nobody waits.
-    fn release(&self, key: &str, token: FencingToken) {
+    fn release(&self, key: &ScopedKey, token: FencingToken) {
         let mut shard = self.shard(key);
         // Remove first: the uncontended release is then a single map operation.
-        let Some((shared_key, mut queue)) = shard.remove_entry(key) else {
+        let Some((shared_key, mut queue)) = shard.remove_entry(key.storage_key()) else {
             return;
         };
         if queue.holder != token {
@@ -129,12 +140,12 @@ impl SerialTable {
     /// returns the token it was granted: the caller now holds the key.
     fn leave(
         &self,
-        key: &str,
+        key: &ScopedKey,
         id: u64,
         grant: &mut oneshot::Receiver<FencingToken>,
     ) -> Option<FencingToken> {
         let mut shard = self.shard(key);
-        if let Some(queue) = shard.get_mut(key) {
+        if let Some(queue) = shard.get_mut(key.storage_key()) {
             if let Some(position) = queue.waiters.iter().position(|w| w.id == id) {
                 queue.waiters.remove(position);
                 return None;
@@ -154,9 +165,9 @@ impl SerialTable {
     }
 
     #[cfg(test)]
-    fn waiting(&self, key: &str) -> usize {
+    fn waiting(&self, key: &ScopedKey) -> usize {
         self.shard(key)
-            .get(key)
+            .get(key.storage_key())
             .map_or(0, |queue| queue.waiters.len())
     }
 }
@@ -175,8 +186,7 @@ impl QueuedWaiter<'_> {
     /// Gives up waiting; the grant that raced with giving up, if any.
     fn leave(&mut self) -> Option<FencingToken> {
         self.settled = true;
-        self.table
-            .leave(self.key.storage_key(), self.id, &mut self.grant)
+        self.table.leave(self.key, self.id, &mut self.grant)
     }
 }
 
@@ -184,7 +194,7 @@ impl Drop for QueuedWaiter<'_> {
     fn drop(&mut self) {
         if !self.settled {
             if let Some(token) = self.leave() {
-                self.table.release(self.key.storage_key(), token);
+                self.table.release(self.key, token);
             }
         }
     }
@@ -235,9 +245,7 @@ impl SerialStore for MemoryStore {
     }
 
     fn release_detached(&self, permit: SerialPermit) {
-        self.inner
-            .serial
-            .release(permit.key().storage_key(), permit.token());
+        self.inner.serial.release(permit.key(), permit.token());
     }
 }
 
@@ -304,7 +312,7 @@ mod tests {
         let mut third = pin!(store.acquire(&ka, LIMITS));
         assert!(second.as_mut().now_or_never().is_none());
         assert!(third.as_mut().now_or_never().is_none());
-        assert_eq!(store.inner.serial.waiting(key("a").storage_key()), 2);
+        assert_eq!(store.inner.serial.waiting(&key("a")), 2);
 
         store.release(first.clone()).await.unwrap();
         assert!(third.as_mut().now_or_never().is_none(), "third is not next");
@@ -339,7 +347,7 @@ mod tests {
         let start = Instant::now();
         assert_eq!(waiting.await.unwrap(), AcquireOutcome::Timeout);
         assert_eq!(start.elapsed(), Duration::from_secs(2));
-        assert_eq!(store.inner.serial.waiting(key("a").storage_key()), 0);
+        assert_eq!(store.inner.serial.waiting(&key("a")), 0);
         store.release(holder).await.unwrap();
         assert_eq!(store.serial_keys_in_use(), 0);
     }
@@ -354,7 +362,7 @@ mod tests {
         let mut next = pin!(store.acquire(&ka, LIMITS));
         assert!(next.as_mut().now_or_never().is_none());
         drop(gone);
-        assert_eq!(store.inner.serial.waiting(key("a").storage_key()), 1);
+        assert_eq!(store.inner.serial.waiting(&key("a")), 1);
         store.release(holder).await.unwrap();
         let AcquireOutcome::Acquired(next) = next.await.unwrap() else {
             panic!("the remaining waiter gets the key")

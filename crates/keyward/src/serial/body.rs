@@ -89,3 +89,93 @@ impl<B: fmt::Debug, St: SerialStore> fmt::Debug for PermitBody<B, St> {
             .finish()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use keyward_core::store::{AcquireOutcome, SerialLimits, StoreError};
+    use keyward_core::{FencingToken, Key, Scope, ScopedKey};
+
+    /// Counts releases; never has to wait.
+    #[derive(Clone, Default)]
+    struct CountingStore(Arc<AtomicUsize>);
+
+    impl SerialStore for CountingStore {
+        async fn acquire(
+            &self,
+            key: &ScopedKey,
+            _limits: SerialLimits,
+        ) -> Result<AcquireOutcome, StoreError> {
+            Ok(AcquireOutcome::Acquired(SerialPermit::new(
+                key.clone(),
+                FencingToken(1),
+            )))
+        }
+
+        async fn release(&self, permit: SerialPermit) -> Result<(), StoreError> {
+            self.release_detached(permit);
+            Ok(())
+        }
+
+        fn release_detached(&self, _permit: SerialPermit) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn guarded<B>(body: B, store: &CountingStore) -> PermitBody<B, CountingStore> {
+        let key = ScopedKey::new("serial", "r", Scope::Unscoped, Key::from("k"));
+        let permit = SerialPermit::new(key, FencingToken(1));
+        PermitBody::new(body, Some(PermitGuard::new(store.clone(), permit)))
+    }
+
+    type Chunk = Result<Frame<Bytes>, std::io::Error>;
+
+    #[tokio::test]
+    async fn releases_once_at_the_last_frame_not_again_on_drop() {
+        let store = CountingStore::default();
+        let frames: Vec<Chunk> = vec![
+            Ok(Frame::data(Bytes::from("a"))),
+            Ok(Frame::data(Bytes::from("b"))),
+        ];
+        let mut body = guarded(StreamBody::new(futures::stream::iter(frames)), &store);
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(
+            store.0.load(Ordering::SeqCst),
+            0,
+            "held while frames remain"
+        );
+        body.frame().await.unwrap().unwrap();
+        assert!(body.frame().await.is_none());
+        assert_eq!(store.0.load(Ordering::SeqCst), 1);
+        drop(body);
+        assert_eq!(store.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn releases_on_a_body_error() {
+        let store = CountingStore::default();
+        let frames: Vec<Chunk> = vec![
+            Err(std::io::Error::other("reset")),
+            Ok(Frame::data(Bytes::new())),
+        ];
+        let mut body = guarded(StreamBody::new(futures::stream::iter(frames)), &store);
+        assert!(body.frame().await.unwrap().is_err());
+        assert!(!body.holds_key());
+        assert_eq!(store.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn releases_when_dropped_unread() {
+        let store = CountingStore::default();
+        let body = guarded(http_body_util::Empty::<Bytes>::new(), &store);
+        assert!(body.holds_key());
+        drop(body);
+        assert_eq!(store.0.load(Ordering::SeqCst), 1);
+    }
+}

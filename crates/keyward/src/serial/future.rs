@@ -2,6 +2,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
@@ -66,7 +67,9 @@ struct Waiting<S, St, ReqBody> {
     store: St,
     limits: SerialLimits,
     on_store_error: OnStoreError,
-    started: Instant,
+    /// When the first poll found the key busy; `None` while it never had to wait, which
+    /// spares the uncontended path two clock reads.
+    queued_at: Option<Instant>,
 }
 
 impl<S, St, ReqBody> ResponseFuture<S, St, ReqBody>
@@ -111,7 +114,7 @@ where
             store,
             limits,
             on_store_error: config.on_store_error,
-            started: Instant::now(),
+            queued_at: None,
         };
         ResponseFuture {
             state: State::Acquiring {
@@ -145,7 +148,12 @@ where
                     };
                 }
                 StateProj::Acquiring { acquire, waiting } => {
-                    let outcome = ready!(acquire.as_mut().poll(cx));
+                    let Poll::Ready(outcome) = acquire.as_mut().poll(cx) else {
+                        if let Some(waiting) = waiting.as_mut() {
+                            waiting.queued_at.get_or_insert_with(Instant::now);
+                        }
+                        return Poll::Pending;
+                    };
                     let Some(waiting) = waiting.take() else {
                         return Poll::Pending;
                     };
@@ -182,9 +190,10 @@ where
         store,
         limits,
         on_store_error,
-        started,
+        queued_at,
     } = waiting;
-    span.record(FIELD_WAIT_SECONDS, started.elapsed().as_secs_f64());
+    let waited = queued_at.map_or(Duration::ZERO, |at| at.elapsed());
+    span.record(FIELD_WAIT_SECONDS, waited.as_secs_f64());
     let (outcome, rejection, guard) = match outcome {
         Ok(AcquireOutcome::Acquired(permit)) => {
             let token = permit.token();
