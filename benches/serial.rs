@@ -48,6 +48,28 @@ fn store_level(c: &mut Criterion) {
             store.release_detached(permit);
         })
     });
+    // Contended: a second request queues, the holder releases, the key is handed over.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _runtime = runtime.enter();
+    group.bench_function("memory_queue_handoff_release", |b| {
+        let mut cx = Context::from_waker(Waker::noop());
+        b.iter(|| {
+            let AcquireOutcome::Acquired(first) = ready(store.acquire(&key, limits)).unwrap()
+            else {
+                panic!("uncontended")
+            };
+            let mut second = pin!(store.acquire(&key, limits));
+            assert!(second.as_mut().poll(&mut cx).is_pending());
+            store.release_detached(first);
+            let Poll::Ready(Ok(AcquireOutcome::Acquired(second))) = second.poll(&mut cx) else {
+                panic!("handed over")
+            };
+            store.release_detached(second);
+        })
+    });
     // The floor under any table of held keys: insert and remove under a mutex.
     let map: Mutex<HashMap<Arc<str>, u64>> = Mutex::new(HashMap::new());
     let shared = key.shared_storage_key();
