@@ -2,6 +2,8 @@
 //! end / drop / error / panic / cancellation, limits, store failures.
 #![allow(clippy::unwrap_used)]
 
+mod serial_support;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -15,10 +17,9 @@ use http_body_util::{BodyExt, Full};
 use keyward::serial::PermitBody;
 use keyward::{MemoryStore, PerKeySerialLayer};
 use keyward_core::problem::types;
-use keyward_core::store::{
-    AcquireOutcome, OnStoreError, SerialLimits, SerialPermit, SerialStore, StoreError,
-};
-use keyward_core::{FencingToken, KeySpec, KeywardBody, ScopedKey};
+use keyward_core::store::{OnStoreError, SerialStore};
+use keyward_core::{FencingToken, KeySpec, KeywardBody};
+use serial_support::DownStore;
 use tokio::sync::{Barrier, Semaphore};
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -381,26 +382,6 @@ async fn keyless_requests_pass_uncoordinated_and_bad_keys_are_400() {
     let res = svc.clone().oneshot(twice).await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_REQUEST);
     assert_eq!(problem_type(res).await, types::KEY_INVALID);
-}
-
-/// A store whose every call fails.
-#[derive(Clone, Debug)]
-struct DownStore;
-
-impl SerialStore for DownStore {
-    async fn acquire(
-        &self,
-        _key: &ScopedKey,
-        _limits: SerialLimits,
-    ) -> Result<AcquireOutcome, StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-
-    async fn release(&self, _permit: SerialPermit) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("connection refused".into()))
-    }
-
-    fn release_detached(&self, _permit: SerialPermit) {}
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 //! fields, the inner call inside it, and never the raw key.
 #![allow(clippy::unwrap_used)]
 
+mod serial_support;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::fmt;
@@ -13,9 +15,9 @@ use futures::poll;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use keyward::{MemoryStore, PerKeySerialLayer};
-use keyward_core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore, StoreError};
 use keyward_core::telemetry::SPAN_SERIAL;
-use keyward_core::{Key, KeySpec, ScopedKey};
+use keyward_core::{Key, KeySpec};
+use serial_support::DownStore;
 use tower::{Layer, ServiceExt, service_fn};
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
@@ -137,25 +139,6 @@ async fn acquired_timeout_and_queue_full_spans_carry_the_contract_fields() {
     assert_eq!(timeout["keyward.wait_seconds"], "1.5");
     assert!(!timeout.contains_key("keyward.fencing_token"));
     assert_common(queue_full, "queue_full");
-}
-
-#[derive(Clone, Debug)]
-struct DownStore;
-
-impl SerialStore for DownStore {
-    async fn acquire(
-        &self,
-        _key: &ScopedKey,
-        _limits: SerialLimits,
-    ) -> Result<AcquireOutcome, StoreError> {
-        Err(StoreError::Timeout(Duration::from_millis(50)))
-    }
-
-    async fn release(&self, _permit: SerialPermit) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    fn release_detached(&self, _permit: SerialPermit) {}
 }
 
 #[tokio::test]
