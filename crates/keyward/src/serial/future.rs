@@ -8,7 +8,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use keyward_core::problem::types;
-use keyward_core::store::{AcquireOutcome, OnStoreError, SerialLimits, SerialStore, StoreError};
+use keyward_core::store::{
+    AcquireOutcome, OnStoreError, SerialLimits, SerialPermit, SerialStore, StoreError,
+};
 use keyward_core::telemetry::{
     FIELD_FENCING_TOKEN, FIELD_OUTCOME, FIELD_WAIT_SECONDS, SerialOutcome,
 };
@@ -194,38 +196,54 @@ where
     } = waiting;
     let waited = queued_at.map_or(Duration::ZERO, |at| at.elapsed());
     span.record(FIELD_WAIT_SECONDS, waited.as_secs_f64());
-    let (outcome, rejection, guard) = match outcome {
-        Ok(AcquireOutcome::Acquired(permit)) => {
-            let token = permit.token();
-            span.record(FIELD_FENCING_TOKEN, token.get());
-            forward_token(&mut req, token);
-            let guard = PermitGuard::new(store, permit);
-            (SerialOutcome::Acquired, None, Some(guard))
+    let (outcome, rejection, permit) = classify(outcome, limits, on_store_error);
+    span.record(FIELD_OUTCOME, outcome.as_str());
+    if let Some(permit) = &permit {
+        span.record(FIELD_FENCING_TOKEN, permit.token().get());
+        forward_token(&mut req, permit.token());
+    } else {
+        remove_fencing_header(&mut req);
+    }
+    match rejection {
+        Some(problem) => State::Rejected {
+            response: Some(problem.into_response()),
+        },
+        None => {
+            // Should `call` panic, unwinding drops the guard and so releases the key.
+            let guard = permit.map(|permit| PermitGuard::new(store, permit));
+            State::Calling {
+                future: inner.call(req),
+                guard,
+            }
         }
+    }
+}
+
+/// The store's answer as a span outcome, plus either a rejection or the permit to run
+/// with (none when the store failed open).
+fn classify(
+    outcome: Result<AcquireOutcome, StoreError>,
+    limits: SerialLimits,
+    on_store_error: OnStoreError,
+) -> (SerialOutcome, Option<Problem>, Option<SerialPermit>) {
+    match outcome {
+        Ok(AcquireOutcome::Acquired(permit)) => (SerialOutcome::Acquired, None, Some(permit)),
         Ok(AcquireOutcome::Timeout) => {
-            let problem = Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                types::SERIAL_TIMEOUT,
-                "Timed out waiting for the key",
-            )
-            .detail(format!(
+            let detail = format!(
                 "waited {:?} for earlier requests with the same key",
                 limits.max_wait
-            ))
-            .retry_after(limits.max_wait);
+            );
+            let title = "Timed out waiting for the key";
+            let problem = busy(types::SERIAL_TIMEOUT, title, detail, limits);
             (SerialOutcome::Timeout, Some(problem), None)
         }
         Ok(AcquireOutcome::QueueFull) => {
-            let problem = Problem::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                types::SERIAL_QUEUE_FULL,
-                "Too many requests waiting for the key",
-            )
-            .detail(format!(
+            let detail = format!(
                 "{} requests with the same key are already waiting",
                 limits.max_queue
-            ))
-            .retry_after(limits.max_wait);
+            );
+            let title = "Too many requests waiting for the key";
+            let problem = busy(types::SERIAL_QUEUE_FULL, title, detail, limits);
             (SerialOutcome::QueueFull, Some(problem), None)
         }
         Err(err) => {
@@ -239,24 +257,24 @@ where
                     );
                     (SerialOutcome::StoreError, Some(problem), None)
                 }
-                OnStoreError::Open => {
-                    remove_fencing_header(&mut req);
-                    (SerialOutcome::StoreError, None, None)
-                }
+                OnStoreError::Open => (SerialOutcome::StoreError, None, None),
             }
         }
-    };
-    span.record(FIELD_OUTCOME, outcome.as_str());
-    match rejection {
-        Some(problem) => State::Rejected {
-            response: Some(problem.into_response()),
-        },
-        // Should `call` panic, unwinding drops `guard` and so releases the key.
-        None => State::Calling {
-            future: inner.call(req),
-            guard,
-        },
     }
+}
+
+/// A 503 for a request that did not get its key's turn. `Retry-After` is `max_wait`: the
+/// key was just seen busy for that long, so an earlier retry would likely meet the same
+/// queue.
+fn busy(
+    type_uri: &'static str,
+    title: &'static str,
+    detail: String,
+    limits: SerialLimits,
+) -> Problem {
+    Problem::new(StatusCode::SERVICE_UNAVAILABLE, type_uri, title)
+        .detail(detail)
+        .retry_after(limits.max_wait)
 }
 
 fn forward_token<B>(req: &mut Request<B>, token: FencingToken) {
