@@ -278,6 +278,10 @@ impl MemoryStore {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
+mod model_tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::pin::pin;
