@@ -6,6 +6,7 @@
 //! | layer | guarantees |
 //! |---|---|
 //! | [`IdempotencyLayer`] | a retried request takes effect once; the retry gets the first response |
+//! | [`PerKeySerialLayer`] | at most one request per key runs at a time, FIFO, with fencing tokens |
 //!
 //! Stores: [`MemoryStore`] (feature `memory`, default) for one process.
 //!
@@ -18,12 +19,14 @@
 pub mod idempotency;
 #[cfg(feature = "memory")]
 mod memory;
+pub mod serial;
 
 pub use idempotency::{IdempotencyLayer, OnInFlight};
 pub use keyward_core::store::OnStoreError;
 pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use serial::{PerKeySerial, PerKeySerialLayer};
 
 /// The core types, re-exported.
 pub use keyward_core as core;

@@ -5,8 +5,10 @@
 //! (one process, moka) and `keyward::RedisStore` (many processes).
 
 mod idempotency;
+mod serial;
 
 pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
+pub use serial::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};
 
 use std::time::Duration;
 

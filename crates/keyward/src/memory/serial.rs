@@ -1,0 +1,434 @@
+//! Per-key FIFO mutexes in memory.
+//!
+//! An entry exists only while its key is held: it is created by the first acquire and
+//! removed when the last holder releases with nobody waiting, so the table's size is
+//! bounded by concurrency, not by the number of keys ever seen. Waiters queue behind the
+//! holder, each with a oneshot channel; a release hands the key (with a fresh token)
+//! directly to the first waiter, so a woken waiter never has to race for it.
+//!
+//! Tokens come from one counter for the whole table: strictly increasing per key even
+//! across the key's entry being removed and created again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use keyward_core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore, StoreError};
+use keyward_core::{FencingToken, ScopedKey};
+use tokio::sync::oneshot;
+
+use super::MemoryStore;
+
+const SHARDS: usize = 64;
+
+type Shard = Mutex<HashMap<Arc<str>, KeyQueue>>;
+
+pub(super) struct SerialTable {
+    shards: Box<[Shard]>,
+    next_token: AtomicU64,
+    next_waiter: AtomicU64,
+}
+
+/// A held key and the requests waiting for it, in arrival order.
+struct KeyQueue {
+    holder: FencingToken,
+    waiters: VecDeque<Waiter>,
+}
+
+struct Waiter {
+    id: u64,
+    grant: oneshot::Sender<FencingToken>,
+}
+
+enum Entered {
+    Acquired(FencingToken),
+    Queued {
+        id: u64,
+        grant: oneshot::Receiver<FencingToken>,
+    },
+    QueueFull,
+}
+
+fn hex_value(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        b'a'..=b'f' => c - b'a' + 10,
+        _ => 0,
+    }
+}
+
+impl SerialTable {
+    pub(super) fn new() -> Self {
+        SerialTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            next_token: AtomicU64::new(1),
+            next_waiter: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, key: &ScopedKey) -> MutexGuard<'_, HashMap<Arc<str>, KeyQueue>> {
+        // The key hash is already computed (a SHA-256 prefix, in hex): its first byte picks
+        // the shard without hashing the key once more.
+        let hex = key.key_hash();
+        let hex = hex.as_str().as_bytes();
+        let byte =
+            hex.first().map_or(0, |&c| hex_value(c)) << 4 | hex.get(1).map_or(0, |&c| hex_value(c));
+        let index = usize::from(byte) % SHARDS;
+        // Every critical section leaves the map consistent before it can panic (there is
+        // nothing in them that panics), so a poisoned lock is safe to reuse.
+        self.shards[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn issue_token(&self) -> FencingToken {
+        FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Takes the key if it is free, else queues behind its holder, else refuses.
+    fn enter(&self, key: &ScopedKey, max_queue: usize) -> Entered {
+        let mut shard = self.shard(key);
+        let queue = match shard.entry(key.shared_storage_key()) {
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                let token = self.issue_token();
+                vacant.insert(KeyQueue {
+                    holder: token,
+                    waiters: VecDeque::new(),
+                });
+                return Entered::Acquired(token);
+            }
+            std::collections::hash_map::Entry::Occupied(occupied) => occupied.into_mut(),
+        };
+        if queue.waiters.len() >= max_queue {
+            return Entered::QueueFull;
+        }
+        let (sender, receiver) = oneshot::channel();
+        let id = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        queue.waiters.push_back(Waiter { id, grant: sender });
+        Entered::Queued {
+            id,
+            grant: receiver,
+        }
+    }
+
+    /// Hands the key from `token` to the first waiter, or frees it if nobody waits.
+    fn release(&self, key: &ScopedKey, token: FencingToken) {
+        let mut shard = self.shard(key);
+        // Remove first: the uncontended release is then a single map operation.
+        let Some((shared_key, mut queue)) = shard.remove_entry(key.storage_key()) else {
+            return;
+        };
+        if queue.holder != token {
+            // A stale permit (already released): the current holder keeps the key.
+            shard.insert(shared_key, queue);
+            return;
+        }
+        while let Some(waiter) = queue.waiters.pop_front() {
+            let next = self.issue_token();
+            // Sending fails only if the waiter is gone without leaving the queue, which
+            // `leave` prevents (it runs under this lock before the receiver drops); skip
+            // such a waiter rather than hand the key to nobody.
+            if waiter.grant.send(next).is_ok() {
+                queue.holder = next;
+                shard.insert(shared_key, queue);
+                return;
+            }
+        }
+    }
+
+    /// Takes waiter `id` out of `key`'s queue. If a release handed it the key first,
+    /// returns the token it was granted: the caller now holds the key.
+    fn leave(
+        &self,
+        key: &ScopedKey,
+        id: u64,
+        grant: &mut oneshot::Receiver<FencingToken>,
+    ) -> Option<FencingToken> {
+        let mut shard = self.shard(key);
+        if let Some(queue) = shard.get_mut(key.storage_key()) {
+            if let Some(position) = queue.waiters.iter().position(|w| w.id == id) {
+                queue.waiters.remove(position);
+                return None;
+            }
+        }
+        drop(shard);
+        // Not queued any more: a release popped this waiter and sent it the key, under the
+        // lock just taken, so the token is already in the channel.
+        grant.try_recv().ok()
+    }
+
+    fn keys_in_use(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| shard.lock().map(|map| map.len()).unwrap_or(0))
+            .sum()
+    }
+
+    #[cfg(test)]
+    fn waiting(&self, key: &ScopedKey) -> usize {
+        self.shard(key)
+            .get(key.storage_key())
+            .map_or(0, |queue| queue.waiters.len())
+    }
+}
+
+/// A queued waiter. Dropping it (the acquire future was cancelled) leaves the queue, and
+/// passes the key on if it had just been handed over.
+struct QueuedWaiter<'a> {
+    table: &'a SerialTable,
+    key: &'a ScopedKey,
+    id: u64,
+    grant: oneshot::Receiver<FencingToken>,
+    settled: bool,
+}
+
+impl QueuedWaiter<'_> {
+    /// Gives up waiting; the grant that raced with giving up, if any.
+    fn leave(&mut self) -> Option<FencingToken> {
+        self.settled = true;
+        self.table.leave(self.key, self.id, &mut self.grant)
+    }
+}
+
+impl Drop for QueuedWaiter<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            if let Some(token) = self.leave() {
+                self.table.release(self.key, token);
+            }
+        }
+    }
+}
+
+impl SerialStore for MemoryStore {
+    async fn acquire(
+        &self,
+        key: &ScopedKey,
+        limits: SerialLimits,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let table = &self.inner.serial;
+        let (id, grant) = match table.enter(key, limits.max_queue) {
+            Entered::Acquired(token) => {
+                return Ok(AcquireOutcome::Acquired(SerialPermit::new(
+                    key.clone(),
+                    token,
+                )));
+            }
+            Entered::QueueFull => return Ok(AcquireOutcome::QueueFull),
+            Entered::Queued { id, grant } => (id, grant),
+        };
+        let mut waiter = QueuedWaiter {
+            table,
+            key,
+            id,
+            grant,
+            settled: false,
+        };
+        let token = match tokio::time::timeout(limits.max_wait, &mut waiter.grant).await {
+            Ok(Ok(token)) => {
+                waiter.settled = true;
+                Some(token)
+            }
+            // Timed out (or, defensively, the sender vanished): leave, unless the key
+            // arrived in the meantime, in which case this request takes its turn.
+            Ok(Err(_)) | Err(_) => waiter.leave(),
+        };
+        Ok(match token {
+            Some(token) => AcquireOutcome::Acquired(SerialPermit::new(key.clone(), token)),
+            None => AcquireOutcome::Timeout,
+        })
+    }
+
+    async fn release(&self, permit: SerialPermit) -> Result<(), StoreError> {
+        self.release_detached(permit);
+        Ok(())
+    }
+
+    fn release_detached(&self, permit: SerialPermit) {
+        self.inner.serial.release(permit.key(), permit.token());
+    }
+}
+
+impl MemoryStore {
+    /// How many keys `PerKeySerialLayer` holds or has requests waiting on right now. Zero
+    /// once traffic stops: entries only live while their key is in use.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// use keyward::MemoryStore;
+    /// use keyward_core::store::{AcquireOutcome, SerialLimits, SerialStore};
+    /// use keyward_core::{Key, Scope, ScopedKey};
+    /// use std::time::Duration;
+    ///
+    /// let store = MemoryStore::new();
+    /// let key = ScopedKey::new("serial", "default", Scope::Unscoped, Key::from("order-7"));
+    /// let limits = SerialLimits { max_wait: Duration::from_secs(1), max_queue: 8 };
+    /// let AcquireOutcome::Acquired(permit) = store.acquire(&key, limits).await.unwrap() else {
+    ///     panic!("a free key is acquired at once");
+    /// };
+    /// assert_eq!(store.serial_keys_in_use(), 1);
+    /// store.release(permit).await.unwrap();
+    /// assert_eq!(store.serial_keys_in_use(), 0);
+    /// # });
+    /// ```
+    pub fn serial_keys_in_use(&self) -> usize {
+        self.inner.serial.keys_in_use()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod model_tests;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use std::pin::pin;
+    use std::time::Duration;
+
+    use futures::FutureExt;
+    use keyward_core::{Key, Scope};
+    use tokio::time::Instant;
+
+    fn key(k: &str) -> ScopedKey {
+        ScopedKey::new("serial", "r", Scope::Unscoped, Key::from(k))
+    }
+
+    const LIMITS: SerialLimits = SerialLimits {
+        max_wait: Duration::from_secs(5),
+        max_queue: 4,
+    };
+
+    async fn acquired(store: &MemoryStore, k: &str) -> SerialPermit {
+        match store.acquire(&key(k), LIMITS).await.unwrap() {
+            AcquireOutcome::Acquired(permit) => permit,
+            other => panic!("expected a permit, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn release_hands_over_in_fifo_order_with_rising_tokens() {
+        let store = MemoryStore::new();
+        let ka = key("a");
+        let first = acquired(&store, "a").await;
+        let mut second = pin!(store.acquire(&ka, LIMITS));
+        let mut third = pin!(store.acquire(&ka, LIMITS));
+        assert!(second.as_mut().now_or_never().is_none());
+        assert!(third.as_mut().now_or_never().is_none());
+        assert_eq!(store.inner.serial.waiting(&key("a")), 2);
+
+        store.release(first.clone()).await.unwrap();
+        assert!(third.as_mut().now_or_never().is_none(), "third is not next");
+        let AcquireOutcome::Acquired(second) = second.await.unwrap() else {
+            panic!("second is next")
+        };
+        assert!(second.token() > first.token());
+        store.release(second.clone()).await.unwrap();
+        let AcquireOutcome::Acquired(third) = third.await.unwrap() else {
+            panic!("third after second")
+        };
+        assert!(third.token() > second.token());
+        store.release(third).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_full_and_timeout() {
+        let store = MemoryStore::new();
+        let ka = key("a");
+        let holder = acquired(&store, "a").await;
+        let one = SerialLimits {
+            max_wait: Duration::from_secs(2),
+            max_queue: 1,
+        };
+        let mut waiting = pin!(store.acquire(&ka, one));
+        assert!(waiting.as_mut().now_or_never().is_none());
+        assert_eq!(
+            store.acquire(&ka, one).await.unwrap(),
+            AcquireOutcome::QueueFull
+        );
+        let start = Instant::now();
+        assert_eq!(waiting.await.unwrap(), AcquireOutcome::Timeout);
+        assert_eq!(start.elapsed(), Duration::from_secs(2));
+        assert_eq!(store.inner.serial.waiting(&key("a")), 0);
+        store.release(holder).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_waiter_leaves_the_queue() {
+        let store = MemoryStore::new();
+        let ka = key("a");
+        let holder = acquired(&store, "a").await;
+        let mut gone = Box::pin(store.acquire(&ka, LIMITS));
+        assert!(gone.as_mut().now_or_never().is_none());
+        let mut next = pin!(store.acquire(&ka, LIMITS));
+        assert!(next.as_mut().now_or_never().is_none());
+        drop(gone);
+        assert_eq!(store.inner.serial.waiting(&key("a")), 1);
+        store.release(holder).await.unwrap();
+        let AcquireOutcome::Acquired(next) = next.await.unwrap() else {
+            panic!("the remaining waiter gets the key")
+        };
+        store.release(next).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_dropped_after_the_handover_passes_the_key_on() {
+        let store = MemoryStore::new();
+        let ka = key("a");
+        let holder = acquired(&store, "a").await;
+        let mut handed = Box::pin(store.acquire(&ka, LIMITS));
+        assert!(handed.as_mut().now_or_never().is_none());
+        let mut next = pin!(store.acquire(&ka, LIMITS));
+        assert!(next.as_mut().now_or_never().is_none());
+        // The key is sent to `handed`, which is dropped before it sees it.
+        store.release(holder).await.unwrap();
+        drop(handed);
+        let AcquireOutcome::Acquired(next) = next.await.unwrap() else {
+            panic!("the key passed on")
+        };
+        store.release(next).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_release_is_ignored_and_tokens_survive_idle_cleanup() {
+        let store = MemoryStore::new();
+        let first = acquired(&store, "a").await;
+        store.release(first.clone()).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+        let second = acquired(&store, "a").await;
+        assert!(second.token() > first.token());
+        store.release(first).await.unwrap();
+        assert_eq!(
+            store
+                .acquire(
+                    &key("a"),
+                    SerialLimits {
+                        max_wait: Duration::ZERO,
+                        max_queue: 0
+                    }
+                )
+                .await
+                .unwrap(),
+            AcquireOutcome::QueueFull,
+            "the stale release did not free the key"
+        );
+        store.release(second).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn different_keys_are_independent() {
+        let store = MemoryStore::new();
+        let a = acquired(&store, "a").await;
+        let b = acquired(&store, "b").await;
+        assert_eq!(store.serial_keys_in_use(), 2);
+        store.release(a).await.unwrap();
+        store.release(b).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+}
