@@ -75,7 +75,8 @@ async fn two_hundred_requests_over_five_keys_never_overlap_and_run_in_arrival_or
     let max_inside: Arc<Vec<AtomicUsize>> =
         Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
     // Per key: (sequence number, token) in the order the handler ran them.
-    let served: Arc<Mutex<Vec<Vec<(usize, u64)>>>> = Arc::new(Mutex::new(vec![vec![]; KEYS]));
+    type ServedLog = Arc<Mutex<Vec<Vec<(usize, u64)>>>>;
+    let served: ServedLog = Arc::new(Mutex::new(vec![vec![]; KEYS]));
     let gates_in = Arc::new(Barrier::new(KEYS + 1));
     let gates_open = Arc::new(Semaphore::new(0));
 
