@@ -4,7 +4,7 @@
 use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
-use keyward::{IdempotencyLayer, MemoryStore};
+use keyward::{IdempotencyLayer, MemoryStore, PerKeySerialLayer};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
@@ -40,6 +40,15 @@ pub fn build(
     upstream: Upstream,
 ) -> Stack {
     let mut stack = boxed(upstream);
+    if let Some(serial) = &route.serial {
+        let layer = PerKeySerialLayer::new(store.clone())
+            .route(route.name.as_str())
+            .key(serial.key.clone())
+            .max_wait(serial.max_wait)
+            .max_queue(serial.max_queue)
+            .on_store_error(store_config.on_error);
+        stack = boxed(layer.layer(stack));
+    }
     if let Some(idem) = &route.idempotency {
         let mut layer = IdempotencyLayer::new(store.clone())
             .route(route.name.as_str())

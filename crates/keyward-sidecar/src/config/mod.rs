@@ -103,11 +103,11 @@ pub struct QuotaConfig {
     pub shadow: bool,
 }
 
+/// Serial keys are not scoped by principal: mutual exclusion on a resource must hold
+/// whoever calls.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // TEMP: read once the other layers are wired in
 pub struct SerialConfig {
     pub key: KeySpec,
-    pub scope: Option<KeySpec>,
     pub max_wait: Duration,
     pub max_queue: usize,
 }
@@ -594,10 +594,6 @@ impl Checker {
         };
         SerialConfig {
             key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
-            scope: match raw.scope.as_deref() {
-                None => None,
-                Some(s) => self.scope(&f("scope"), Some(s)),
-            },
             max_wait: self.duration(
                 &f("max_wait"),
                 raw.max_wait.as_deref(),

@@ -95,7 +95,6 @@ pub struct RawQuota {
 #[serde(deny_unknown_fields)]
 pub struct RawSerial {
     pub key: Option<RawKey>,
-    pub scope: Option<String>,
     pub max_wait: Option<String>,
     pub max_queue: Option<i64>,
 }
