@@ -5,8 +5,10 @@
 //! (one process, moka) and `keyward::RedisStore` (many processes).
 
 mod idempotency;
+mod quota;
 
 pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
+pub use quota::QuotaStore;
 
 use std::time::Duration;
 
