@@ -112,6 +112,21 @@ fn parts(c: &mut Criterion) {
             ))
         })
     });
+    let raw: Vec<Key> = (0..KEYS)
+        .map(|i| Key::from(format!("api-key-{i:08}")))
+        .collect();
+    let mut i = 0;
+    group.bench_function("scoped_key_new_with_sha256_hash", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            black_box(ScopedKey::new(
+                "quota",
+                "bench",
+                Scope::Unscoped,
+                raw[i].clone(),
+            ))
+        })
+    });
     let quota = Quota::per_second(LIMIT).expect("valid quota");
     let mut i = 0u64;
     group.bench_function("gcra_decide", |b| {
@@ -123,5 +138,63 @@ fn parts(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decisions, parts);
+/// Polls a future that must be ready at once (both services answer synchronously).
+fn now_or_never<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
+}
+
+/// The whole layer (key extraction, scoped key with its SHA-256 hash, span, decision,
+/// two headers) against the bare service it wraps.
+fn layer(c: &mut Criterion) {
+    use bytes::Bytes;
+    use http::{HeaderName, HeaderValue, Request, Response};
+    use http_body_util::Full;
+    use keyward::{KeySpec, QuotaLayer};
+    use tower::{Layer, Service, service_fn};
+
+    let header = HeaderName::from_static("x-api-key");
+    let values: Vec<HeaderValue> = (0..KEYS)
+        .map(|i| HeaderValue::try_from(format!("api-key-{i:08}")).expect("valid header"))
+        .collect();
+    let request = |i: usize| {
+        let mut req = Request::new(Full::<Bytes>::default());
+        req.headers_mut().insert(header.clone(), values[i].clone());
+        req
+    };
+    let bare = service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let quota = Quota::per_second(LIMIT).expect("valid quota");
+    let mut limited = QuotaLayer::new(MemoryStore::new(), quota)
+        .route("bench")
+        .key(KeySpec::Header(header.clone()))
+        .layer(bare);
+    let mut bare = bare;
+
+    let mut group = c.benchmark_group("quota_layer_10k_keys");
+    let mut i = 0;
+    group.bench_function("bare_service_fn", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let res = now_or_never(bare.call(request(i))).and_then(Result::ok);
+            black_box(res.map(|r| r.status()))
+        })
+    });
+    let mut i = 0;
+    group.bench_function("quota_layer_over_service_fn", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let res = now_or_never(limited.call(request(i))).and_then(Result::ok);
+            black_box(res.map(|r| r.status()))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decisions, parts, layer);
 criterion_main!(benches);

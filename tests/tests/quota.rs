@@ -426,6 +426,33 @@ async fn explicit_eviction_drops_only_idle_keys() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_on_one_key_never_exceed_the_burst() {
+    // A long period: no unit is earned back while the test runs.
+    let layer = QuotaLayer::new(MemoryStore::new(), quota(50, 3600)).key(api_key());
+    let svc = layer.layer(counting(Arc::default()));
+    let start = Arc::new(tokio::sync::Barrier::new(8));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (svc, start) = (svc.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                let mut allowed = 0;
+                for _ in 0..100 {
+                    let res = svc.clone().oneshot(req("hot")).await.unwrap();
+                    allowed += usize::from(res.status() == StatusCode::OK);
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    assert_eq!(allowed, 50);
+}
+
 #[tokio::test(start_paused = true)]
 async fn works_inside_an_axum_router() {
     use axum::Router;

@@ -20,6 +20,9 @@
 //! time in integer nanoseconds on the store's clock (`0` = absent record). Stores call it
 //! under their lock; the Redis store runs the same steps in a Lua script with Redis
 //! `TIME` as the clock. All arithmetic is checked: no input makes it panic or wrap.
+//! (A Lua port must keep its numbers exact: Lua numbers are doubles, exact only below
+//! 2^53, and nanoseconds since the Unix epoch are above that, so it should count from a
+//! later epoch or in microseconds, rounding `T` up the same way.)
 //!
 //! ```
 //! use std::time::Duration;

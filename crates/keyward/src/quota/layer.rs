@@ -81,7 +81,7 @@ impl Settings {
         self.policy_name.as_ref().unwrap_or(&self.route)
     }
 
-    /// Renders the policy headers again after the name or a quota changed.
+    /// Renders the policy headers again after the name changed.
     fn render(&mut self) {
         let name = self.name().clone();
         self.default = Policy::new(&name, self.default.quota);
@@ -142,9 +142,7 @@ impl<St> QuotaLayer<St> {
 
 impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
     fn with(mut self, change: impl FnOnce(&mut Settings)) -> Self {
-        let settings = &mut Arc::make_mut(&mut self.config).settings;
-        change(settings);
-        settings.render();
+        change(&mut Arc::make_mut(&mut self.config).settings);
         self
     }
 
@@ -185,14 +183,20 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
     /// name in the headers unless [`QuotaLayer::policy_name`] sets one.
     pub fn route(self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
-        self.with(|s| s.route = name)
+        self.with(|s| {
+            s.route = name;
+            s.render();
+        })
     }
 
     /// The `NAME` of `RateLimit-Policy: "NAME";q=..;w=..` and `RateLimit: "NAME";..`.
     /// Characters other than printable ASCII are sent as `?`.
     pub fn policy_name(self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
-        self.with(|s| s.policy_name = Some(name))
+        self.with(|s| {
+            s.policy_name = Some(name);
+            s.render();
+        })
     }
 
     /// Quotas per principal and key: the stored key includes a hash of the principal
