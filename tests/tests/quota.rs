@@ -133,6 +133,38 @@ async fn policy_name_and_sub_second_windows() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn stacked_policies_keep_separate_state_and_list_both() {
+    let store = MemoryStore::new();
+    let per_second = QuotaLayer::new(store.clone(), quota(2, 1))
+        .route("api")
+        .policy_name("burst")
+        .key(api_key());
+    let per_day = QuotaLayer::new(store.clone(), quota(3, 86_400))
+        .route("api")
+        .policy_name("daily")
+        .key(api_key());
+    let svc = per_day.layer(per_second.layer(counting(Arc::default())));
+
+    let res = svc.clone().oneshot(req("k")).await.unwrap();
+    let policies: Vec<_> = res.headers().get_all("ratelimit-policy").iter().collect();
+    assert_eq!(policies, [r#""burst";q=2;w=1"#, r#""daily";q=3;w=86400"#]);
+    let limits: Vec<_> = res.headers().get_all("ratelimit").iter().collect();
+    assert_eq!(limits, [r#""burst";r=1;t=1"#, r#""daily";r=2;t=28800"#]);
+
+    svc.clone().oneshot(req("k")).await.unwrap();
+    // The daily quota admits the third request; the per-second one refuses it.
+    let res = svc.clone().oneshot(req("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&res, "retry-after"), Some("1"));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    // The daily quota counted the refused request too (it sits outside): now it is out.
+    let res = svc.clone().oneshot(req("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let limits: Vec<_> = res.headers().get_all("ratelimit").iter().collect();
+    assert_eq!(limits, [r#""daily";r=0;t=86399"#]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn costs_take_several_units() {
     let layer = QuotaLayer::new(MemoryStore::new(), quota(10, 10))
         .route("bulk")

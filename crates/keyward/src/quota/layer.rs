@@ -66,6 +66,9 @@ pub(crate) struct Config<K, C> {
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) route: Arc<str>,
+    /// The route part of stored keys: the route, plus the policy name when one is set,
+    /// so that stacked quotas on one route (per second and per day) keep separate state.
+    pub(crate) storage_route: Arc<str>,
     pub(crate) policy_name: Option<Arc<str>>,
     pub(crate) scope: Option<KeySpec>,
     pub(crate) default: Policy,
@@ -81,8 +84,13 @@ impl Settings {
         self.policy_name.as_ref().unwrap_or(&self.route)
     }
 
-    /// Renders the policy headers again after the name changed.
+    /// Renders the policy headers and the stored keys' route again after the route or
+    /// the policy name changed.
     fn render(&mut self) {
+        self.storage_route = match &self.policy_name {
+            Some(policy) => format!("{}/{policy}", self.route).into(),
+            None => self.route.clone(),
+        };
         let name = self.name().clone();
         self.default = Policy::new(&name, self.default.quota);
         for policy in self.table.values_mut() {
@@ -127,6 +135,7 @@ impl<St> QuotaLayer<St> {
                 cost: UnitCost,
                 settings: Settings {
                     default: Policy::new(&route, quota),
+                    storage_route: route.clone(),
                     route,
                     policy_name: None,
                     scope: None,
@@ -190,7 +199,9 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
     }
 
     /// The `NAME` of `RateLimit-Policy: "NAME";q=..;w=..` and `RateLimit: "NAME";..`.
-    /// Characters other than printable ASCII are sent as `?`.
+    /// Characters other than printable ASCII are sent as `?`. Also part of the stored
+    /// keys: two quota layers on one route (say per second and per day) need different
+    /// policy names, and renaming a policy starts its keys afresh.
     pub fn policy_name(self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
         self.with(|s| {

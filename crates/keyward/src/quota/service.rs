@@ -13,7 +13,7 @@ use tower_service::Service;
 use super::future::{Decide, ResponseFuture};
 use super::layer::{Config, Cost};
 
-/// Short layer name in stored keys: `quota:{route}:{scope}:{key}`.
+/// Short layer name in stored keys: `quota:{route}[/{policy}]:{scope}:{key}`.
 const LAYER: &str = "quota";
 
 /// Enforces per-key quotas; built by [`QuotaLayer`](super::QuotaLayer).
@@ -91,7 +91,7 @@ where
         );
         let policy = settings.policy_for(&key);
         let cost = config.cost.cost(&req);
-        let key = ScopedKey::new(LAYER, &settings.route, scope, key);
+        let key = ScopedKey::new(LAYER, &settings.storage_route, scope, key);
         span.record(FIELD_KEY_HASH, key.key_hash().as_str());
         let check = {
             let _entered = span.enter();
