@@ -268,7 +268,11 @@ async fn spans_carry_outcome_and_key_hash_never_the_key() {
     let layer = QuotaLayer::new(MemoryStore::new(), quota(1, 60))
         .route("t")
         .key(api_key());
-    let mut svc = layer.layer(counting(Arc::default()));
+    let logging = service_fn(|_req: Request<Body>| async {
+        tracing::info!("inner service runs");
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+    });
+    let mut svc = layer.layer(logging);
     for _ in 0..2 {
         svc.ready()
             .await
@@ -287,6 +291,11 @@ async fn spans_carry_outcome_and_key_hash_never_the_key() {
         "{fields:?}"
     );
     assert!(fields.iter().any(|f| f == "keyward.route=t"), "{fields:?}");
+    // The inner service ran inside the decision's span.
+    assert!(
+        fields.iter().any(|f| f == "event INFO in keyward.quota"),
+        "{fields:?}"
+    );
     assert!(
         fields.iter().all(|f| !f.contains("secret-key")),
         "{fields:?}"
@@ -396,6 +405,12 @@ async fn store_errors_follow_the_policy() {
     assert_eq!(header(&res, "ratelimit"), None);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(*outcomes.lock().unwrap(), ["store_error", "store_error"]);
+    // Both failures were logged inside the decision's span.
+    let fields = FIELDS.with(|f| f.borrow().clone());
+    let warnings = fields
+        .iter()
+        .filter(|f| *f == "event WARN in keyward.quota");
+    assert_eq!(warnings.count(), 2, "{fields:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -558,7 +573,10 @@ impl tracing::field::Visit for Visitor<'_> {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
+impl<S> tracing_subscriber::Layer<S> for Capture
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     fn on_new_span(
         &self,
         attrs: &tracing::span::Attributes<'_>,
@@ -567,6 +585,13 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Capture {
     ) {
         if attrs.metadata().name() == "keyward.quota" {
             attrs.record(&mut Visitor(&self.0));
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        if let Some(span) = ctx.event_span(event) {
+            let text = format!("event {} in {}", event.metadata().level(), span.name());
+            FIELDS.with(|f| f.borrow_mut().push(text));
         }
     }
 

@@ -11,7 +11,8 @@ use quota::QuotaTable;
 
 /// A store for one process: every layer's records live in bounded in-memory tables
 /// (moka caches with per-entry expiry where records expire; plain maps where entries
-/// only exist while requests are in flight).
+/// only exist while requests are in flight; for quotas, a sharded map of one integer per
+/// key whose idle keys are swept).
 ///
 /// Cloning is cheap and clones share the same tables: build one store and hand clones to
 /// every layer.

@@ -141,7 +141,6 @@ impl Decide {
 
     fn failed(&self, error: &StoreError) -> Next {
         record(&self.span, QuotaOutcome::StoreError);
-        let _entered = self.span.enter();
         tracing::warn!(%error, "quota store failed");
         match self.on_store_error {
             OnStoreError::Open => Next::Call(None),
@@ -175,6 +174,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        // The store call, the decision's log lines and the inner call all run inside the
+        // decision's span.
+        let _entered = this.decide.as_ref().map(|d| d.span.enter());
         loop {
             let next = match this.state.as_mut().project() {
                 StateProj::Ready { response } => {
@@ -184,7 +186,6 @@ where
                     };
                 }
                 StateProj::Calling { future } => {
-                    let _entered = this.decide.as_ref().map(|d| d.span.enter());
                     let mut res = ready!(future.poll(cx))?;
                     if let Some((policy, rate)) = this.headers.take() {
                         let headers = res.headers_mut();
@@ -207,7 +208,6 @@ where
                     match (next, pending.take()) {
                         (Next::Call(headers), Some((mut inner, req))) => {
                             *this.headers = headers;
-                            let _entered = decide.span.enter();
                             State::Calling {
                                 future: inner.call(req),
                             }
