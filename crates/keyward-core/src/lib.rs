@@ -13,15 +13,18 @@
 //!   answers each decision in one round trip.
 //! - [`Problem`]: RFC 9457 `application/problem+json` rejections with stable `type` values.
 //! - [`KeywardBody`]: the response body every layer returns.
+//! - [`gcra`]: quotas and the GCRA decision; [`ratelimit`]: the IETF RateLimit headers.
 //! - [`telemetry`]: span, field and outcome names from the behaviour contract.
 #![forbid(unsafe_code)]
 
 mod body;
 mod extract;
 mod fencing;
+pub mod gcra;
 mod idempotency_key;
 mod key;
 pub mod problem;
+pub mod ratelimit;
 pub mod store;
 pub mod telemetry;
 

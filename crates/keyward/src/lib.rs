@@ -6,6 +6,7 @@
 //! | layer | guarantees |
 //! |---|---|
 //! | [`IdempotencyLayer`] | a retried request takes effect once; the retry gets the first response |
+//! | [`QuotaLayer`] | each key gets `limit` requests per `per` (GCRA, burst), with IETF RateLimit headers |
 //! | [`PerKeySerialLayer`] | at most one request per key runs at a time, FIFO, with fencing tokens |
 //!
 //! Stores: [`MemoryStore`] (feature `memory`, default) for one process.
@@ -19,6 +20,7 @@
 pub mod idempotency;
 #[cfg(feature = "memory")]
 mod memory;
+pub mod quota;
 pub mod serial;
 
 pub use idempotency::{IdempotencyLayer, OnInFlight};
@@ -26,6 +28,7 @@ pub use keyward_core::store::OnStoreError;
 pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use quota::QuotaLayer;
 pub use serial::{PerKeySerial, PerKeySerialLayer};
 
 /// The core types, re-exported.

@@ -5,9 +5,11 @@
 //! (one process, moka) and `keyward::RedisStore` (many processes).
 
 mod idempotency;
+mod quota;
 mod serial;
 
 pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
+pub use quota::QuotaStore;
 pub use serial::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};
 
 use std::time::Duration;

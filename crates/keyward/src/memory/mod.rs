@@ -1,17 +1,20 @@
 //! `MemoryStore`: coordination inside one process, bounded in memory.
 
 mod idempotency;
+mod quota;
 mod serial;
 
 use std::fmt;
 use std::sync::Arc;
 
 use idempotency::IdempotencyTable;
+use quota::QuotaTable;
 use serial::SerialTable;
 
 /// A store for one process: every layer's records live in bounded in-memory tables
 /// (moka caches with per-entry expiry where records expire; plain maps where entries
-/// only exist while requests are in flight).
+/// only exist while requests are in flight; for quotas, a sharded map of one integer per
+/// key whose idle keys are swept).
 ///
 /// Cloning is cheap and clones share the same tables: build one store and hand clones to
 /// every layer.
@@ -30,6 +33,7 @@ pub struct MemoryStore {
 struct Inner {
     idempotency: IdempotencyTable,
     serial: SerialTable,
+    quota: QuotaTable,
 }
 
 impl MemoryStore {
@@ -42,6 +46,7 @@ impl MemoryStore {
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
             max_response_bytes: 256 * 1024 * 1024,
+            max_quota_keys: 1 << 20,
         }
     }
 }
@@ -62,6 +67,7 @@ impl fmt::Debug for MemoryStore {
 #[derive(Clone, Debug)]
 pub struct MemoryStoreBuilder {
     max_response_bytes: u64,
+    max_quota_keys: usize,
 }
 
 impl MemoryStoreBuilder {
@@ -73,12 +79,21 @@ impl MemoryStoreBuilder {
         self
     }
 
+    /// Upper bound on quota keys held at once (default 2^20, about 100 bytes plus the key
+    /// length each). Idle keys are dropped; while the table is full of active keys, new
+    /// keys get a store error and the layer's `on_store_error` applies.
+    pub fn max_quota_keys(mut self, keys: usize) -> Self {
+        self.max_quota_keys = keys;
+        self
+    }
+
     /// Builds the store.
     pub fn build(self) -> MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
                 idempotency: IdempotencyTable::new(self.max_response_bytes),
                 serial: SerialTable::new(),
+                quota: QuotaTable::new(self.max_quota_keys),
             }),
         }
     }

@@ -1,0 +1,232 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use keyward_core::gcra::{Quota, QuotaDecision};
+use keyward_core::problem::types;
+use keyward_core::ratelimit::{RATELIMIT, RATELIMIT_POLICY, format_ratelimit, to_header_value};
+use keyward_core::store::{OnStoreError, StoreError};
+use keyward_core::telemetry::QuotaOutcome;
+use keyward_core::{KeywardBody, Problem};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use super::service::{into_body, record};
+
+/// What the future needs to turn the store's answer into a response.
+pub(crate) struct Decide {
+    pub(crate) name: Arc<str>,
+    pub(crate) quota: Quota,
+    pub(crate) policy: HeaderValue,
+    pub(crate) cost: u32,
+    pub(crate) shadow: bool,
+    pub(crate) on_store_error: OnStoreError,
+    pub(crate) span: tracing::Span,
+}
+
+pin_project! {
+    /// Response future of [`QuotaService`](super::QuotaService): waits for the store's
+    /// decision, then answers 429 or calls the inner service and adds the RateLimit
+    /// headers. No allocation of its own.
+    pub struct ResponseFuture<CF, S, Req>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<CF, S, Req>,
+        decide: Option<Decide>,
+        headers: Option<(HeaderValue, HeaderValue)>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<CF, S, Req>
+    where
+        S: Service<Req>,
+    {
+        // Answered without the store or the inner service.
+        Ready { response: Option<Response<Bytes>> },
+        // Waiting for the store's decision; the ready inner service and the request wait
+        // with it.
+        Checking { #[pin] check: CF, pending: Option<(S, Req)> },
+        // The inner service runs.
+        Calling { #[pin] future: S::Future },
+    }
+}
+
+impl<CF, S: Service<Req>, Req> ResponseFuture<CF, S, Req> {
+    pub(crate) fn ready(response: Response<Bytes>) -> Self {
+        ResponseFuture {
+            state: State::Ready {
+                response: Some(response),
+            },
+            decide: None,
+            headers: None,
+        }
+    }
+
+    pub(crate) fn pass_through(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Calling { future },
+            decide: None,
+            headers: None,
+        }
+    }
+
+    pub(crate) fn checking(check: CF, inner: S, req: Req, decide: Decide) -> Self {
+        ResponseFuture {
+            state: State::Checking {
+                check,
+                pending: Some((inner, req)),
+            },
+            decide: Some(decide),
+            headers: None,
+        }
+    }
+}
+
+/// What the decision means for this request.
+enum Next {
+    Call(Option<(HeaderValue, HeaderValue)>),
+    Answer(Response<Bytes>),
+}
+
+impl Decide {
+    fn decided(&self, decision: &QuotaDecision) -> Next {
+        let rate = to_header_value(format_ratelimit(
+            &self.name,
+            decision.remaining,
+            reset_seconds(decision),
+        ));
+        let headers = (self.policy.clone(), rate);
+        if decision.is_allowed() {
+            record(&self.span, QuotaOutcome::Allowed);
+            return Next::Call(Some(headers));
+        }
+        if self.shadow {
+            record(&self.span, QuotaOutcome::ShadowLimited);
+            return Next::Call(Some(headers));
+        }
+        record(&self.span, QuotaOutcome::Limited);
+        let (policy, rate) = headers;
+        let problem = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            types::QUOTA_EXCEEDED,
+            "Quota exceeded",
+        )
+        .header(RATELIMIT_POLICY, policy)
+        .header(RATELIMIT, rate);
+        let problem = match decision.retry_after() {
+            Some(after) => problem
+                .detail(format!(
+                    "the quota of {} per {}s for this key is used up",
+                    self.quota.limit(),
+                    self.quota.window_seconds()
+                ))
+                .retry_after(after),
+            // No wait helps: the request alone is larger than a full bucket.
+            None => problem.detail(format!(
+                "this request costs {} units, more than the {} this quota allows at once",
+                self.cost,
+                self.quota.burst()
+            )),
+        };
+        Next::Answer(problem.into_response())
+    }
+
+    fn failed(&self, error: &StoreError) -> Next {
+        record(&self.span, QuotaOutcome::StoreError);
+        tracing::warn!(%error, "quota store failed");
+        match self.on_store_error {
+            OnStoreError::Open => Next::Call(None),
+            OnStoreError::Closed => Next::Answer(
+                Problem::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    types::STORE_UNAVAILABLE,
+                    "Coordination store unavailable",
+                )
+                .detail("the quota store did not answer")
+                .retry_after(std::time::Duration::from_secs(1))
+                .into_response(),
+            ),
+        }
+    }
+}
+
+/// `t` of the RateLimit header: seconds until the bucket is full again, rounded up.
+fn reset_seconds(decision: &QuotaDecision) -> u64 {
+    let reset = decision.reset_after;
+    reset.as_secs() + u64::from(reset.subsec_nanos() > 0)
+}
+
+impl<CF, S, Req, ResB> Future for ResponseFuture<CF, S, Req>
+where
+    CF: Future<Output = Result<QuotaDecision, StoreError>>,
+    S: Service<Req, Response = Response<ResB>>,
+    ResB: http_body::Body,
+{
+    type Output = Result<Response<KeywardBody<ResB>>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // The store call, the decision's log lines and the inner call all run inside the
+        // decision's span.
+        let _entered = this.decide.as_ref().map(|d| d.span.enter());
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Ready { response } => {
+                    return match response.take() {
+                        Some(response) => Poll::Ready(Ok(into_body(response))),
+                        None => Poll::Pending,
+                    };
+                }
+                StateProj::Calling { future } => {
+                    let mut res = ready!(future.poll(cx))?;
+                    if let Some((policy, rate)) = this.headers.take() {
+                        let headers = res.headers_mut();
+                        // Appended, not inserted: stacked quota layers each add their
+                        // policy to the list.
+                        headers.append(RATELIMIT_POLICY, policy);
+                        headers.append(RATELIMIT, rate);
+                    }
+                    return Poll::Ready(Ok(res.map(KeywardBody::inner)));
+                }
+                StateProj::Checking { check, pending } => {
+                    let result = ready!(check.poll(cx));
+                    let Some(decide) = this.decide.as_ref() else {
+                        return Poll::Pending;
+                    };
+                    let next = match &result {
+                        Ok(decision) => decide.decided(decision),
+                        Err(error) => decide.failed(error),
+                    };
+                    match (next, pending.take()) {
+                        (Next::Call(headers), Some((mut inner, req))) => {
+                            *this.headers = headers;
+                            State::Calling {
+                                future: inner.call(req),
+                            }
+                        }
+                        (Next::Answer(response), _) => State::Ready {
+                            response: Some(response),
+                        },
+                        // Polled again after the request was handed on: cannot happen.
+                        (Next::Call(_), None) => State::Ready { response: None },
+                    }
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+impl<CF, S: Service<Req>, Req> fmt::Debug for ResponseFuture<CF, S, Req> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
