@@ -4,7 +4,7 @@
 use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
-use keyward::{IdempotencyLayer, MemoryStore, PerKeySerialLayer};
+use keyward::{IdempotencyLayer, MemoryStore, PerKeySerialLayer, QuotaLayer};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
@@ -65,6 +65,17 @@ pub fn build(
             Some(scope) => layer.scope(scope.clone()),
             None => layer.unscoped(),
         };
+        stack = boxed(layer.layer(stack));
+    }
+    if let Some(quota) = &route.quota {
+        let mut layer = QuotaLayer::new(store.clone(), quota.quota)
+            .route(route.name.as_str())
+            .key(quota.key.clone())
+            .shadow(quota.shadow)
+            .on_store_error(store_config.on_error);
+        if let Some(scope) = &quota.scope {
+            layer = layer.scope(scope.clone());
+        }
         stack = boxed(layer.layer(stack));
     }
     stack

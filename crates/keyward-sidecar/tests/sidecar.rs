@@ -297,3 +297,103 @@ fn version_and_help() {
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(text.contains("serve") && text.contains("check"), "{text}");
 }
+
+const QUOTA_AND_SERIAL: &str = r#"
+[[routes]]
+name = "search"
+path = "/search"
+
+[routes.quota]
+key = "header:X-Api-Key"
+limit = 2
+per = "1m"
+
+[[routes]]
+name = "accounts"
+methods = ["POST"]
+path = "/accounts/{id}"
+
+[routes.serial]
+key = "path:id"
+max_wait = "5s"
+"#;
+
+#[tokio::test]
+async fn quota_answers_429_with_ratelimit_headers() {
+    let upstream = Upstream::start().await;
+    let sidecar = Sidecar::start(upstream.addr, QUOTA_AND_SERIAL).await;
+    let http = client();
+    let url = sidecar.url("/search");
+    let key = [("x-api-key", "tenant-a")];
+    let first = send(&http, "GET", &url, &key, "").await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(
+        first.header("ratelimit-policy"),
+        Some("\"search\";q=2;w=60")
+    );
+    assert_eq!(first.header("ratelimit"), Some("\"search\";r=1;t=30"));
+    assert_eq!(
+        send(&http, "GET", &url, &key, "").await.status,
+        StatusCode::OK
+    );
+    let limited = send(&http, "GET", &url, &key, "").await;
+    assert_eq!(limited.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        limited.header("content-type"),
+        Some("application/problem+json")
+    );
+    let retry_after: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((29..=30).contains(&retry_after), "{retry_after}");
+    assert!(
+        limited
+            .header("ratelimit")
+            .unwrap()
+            .starts_with("\"search\";r=0;")
+    );
+    // Another key has its own quota.
+    assert_eq!(
+        send(&http, "GET", &url, &[("x-api-key", "tenant-b")], "")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.hits(), 3);
+}
+
+#[tokio::test]
+async fn serial_requests_never_overlap_and_carry_rising_fencing_tokens() {
+    let upstream = Upstream::start().await;
+    let sidecar = Sidecar::start(upstream.addr, QUOTA_AND_SERIAL).await;
+    let http = client();
+    let requests: Vec<_> = (0..8)
+        .map(|_| {
+            let http = http.clone();
+            let url = sidecar.url("/accounts/42?delay_ms=50");
+            tokio::spawn(async move { send(&http, "POST", &url, &[], "debit").await })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.unwrap().status, StatusCode::OK);
+    }
+    let max = upstream.seen.max_in_flight.lock().unwrap()["/accounts/42"];
+    assert_eq!(max, 1, "requests for one account overlapped upstream");
+    let tokens: Vec<u64> = upstream
+        .seen
+        .headers
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            h["keyward-fencing-token"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(tokens.len(), 8);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "tokens not rising in arrival order at the upstream: {tokens:?}"
+    );
+}

@@ -93,13 +93,10 @@ pub struct IdempotencyConfig {
 }
 
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // TEMP: read once the other layers are wired in
 pub struct QuotaConfig {
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
-    pub limit: u32,
-    pub per: Duration,
-    pub burst: u32,
+    pub quota: keyward_core::gcra::Quota,
     pub shadow: bool,
 }
 
@@ -567,15 +564,20 @@ impl Checker {
             Some(burst) => self.count(&f("burst"), burst, 1),
             None => limit,
         };
+        let per = self.duration(&f("per"), Some(raw.per.as_str()), Duration::from_secs(60));
+        let quota = keyward_core::gcra::Quota::new(limit, per)
+            .and_then(|quota| quota.with_burst(burst))
+            .unwrap_or_else(|err| {
+                self.fail(field, err.to_string());
+                keyward_core::gcra::Quota::per_second(1).expect("1/s is a valid quota")
+            });
         QuotaConfig {
             key: self.key(&f("key"), raw.key.as_ref(), "peer_ip"),
             scope: match raw.scope.as_deref() {
                 None => None,
                 Some(s) => self.scope(&f("scope"), Some(s)),
             },
-            limit,
-            per: self.duration(&f("per"), Some(raw.per.as_str()), Duration::from_secs(60)),
-            burst,
+            quota,
             shadow: raw.shadow.unwrap_or(false),
         }
     }

@@ -62,7 +62,10 @@ fn the_contract_example_parses() {
     let idem = route.idempotency.as_ref().unwrap();
     assert!(idem.required);
     assert_eq!(idem.max_body, 1 << 20);
-    assert_eq!(route.quota.as_ref().unwrap().per, Duration::from_secs(60));
+    assert_eq!(
+        route.quota.as_ref().unwrap().quota.per(),
+        Duration::from_secs(60)
+    );
     assert_eq!(route.serial.as_ref().unwrap().max_queue, 64);
     assert_eq!(route.single_flight.as_ref().unwrap().max_body, 8 << 20);
 }
