@@ -12,6 +12,8 @@ use std::time::Duration;
 use axum::body::Body;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Body as _;
+use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -26,6 +28,8 @@ pub enum ProxyError {
     Unreachable(#[source] hyper_util::client::legacy::Error),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("upstream response body failed: {0}")]
+    Body(#[source] hyper::Error),
     #[error("cannot build the upstream request: {0}")]
     BadRequest(String),
 }
@@ -34,7 +38,7 @@ impl ProxyError {
     /// The problem response a client gets for this error.
     pub fn into_response(self) -> Response<Body> {
         let problem = match &self {
-            ProxyError::Unreachable(_) => Problem::new(
+            ProxyError::Unreachable(_) | ProxyError::Body(_) => Problem::new(
                 StatusCode::BAD_GATEWAY,
                 types::UPSTREAM_UNREACHABLE,
                 "Upstream unreachable",
@@ -54,6 +58,9 @@ impl ProxyError {
         problem.into_response().map(Body::from)
     }
 }
+
+/// Responses up to this size (with a Content-Length) are read whole before answering.
+const SMALL_RESPONSE: u64 = 16 * 1024;
 
 /// The upstream service.
 #[derive(Clone, Debug)]
@@ -119,6 +126,17 @@ impl Service<Request<Body>> for Upstream {
             };
             let (mut parts, body) = res.into_parts();
             remove_hop_by_hop(&mut parts.headers);
+            // A small response of known length is read whole: the upstream connection goes
+            // back to the pool at once, and the client gets headers and body in one write
+            // instead of a hand-off between tasks per frame. Larger ones stream.
+            if body
+                .size_hint()
+                .exact()
+                .is_some_and(|n| n <= SMALL_RESPONSE)
+            {
+                let bytes = body.collect().await.map_err(ProxyError::Body)?.to_bytes();
+                return Ok(Response::from_parts(parts, Body::from(bytes)));
+            }
             Ok(Response::from_parts(parts, Body::new(body)))
         })
     }
