@@ -126,7 +126,12 @@ fn init_logging(format: LogFormat, metrics: &Metrics) {
             .boxed(),
     };
     tracing_subscriber::registry()
-        .with(MetricsLayer::new(metrics.clone()))
+        // Only keyward's own spans feed metrics; everything else is up to the log filter.
+        .with(MetricsLayer::new(metrics.clone()).with_filter(
+            tracing_subscriber::filter::filter_fn(|meta| {
+                meta.is_span() && meta.name().starts_with("keyward.")
+            }),
+        ))
         .with(fmt.with_filter(filter))
         .init();
 }
