@@ -7,7 +7,8 @@
 //! |---|---|
 //! | [`IdempotencyLayer`] | a retried request takes effect once; the retry gets the first response |
 //!
-//! Stores: [`MemoryStore`] (feature `memory`, default) for one process.
+//! Stores: [`MemoryStore`] (feature `memory`, default) for one process; `RedisStore`
+//! (feature `redis`) for many processes sharing one Redis or Redis Cluster.
 //!
 //! The key of each request comes from a [`KeySpec`] (`header:NAME`, `path:PARAM`,
 //! `query:NAME`, `peer_ip`, `method_uri`, or a list of them) or any closure implementing
@@ -22,6 +23,8 @@ mod memory;
 pub use idempotency::{IdempotencyLayer, OnInFlight};
 pub use keyward_core::store::OnStoreError;
 pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
+#[cfg(feature = "redis")]
+pub use keyward_redis::{BuildError as RedisBuildError, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 
