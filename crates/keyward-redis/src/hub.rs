@@ -167,7 +167,7 @@ async fn run(nodes: Vec<redis::Client>, channel: String, shared: Arc<Shared>) {
 /// Routes messages until the connection ends or stops answering pings.
 async fn listen(pubsub: redis::aio::PubSub, shared: &Shared) {
     let (mut sink, mut stream) = pubsub.split();
-    let mut ping = tokio::time::interval(PING_EVERY);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -176,7 +176,9 @@ async fn listen(pubsub: redis::aio::PubSub, shared: &Shared) {
                 None => return,
             },
             _ = ping.tick() => {
-                let pong = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<String>()).await;
+                // A subscribed connection answers `["pong", ""]`, not `+PONG`: any
+                // answer will do.
+                let pong = tokio::time::timeout(CONNECT_TIMEOUT, sink.ping::<redis::Value>()).await;
                 if !matches!(pong, Ok(Ok(_))) {
                     return;
                 }
