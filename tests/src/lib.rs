@@ -238,3 +238,44 @@ impl Backend for Redis {
         Duration::from_millis(150)
     }
 }
+
+/// A `RedisStore` in cluster mode on a three-node Redis Cluster of its own.
+#[derive(Debug)]
+pub struct RedisClusterBackend {
+    /// The cluster.
+    pub cluster: redis_kit::RedisCluster,
+    store: RedisStore,
+}
+
+impl RedisClusterBackend {
+    /// Starts a cluster and builds a cluster-mode store on it.
+    pub fn start() -> Self {
+        let cluster = redis_kit::RedisCluster::start();
+        let store = Self::store_on(&cluster);
+        RedisClusterBackend { cluster, store }
+    }
+
+    /// A cluster-mode store seeded with every node.
+    pub fn store_on(cluster: &redis_kit::RedisCluster) -> RedisStore {
+        let mut builder = RedisStore::builder()
+            .cluster(true)
+            .timeout(Duration::from_millis(250));
+        for url in cluster.urls() {
+            builder = builder.url(url);
+        }
+        builder.build().expect("store builds")
+    }
+}
+
+impl Backend for RedisClusterBackend {
+    type Store = RedisStore;
+    fn store(&self) -> RedisStore {
+        self.store.clone()
+    }
+    fn unit(&self) -> Duration {
+        Duration::from_millis(100)
+    }
+    fn slack(&self) -> Duration {
+        Duration::from_millis(150)
+    }
+}

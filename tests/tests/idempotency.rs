@@ -1,8 +1,9 @@
 //! IdempotencyLayer: the contract's "must show" list, run on every store backend.
 //!
 //! Each test body is a generic `async fn` over [`Backend`]; the `suite!` macro at the end
-//! instantiates all of them for the memory store (timed tests on paused time) and for
-//! Redis (a real `redis-server` per test, timed tests in real time with short units).
+//! instantiates all of them for the memory store (timed tests on paused time), for Redis
+//! (a real `redis-server` per test, timed tests in real time with short units) and for a
+//! three-node Redis Cluster per test.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -12,7 +13,9 @@ use http::StatusCode;
 use keyward::core::store::{ClaimOutcome, Completion, IdempotencyStore, StoredResponse};
 use keyward::core::{Key, Scope, ScopedKey};
 use keyward::idempotency::{IdempotencyLayer, OnInFlight};
-use keyward_tests::{Backend, Memory, Redis, Seen, TestBody, Upstream, post, seen};
+use keyward_tests::{
+    Backend, Memory, Redis, RedisClusterBackend, Seen, TestBody, Upstream, post, seen,
+};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -511,3 +514,4 @@ macro_rules! suite {
 
 suite!(memory, Memory::default(), paused = true);
 suite!(redis, Redis::start(), paused = false);
+suite!(redis_cluster, RedisClusterBackend::start(), paused = false);

@@ -504,3 +504,67 @@ async fn two_prefixes_on_one_redis_do_not_see_each_other() {
         ClaimOutcome::InFlight { holder, .. } if holder == token
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
+    let backend = keyward_tests::RedisClusterBackend::start();
+    let stores: Vec<RedisStore> = (0..3)
+        .map(|_| keyward_tests::RedisClusterBackend::store_on(&backend.cluster))
+        .collect();
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let instances: Vec<Svc> = stores
+        .iter()
+        .map(|store| service(layer(store).on_in_flight(OnInFlight::Wait(LONG)), &upstream))
+        .collect();
+    // Keys spread over every node; duplicates of each go through all three instances.
+    let keys: Vec<String> = (0..8).map(|i| format!("order-{i}")).collect();
+    let tasks: Vec<_> = (0..48)
+        .map(|i| {
+            let svc = instances[i % 3].clone();
+            let k = keys[i % keys.len()].clone();
+            tokio::spawn(async move { send(&svc, post("/pay", Some(&k), None, "1")).await })
+        })
+        .collect();
+    upstream.entered(keys.len() as u32).await;
+    upstream.open();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().status, StatusCode::CREATED);
+    }
+    assert_eq!(upstream.calls(), keys.len(), "each key executed once");
+
+    // Every record of a key lives in one slot, and the keys used several nodes.
+    let mut slots = std::collections::HashSet::new();
+    let mut owners = std::collections::HashSet::new();
+    for node in backend.cluster.nodes() {
+        let mut conn = node
+            .client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let names: Vec<String> = redis::cmd("KEYS")
+            .arg("keyward:*")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for name in names {
+            let slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&name)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let record = name.strip_suffix(":n").unwrap_or(&name).to_owned();
+            let record_slot: i64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&record)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            assert_eq!(slot, record_slot, "{name}");
+            slots.insert(slot);
+            owners.insert(node.port());
+        }
+    }
+    assert_eq!(slots.len(), keys.len());
+    assert!(owners.len() > 1, "keys spread over the nodes");
+}
