@@ -17,6 +17,7 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     extra: Vec<String>,
+    tls: bool,
     child: Option<Child>,
 }
 
@@ -33,6 +34,40 @@ impl RedisServer {
             port: free_port(),
             dir,
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            tls: false,
+            child: None,
+        };
+        server.spawn();
+        server
+    }
+
+    /// Starts a server that only speaks TLS, with a self-signed certificate made by the
+    /// `openssl` command line; connect with `rediss://127.0.0.1:{port}/#insecure`.
+    pub fn start_tls() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory for redis-server");
+        let made = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args([
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                "key.pem",
+                "-out",
+                "cert.pem",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl on PATH (apt-get install -y openssl)");
+        assert!(made.success(), "openssl could not make a certificate");
+        let mut server = RedisServer {
+            port: free_port(),
+            dir,
+            extra: Vec::new(),
+            tls: true,
             child: None,
         };
         server.spawn();
@@ -76,9 +111,17 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .arg("--port")
-            .arg(self.port.to_string())
+        let mut command = Command::new("redis-server");
+        if self.tls {
+            command
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .args(["--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"])
+                .args(["--tls-ca-cert-file", "cert.pem", "--tls-auth-clients", "no"]);
+        } else {
+            command.arg("--port").arg(self.port.to_string());
+        }
+        let child = command
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -93,7 +136,7 @@ impl RedisServer {
             Err(error) => panic!("could not start redis-server: {error}"),
         };
         self.child = Some(child);
-        wait_for_pong(self.port, &mut self.child);
+        wait_for_pong(self.port, self.tls, &mut self.child);
     }
 
     /// The temporary directory the server runs in.
@@ -116,13 +159,19 @@ fn free_port() -> u16 {
 }
 
 /// Startup of a child process, not coordination: a bounded readiness loop is fine here.
-fn wait_for_pong(port: u16, child: &mut Option<Child>) {
+fn wait_for_pong(port: u16, tls: bool, child: &mut Option<Child>) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if let Some(Ok(Some(status))) = child.as_mut().map(Child::try_wait) {
             panic!("redis-server exited at startup: {status}");
         }
-        if ping(port) {
+        // A TLS listener is ready once it accepts; plain ones must answer PING.
+        let ready = if tls {
+            TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok()
+        } else {
+            ping(port)
+        };
+        if ready {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -138,7 +187,7 @@ fn ping(port: u16) -> bool {
     let mut reply = [0u8; 7];
     stream.write_all(b"PING\r\n").is_ok()
         && stream.read_exact(&mut reply).is_ok()
-        && &reply == b"+PONG\r\n"
+        && (&reply == b"+PONG\r\n" || reply.starts_with(b"-NOAUTH"))
 }
 
 /// Reads `INFO commandstats` over one connection of its own, so that connecting does not

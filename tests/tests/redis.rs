@@ -568,3 +568,52 @@ async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
     assert_eq!(slots.len(), keys.len());
     assert!(owners.len() > 1, "keys spread over the nodes");
 }
+
+#[tokio::test]
+async fn auth_in_the_url_is_used_and_a_wrong_password_is_a_store_error() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    let url = |password: &str| format!("redis://:{password}@127.0.0.1:{}", server.port());
+    let store = RedisStore::builder().url(url("s3cret")).build().unwrap();
+    store.ping().await.unwrap();
+    let token = claimed(&store, "k", LONG).await;
+    assert!(token.get() > 0);
+    let wrong = RedisStore::builder()
+        .url(url("wrong"))
+        .timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let error = wrong.claim(&key("k"), &fp("x"), LONG).await.unwrap_err();
+    assert!(
+        !error.to_string().contains("wrong"),
+        "password echoed: {error}"
+    );
+    // Debug output of the store and builder never shows the URL either.
+    let debug = format!("{:?} {:?}", store, RedisStore::builder().url(url("s3cret")));
+    assert!(!debug.contains("s3cret"), "{debug}");
+}
+
+#[tokio::test]
+async fn rediss_urls_talk_tls() {
+    let server = RedisServer::start_tls();
+    // Self-signed test certificate: `#insecure` skips verification (tests only).
+    let url = format!("rediss://127.0.0.1:{}/#insecure", server.port());
+    let store = RedisStore::builder()
+        .url(url)
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    store.ping().await.unwrap();
+    let token = claimed(&store, "k", LONG).await;
+    assert!(matches!(
+        store.claim(&key("k"), &fp("x"), LONG).await.unwrap(),
+        ClaimOutcome::InFlight { holder, .. } if holder == token
+    ));
+    // The hub subscribes over TLS as well: a waiter is woken by the release.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !store.is_subscribed() {
+        assert!(Instant::now() < deadline, "hub did not subscribe over TLS");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waited = wait_woken_by_release(&store, &store.clone(), "tls").await;
+    assert!(waited < Duration::from_secs(1), "woken after {waited:?}");
+}
