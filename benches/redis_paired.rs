@@ -5,26 +5,17 @@
 //!
 //! `cargo bench -p keyward-benches --bench redis_paired` (needs `redis-server` on PATH).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+#[path = "redis_common.rs"]
+mod common;
 
-use bytes::Bytes;
-use http::{HeaderMap, StatusCode};
-use keyward_core::store::{ClaimOutcome, Fingerprint, IdempotencyStore, StoredResponse};
-use keyward_core::{Key, Scope, ScopedKey};
-use keyward_redis::RedisStore;
-use keyward_tests::redis_kit::RedisServer;
-use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use std::time::Instant;
+
+use common::Setup;
 
 const ROUNDS: usize = 21;
 const SEQUENTIAL: usize = 1000;
 const BATCHES: usize = 40;
 const CONCURRENCY: usize = 64;
-const LEASE: Duration = Duration::from_secs(5);
-
-static HGET: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new("return redis.call('HGET', KEYS[1], 'r')"));
 
 #[derive(Clone, Copy, Debug)]
 enum Variant {
@@ -41,70 +32,31 @@ const VARIANTS: [Variant; 4] = [
     Variant::ClaimNewKey,
 ];
 
-struct Bench {
-    conn: ConnectionManager,
-    store: RedisStore,
-    replay_key: ScopedKey,
-    fingerprint: Fingerprint,
-    next: AtomicU64,
+async fn one(s: &Setup, variant: Variant) {
+    match variant {
+        Variant::Get => s.get().await,
+        Variant::EvalshaHget => s.evalsha_hget().await,
+        Variant::ClaimReplay => s.claim_replay().await,
+        Variant::ClaimNewKey => s.claim_new_key().await,
+    }
 }
 
-fn key(raw: &str) -> ScopedKey {
-    ScopedKey::new("idem", "bench", Scope::of(b"Bearer bench"), Key::from(raw))
+/// Microseconds per decision, one caller.
+async fn sequential(s: &Setup, variant: Variant) -> f64 {
+    let started = Instant::now();
+    for _ in 0..SEQUENTIAL {
+        one(s, variant).await;
+    }
+    started.elapsed().as_secs_f64() * 1e6 / SEQUENTIAL as f64
 }
 
-impl Bench {
-    async fn one(&self, variant: Variant) {
-        match variant {
-            Variant::Get => {
-                let value: Vec<u8> = self.conn.clone().get("plain").await.expect("get");
-                assert_eq!(value.len(), 256);
-            }
-            Variant::EvalshaHget => {
-                let value: Vec<u8> = HGET
-                    .key("hash")
-                    .invoke_async(&mut self.conn.clone())
-                    .await
-                    .expect("evalsha");
-                assert_eq!(value.len(), 256);
-            }
-            Variant::ClaimReplay => {
-                let outcome = self
-                    .store
-                    .claim(&self.replay_key, &self.fingerprint, LEASE)
-                    .await
-                    .expect("claim");
-                assert!(matches!(outcome, ClaimOutcome::Completed(_)));
-            }
-            Variant::ClaimNewKey => {
-                let n = self.next.fetch_add(1, Ordering::Relaxed);
-                let outcome = self
-                    .store
-                    .claim(&key(&format!("k{n}")), &self.fingerprint, LEASE)
-                    .await
-                    .expect("claim");
-                assert!(matches!(outcome, ClaimOutcome::Claimed(_)));
-            }
-        }
+/// Decisions per second with 64 concurrent callers.
+async fn concurrent(s: &Setup, variant: Variant) -> f64 {
+    let started = Instant::now();
+    for _ in 0..BATCHES {
+        futures::future::join_all((0..CONCURRENCY).map(|_| one(s, variant))).await;
     }
-
-    /// Microseconds per decision, one caller.
-    async fn sequential(&self, variant: Variant) -> f64 {
-        let started = Instant::now();
-        for _ in 0..SEQUENTIAL {
-            self.one(variant).await;
-        }
-        started.elapsed().as_secs_f64() * 1e6 / SEQUENTIAL as f64
-    }
-
-    /// Decisions per second with 64 concurrent callers.
-    async fn concurrent(&self, variant: Variant) -> f64 {
-        let started = Instant::now();
-        for _ in 0..BATCHES {
-            futures::future::join_all((0..CONCURRENCY).map(|_| self.one(variant))).await;
-        }
-        (BATCHES * CONCURRENCY) as f64 / started.elapsed().as_secs_f64()
-    }
+    (BATCHES * CONCURRENCY) as f64 / started.elapsed().as_secs_f64()
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -119,51 +71,13 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let server = RedisServer::start();
-        let store = RedisStore::builder()
-            .url(server.url())
-            .timeout(Duration::from_secs(1))
-            .build()
-            .expect("store");
-        store.ping().await.expect("redis answers");
-        let conn = ConnectionManager::new(server.client()).await.expect("connect");
-        let mut setup = conn.clone();
-        let () = setup.set("plain", vec![b'x'; 256]).await.expect("set");
-        let () = setup.hset("hash", "r", vec![b'x'; 256]).await.expect("hset");
-        let fingerprint = Fingerprint::builder().part(b"POST /pay 10 EUR").finish();
-        let replay_key = key("replayed");
-        let ClaimOutcome::Claimed(token) = store
-            .claim(&replay_key, &fingerprint, LEASE)
-            .await
-            .expect("claim")
-        else {
-            panic!("fresh key")
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("content-type", "application/json".parse().expect("valid"));
-        let response = StoredResponse {
-            status: StatusCode::CREATED,
-            headers,
-            body: Bytes::from(vec![b'x'; 256]),
-            trailers: None,
-        };
-        store
-            .complete(&replay_key, token, &fingerprint, response, Duration::from_secs(600))
-            .await
-            .expect("complete");
-        let bench = Bench {
-            conn,
-            store,
-            replay_key,
-            fingerprint,
-            next: AtomicU64::new(0),
-        };
+        let bench = Setup::start().await;
         let mut latency = vec![Vec::new(); VARIANTS.len()];
         let mut throughput = vec![Vec::new(); VARIANTS.len()];
         for _ in 0..ROUNDS {
             for (i, variant) in VARIANTS.iter().enumerate() {
-                latency[i].push(bench.sequential(*variant).await);
-                throughput[i].push(bench.concurrent(*variant).await);
+                latency[i].push(sequential(&bench, *variant).await);
+                throughput[i].push(concurrent(&bench, *variant).await);
             }
         }
         let latency: Vec<f64> = latency.into_iter().map(median).collect();

@@ -167,6 +167,9 @@ pub trait Backend: Send + Sync + 'static {
     /// A handle on the backend's store; instances share state like processes sharing one
     /// Redis.
     fn store(&self) -> Self::Store;
+    /// Another instance on the same backend, as a second process would have it (its own
+    /// connections on Redis; a clone of the one store in memory).
+    fn instance(&self) -> Self::Store;
     /// One time unit of the timed tests.
     fn unit(&self) -> Duration;
     /// How much later than its deadline an expiry may be observed (zero on paused time).
@@ -184,12 +187,37 @@ impl Backend for Memory {
     fn store(&self) -> MemoryStore {
         self.store.clone()
     }
+    fn instance(&self) -> MemoryStore {
+        self.store.clone()
+    }
     fn unit(&self) -> Duration {
         Duration::from_secs(1)
     }
     fn slack(&self) -> Duration {
         Duration::ZERO
     }
+}
+
+/// `Backend` for a fixture with a `store: RedisStore` field; `$instance` (a closure on the
+/// fixture) makes another instance.
+macro_rules! redis_backend {
+    ($fixture:ident, $instance:expr) => {
+        impl Backend for $fixture {
+            type Store = RedisStore;
+            fn store(&self) -> RedisStore {
+                self.store.clone()
+            }
+            fn instance(&self) -> RedisStore {
+                ($instance)(self)
+            }
+            fn unit(&self) -> Duration {
+                Duration::from_millis(100)
+            }
+            fn slack(&self) -> Duration {
+                Duration::from_millis(150)
+            }
+        }
+    };
 }
 
 /// A `RedisStore` on a `redis-server` of its own (real time; never pause the clock: the
@@ -209,12 +237,6 @@ impl Redis {
         Redis { server, store }
     }
 
-    /// Another store instance on the same server: its own connections, as another process
-    /// would have.
-    pub fn instance(&self) -> RedisStore {
-        Self::store_on(&self.server, self.store.prefix())
-    }
-
     /// A store on `server` with `prefix` and a test-friendly timeout.
     pub fn store_on(server: &RedisServer, prefix: &str) -> RedisStore {
         RedisStore::builder()
@@ -226,18 +248,10 @@ impl Redis {
     }
 }
 
-impl Backend for Redis {
-    type Store = RedisStore;
-    fn store(&self) -> RedisStore {
-        self.store.clone()
-    }
-    fn unit(&self) -> Duration {
-        Duration::from_millis(100)
-    }
-    fn slack(&self) -> Duration {
-        Duration::from_millis(150)
-    }
-}
+redis_backend!(Redis, |r: &Redis| Redis::store_on(
+    &r.server,
+    r.store.prefix()
+));
 
 /// A `RedisStore` in cluster mode on a three-node Redis Cluster of its own.
 #[derive(Debug)]
@@ -267,15 +281,6 @@ impl RedisClusterBackend {
     }
 }
 
-impl Backend for RedisClusterBackend {
-    type Store = RedisStore;
-    fn store(&self) -> RedisStore {
-        self.store.clone()
-    }
-    fn unit(&self) -> Duration {
-        Duration::from_millis(100)
-    }
-    fn slack(&self) -> Duration {
-        Duration::from_millis(150)
-    }
-}
+redis_backend!(RedisClusterBackend, |r: &RedisClusterBackend| {
+    RedisClusterBackend::store_on(&r.cluster)
+});

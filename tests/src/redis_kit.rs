@@ -89,6 +89,14 @@ impl RedisServer {
         redis::Client::open(self.url()).expect("valid url")
     }
 
+    /// A connection of the test's own, to inspect or poke the server.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis-server")
+    }
+
     /// Kills the server with SIGKILL (no shutdown, no goodbye to clients) and leaves it
     /// stopped until [`RedisServer::start_again`].
     pub fn kill_9(&mut self) {
@@ -200,12 +208,9 @@ pub struct CommandStats {
 impl CommandStats {
     /// Connects to `server`.
     pub async fn connect(server: &RedisServer) -> Self {
-        let conn = server
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect for INFO");
-        CommandStats { conn }
+        CommandStats {
+            conn: server.connection().await,
+        }
     }
 
     /// `(command, calls)` for every command Redis has run.

@@ -42,62 +42,79 @@ fn layer<St: IdempotencyStore>(store: &St) -> IdempotencyLayer<St> {
     IdempotencyLayer::new(store.clone()).route("payments")
 }
 
-async fn fifty_concurrent_duplicates_with_reject_run_once<B: Backend>(b: B) {
-    let upstream = Upstream::held(StatusCode::CREATED);
-    let svc = service(layer(&b.store()), &upstream);
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let svc = svc.clone();
+/// Three services on three store instances (three processes sharing one Redis; clones of
+/// one memory store), all calling one upstream.
+fn three_instances<B: Backend>(
+    b: &B,
+    layer: impl Fn(B::Store) -> IdempotencyLayer<B::Store>,
+    upstream: &Upstream,
+) -> Vec<Svc> {
+    (0..3)
+        .map(|_| service(layer(b.instance()), upstream))
+        .collect()
+}
+
+/// Sends 50 duplicates spread over `instances`.
+fn fifty_duplicates(instances: &[Svc]) -> Vec<tokio::task::JoinHandle<Seen>> {
+    (0..50)
+        .map(|i| {
+            let svc = instances[i % instances.len()].clone();
             tokio::spawn(
                 async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await },
             )
         })
-        .collect();
+        .collect()
+}
+
+async fn fifty_concurrent_duplicates_with_reject_run_once<B: Backend>(b: B) {
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let instances = three_instances(&b, |store| layer(&store), &upstream);
+    let tasks = fifty_duplicates(&instances);
     upstream.entered(1).await;
-    // Every duplicate is answered while the first is still held in the handler...
-    let mut conflicts = 0;
-    let mut pending = Vec::new();
-    for task in tasks {
-        if task.is_finished() {
-            let res = task.await.unwrap();
-            assert_eq!(res.status, StatusCode::CONFLICT);
-            assert_eq!(res.retry_after.as_deref(), Some("1"));
-            conflicts += 1;
-        } else {
-            pending.push(task);
-        }
+    // Every duplicate is answered while the first is still held in the handler; then the
+    // first is let through.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while tasks.iter().filter(|t| t.is_finished()).count() < 49 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "duplicates not answered"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // ...or finishes soon after without entering it; then the first is let through.
     upstream.open();
     let mut created = 0;
-    for task in pending {
+    let mut conflicts = 0;
+    for task in tasks {
         let res = task.await.unwrap();
         match res.status {
             StatusCode::CREATED => created += 1,
-            StatusCode::CONFLICT => conflicts += 1,
+            StatusCode::CONFLICT => {
+                assert_eq!(res.retry_after.as_deref(), Some("1"));
+                conflicts += 1;
+            }
             other => panic!("unexpected {other}"),
         }
     }
     assert_eq!(upstream.calls(), 1);
     assert_eq!(created, 1);
     assert_eq!(conflicts, 49);
-    let replay = send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await;
-    assert!(replay.replayed);
+    for svc in &instances {
+        let replay = send(svc, post("/pay", Some("k"), Some("alice"), "10")).await;
+        assert!(replay.replayed);
+    }
     assert_eq!(upstream.calls(), 1);
 }
 
 async fn fifty_concurrent_duplicates_with_wait_all_get_the_same_response<B: Backend>(b: B) {
     let upstream = Upstream::held(StatusCode::CREATED);
-    let layer = layer(&b.store()).on_in_flight(OnInFlight::Wait(Duration::from_secs(10)));
-    let svc = service(layer, &upstream);
-    let tasks: Vec<_> = (0..50)
-        .map(|_| {
-            let svc = svc.clone();
-            tokio::spawn(
-                async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await },
-            )
-        })
-        .collect();
+    let wait = Duration::from_secs(10);
+    let instances = three_instances(
+        &b,
+        |store| layer(&store).on_in_flight(OnInFlight::Wait(wait)),
+        &upstream,
+    );
+    let started = tokio::time::Instant::now();
+    let tasks = fifty_duplicates(&instances);
     upstream.entered(1).await;
     upstream.open();
     let mut results = Vec::new();
@@ -108,6 +125,8 @@ async fn fifty_concurrent_duplicates_with_wait_all_get_the_same_response<B: Back
     assert!(results.iter().all(|r| r.status == StatusCode::CREATED));
     assert!(results.iter().all(|r| r.body == results[0].body));
     assert_eq!(results.iter().filter(|r| r.replayed).count(), 49);
+    // Woken when the first completed, not by the lease (30 s) or the wait bound.
+    assert!(started.elapsed() < wait / 2);
 }
 
 async fn wait_is_bounded_then_409<B: Backend>(b: B) {

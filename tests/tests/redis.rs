@@ -68,90 +68,6 @@ async fn claimed(store: &RedisStore, k: &str, lease: Duration) -> FencingToken {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_duplicates_over_three_instances_execute_once() {
-    let redis = Redis::start();
-    let upstream = Upstream::held(StatusCode::CREATED);
-    let instances: Vec<Svc> = (0..3)
-        .map(|_| service(layer(&redis.instance()), &upstream))
-        .collect();
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let svc = instances[i % 3].clone();
-            tokio::spawn(
-                async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await },
-            )
-        })
-        .collect();
-    upstream.entered(1).await;
-    // Every duplicate is answered while the first is still held in the handler.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tasks.iter().filter(|t| t.is_finished()).count() < 49 {
-        assert!(Instant::now() < deadline, "duplicates not answered");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    upstream.open();
-    let mut statuses = Vec::new();
-    for task in tasks {
-        statuses.push(task.await.unwrap().status);
-    }
-    assert_eq!(upstream.calls(), 1);
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| **s == StatusCode::CREATED)
-            .count(),
-        1
-    );
-    assert_eq!(
-        statuses
-            .iter()
-            .filter(|s| **s == StatusCode::CONFLICT)
-            .count(),
-        49
-    );
-    for svc in &instances {
-        let replay = send(svc, post("/pay", Some("k"), Some("alice"), "10")).await;
-        assert!(replay.replayed);
-    }
-    assert_eq!(upstream.calls(), 1);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fifty_waiting_duplicates_over_three_instances_get_one_response() {
-    let redis = Redis::start();
-    let upstream = Upstream::held(StatusCode::CREATED);
-    let stores: Vec<RedisStore> = (0..3).map(|_| redis.instance()).collect();
-    let instances: Vec<Svc> = stores
-        .iter()
-        .map(|store| service(layer(store).on_in_flight(OnInFlight::Wait(LONG)), &upstream))
-        .collect();
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let svc = instances[i % 3].clone();
-            tokio::spawn(
-                async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await },
-            )
-        })
-        .collect();
-    upstream.entered(1).await;
-    upstream.open();
-    let mut results = Vec::new();
-    for task in tasks {
-        results.push(task.await.unwrap());
-    }
-    assert_eq!(upstream.calls(), 1);
-    assert!(results.iter().all(|r| r.status == StatusCode::CREATED));
-    assert!(results.iter().all(|r| r.body == results[0].body));
-    assert_eq!(results.iter().filter(|r| r.replayed).count(), 49);
-    // Woken by pub/sub, not by the lease (30 s) or the wait bound (10 s).
-    assert!(started.elapsed() < Duration::from_secs(5));
-    for store in &stores {
-        assert_eq!(store.watched_records(), 0, "waiters deregistered");
-    }
-}
-
 #[tokio::test]
 async fn every_decision_is_one_evalsha() {
     let redis = Redis::start();
@@ -199,12 +115,7 @@ async fn every_decision_is_one_evalsha() {
     one_evalsha(command_delta(&before, &stats.snapshot().await));
 
     // After Redis lost its script cache, the script is loaded again by itself.
-    let mut conn = redis
-        .server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis.server.connection().await;
     let () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
@@ -315,12 +226,7 @@ async fn tokens_keep_increasing_after_the_counter_expired() {
     let store = redis.store();
     let first = claimed(&store, "k", LONG).await;
     store.release(&key("k"), first).await.unwrap();
-    let mut conn = redis
-        .server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis.server.connection().await;
     let counters: Vec<String> = redis::cmd("KEYS")
         .arg("keyward:idem:payments:*:n")
         .query_async(&mut conn)
@@ -363,11 +269,7 @@ async fn wait_woken_by_release(holder: &RedisStore, waiter: &RedisStore, k: &str
 /// Waits until `stores` all hold a live subscription (a hub wakes its waiters once when it
 /// (re)subscribes, which would end a wait early).
 async fn wait_subscribed(server: &RedisServer, stores: &[&RedisStore]) {
-    let mut conn = server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = server.connection().await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let (_, subscribers): (String, u64) = redis::cmd("PUBSUB")
@@ -399,12 +301,7 @@ async fn the_hub_wakes_waiters_and_resubscribes_after_losing_its_connection() {
     assert!(waited < Duration::from_secs(1), "woken after {waited:?}");
 
     // The server drops the subscriber connection.
-    let mut conn = redis
-        .server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis.server.connection().await;
     let _killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
@@ -461,12 +358,7 @@ async fn raw_keys_and_principals_never_reach_redis() {
     )
     .await;
     assert_eq!(res.status, StatusCode::CREATED);
-    let mut conn = redis
-        .server
-        .client()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis.server.connection().await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg("*")
         .query_async(&mut conn)
@@ -536,11 +428,7 @@ async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
     let mut slots = std::collections::HashSet::new();
     let mut owners = std::collections::HashSet::new();
     for node in backend.cluster.nodes() {
-        let mut conn = node
-            .client()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
+        let mut conn = node.connection().await;
         let names: Vec<String> = redis::cmd("KEYS")
             .arg("keyward:*")
             .query_async(&mut conn)
