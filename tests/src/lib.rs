@@ -149,3 +149,138 @@ where
         body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
+
+pub mod redis_kit;
+
+use std::time::Duration;
+
+use keyward::core::store::IdempotencyStore;
+use keyward::{MemoryStore, RedisStore};
+use redis_kit::RedisServer;
+
+/// A store backend the shared behaviour suites run on. Timed tests are written in
+/// [`Backend::unit`]s: on memory the clock is paused (a unit is 1 s and costs nothing), on
+/// Redis time is real (a unit is 100 ms, so a suite stays within seconds).
+pub trait Backend: Send + Sync + 'static {
+    /// The store under test.
+    type Store: IdempotencyStore + std::fmt::Debug;
+    /// A handle on the backend's store; instances share state like processes sharing one
+    /// Redis.
+    fn store(&self) -> Self::Store;
+    /// Another instance on the same backend, as a second process would have it (its own
+    /// connections on Redis; a clone of the one store in memory).
+    fn instance(&self) -> Self::Store;
+    /// One time unit of the timed tests.
+    fn unit(&self) -> Duration;
+    /// How much later than its deadline an expiry may be observed (zero on paused time).
+    fn slack(&self) -> Duration;
+}
+
+/// The in-memory store; run its timed tests with `start_paused = true`.
+#[derive(Debug, Default)]
+pub struct Memory {
+    store: MemoryStore,
+}
+
+impl Backend for Memory {
+    type Store = MemoryStore;
+    fn store(&self) -> MemoryStore {
+        self.store.clone()
+    }
+    fn instance(&self) -> MemoryStore {
+        self.store.clone()
+    }
+    fn unit(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn slack(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+/// `Backend` for a fixture with a `store: RedisStore` field; `$instance` (a closure on the
+/// fixture) makes another instance.
+macro_rules! redis_backend {
+    ($fixture:ident, $instance:expr) => {
+        impl Backend for $fixture {
+            type Store = RedisStore;
+            fn store(&self) -> RedisStore {
+                self.store.clone()
+            }
+            fn instance(&self) -> RedisStore {
+                ($instance)(self)
+            }
+            fn unit(&self) -> Duration {
+                Duration::from_millis(100)
+            }
+            fn slack(&self) -> Duration {
+                Duration::from_millis(150)
+            }
+        }
+    };
+}
+
+/// A `RedisStore` on a `redis-server` of its own (real time; never pause the clock: the
+/// store's timeouts would fire while Redis answers).
+#[derive(Debug)]
+pub struct Redis {
+    /// The server; tests may kill and restart it.
+    pub server: RedisServer,
+    store: RedisStore,
+}
+
+impl Redis {
+    /// Starts a server and builds a store on it (inside a tokio runtime).
+    pub fn start() -> Self {
+        let server = RedisServer::start();
+        let store = Self::store_on(&server, "keyward:");
+        Redis { server, store }
+    }
+
+    /// A store on `server` with `prefix` and a test-friendly timeout.
+    pub fn store_on(server: &RedisServer, prefix: &str) -> RedisStore {
+        RedisStore::builder()
+            .url(server.url())
+            .prefix(prefix)
+            .timeout(Duration::from_millis(250))
+            .build()
+            .expect("store builds")
+    }
+}
+
+redis_backend!(Redis, |r: &Redis| Redis::store_on(
+    &r.server,
+    r.store.prefix()
+));
+
+/// A `RedisStore` in cluster mode on a three-node Redis Cluster of its own.
+#[derive(Debug)]
+pub struct RedisClusterBackend {
+    /// The cluster.
+    pub cluster: redis_kit::RedisCluster,
+    store: RedisStore,
+}
+
+impl RedisClusterBackend {
+    /// Starts a cluster and builds a cluster-mode store on it.
+    pub fn start() -> Self {
+        let cluster = redis_kit::RedisCluster::start();
+        let store = Self::store_on(&cluster);
+        RedisClusterBackend { cluster, store }
+    }
+
+    /// A cluster-mode store seeded with every node.
+    pub fn store_on(cluster: &redis_kit::RedisCluster) -> RedisStore {
+        let mut builder = RedisStore::builder()
+            .cluster(true)
+            .timeout(Duration::from_millis(250));
+        for url in cluster.urls() {
+            builder = builder.url(url);
+        }
+        builder.build().expect("store builds")
+    }
+}
+
+redis_backend!(RedisClusterBackend, |r: &RedisClusterBackend| {
+    RedisClusterBackend::store_on(&r.cluster)
+});

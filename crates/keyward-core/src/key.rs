@@ -149,6 +149,8 @@ impl Scope {
 pub struct ScopedKey {
     storage_key: Arc<str>,
     key_hash: KeyHash,
+    layer_end: usize,
+    route_end: usize,
 }
 
 impl ScopedKey {
@@ -163,6 +165,8 @@ impl ScopedKey {
         ScopedKey {
             storage_key: storage_key.into(),
             key_hash,
+            layer_end: layer.len(),
+            route_end: layer.len() + 1 + route.len(),
         }
     }
 
@@ -179,6 +183,25 @@ impl ScopedKey {
     /// The telemetry-safe hash of the raw key (not of the scope).
     pub fn key_hash(&self) -> KeyHash {
         self.key_hash
+    }
+
+    /// The layer's short name this key was built for (`idem`, `quota`, ...).
+    ///
+    /// ```
+    /// use keyward_core::{Key, Scope, ScopedKey};
+    /// let key = ScopedKey::new("idem", "pay:v2", Scope::Unscoped, Key::from("a:b"));
+    /// assert_eq!((key.layer(), key.route()), ("idem", "pay:v2"));
+    /// ```
+    pub fn layer(&self) -> &str {
+        self.storage_key.get(..self.layer_end).unwrap_or_default()
+    }
+
+    /// The route this key was built for; stores may show it in clear (it is configuration,
+    /// not request data).
+    pub fn route(&self) -> &str {
+        self.storage_key
+            .get(self.layer_end + 1..self.route_end)
+            .unwrap_or_default()
     }
 }
 

@@ -9,7 +9,8 @@
 //! | [`QuotaLayer`] | each key gets `limit` requests per `per` (GCRA, burst), with IETF RateLimit headers |
 //! | [`PerKeySerialLayer`] | at most one request per key runs at a time, FIFO, with fencing tokens |
 //!
-//! Stores: [`MemoryStore`] (feature `memory`, default) for one process.
+//! Stores: [`MemoryStore`] (feature `memory`, default) for one process; `RedisStore`
+//! (feature `redis`) for many processes sharing one Redis or Redis Cluster.
 //!
 //! The key of each request comes from a [`KeySpec`] (`header:NAME`, `path:PARAM`,
 //! `query:NAME`, `peer_ip`, `method_uri`, or a list of them) or any closure implementing
@@ -26,6 +27,8 @@ pub mod serial;
 pub use idempotency::{IdempotencyLayer, OnInFlight};
 pub use keyward_core::store::OnStoreError;
 pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
+#[cfg(feature = "redis")]
+pub use keyward_redis::{BuildError as RedisBuildError, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use quota::QuotaLayer;

@@ -1,0 +1,130 @@
+//! Shared by the Redis benches: a `redis-server` of their own, a store, a bare connection
+//! for the baseline, and the operations compared.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use keyward_core::store::{ClaimOutcome, Fingerprint, IdempotencyStore, StoredResponse};
+use keyward_core::{Key, Scope, ScopedKey};
+use keyward_redis::RedisStore;
+use keyward_tests::redis_kit::RedisServer;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+
+const LEASE: Duration = Duration::from_secs(5);
+const TTL: Duration = Duration::from_secs(600);
+
+/// A Lua script that only reads one hash field: what any one-round-trip Lua decision
+/// costs before its own logic.
+static HGET: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new("return redis.call('HGET', KEYS[1], 'r')"));
+
+pub struct Setup {
+    _server: RedisServer,
+    pub store: RedisStore,
+    pub bare: ConnectionManager,
+    replay_key: ScopedKey,
+    fingerprint: Fingerprint,
+    next: AtomicU64,
+}
+
+fn key(raw: &str) -> ScopedKey {
+    ScopedKey::new("idem", "bench", Scope::of(b"Bearer bench"), Key::from(raw))
+}
+
+impl Setup {
+    /// Starts Redis and stores a 256-byte response to replay, a 256-byte string for `GET`
+    /// and a 256-byte hash field for the bare script.
+    pub async fn start() -> Setup {
+        let server = RedisServer::start();
+        let store = RedisStore::builder()
+            .url(server.url())
+            .timeout(Duration::from_secs(1))
+            .build()
+            .expect("store");
+        store.ping().await.expect("redis answers");
+        let bare = ConnectionManager::new(server.client())
+            .await
+            .expect("bare connection");
+        let fingerprint = Fingerprint::builder().part(b"POST /pay 10 EUR").finish();
+        let replay_key = key("replayed");
+        let ClaimOutcome::Claimed(token) = store
+            .claim(&replay_key, &fingerprint, LEASE)
+            .await
+            .expect("claim")
+        else {
+            panic!("fresh key");
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", "application/json".parse().expect("valid"));
+        let response = StoredResponse {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from(vec![b'x'; 256]),
+            trailers: None,
+        };
+        store
+            .complete(&replay_key, token, &fingerprint, response, TTL)
+            .await
+            .expect("complete");
+        let mut conn = bare.clone();
+        let () = conn.set("bench:plain", vec![b'x'; 256]).await.expect("set");
+        let () = conn
+            .hset("bench:hash", "r", vec![b'x'; 256])
+            .await
+            .expect("hset");
+        Setup {
+            _server: server,
+            store,
+            bare,
+            replay_key,
+            fingerprint,
+            next: AtomicU64::new(0),
+        }
+    }
+
+    /// Baseline: one `GET` of a 256-byte value.
+    pub async fn get(&self) {
+        let value: Vec<u8> = self.bare.clone().get("bench:plain").await.expect("get");
+        assert_eq!(value.len(), 256);
+    }
+
+    /// Baseline: one `SET`.
+    #[allow(dead_code)] // used by one of the two benches
+    pub async fn set(&self) {
+        let () = self.bare.clone().set("bench:set", 1).await.expect("set");
+    }
+
+    /// Baseline: `EVALSHA` of a script reading one 256-byte hash field.
+    pub async fn evalsha_hget(&self) {
+        let value: Vec<u8> = HGET
+            .key("bench:hash")
+            .invoke_async(&mut self.bare.clone())
+            .await
+            .expect("evalsha");
+        assert_eq!(value.len(), 256);
+    }
+
+    /// A claim that finds the stored response (a retry's replay decision).
+    pub async fn claim_replay(&self) {
+        let outcome = self
+            .store
+            .claim(&self.replay_key, &self.fingerprint, LEASE)
+            .await
+            .expect("claim");
+        assert!(matches!(outcome, ClaimOutcome::Completed(_)));
+    }
+
+    /// A claim of a key never seen (a first request's decision).
+    pub async fn claim_new_key(&self) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let outcome = self
+            .store
+            .claim(&key(&format!("k{n}")), &self.fingerprint, LEASE)
+            .await
+            .expect("claim");
+        assert!(matches!(outcome, ClaimOutcome::Claimed(_)));
+    }
+}

@@ -1,0 +1,172 @@
+//! Building a [`RedisStore`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use tokio::sync::OnceCell;
+
+use crate::conn::{Conn, LazyCluster};
+use crate::hub::Hub;
+use crate::keys::KeyLayout;
+use crate::{Inner, RedisStore};
+
+/// Settings of a [`RedisStore`]; see [`RedisStore::builder`].
+#[derive(Clone)]
+pub struct RedisStoreBuilder {
+    urls: Vec<String>,
+    prefix: String,
+    timeout: Duration,
+    cluster: bool,
+}
+
+impl Default for RedisStoreBuilder {
+    fn default() -> Self {
+        RedisStoreBuilder {
+            urls: Vec::new(),
+            prefix: "keyward:".to_owned(),
+            timeout: Duration::from_millis(50),
+            cluster: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for RedisStoreBuilder {
+    // URLs may carry passwords: only their number is shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("urls", &self.urls.len())
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("cluster", &self.cluster)
+            .finish()
+    }
+}
+
+/// Why a [`RedisStore`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// No `url` was given.
+    #[error("store.url: no Redis URL given")]
+    NoUrl,
+    /// Several URLs are only meaningful as cluster seed nodes.
+    #[error("store.url: {0} URLs given for a standalone Redis; use cluster mode for several nodes")]
+    TooManyUrls(usize),
+    /// A URL could not be parsed (the URL itself is not repeated: it may hold a password).
+    #[error("store.url: invalid Redis URL #{index}: {reason}")]
+    InvalidUrl {
+        /// Position of the URL in the order given, from 1.
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A zero timeout would fail every call.
+    #[error("store.timeout: must be greater than zero")]
+    ZeroTimeout,
+    /// The store runs background work (reconnects, the pub/sub hub) on tokio.
+    #[error("RedisStore must be built inside a tokio runtime")]
+    NoRuntime,
+}
+
+impl RedisStoreBuilder {
+    /// A Redis URL: `redis://[user:password@]host[:port][/db]` or `rediss://...` for TLS.
+    /// In cluster mode, call it once per seed node.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.urls.push(url.into());
+        self
+    }
+
+    /// Prefix of every key and channel (default `keyward:`): separates applications or
+    /// environments sharing one Redis.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Bound on every store call (default 50 ms); a call that takes longer fails with
+    /// `StoreError::Timeout` and the layer applies its `OnStoreError` policy.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Talk to a Redis Cluster whose seed nodes are the given URLs.
+    pub fn cluster(mut self, cluster: bool) -> Self {
+        self.cluster = cluster;
+        self
+    }
+
+    /// Builds the store without contacting Redis; the first call connects, and the
+    /// connection comes back by itself after Redis restarts. Must run inside a tokio
+    /// runtime.
+    pub fn build(self) -> Result<RedisStore, BuildError> {
+        if self.urls.is_empty() {
+            return Err(BuildError::NoUrl);
+        }
+        if self.urls.len() > 1 && !self.cluster {
+            return Err(BuildError::TooManyUrls(self.urls.len()));
+        }
+        if self.timeout.is_zero() {
+            return Err(BuildError::ZeroTimeout);
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        let clients = self
+            .urls
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                redis::Client::open(url.as_str()).map_err(|error| BuildError::InvalidUrl {
+                    index: i + 1,
+                    reason: error.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        // Reconnects give up after a few attempts; the next call then starts a fresh
+        // attempt, so a long outage costs nothing once Redis is back.
+        let connect_timeout = self.timeout.max(Duration::from_secs(1));
+        let conn = if self.cluster {
+            let client = ClusterClient::builder(self.urls.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(connect_timeout)
+                .retries(2)
+                .build()
+                .map_err(|error| BuildError::InvalidUrl {
+                    index: 1,
+                    reason: error.to_string(),
+                })?;
+            Conn::Cluster(Arc::new(LazyCluster {
+                client,
+                conn: OnceCell::new(),
+            }))
+        } else {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(connect_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500))
+                .set_pipeline_buffer_size(1024);
+            let client = clients[0].clone();
+            let manager = {
+                let _guard = runtime.enter();
+                ConnectionManager::new_lazy_with_config(client, config)
+            };
+            Conn::Standalone(manager.map_err(|error| BuildError::InvalidUrl {
+                index: 1,
+                reason: error.to_string(),
+            })?)
+        };
+        let keys = KeyLayout::new(&self.prefix);
+        let hub = Hub::start(&runtime, clients, keys.channel().to_owned());
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                conn,
+                keys,
+                timeout: self.timeout,
+                hub,
+                runtime,
+            }),
+        })
+    }
+}

@@ -1,0 +1,189 @@
+//! `IdempotencyStore` on Redis: one Lua script per decision.
+//!
+//! Records, all in the key's hash slot:
+//! - `{prefix}idem:{route}:{<tag>}`: a hash. Held: `s=h`, `f` fingerprint (32 bytes), `t`
+//!   token, `w` set once a duplicate saw it; expires with the lease. Completed: `s=c`, `f`,
+//!   `r` the response in the binary form of `codec.rs`; expires after the TTL.
+//! - `{prefix}idem:{route}:{<tag>}:n`: the fencing counter, `INCR`ed by every claim. It
+//!   lives at least as long as the record; once both are gone it restarts from Redis's
+//!   clock in microseconds, so tokens per key only grow.
+
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keyward_core::store::{
+    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoreError, StoredResponse,
+};
+use keyward_core::{FencingToken, ScopedKey};
+use redis::{Script, Value};
+
+use crate::RedisStore;
+use crate::codec;
+use crate::conn::Reply;
+use crate::keys::KeyLayout;
+
+static CLAIM: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/claim.lua")));
+static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/complete.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/release.lua")));
+static RENEW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/renew.lua")));
+
+/// Scripts [`RedisStore::ping`] preloads.
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 4] = [&CLAIM, &COMPLETE, &RELEASE, &RENEW];
+
+struct Names {
+    record: String,
+    counter: String,
+}
+
+impl RedisStore {
+    fn idempotency_names(&self, key: &ScopedKey) -> Names {
+        let record = self.inner.keys.record(key);
+        let counter = KeyLayout::companion(&record, "n");
+        Names { record, counter }
+    }
+
+    async fn release_record(&self, record: &str, token: FencingToken) -> Result<(), StoreError> {
+        let token = token.get().to_string();
+        let channel = self.inner.keys.channel();
+        let _released: i64 = self
+            .eval(&RELEASE, &[record], &[token.as_bytes(), channel.as_bytes()])
+            .await?;
+        Ok(())
+    }
+}
+
+fn millis(duration: Duration) -> String {
+    // Redis rejects a zero expiry; a lease or TTL rounds up to at least 1 ms.
+    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
+}
+
+fn token_of(n: i64) -> Result<FencingToken, StoreError> {
+    u64::try_from(n)
+        .map(FencingToken)
+        .map_err(|_| StoreError::Corrupt(format!("negative fencing token {n}")))
+}
+
+fn claim_outcome(value: Value) -> Result<ClaimOutcome, StoreError> {
+    let mut reply = Reply::new(value)?;
+    Ok(match reply.int()? {
+        0 => ClaimOutcome::Claimed(token_of(reply.int()?)?),
+        1 => {
+            let holder = token_of(reply.int()?)?;
+            let left = u64::try_from(reply.int()?).unwrap_or(0);
+            ClaimOutcome::InFlight {
+                holder,
+                lease_left: Duration::from_millis(left),
+            }
+        }
+        2 => ClaimOutcome::Completed(Arc::new(codec::decode(Bytes::from(reply.bytes()?))?)),
+        3 => ClaimOutcome::Mismatch,
+        other => return Err(StoreError::Corrupt(format!("unknown claim reply {other}"))),
+    })
+}
+
+impl IdempotencyStore for RedisStore {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let names = self.idempotency_names(key);
+        let lease = millis(lease);
+        let value: Value = self
+            .eval(
+                &CLAIM,
+                &[&names.record, &names.counter],
+                &[&fingerprint.0, lease.as_bytes()],
+            )
+            .await?;
+        claim_outcome(value)
+    }
+
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        fingerprint: &Fingerprint,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<Completion, StoreError> {
+        let names = self.idempotency_names(key);
+        let token = token.get().to_string();
+        let encoded = codec::encode(&response);
+        let ttl = millis(ttl);
+        let stored: i64 = self
+            .eval(
+                &COMPLETE,
+                &[&names.record, &names.counter],
+                &[
+                    token.as_bytes(),
+                    &fingerprint.0,
+                    &encoded,
+                    ttl.as_bytes(),
+                    self.inner.keys.channel().as_bytes(),
+                ],
+            )
+            .await?;
+        Ok(if stored == 1 {
+            Completion::Stored
+        } else {
+            Completion::Fenced
+        })
+    }
+
+    async fn release(&self, key: &ScopedKey, token: FencingToken) -> Result<(), StoreError> {
+        self.release_record(&self.inner.keys.record(key), token)
+            .await
+    }
+
+    fn release_detached(&self, key: ScopedKey, token: FencingToken) {
+        let store = self.clone();
+        let release = async move {
+            let record = store.inner.keys.record(&key);
+            if let Err(error) = store.release_record(&record, token).await {
+                tracing::warn!(%error, key_hash = %key.key_hash(), "detached idempotency release failed; the key frees when its lease ends");
+            }
+        };
+        // Prefer the caller's runtime; a destructor running outside any runtime (a
+        // dropped future on a plain thread) still releases on the store's own.
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn(release)),
+            Err(_) => drop(self.inner.runtime.spawn(release)),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let names = self.idempotency_names(key);
+        let token = token.get().to_string();
+        let lease = millis(lease);
+        let renewed: i64 = self
+            .eval(
+                &RENEW,
+                &[&names.record, &names.counter],
+                &[token.as_bytes(), lease.as_bytes()],
+            )
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    async fn wait_settled(
+        &self,
+        key: &ScopedKey,
+        holder: FencingToken,
+        max: Duration,
+    ) -> Result<(), StoreError> {
+        self.wait_released(&self.inner.keys.record(key), holder, max)
+            .await
+    }
+}

@@ -1,0 +1,177 @@
+//! `RedisStore`: keyward's coordination store shared by many processes through Redis.
+//!
+//! Every decision of a layer is ONE round trip: one Lua script, run with `EVALSHA`
+//! (loaded again by itself after Redis lost its script cache). Holders get leases and
+//! strictly increasing per-key fencing tokens; waiters are woken through pub/sub (one
+//! subscriber connection per store), with a fallback timer bounded by the holder's lease,
+//! never by polling.
+//!
+//! - **Connections**: `redis://` and `rediss://` (TLS, feature `tls`), `AUTH` in the URL
+//!   (`redis://user:password@host:6379/0`), or Redis Cluster ([`RedisStoreBuilder::cluster`]).
+//!   A standalone connection is a `ConnectionManager`: it reconnects by itself when Redis
+//!   returns. The store is built without waiting for Redis, so an application starts (and
+//!   applies its `OnStoreError` policy) while Redis is down.
+//! - **Timeouts**: every call is bounded by [`RedisStoreBuilder::timeout`] (default 50 ms)
+//!   and then fails with `StoreError::Timeout`; errors map to `StoreError::Unavailable`,
+//!   unreadable replies to `StoreError::Corrupt`.
+//! - **Key layout**: `{prefix}{layer}:{route}:{<tag>}` where `<tag>` is 32 hex digits of
+//!   the SHA-256 of the scoped key: raw keys and principals never reach Redis, and all
+//!   records of one key share a cluster hash tag (one slot).
+//!
+//! ```
+//! use std::time::Duration;
+//! use keyward_redis::RedisStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), keyward_redis::BuildError> {
+//! // Nothing is contacted yet: the first decision connects.
+//! let store = RedisStore::builder()
+//!     .url("redis://:secret@127.0.0.1:6379/0")
+//!     .prefix("shop:")
+//!     .timeout(Duration::from_millis(25))
+//!     .build()?;
+//! assert_eq!(store.prefix(), "shop:");
+//! assert_eq!(store.timeout(), Duration::from_millis(25));
+//! # Ok(())
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+
+mod builder;
+mod codec;
+mod conn;
+mod hub;
+mod idempotency;
+mod keys;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward_core::store::StoreError;
+use redis::Script;
+
+pub use builder::{BuildError, RedisStoreBuilder};
+
+use conn::{Conn, bounded};
+use hub::Hub;
+use keys::KeyLayout;
+
+/// A store shared by every process that uses the same Redis and prefix.
+///
+/// Cloning is cheap; clones share the connection and the pub/sub hub. Build one store per
+/// process and hand clones to every layer.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    keys: KeyLayout,
+    timeout: Duration,
+    hub: Hub,
+    runtime: tokio::runtime::Handle,
+}
+
+impl RedisStore {
+    /// A builder; at least one [`RedisStoreBuilder::url`] is required.
+    pub fn builder() -> RedisStoreBuilder {
+        RedisStoreBuilder::default()
+    }
+
+    /// A standalone store at `url` with default settings.
+    pub fn new(url: impl Into<String>) -> Result<Self, BuildError> {
+        Self::builder().url(url).build()
+    }
+
+    /// The prefix of every Redis key and channel of this store.
+    pub fn prefix(&self) -> &str {
+        self.inner.keys.prefix()
+    }
+
+    /// The bound on every store call.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// Checks that Redis answers (for readiness probes) and loads the store's scripts, so
+    /// the first decisions need no extra round trip.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let conn = &self.inner.conn;
+        bounded(self.inner.timeout, async {
+            conn.query::<String>(&redis::cmd("PING")).await?;
+            for script in idempotency::SCRIPTS.iter() {
+                conn.load(script).await?;
+            }
+            conn.load(&WATCH).await
+        })
+        .await
+    }
+
+    /// Whether the pub/sub subscription that wakes waiters is currently live (waiters
+    /// still wake by their fallback timers when it is not).
+    pub fn is_subscribed(&self) -> bool {
+        self.inner.hub.is_subscribed()
+    }
+
+    /// How many records local waiters are registered for (test instrumentation: it must
+    /// drop back to zero once waiters are gone).
+    #[doc(hidden)]
+    pub fn watched_records(&self) -> usize {
+        self.inner.hub.watched()
+    }
+
+    /// Runs `script`, bounded by the store timeout.
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        script: &Script,
+        keys: &[&str],
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        bounded(self.inner.timeout, self.inner.conn.eval(script, keys, args)).await
+    }
+
+    /// Waits until `holder` no longer holds `record`, a settlement message arrives, or
+    /// `min(max, lease left)` passes. For every layer whose records use the `s`/`t`/`w`
+    /// fields (see `scripts/watch.lua`).
+    async fn wait_released(
+        &self,
+        record: &str,
+        holder: keyward_core::FencingToken,
+        max: Duration,
+    ) -> Result<(), StoreError> {
+        let watch = self.inner.hub.watch(record);
+        let notified = watch.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let token = holder.get().to_string();
+        let lease_left: i64 = self.eval(&WATCH, &[record], &[token.as_bytes()]).await?;
+        let Ok(lease_left) = u64::try_from(lease_left) else {
+            return Ok(());
+        };
+        // One millisecond past the lease so Redis has expired the record when we look.
+        let fallback = max.min(Duration::from_millis(lease_left.saturating_add(1)));
+        let _ = tokio::time::timeout(fallback, notified).await;
+        Ok(())
+    }
+}
+
+static WATCH: std::sync::LazyLock<Script> =
+    std::sync::LazyLock::new(|| Script::new(include_str!("scripts/watch.lua")));
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix())
+            .field("timeout", &self.inner.timeout)
+            .field(
+                "mode",
+                &match self.inner.conn {
+                    Conn::Standalone(_) => "standalone",
+                    Conn::Cluster(_) => "cluster",
+                },
+            )
+            .finish_non_exhaustive()
+    }
+}

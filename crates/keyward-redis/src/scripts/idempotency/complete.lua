@@ -1,0 +1,13 @@
+-- Idempotency completion, fenced: only the current holder's token stores its response.
+-- KEYS[1] record, KEYS[2] fencing counter
+-- ARGV[1] token, ARGV[2] fingerprint, ARGV[3] encoded response, ARGV[4] ttl in ms, ARGV[5] channel
+-- Reply: 1 stored | 0 fenced
+local rec = redis.call('HMGET', KEYS[1], 's', 't', 'w')
+if rec[1] ~= 'h' or rec[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 's', 'c', 'f', ARGV[2], 'r', ARGV[3])
+local ttl = tonumber(ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ttl)
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+if rec[3] then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
+return 1

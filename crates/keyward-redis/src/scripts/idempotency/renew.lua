@@ -1,0 +1,9 @@
+-- Idempotency lease renewal, fenced.
+-- KEYS[1] record, KEYS[2] fencing counter; ARGV[1] token, ARGV[2] lease in ms
+-- Reply: 1 renewed | 0 not the holder any more
+local rec = redis.call('HMGET', KEYS[1], 's', 't')
+if rec[1] ~= 'h' or rec[2] ~= ARGV[1] then return 0 end
+local lease = tonumber(ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease)
+if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease) end
+return 1
