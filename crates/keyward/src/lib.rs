@@ -6,3 +6,6 @@ mod memory;
 
 #[cfg(feature = "memory")]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+pub mod single_flight;
+pub use single_flight::{LeaderFailure, SingleFlightLayer};

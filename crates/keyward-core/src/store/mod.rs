@@ -5,8 +5,10 @@
 //! (one process, moka) and `keyward::RedisStore` (many processes).
 
 mod idempotency;
+mod single_flight;
 
 pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
+pub use single_flight::{FlightRole, Landing, SingleFlightStore};
 
 use std::time::Duration;
 

@@ -1,11 +1,13 @@
 //! `MemoryStore`: coordination inside one process, bounded in memory.
 
 mod idempotency;
+mod single_flight;
 
 use std::fmt;
 use std::sync::Arc;
 
 use idempotency::IdempotencyTable;
+use single_flight::FlightLeads;
 
 /// A store for one process: every layer's records live in bounded in-memory tables
 /// (moka caches with per-entry expiry where records expire; plain maps where entries
@@ -27,6 +29,7 @@ pub struct MemoryStore {
 
 struct Inner {
     idempotency: IdempotencyTable,
+    single_flight: FlightLeads,
 }
 
 impl MemoryStore {
@@ -75,6 +78,7 @@ impl MemoryStoreBuilder {
         MemoryStore {
             inner: Arc::new(Inner {
                 idempotency: IdempotencyTable::new(self.max_response_bytes),
+                single_flight: FlightLeads::new(),
             }),
         }
     }

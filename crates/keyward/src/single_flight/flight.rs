@@ -1,0 +1,308 @@
+//! In-process coalescing: the table of flights in progress and the hand-over of the
+//! shared work between the requests waiting on it.
+//!
+//! A flight's work (the inner call and the buffering of its body) is one boxed future.
+//! No task is spawned: the request that leads a flight polls the work itself (the
+//! "driver"), while followers sleep on a [`Notify`]. If the driver is dropped before the
+//! work completes, the work goes back into the flight and the followers are woken, and one
+//! of them becomes the driver: the inner call continues. When the last waiter leaves, the
+//! work is dropped, which cancels the inner call. Panics of the work are caught so that
+//! they reach the driver's caller as a failure instead of poisoning the flight.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::future::{Future, poll_fn};
+use std::hash::{BuildHasher, RandomState};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::pin::{Pin, pin};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use keyward_core::store::StoredResponse;
+use tokio::sync::Notify;
+
+const SHARDS: usize = 32;
+
+/// The shared work of a flight.
+pub(crate) type Work = Pin<Box<dyn Future<Output = Landed> + Send>>;
+
+/// What every waiter of a flight learns when it ends.
+#[derive(Clone, Debug)]
+pub(crate) enum Shared {
+    /// A complete response to copy.
+    Response(Arc<StoredResponse>),
+    /// The response was larger than `max_body` and went to the driver only.
+    TooLarge,
+    /// The inner call failed (error, panic, body error) or the remote leader failed.
+    Failed,
+    /// The store failed and the route fails closed.
+    StoreUnavailable,
+}
+
+/// What the work yields: the shared part, and what only the driver receives (the
+/// leader's own typed response or error, or a panic payload).
+pub(crate) struct Landed {
+    pub(crate) shared: Shared,
+    pub(crate) own: Own,
+    /// The store failed on the way and the flight ran uncoordinated across processes.
+    pub(crate) store_error: bool,
+}
+
+/// The driver's private result.
+pub(crate) enum Own {
+    /// Nothing beyond [`Landed::shared`].
+    None,
+    /// A `Result<Response<..>, E>` of the service's types.
+    Typed(Box<dyn Any + Send>),
+    /// The work panicked with this payload.
+    Panic(Box<dyn Any + Send>),
+}
+
+/// The in-process flights of one `SingleFlight` service and its clones. An entry lives
+/// from the moment its leader joins until the flight ends or its last waiter leaves.
+pub(crate) struct FlightTable {
+    shards: Box<[Shard]>,
+    hasher: RandomState,
+    next_id: AtomicU64,
+}
+
+type Shard = Mutex<HashMap<Arc<str>, Arc<Flight>>>;
+
+struct Flight {
+    id: u64,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    /// The work while nobody drives it (`None` while a driver holds it, or once done).
+    work: Option<Work>,
+    result: Option<Shared>,
+    waiters: usize,
+    ended: bool,
+}
+
+/// A request's place in a flight. Dropping it leaves the flight; the last one to leave
+/// an unfinished flight cancels it.
+pub(crate) struct Seat {
+    table: Arc<FlightTable>,
+    key: Arc<str>,
+    flight: Arc<Flight>,
+}
+
+/// The outcome of [`FlightTable::join`].
+pub(crate) enum Joined {
+    /// The caller starts the flight and must drive the work it makes.
+    Leader(Seat),
+    /// The caller waits for a flight in progress.
+    Follower(Seat),
+}
+
+/// How a seat's wait ended.
+pub(crate) struct Outcome {
+    pub(crate) shared: Shared,
+    pub(crate) own: Own,
+    pub(crate) store_error: bool,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section leaves the data consistent before anything can panic (the
+    // work is never polled under a lock), so a poisoned lock is safe to reuse.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl FlightTable {
+    pub(crate) fn new() -> Self {
+        FlightTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Flight>>> {
+        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
+        lock(&self.shards[index])
+    }
+
+    /// Joins the flight in progress under `key`, or starts one.
+    pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined {
+        let mut shard = self.shard(&key);
+        if let Some(flight) = shard.get(&key) {
+            // Entries are removed (under this lock) as their flight ends, so a flight
+            // found here is live.
+            lock(&flight.state).waiters += 1;
+            let flight = flight.clone();
+            drop(shard);
+            return Joined::Follower(Seat {
+                table: self.clone(),
+                key,
+                flight,
+            });
+        }
+        let flight = Arc::new(Flight {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            state: Mutex::new(State {
+                waiters: 1,
+                ..State::default()
+            }),
+            notify: Notify::new(),
+        });
+        shard.insert(key.clone(), flight.clone());
+        drop(shard);
+        Joined::Leader(Seat {
+            table: self.clone(),
+            key,
+            flight,
+        })
+    }
+
+    /// Flights in progress.
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|shard| lock(shard).len()).sum()
+    }
+
+    fn remove_if_current(&self, key: &str, flight: &Flight) -> Option<Arc<Flight>> {
+        let mut shard = self.shard(key);
+        if shard.get(key).is_some_and(|entry| entry.id == flight.id) {
+            shard.remove(key)
+        } else {
+            None
+        }
+    }
+}
+
+impl Seat {
+    /// Waits for the flight to end, driving its work when it is this seat's turn: right
+    /// away with `work` (the leader), or when a driver leaves before the end.
+    pub(crate) async fn run(&self, mut work: Option<Work>) -> Outcome {
+        loop {
+            if let Some(work) = work.take() {
+                return self.drive(work).await;
+            }
+            let mut notified = pin!(self.flight.notify.notified());
+            // Armed before looking at the state, so that an end or a hand-over between
+            // the look and the await is not missed.
+            notified.as_mut().enable();
+            {
+                let mut state = lock(&self.flight.state);
+                if let Some(shared) = &state.result {
+                    return Outcome {
+                        shared: shared.clone(),
+                        own: Own::None,
+                        store_error: false,
+                    };
+                }
+                work = state.work.take();
+            }
+            if work.is_none() {
+                notified.await;
+            }
+        }
+    }
+
+    async fn drive(&self, work: Work) -> Outcome {
+        let mut driver = Driver {
+            flight: &self.flight,
+            work: Some(work),
+        };
+        let landed = poll_fn(|cx| driver.poll_work(cx)).await;
+        self.finish(landed.shared.clone());
+        Outcome {
+            shared: landed.shared,
+            own: landed.own,
+            store_error: landed.store_error,
+        }
+    }
+
+    fn finish(&self, shared: Shared) {
+        let removed = self.table.remove_if_current(&self.key, &self.flight);
+        {
+            let mut state = lock(&self.flight.state);
+            state.result = Some(shared);
+            state.ended = true;
+        }
+        self.flight.notify.notify_waiters();
+        drop(removed);
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        {
+            let mut state = lock(&self.flight.state);
+            if state.ended || state.waiters > 1 {
+                state.waiters -= 1;
+                return;
+            }
+        }
+        // Possibly the last waiter of an unfinished flight: decide under the table lock
+        // so that no request joins the flight while it is being cancelled.
+        let mut shard = self.table.shard(&self.key);
+        let mut state = lock(&self.flight.state);
+        state.waiters -= 1;
+        if state.ended || state.waiters > 0 {
+            return;
+        }
+        state.ended = true;
+        let work = state.work.take();
+        drop(state);
+        let removed = shard
+            .get(&*self.key)
+            .is_some_and(|entry| entry.id == self.flight.id)
+            .then(|| shard.remove(&*self.key));
+        drop(shard);
+        drop(removed);
+        // Cancels the inner call, outside every lock: its destructors may do anything.
+        drop(work);
+    }
+}
+
+/// Holds the work while a seat polls it; hands it back to the flight if the seat is
+/// dropped before the work completes.
+struct Driver<'a> {
+    flight: &'a Flight,
+    work: Option<Work>,
+}
+
+impl Driver<'_> {
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Landed> {
+        let Some(work) = self.work.as_mut() else {
+            return Poll::Ready(Landed {
+                shared: Shared::Failed,
+                own: Own::None,
+                store_error: false,
+            });
+        };
+        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(landed)) => {
+                self.work = None;
+                Poll::Ready(landed)
+            }
+            Err(payload) => {
+                let work = self.work.take();
+                // A future that panicked may panic again in its destructor.
+                let _ = catch_unwind(AssertUnwindSafe(|| drop(work)));
+                Poll::Ready(Landed {
+                    shared: Shared::Failed,
+                    own: Own::Panic(payload),
+                    store_error: false,
+                })
+            }
+        }
+    }
+}
+
+impl Drop for Driver<'_> {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            lock(&self.flight.state).work = Some(work);
+            self.flight.notify.notify_waiters();
+        }
+    }
+}
