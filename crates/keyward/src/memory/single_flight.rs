@@ -6,10 +6,7 @@
 //! An entry exists only while its flight is in progress, so the table is bounded by
 //! in-flight work. Lease expiry uses tokio's clock.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keyward_core::store::{FlightRole, Landing, SingleFlightStore, StoreError};
@@ -18,14 +15,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-
-const SHARDS: usize = 64;
-
-type Shard = Mutex<HashMap<Arc<str>, Lead>>;
+use crate::single_flight::keymap::ShardedMap;
 
 pub(super) struct FlightLeads {
-    shards: Box<[Shard]>,
-    hasher: RandomState,
+    leads: ShardedMap<Lead>,
     next_token: AtomicU64,
 }
 
@@ -47,25 +40,16 @@ impl Lead {
 impl FlightLeads {
     pub(super) fn new() -> Self {
         FlightLeads {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            leads: ShardedMap::new(),
             next_token: AtomicU64::new(1),
         }
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Arc<str>, Lead>> {
-        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
-        // Every critical section is a single insert/remove/lookup: a poisoned lock holds a
-        // consistent map.
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn lead(&self, key: &ScopedKey, lease: Duration) -> FlightRole {
         let now = Instant::now();
-        let mut shard = self.shard(key.storage_key());
-        if let Some(lead) = shard.get(key.storage_key()) {
+        let key = self.leads.key(key.shared_storage_key());
+        let mut shard = self.leads.shard(&key);
+        if let Some(lead) = shard.get(&key) {
             if lead.expires_at > now {
                 return FlightRole::Follower;
             }
@@ -76,7 +60,7 @@ impl FlightLeads {
             expires_at: now + lease,
             landing: None,
         };
-        let expired = shard.insert(key.shared_storage_key(), lead);
+        let expired = shard.insert(key, lead);
         drop(shard);
         if let Some(expired) = expired {
             expired.land(Landing::Failed);
@@ -84,10 +68,11 @@ impl FlightLeads {
         FlightRole::Leader(token)
     }
 
-    fn land(&self, key: &str, token: FencingToken, landing: Landing) {
-        let mut shard = self.shard(key);
-        if shard.get(key).is_some_and(|lead| lead.token == token) {
-            let lead = shard.remove(key);
+    fn land(&self, key: &ScopedKey, token: FencingToken, landing: Landing) {
+        let key = self.leads.key(key.shared_storage_key());
+        let mut shard = self.leads.shard(&key);
+        if shard.get(&key).is_some_and(|lead| lead.token == token) {
+            let lead = shard.remove(&key);
             drop(shard);
             if let Some(lead) = lead {
                 lead.land(landing);
@@ -98,8 +83,9 @@ impl FlightLeads {
     async fn wait(&self, key: &ScopedKey, max: Duration) -> Option<Landing> {
         let now = Instant::now();
         let (mut receiver, deadline) = {
-            let mut shard = self.shard(key.storage_key());
-            let lead = shard.get_mut(key.storage_key())?;
+            let key = self.leads.key(key.shared_storage_key());
+            let mut shard = self.leads.shard(&key);
+            let lead = shard.get_mut(&key)?;
             if lead.expires_at <= now {
                 // Its leader died without landing; the next `lead` takes over.
                 return Some(Landing::Failed);
@@ -117,10 +103,7 @@ impl FlightLeads {
 
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().map(|map| map.len()).unwrap_or(0))
-            .sum()
+        self.leads.len()
     }
 }
 
@@ -135,16 +118,12 @@ impl SingleFlightStore for MemoryStore {
         token: FencingToken,
         landing: Landing,
     ) -> Result<(), StoreError> {
-        self.inner
-            .single_flight
-            .land(key.storage_key(), token, landing);
+        self.inner.single_flight.land(key, token, landing);
         Ok(())
     }
 
     fn abandon_detached(&self, key: ScopedKey, token: FencingToken) {
-        self.inner
-            .single_flight
-            .land(key.storage_key(), token, Landing::Failed);
+        self.inner.single_flight.land(&key, token, Landing::Failed);
     }
 
     async fn wait(&self, key: &ScopedKey, max: Duration) -> Result<Option<Landing>, StoreError> {
@@ -160,6 +139,7 @@ mod tests {
     use http::{HeaderMap, StatusCode};
     use keyward_core::store::StoredResponse;
     use keyward_core::{Key, Scope};
+    use std::sync::Arc;
 
     fn key(k: &str) -> ScopedKey {
         ScopedKey::new("flight", "r", Scope::Unscoped, Key::from(k))

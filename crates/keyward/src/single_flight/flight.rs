@@ -10,9 +10,7 @@
 //! they reach the driver's caller as a failure instead of poisoning the flight.
 
 use std::any::Any;
-use std::collections::HashMap;
 use std::future::{Future, poll_fn};
-use std::hash::{BuildHasher, RandomState};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,7 +20,7 @@ use std::task::{Context, Poll};
 use keyward_core::store::StoredResponse;
 use tokio::sync::Notify;
 
-const SHARDS: usize = 32;
+use super::keymap::{HashedKey, ShardedMap};
 
 /// The shared work of a flight.
 pub(crate) type Work = Pin<Box<dyn Future<Output = Landed> + Send>>;
@@ -62,12 +60,9 @@ pub(crate) enum Own {
 /// The in-process flights of one `SingleFlight` service and its clones. An entry lives
 /// from the moment its leader joins until the flight ends or its last waiter leaves.
 pub(crate) struct FlightTable {
-    shards: Box<[Shard]>,
-    hasher: RandomState,
+    flights: ShardedMap<Arc<Flight>>,
     next_id: AtomicU64,
 }
-
-type Shard = Mutex<HashMap<Arc<str>, Arc<Flight>>>;
 
 struct Flight {
     id: u64,
@@ -88,7 +83,7 @@ struct State {
 /// an unfinished flight cancels it.
 pub(crate) struct Seat {
     table: Arc<FlightTable>,
-    key: Arc<str>,
+    key: HashedKey,
     flight: Arc<Flight>,
 }
 
@@ -118,20 +113,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl FlightTable {
     pub(crate) fn new() -> Self {
         FlightTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            flights: ShardedMap::new(),
             next_id: AtomicU64::new(1),
         }
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, HashMap<Arc<str>, Arc<Flight>>> {
-        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
-        lock(&self.shards[index])
-    }
-
     /// Joins the flight in progress under `key`, or starts one.
     pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined {
-        let mut shard = self.shard(&key);
+        let key = self.flights.key(key);
+        let mut shard = self.flights.shard(&key);
         if let Some(flight) = shard.get(&key) {
             // Entries are removed (under this lock) as their flight ends, so a flight
             // found here is live.
@@ -163,11 +153,11 @@ impl FlightTable {
 
     /// Flights in progress.
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|shard| lock(shard).len()).sum()
+        self.flights.len()
     }
 
-    fn remove_if_current(&self, key: &str, flight: &Flight) -> Option<Arc<Flight>> {
-        let mut shard = self.shard(key);
+    fn remove_if_current(&self, key: &HashedKey, flight: &Flight) -> Option<Arc<Flight>> {
+        let mut shard = self.flights.shard(key);
         if shard.get(key).is_some_and(|entry| entry.id == flight.id) {
             shard.remove(key)
         } else {
@@ -221,12 +211,17 @@ impl Seat {
 
     fn finish(&self, shared: Shared) {
         let removed = self.table.remove_if_current(&self.key, &self.flight);
-        {
+        let others_wait = {
             let mut state = lock(&self.flight.state);
             state.result = Some(shared);
             state.ended = true;
+            // Joins happen under the table lock, and the flight has left the table: the
+            // count cannot grow any more.
+            state.waiters > 1
+        };
+        if others_wait {
+            self.flight.notify.notify_waiters();
         }
-        self.flight.notify.notify_waiters();
         drop(removed);
     }
 }
@@ -242,7 +237,7 @@ impl Drop for Seat {
         }
         // Possibly the last waiter of an unfinished flight: decide under the table lock
         // so that no request joins the flight while it is being cancelled.
-        let mut shard = self.table.shard(&self.key);
+        let mut shard = self.table.flights.shard(&self.key);
         let mut state = lock(&self.flight.state);
         state.waiters -= 1;
         if state.ended || state.waiters > 0 {
@@ -252,9 +247,9 @@ impl Drop for Seat {
         let work = state.work.take();
         drop(state);
         let removed = shard
-            .get(&*self.key)
+            .get(&self.key)
             .is_some_and(|entry| entry.id == self.flight.id)
-            .then(|| shard.remove(&*self.key));
+            .then(|| shard.remove(&self.key));
         drop(shard);
         drop(removed);
         // Cancels the inner call, outside every lock: its destructors may do anything.

@@ -76,6 +76,7 @@
 
 mod flight;
 mod future;
+pub(crate) mod keymap;
 mod layer;
 mod service;
 mod work;

@@ -181,7 +181,7 @@ where
     RB::Error: Send + 'static,
     St: SingleFlightStore,
 {
-    let started = Instant::now();
+    let mut started = None;
     let mut ready = true;
     for _ in 0..MAX_ELECTIONS {
         if !ready {
@@ -210,7 +210,6 @@ where
                     (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
                     // The flight followed a leader on another instance.
                     (Own::None, Shared::Response(stored)) => {
-                        record_wait(started);
                         record(SingleFlightOutcome::Follower);
                         return Ok(copy(&stored));
                     }
@@ -229,6 +228,7 @@ where
                 // may never call the inner service.
                 svc = svc.clone();
                 ready = false;
+                let started = *started.get_or_insert_with(Instant::now);
                 let outcome = seat.run(None).await;
                 drop(seat);
                 record_wait(started);

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use keyward_core::store::{
     FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
 };
+use keyward_core::telemetry::FIELD_WAIT_SECONDS;
 use keyward_core::{FencingToken, KeywardBody, ScopedKey};
 use tower_service::Service;
 
@@ -67,7 +68,11 @@ where
             });
             break;
         }
-        match settings.store.wait(&settings.key, settings.lease).await {
+        let waiting = tokio::time::Instant::now();
+        let landing = settings.store.wait(&settings.key, settings.lease).await;
+        // This work runs in its leader's span: the wait for the remote leader is its wait.
+        tracing::Span::current().record(FIELD_WAIT_SECONDS, waiting.elapsed().as_secs_f64());
+        match landing {
             Ok(Some(Landing::Response(response))) => {
                 return Landed {
                     shared: Shared::Response(response),
@@ -241,32 +246,40 @@ where
     }
 }
 
-/// Body chunks read so far; one chunk (the common case) is kept without a copy.
+/// Body chunks read so far; one chunk (the common case) is kept without a copy or an
+/// allocation.
 #[derive(Default)]
 struct Chunks {
-    chunks: Vec<Bytes>,
+    first: Option<Bytes>,
+    more: Vec<Bytes>,
     len: usize,
 }
 
 impl Chunks {
     fn push(&mut self, data: Bytes) {
-        if !data.is_empty() {
-            self.len += data.len();
-            self.chunks.push(data);
+        if data.is_empty() {
+            return;
+        }
+        self.len += data.len();
+        if self.first.is_none() {
+            self.first = Some(data);
+        } else {
+            self.more.push(data);
         }
     }
 
-    fn into_bytes(mut self) -> Bytes {
-        match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.pop().unwrap_or_default(),
-            _ => {
-                let mut out = BytesMut::with_capacity(self.len);
-                for chunk in self.chunks {
-                    out.extend_from_slice(&chunk);
-                }
-                out.freeze()
-            }
+    fn into_bytes(self) -> Bytes {
+        let Some(first) = self.first else {
+            return Bytes::new();
+        };
+        if self.more.is_empty() {
+            return first;
         }
+        let mut out = BytesMut::with_capacity(self.len);
+        out.extend_from_slice(&first);
+        for chunk in self.more {
+            out.extend_from_slice(&chunk);
+        }
+        out.freeze()
     }
 }
