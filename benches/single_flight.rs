@@ -85,10 +85,8 @@ where
                 }
             }
         }
-        if std::mem::take(&mut first_pass) {
-            if let Some(release) = release {
-                release.notify_one();
-            }
+        if let (true, Some(release)) = (std::mem::take(&mut first_pass), release) {
+            release.notify_one();
         }
         if pending {
             Poll::Pending

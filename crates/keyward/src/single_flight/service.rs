@@ -158,8 +158,11 @@ fn copy<RB: Body>(stored: &StoredResponse) -> Response<KeywardBody<RB>> {
     let body = KeywardBody::full_with_trailers(stored.body.clone(), stored.trailers.clone());
     let mut response = Response::new(body);
     *response.status_mut() = stored.status;
+    // The shared headers already carry `Keyward-Coalesced` (see `work`): a plain clone.
     *response.headers_mut() = stored.headers.clone();
-    mark_coalesced(&mut response);
+    if !response.headers().contains_key(COALESCED) {
+        mark_coalesced(&mut response);
+    }
     response
 }
 
@@ -228,10 +231,15 @@ where
                 // may never call the inner service.
                 svc = svc.clone();
                 ready = false;
-                let started = *started.get_or_insert_with(Instant::now);
+                // No clock reads when nobody records the span.
+                if started.is_none() && !Span::current().is_disabled() {
+                    started = Some(Instant::now());
+                }
                 let outcome = seat.run(None).await;
                 drop(seat);
-                record_wait(started);
+                if let Some(started) = started {
+                    record_wait(started);
+                }
                 if let Own::Typed(own) = outcome.own {
                     // This follower drove the leader's work to its end after the leader
                     // left: the (possibly streaming) response is its own.
@@ -252,7 +260,9 @@ where
                         tracing::debug!("single flight: response over max_body, calling inner");
                         poll_fn(|cx| svc.poll_ready(cx)).await?;
                         record(SingleFlightOutcome::Leader);
-                        let response = svc.call(req).await?;
+                        // Boxed: every follower's future would otherwise reserve room
+                        // for an inner future it almost never runs.
+                        let response = Box::pin(svc.call(req)).await?;
                         return Ok(response.map(KeywardBody::inner));
                     }
                     Shared::StoreUnavailable => return Ok(store_unavailable()),
