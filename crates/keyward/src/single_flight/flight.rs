@@ -89,10 +89,15 @@ pub(crate) struct Seat {
 
 /// The outcome of [`FlightTable::join`].
 pub(crate) enum Joined {
-    /// The caller starts the flight and must drive the work it makes.
+    /// The caller starts the flight: it must [`Seat::start`] it with its work at once.
     Leader(Seat),
     /// The caller waits for a flight in progress.
     Follower(Seat),
+}
+
+enum Step {
+    Drive(Work),
+    Done(Outcome),
 }
 
 /// How a seat's wait ended.
@@ -167,32 +172,47 @@ impl FlightTable {
 }
 
 impl Seat {
-    /// Waits for the flight to end, driving its work when it is this seat's turn: right
-    /// away with `work` (the leader), or when a driver leaves before the end.
-    pub(crate) async fn run(&self, mut work: Option<Work>) -> Outcome {
+    /// Parks the leader's work in the flight. Call it right after [`FlightTable::join`]
+    /// returned [`Joined::Leader`], before any await: from then on the work belongs to
+    /// the flight, whichever of its waiters polls first drives it, and it is dropped
+    /// only with the flight.
+    pub(crate) fn start(&self, work: Work) {
+        lock(&self.flight.state).work = Some(work);
+    }
+
+    /// Waits for the flight to end, driving its work whenever nobody else does (the
+    /// leader right away, a follower after a driver left before the end).
+    pub(crate) async fn run(&self) -> Outcome {
         loop {
-            if let Some(work) = work.take() {
-                return self.drive(work).await;
+            // Look before arming a notification: the leader finds its work at once and
+            // never touches the notifier.
+            match self.step() {
+                Some(Step::Drive(work)) => return self.drive(work).await,
+                Some(Step::Done(outcome)) => return outcome,
+                None => {}
             }
             let mut notified = pin!(self.flight.notify.notified());
-            // Armed before looking at the state, so that an end or a hand-over between
-            // the look and the await is not missed.
+            // Armed before looking again, so that an end or a hand-over between the look
+            // and the await is not missed.
             notified.as_mut().enable();
-            {
-                let mut state = lock(&self.flight.state);
-                if let Some(shared) = &state.result {
-                    return Outcome {
-                        shared: shared.clone(),
-                        own: Own::None,
-                        store_error: false,
-                    };
-                }
-                work = state.work.take();
-            }
-            if work.is_none() {
-                notified.await;
+            match self.step() {
+                Some(Step::Drive(work)) => return self.drive(work).await,
+                Some(Step::Done(outcome)) => return outcome,
+                None => notified.await,
             }
         }
+    }
+
+    fn step(&self) -> Option<Step> {
+        let mut state = lock(&self.flight.state);
+        if let Some(shared) = &state.result {
+            return Some(Step::Done(Outcome {
+                shared: shared.clone(),
+                own: Own::None,
+                store_error: false,
+            }));
+        }
+        state.work.take().map(Step::Drive)
     }
 
     async fn drive(&self, work: Work) -> Outcome {
@@ -232,6 +252,13 @@ impl Drop for Seat {
             let mut state = lock(&self.flight.state);
             if state.ended || state.waiters > 1 {
                 state.waiters -= 1;
+                // Work parked and undriven (its leader left before polling it): wake
+                // the others so that one of them drives it.
+                let parked = !state.ended && state.work.is_some();
+                drop(state);
+                if parked {
+                    self.flight.notify.notify_waiters();
+                }
                 return;
             }
         }
@@ -301,3 +328,7 @@ impl Drop for Driver<'_> {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "flight_tests.rs"]
+mod tests;

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use keyward_core::problem::{Problem, types};
 use keyward_core::store::{SingleFlightStore, StoredResponse};
@@ -158,11 +158,16 @@ fn copy<RB: Body>(stored: &StoredResponse) -> Response<KeywardBody<RB>> {
     let body = KeywardBody::full_with_trailers(stored.body.clone(), stored.trailers.clone());
     let mut response = Response::new(body);
     *response.status_mut() = stored.status;
-    // The shared headers already carry `Keyward-Coalesced` (see `work`): a plain clone.
-    *response.headers_mut() = stored.headers.clone();
-    if !response.headers().contains_key(COALESCED) {
-        mark_coalesced(&mut response);
-    }
+    // Sized up front: inserting into a plain clone would grow and rehash it.
+    let mut headers = HeaderMap::with_capacity(stored.headers.len() + 1);
+    headers.extend(
+        stored
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone())),
+    );
+    headers.insert(COALESCED, HeaderValue::from_static("true"));
+    *response.headers_mut() = headers;
     response
 }
 
@@ -203,7 +208,8 @@ where
                     on_store_error: config.on_store_error,
                 };
                 let work = flight_work(settings, svc, req).instrument(Span::current());
-                let outcome = seat.run(Some(Box::pin(work))).await;
+                seat.start(Box::pin(work));
+                let outcome = seat.run().await;
                 let store_error = outcome.store_error;
                 let response = match (outcome.own, outcome.shared) {
                     (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, S::Error>>() {
@@ -235,7 +241,7 @@ where
                 if started.is_none() && !Span::current().is_disabled() {
                     started = Some(Instant::now());
                 }
-                let outcome = seat.run(None).await;
+                let outcome = seat.run().await;
                 drop(seat);
                 if let Some(started) = started {
                     record_wait(started);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, SET_COOKIE};
+use http::header::SET_COOKIE;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -15,7 +15,6 @@ use keyward_core::telemetry::FIELD_WAIT_SECONDS;
 use keyward_core::{FencingToken, KeywardBody, ScopedKey};
 use tower_service::Service;
 
-use super::COALESCED;
 use super::flight::{Landed, Own, Shared};
 use super::layer::LeaderFailure;
 
@@ -231,9 +230,6 @@ where
     let mut headers = parts.headers.clone();
     // A cookie set for the leader's client is not the followers' to keep.
     headers.remove(SET_COOKIE);
-    // The shared copy is only ever served to followers: mark it once here rather than
-    // in every copy.
-    headers.insert(COALESCED, HeaderValue::from_static("true"));
     let shared = Arc::new(StoredResponse {
         status: parts.status,
         headers,
