@@ -10,13 +10,15 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use keyward::{MemoryStore, SingleFlightLayer};
-use keyward_core::{KeyExtractor, KeySpec, Scope, ScopedKey};
+use keyward_core::store::{FlightRole, Landing, SingleFlightStore, StoreError};
+use keyward_core::{FencingToken, KeyExtractor, KeySpec, Scope, ScopedKey};
 use tokio::sync::Notify;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -108,6 +110,24 @@ where
     bytes
 }
 
+/// A store that always grants the lead and forgets publications: isolates the cost of
+/// in-process coalescing from the store's own decision.
+#[derive(Clone)]
+struct NoopStore;
+
+impl SingleFlightStore for NoopStore {
+    async fn lead(&self, _: &ScopedKey, _: Duration) -> Result<FlightRole, StoreError> {
+        Ok(FlightRole::Leader(FencingToken(1)))
+    }
+    async fn publish(&self, _: &ScopedKey, _: FencingToken, _: Landing) -> Result<(), StoreError> {
+        Ok(())
+    }
+    fn abandon_detached(&self, _: ScopedKey, _: FencingToken) {}
+    async fn wait(&self, _: &ScopedKey, _: Duration) -> Result<Option<Landing>, StoreError> {
+        Ok(None)
+    }
+}
+
 fn leader_path(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -138,6 +158,13 @@ fn leader_path(c: &mut Criterion) {
     group.bench_function("single_flight_leader", |b| {
         b.to_async(&rt).iter(|| async {
             let response = layered.clone().oneshot(request()).await.unwrap();
+            response.into_body().collect().await.unwrap().to_bytes()
+        })
+    });
+    let noop_store = SingleFlightLayer::new(NoopStore).layer(bare());
+    group.bench_function("single_flight_leader_noop_store", |b| {
+        b.to_async(&rt).iter(|| async {
+            let response = noop_store.clone().oneshot(request()).await.unwrap();
             response.into_body().collect().await.unwrap().to_bytes()
         })
     });

@@ -19,11 +19,25 @@ use std::task::{Context, Poll};
 
 use keyward_core::store::StoredResponse;
 use tokio::sync::Notify;
+use tracing::Span;
 
 use super::keymap::{HashedKey, ShardedMap};
 
-/// The shared work of a flight.
-pub(crate) type Work = Pin<Box<dyn Future<Output = Landed> + Send>>;
+/// The shared work of a flight, and the span of the request that started it: whoever
+/// drives the work polls it inside that span.
+pub(crate) struct Work {
+    future: Pin<Box<dyn Future<Output = Landed> + Send>>,
+    span: Span,
+}
+
+impl Work {
+    pub(crate) fn new(future: impl Future<Output = Landed> + Send + 'static, span: Span) -> Self {
+        Work {
+            future: Box::pin(future),
+            span,
+        }
+    }
+}
 
 /// What every waiter of a flight learns when it ends.
 #[derive(Clone, Debug)]
@@ -300,7 +314,11 @@ impl Driver<'_> {
                 store_error: false,
             });
         };
-        match catch_unwind(AssertUnwindSafe(|| work.as_mut().poll(cx))) {
+        let polled = {
+            let _entered = work.span.enter();
+            catch_unwind(AssertUnwindSafe(|| work.future.as_mut().poll(cx)))
+        };
+        match polled {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(landed)) => {
                 self.work = None;

@@ -127,7 +127,7 @@ proptest! {
                                 finished: false,
                             };
                             flights.push(model);
-                            (seat, Some(Box::pin(probe) as Work))
+                            (seat, Some(Work::new(probe, tracing::Span::none())))
                         }
                         Joined::Follower(seat) => (seat, None),
                     };

@@ -7,6 +7,7 @@ use http::Response;
 use http_body::Body;
 use keyward_core::{KeywardBody, Problem};
 use pin_project_lite::pin_project;
+use tracing::Span;
 
 type Coalesced<RB, E> = Pin<Box<dyn Future<Output = Result<Response<KeywardBody<RB>>, E>> + Send>>;
 
@@ -25,7 +26,8 @@ pin_project! {
         Passthrough { #[pin] future: F },
         // Rejected before any work.
         Problem { problem: Problem },
-        Coalesced { future: Coalesced<RB, E> },
+        // Polled inside the request's `keyward.single_flight` span.
+        Coalesced { future: Coalesced<RB, E>, span: Span },
     }
 }
 
@@ -42,9 +44,9 @@ impl<F, RB: Body, E> ResponseFuture<F, RB, E> {
         }
     }
 
-    pub(crate) fn coalesced(future: Coalesced<RB, E>) -> Self {
+    pub(crate) fn coalesced(future: Coalesced<RB, E>, span: Span) -> Self {
         ResponseFuture {
-            kind: Kind::Coalesced { future },
+            kind: Kind::Coalesced { future, span },
         }
     }
 }
@@ -65,7 +67,10 @@ where
             KindProj::Problem { problem } => {
                 Poll::Ready(Ok(problem.clone().into_response().map(KeywardBody::full)))
             }
-            KindProj::Coalesced { future } => future.as_mut().poll(cx),
+            KindProj::Coalesced { future, span } => {
+                let _entered = span.enter();
+                future.as_mut().poll(cx)
+            }
         }
     }
 }

@@ -14,10 +14,10 @@ use keyward_core::telemetry::{FIELD_OUTCOME, FIELD_WAIT_SECONDS, SingleFlightOut
 use keyward_core::{KeyExtractor, KeySpec, KeywardBody, Scope, ScopedKey};
 use tokio::time::Instant;
 use tower_service::Service;
-use tracing::{Instrument, Span};
+use tracing::Span;
 
 use super::COALESCED;
-use super::flight::{FlightTable, Joined, Own, Shared};
+use super::flight::{FlightTable, Joined, Own, Shared, Work};
 use super::future::ResponseFuture;
 use super::layer::{Config, LeaderFailure};
 use super::work::{OwnResult, WorkSettings, flight_work};
@@ -109,7 +109,7 @@ where
             keyward.wait_seconds = tracing::field::Empty,
         );
         let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
-        ResponseFuture::coalesced(Box::pin(future.instrument(span)))
+        ResponseFuture::coalesced(Box::pin(future), span)
     }
 }
 
@@ -207,8 +207,7 @@ where
                     on_leader_failure: config.on_leader_failure,
                     on_store_error: config.on_store_error,
                 };
-                let work = flight_work(settings, svc, req).instrument(Span::current());
-                seat.start(Box::pin(work));
+                seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
                 let outcome = seat.run().await;
                 let store_error = outcome.store_error;
                 let response = match (outcome.own, outcome.shared) {
