@@ -88,6 +88,10 @@ struct Flight {
 struct State {
     /// The work while nobody drives it (`None` while a driver holds it, or once done).
     work: Option<Work>,
+    /// The parked work is the leader's until the leader first polls it or leaves:
+    /// followers never start it behind the leader's back (the leader alone can answer
+    /// for its own error or oversize response).
+    reserved: bool,
     result: Option<Shared>,
     waiters: usize,
     ended: bool,
@@ -99,6 +103,7 @@ pub(crate) struct Seat {
     table: Arc<FlightTable>,
     key: HashedKey,
     flight: Arc<Flight>,
+    leader: bool,
 }
 
 /// The outcome of [`FlightTable::join`].
@@ -151,6 +156,7 @@ impl FlightTable {
                 table: self.clone(),
                 key,
                 flight,
+                leader: false,
             });
         }
         let flight = Arc::new(Flight {
@@ -167,6 +173,7 @@ impl FlightTable {
             table: self.clone(),
             key,
             flight,
+            leader: true,
         })
     }
 
@@ -191,7 +198,9 @@ impl Seat {
     /// the flight, whichever of its waiters polls first drives it, and it is dropped
     /// only with the flight.
     pub(crate) fn start(&self, work: Work) {
-        lock(&self.flight.state).work = Some(work);
+        let mut state = lock(&self.flight.state);
+        state.work = Some(work);
+        state.reserved = true;
     }
 
     /// Waits for the flight to end, driving its work whenever nobody else does (the
@@ -226,6 +235,10 @@ impl Seat {
                 store_error: false,
             }));
         }
+        if state.reserved && !self.leader {
+            return None;
+        }
+        state.reserved = false;
         state.work.take().map(Step::Drive)
     }
 
@@ -266,6 +279,9 @@ impl Drop for Seat {
             let mut state = lock(&self.flight.state);
             if state.ended || state.waiters > 1 {
                 state.waiters -= 1;
+                if self.leader {
+                    state.reserved = false;
+                }
                 // Work parked and undriven (its leader left before polling it): wake
                 // the others so that one of them drives it.
                 let parked = !state.ended && state.work.is_some();
@@ -281,7 +297,17 @@ impl Drop for Seat {
         let mut shard = self.table.flights.shard(&self.key);
         let mut state = lock(&self.flight.state);
         state.waiters -= 1;
+        if self.leader {
+            state.reserved = false;
+        }
         if state.ended || state.waiters > 0 {
+            // Others joined or left meanwhile: as above.
+            let parked = !state.ended && state.work.is_some();
+            drop(state);
+            drop(shard);
+            if parked {
+                self.flight.notify.notify_waiters();
+            }
             return;
         }
         state.ended = true;

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -18,6 +18,7 @@ use super::*;
 
 /// Shared work that completes once `done` is set, and notes being dropped unfinished.
 struct Probe {
+    polls: Arc<AtomicUsize>,
     done: Arc<AtomicBool>,
     cancelled: Arc<AtomicBool>,
     finished: bool,
@@ -27,6 +28,7 @@ impl Future for Probe {
     type Output = Landed;
 
     fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Landed> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
         if !self.done.load(Ordering::SeqCst) {
             return Poll::Pending;
         }
@@ -53,6 +55,9 @@ impl Drop for Probe {
 }
 
 struct FlightModel {
+    polls: Arc<AtomicUsize>,
+    /// Index of the leader's request while it has not been polled nor dropped.
+    unpolled_leader: Option<usize>,
     done: Arc<AtomicBool>,
     cancelled: Arc<AtomicBool>,
     /// Some member's future returned `Ready`.
@@ -83,6 +88,10 @@ fn op() -> impl Strategy<Value = Op> {
 
 fn check(table: &FlightTable, flights: &[FlightModel], requests: &[Option<Request>]) {
     for (index, flight) in flights.iter().enumerate() {
+        // Followers never start the work while its leader is there and has not.
+        if flight.unpolled_leader.is_some() {
+            assert_eq!(flight.polls.load(Ordering::SeqCst), 0, "flight {index}");
+        }
         let members = requests
             .iter()
             .flatten()
@@ -117,11 +126,14 @@ proptest! {
                     let (seat, work) = match table.join(key.clone()) {
                         Joined::Leader(seat) => {
                             let model = FlightModel {
+                                polls: Arc::new(AtomicUsize::new(0)),
+                                unpolled_leader: Some(requests.len()),
                                 done: Arc::new(AtomicBool::new(false)),
                                 cancelled: Arc::new(AtomicBool::new(false)),
                                 landed: false,
                             };
                             let probe = Probe {
+                                polls: model.polls.clone(),
                                 done: model.done.clone(),
                                 cancelled: model.cancelled.clone(),
                                 finished: false,
@@ -138,6 +150,11 @@ proptest! {
                     requests.push(Some(Request { future, flight: flights.len() - 1 }));
                 }
                 Op::Poll(i) => {
+                    for flight in &mut flights {
+                        if flight.unpolled_leader == Some(i) {
+                            flight.unpolled_leader = None;
+                        }
+                    }
                     if let Some(slot) = requests.get_mut(i) {
                         if let Some(request) = slot.as_mut() {
                             if let Poll::Ready(outcome) = request.future.as_mut().poll(&mut cx) {
@@ -149,6 +166,11 @@ proptest! {
                     }
                 }
                 Op::Drop(i) => {
+                    for flight in &mut flights {
+                        if flight.unpolled_leader == Some(i) {
+                            flight.unpolled_leader = None;
+                        }
+                    }
                     if let Some(slot) = requests.get_mut(i) {
                         *slot = None;
                     }

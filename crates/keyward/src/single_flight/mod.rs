@@ -5,8 +5,9 @@
 //! a response). While a request with a key is in flight, later requests with the same
 //! key do not reach the inner service: they wait and receive a copy of the leader's
 //! response (status, headers except `Set-Cookie`, body and trailers) with the header
-//! `Keyward-Coalesced: true`. Once the flight ends, the next request starts a new one:
-//! this is coalescing, not caching.
+//! `Keyward-Coalesced: true`. Response extensions are not copied (they need not be
+//! `Clone`). Once the flight ends, the next request starts a new one: this is
+//! coalescing, not caching.
 //!
 //! - **Leader cancelled.** The shared work is polled by whoever waits for it, not by a
 //!   spawned task: if the leader's client goes away, a follower takes over polling and
@@ -23,7 +24,12 @@
 //! - **Other instances.** Only the one request per process that drives a flight talks to
 //!   the store ([`SingleFlightStore`](keyward_core::store::SingleFlightStore)): it leads
 //!   the key there, or waits for the remote leader's landing and shares it with its local
-//!   followers. Followers in-process never cost a store round trip.
+//!   followers. Followers in-process never cost a store round trip; a flight costs two
+//!   (lead, publish). Two layers sharing one `MemoryStore` coalesce with each other the
+//!   same way. If the store fails, [`OnStoreError::Closed`](keyward_core::store::OnStoreError)
+//!   answers 503 to the flight, `Open` coalesces in-process only.
+//! - **Coalescing is not exactly-once.** A request arriving just as a flight lands may
+//!   start the next flight; use `IdempotencyLayer` where running twice matters.
 //! - **Memory.** The table of flights holds an entry only while its flight is in
 //!   progress ([`SingleFlight::flights_in_progress`]).
 //!
