@@ -6,6 +6,7 @@
 //! An entry exists only while its flight is in progress, so the table is bounded by
 //! in-flight work. Lease expiry uses tokio's clock.
 
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -49,18 +50,21 @@ impl FlightLeads {
         let now = Instant::now();
         let key = self.leads.key(key.shared_storage_key());
         let mut shard = self.leads.shard(&key);
-        if let Some(lead) = shard.get(&key) {
-            if lead.expires_at > now {
-                return FlightRole::Follower;
-            }
-        }
-        let token = FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed));
-        let lead = Lead {
-            token,
+        let new_lead = || Lead {
+            token: FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed)),
             expires_at: now + lease,
             landing: None,
         };
-        let expired = shard.insert(key, lead);
+        let (token, expired) = match shard.entry(key) {
+            Entry::Occupied(entry) if entry.get().expires_at > now => {
+                return FlightRole::Follower;
+            }
+            Entry::Occupied(mut entry) => {
+                let lead = new_lead();
+                (lead.token, Some(entry.insert(lead)))
+            }
+            Entry::Vacant(entry) => (entry.insert(new_lead()).token, None),
+        };
         drop(shard);
         if let Some(expired) = expired {
             expired.land(Landing::Failed);
@@ -71,13 +75,12 @@ impl FlightLeads {
     fn land(&self, key: &ScopedKey, token: FencingToken, landing: Landing) {
         let key = self.leads.key(key.shared_storage_key());
         let mut shard = self.leads.shard(&key);
-        if shard.get(&key).is_some_and(|lead| lead.token == token) {
-            let lead = shard.remove(&key);
-            drop(shard);
-            if let Some(lead) = lead {
-                lead.land(landing);
-            }
-        }
+        let lead = match shard.entry(key) {
+            Entry::Occupied(entry) if entry.get().token == token => entry.remove(),
+            _ => return,
+        };
+        drop(shard);
+        lead.land(landing);
     }
 
     async fn wait(&self, key: &ScopedKey, max: Duration) -> Option<Landing> {
