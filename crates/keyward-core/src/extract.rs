@@ -357,20 +357,29 @@ fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
 }
 
 fn method_uri<B>(req: &Request<B>) -> String {
-    let mut pairs: Vec<&str> = req
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .collect();
-    pairs.sort_unstable();
-    let mut out = format!("{} {}", req.method(), req.uri().path());
-    if !pairs.is_empty() {
-        out.push('?');
-        out.push_str(&pairs.join("&"));
+    let (method, path) = (req.method().as_str(), req.uri().path());
+    let query = req.uri().query().unwrap_or("");
+    let mut out = String::with_capacity(method.len() + path.len() + query.len() + 2);
+    out.push_str(method);
+    out.push(' ');
+    out.push_str(path);
+    let pairs = || query.split('&').filter(|pair| !pair.is_empty());
+    // Most queries are empty or already sorted: sort (and allocate) only when needed.
+    if pairs().is_sorted() {
+        push_pairs(&mut out, pairs());
+    } else {
+        let mut sorted: Vec<&str> = pairs().collect();
+        sorted.sort_unstable();
+        push_pairs(&mut out, sorted.into_iter());
     }
     out
+}
+
+fn push_pairs<'a>(out: &mut String, pairs: impl Iterator<Item = &'a str>) {
+    for (i, pair) in pairs.enumerate() {
+        out.push(if i == 0 { '?' } else { '&' });
+        out.push_str(pair);
+    }
 }
 
 fn query_value(query: &str, name: &str) -> Option<String> {
@@ -471,6 +480,10 @@ mod tests {
         let b = KeySpec::MethodUri.extract(&get("/x?a=1&b=2")).unwrap();
         assert_eq!(a, b);
         assert_eq!(a, Some(Key::from("GET /x?a=1&b=2")));
+        let sparse = KeySpec::MethodUri.extract(&get("/x?&b=2&&a=1&")).unwrap();
+        assert_eq!(sparse, a);
+        let bare = KeySpec::MethodUri.extract(&get("/x?")).unwrap();
+        assert_eq!(bare, Some(Key::from("GET /x")));
     }
 
     #[test]

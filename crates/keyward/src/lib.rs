@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`IdempotencyLayer`] | a retried request takes effect once; the retry gets the first response |
 //! | [`QuotaLayer`] | each key gets `limit` requests per `per` (GCRA, burst), with IETF RateLimit headers |
+//! | [`SingleFlightLayer`] | concurrent identical requests share one inner call (`Keyward-Coalesced: true`) |
 //! | [`PerKeySerialLayer`] | at most one request per key runs at a time, FIFO, with fencing tokens |
 //!
 //! Stores: [`MemoryStore`] (feature `memory`, default) for one process; `RedisStore`
@@ -23,6 +24,7 @@ pub mod idempotency;
 mod memory;
 pub mod quota;
 pub mod serial;
+pub mod single_flight;
 
 pub use idempotency::{IdempotencyLayer, OnInFlight};
 pub use keyward_core::store::OnStoreError;
@@ -33,6 +35,7 @@ pub use keyward_redis::{BuildError as RedisBuildError, RedisStore, RedisStoreBui
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 pub use quota::QuotaLayer;
 pub use serial::{PerKeySerial, PerKeySerialLayer};
+pub use single_flight::{LeaderFailure, SingleFlightLayer};
 
 /// The core types, re-exported.
 pub use keyward_core as core;

@@ -7,10 +7,12 @@
 mod idempotency;
 mod quota;
 mod serial;
+mod single_flight;
 
 pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
 pub use quota::QuotaStore;
 pub use serial::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};
+pub use single_flight::{FlightRole, Landing, SingleFlightStore};
 
 use std::time::Duration;
 

@@ -3,6 +3,7 @@
 mod idempotency;
 mod quota;
 mod serial;
+mod single_flight;
 
 use std::fmt;
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use idempotency::IdempotencyTable;
 use quota::QuotaTable;
 use serial::SerialTable;
+use single_flight::FlightLeads;
 
 /// A store for one process: every layer's records live in bounded in-memory tables
 /// (moka caches with per-entry expiry where records expire; plain maps where entries
@@ -34,6 +36,7 @@ struct Inner {
     idempotency: IdempotencyTable,
     serial: SerialTable,
     quota: QuotaTable,
+    single_flight: FlightLeads,
 }
 
 impl MemoryStore {
@@ -94,6 +97,7 @@ impl MemoryStoreBuilder {
                 idempotency: IdempotencyTable::new(self.max_response_bytes),
                 serial: SerialTable::new(),
                 quota: QuotaTable::new(self.max_quota_keys),
+                single_flight: FlightLeads::new(),
             }),
         }
     }

@@ -1,0 +1,245 @@
+//! Single-flight leads in memory.
+//!
+//! Inside one `SingleFlightLayer` requests coalesce without the store; this table is what
+//! lets several layers (or services built by separate `layer` calls) sharing one
+//! `MemoryStore` coalesce with each other, exactly like instances sharing a Redis store.
+//! An entry exists only while its flight is in progress, so the table is bounded by
+//! in-flight work. Lease expiry uses tokio's clock.
+
+use std::collections::hash_map::Entry;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keyward_core::store::{FlightRole, Landing, SingleFlightStore, StoreError};
+use keyward_core::{FencingToken, ScopedKey};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::MemoryStore;
+use crate::single_flight::keymap::ShardedMap;
+
+pub(super) struct FlightLeads {
+    leads: ShardedMap<Lead>,
+    next_token: AtomicU64,
+}
+
+struct Lead {
+    token: FencingToken,
+    expires_at: Instant,
+    /// Created by the first waiter only: a flight nobody waits for costs no channel.
+    landing: Option<watch::Sender<Option<Landing>>>,
+}
+
+impl Lead {
+    fn land(self, landing: Landing) {
+        if let Some(sender) = self.landing {
+            sender.send_replace(Some(landing));
+        }
+    }
+}
+
+impl FlightLeads {
+    pub(super) fn new() -> Self {
+        FlightLeads {
+            leads: ShardedMap::new(),
+            next_token: AtomicU64::new(1),
+        }
+    }
+
+    fn lead(&self, key: &ScopedKey, lease: Duration) -> FlightRole {
+        let now = Instant::now();
+        let key = self.leads.key(key.shared_storage_key());
+        let mut shard = self.leads.shard(&key);
+        let new_lead = || Lead {
+            token: FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed)),
+            expires_at: now + lease,
+            landing: None,
+        };
+        let (token, expired) = match shard.entry(key) {
+            Entry::Occupied(entry) if entry.get().expires_at > now => {
+                return FlightRole::Follower;
+            }
+            Entry::Occupied(mut entry) => {
+                let lead = new_lead();
+                (lead.token, Some(entry.insert(lead)))
+            }
+            Entry::Vacant(entry) => (entry.insert(new_lead()).token, None),
+        };
+        drop(shard);
+        if let Some(expired) = expired {
+            expired.land(Landing::Failed);
+        }
+        FlightRole::Leader(token)
+    }
+
+    fn land(&self, key: &ScopedKey, token: FencingToken, landing: Landing) {
+        let key = self.leads.key(key.shared_storage_key());
+        let mut shard = self.leads.shard(&key);
+        let lead = match shard.entry(key) {
+            Entry::Occupied(entry) if entry.get().token == token => entry.remove(),
+            _ => return,
+        };
+        drop(shard);
+        lead.land(landing);
+    }
+
+    async fn wait(&self, key: &ScopedKey, max: Duration) -> Option<Landing> {
+        let now = Instant::now();
+        let (mut receiver, deadline) = {
+            let key = self.leads.key(key.shared_storage_key());
+            let mut shard = self.leads.shard(&key);
+            let lead = shard.get_mut(&key)?;
+            if lead.expires_at <= now {
+                // Its leader died without landing; the next `lead` takes over.
+                return Some(Landing::Failed);
+            }
+            let sender = lead.landing.get_or_insert_with(|| watch::channel(None).0);
+            (sender.subscribe(), lead.expires_at.min(now + max))
+        };
+        let landed = tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await;
+        match landed {
+            Ok(Ok(landing)) => Some(landing.clone().unwrap_or(Landing::Failed)),
+            // Timed out, or the lead was dropped without landing.
+            Ok(Err(_)) | Err(_) => Some(Landing::Failed),
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        self.leads.len()
+    }
+}
+
+impl SingleFlightStore for MemoryStore {
+    async fn lead(&self, key: &ScopedKey, lease: Duration) -> Result<FlightRole, StoreError> {
+        Ok(self.inner.single_flight.lead(key, lease))
+    }
+
+    async fn publish(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        landing: Landing,
+    ) -> Result<(), StoreError> {
+        self.inner.single_flight.land(key, token, landing);
+        Ok(())
+    }
+
+    fn abandon_detached(&self, key: ScopedKey, token: FencingToken) {
+        self.inner.single_flight.land(&key, token, Landing::Failed);
+    }
+
+    async fn wait(&self, key: &ScopedKey, max: Duration) -> Result<Option<Landing>, StoreError> {
+        Ok(self.inner.single_flight.wait(key, max).await)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use keyward_core::store::StoredResponse;
+    use keyward_core::{Key, Scope};
+    use std::sync::Arc;
+
+    fn key(k: &str) -> ScopedKey {
+        ScopedKey::new("flight", "r", Scope::Unscoped, Key::from(k))
+    }
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    fn landing(body: &'static str) -> Landing {
+        Landing::Response(Arc::new(StoredResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(body),
+            trailers: None,
+        }))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_leader_followers_receive_its_landing() {
+        let store = MemoryStore::new();
+        let FlightRole::Leader(token) = store.lead(&key("a"), LEASE).await.unwrap() else {
+            panic!("first lead must lead")
+        };
+        assert_eq!(
+            store.lead(&key("a"), LEASE).await.unwrap(),
+            FlightRole::Follower
+        );
+        // Another key is independent.
+        assert!(matches!(
+            store.lead(&key("b"), LEASE).await.unwrap(),
+            FlightRole::Leader(_)
+        ));
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait(&key("a"), LEASE).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        store
+            .publish(&key("a"), token, landing("ok"))
+            .await
+            .unwrap();
+        assert_eq!(waiter.await.unwrap(), Some(landing("ok")));
+        // Landed: no flight any more, the next request leads.
+        assert_eq!(store.wait(&key("a"), LEASE).await.unwrap(), None);
+        assert!(matches!(
+            store.lead(&key("a"), LEASE).await.unwrap(),
+            FlightRole::Leader(_)
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn abandoned_or_expired_leads_land_as_failed() {
+        let store = MemoryStore::new();
+        let FlightRole::Leader(token) = store.lead(&key("a"), LEASE).await.unwrap() else {
+            panic!()
+        };
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { store.wait(&key("a"), LEASE).await.unwrap() }
+        });
+        tokio::task::yield_now().await;
+        store.abandon_detached(key("a"), token);
+        assert_eq!(waiter.await.unwrap(), Some(Landing::Failed));
+
+        // A leader that never lands: its waiters give up at the lease, and a new leader
+        // takes over with a higher token; the stale leader can no longer publish.
+        let FlightRole::Leader(old) = store.lead(&key("a"), LEASE).await.unwrap() else {
+            panic!()
+        };
+        let started = Instant::now();
+        assert_eq!(
+            store.wait(&key("a"), LEASE * 2).await.unwrap(),
+            Some(Landing::Failed)
+        );
+        assert_eq!(started.elapsed(), LEASE);
+        let FlightRole::Leader(new) = store.lead(&key("a"), LEASE).await.unwrap() else {
+            panic!("an expired lead must be taken over")
+        };
+        assert!(new > old);
+        store
+            .publish(&key("a"), old, landing("stale"))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.lead(&key("a"), LEASE).await.unwrap(),
+            FlightRole::Follower
+        );
+        store.publish(&key("a"), new, landing("ok")).await.unwrap();
+        assert_eq!(store.inner.single_flight.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wait_is_bounded_by_max() {
+        let store = MemoryStore::new();
+        let _leader = store.lead(&key("a"), LEASE).await.unwrap();
+        let started = Instant::now();
+        let landed = store.wait(&key("a"), Duration::from_secs(2)).await.unwrap();
+        assert_eq!(landed, Some(Landing::Failed));
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+}

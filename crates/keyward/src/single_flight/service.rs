@@ -1,0 +1,287 @@
+use std::fmt;
+use std::future::poll_fn;
+use std::mem;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::HeaderValue;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Body;
+use keyward_core::problem::{Problem, types};
+use keyward_core::store::{SingleFlightStore, StoredResponse};
+use keyward_core::telemetry::{FIELD_OUTCOME, FIELD_WAIT_SECONDS, SingleFlightOutcome};
+use keyward_core::{KeyExtractor, KeySpec, KeywardBody, Scope, ScopedKey};
+use tokio::time::Instant;
+use tower_service::Service;
+use tracing::Span;
+
+use super::COALESCED;
+use super::flight::{FlightTable, Joined, Own, Shared, Work};
+use super::future::ResponseFuture;
+use super::layer::{Config, LeaderFailure};
+use super::work::{OwnResult, WorkSettings, flight_work};
+
+/// Elections a follower sits through before it gives up with 502.
+const MAX_ELECTIONS: usize = 8;
+
+/// The service made by [`SingleFlightLayer`](super::SingleFlightLayer). Clones share one
+/// table of flights.
+pub struct SingleFlight<S, St, K = KeySpec> {
+    pub(crate) inner: S,
+    pub(crate) config: Arc<Config<St, K>>,
+    pub(crate) table: Arc<FlightTable>,
+}
+
+impl<S, St, K> SingleFlight<S, St, K> {
+    /// Flights in progress in this process (entries of the coalescing table). Zero once
+    /// all requests are answered or gone: the table never outgrows in-flight work.
+    pub fn flights_in_progress(&self) -> usize {
+        self.table.len()
+    }
+}
+
+impl<S: Clone, St, K> Clone for SingleFlight<S, St, K> {
+    fn clone(&self) -> Self {
+        SingleFlight {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            table: self.table.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, St, K> fmt::Debug for SingleFlight<S, St, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SingleFlight")
+            .field("inner", &self.inner)
+            .field("route", &self.config.route)
+            .field("flights_in_progress", &self.table.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, St, K, B, RB> Service<Request<B>> for SingleFlight<S, St, K>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Send + 'static,
+    St: SingleFlightStore,
+    K: KeyExtractor<B> + Send + Sync + 'static,
+{
+    type Response = Response<KeywardBody<RB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, RB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = mem::replace(&mut self.inner, clone);
+        let config = &self.config;
+        if !config.methods.contains(req.method()) {
+            return ResponseFuture::passthrough(inner.call(req));
+        }
+        let key = match config.key.extract(&req) {
+            Ok(Some(key)) => key,
+            Ok(None) => return ResponseFuture::passthrough(inner.call(req)),
+            Err(error) => return ResponseFuture::problem(invalid_key(&error)),
+        };
+        let scope = match &config.scope {
+            None => Scope::Unscoped,
+            Some(spec) => match spec.extract(&req) {
+                Ok(Some(principal)) => Scope::of(principal.as_str().as_bytes()),
+                Ok(None) => Scope::Anonymous,
+                Err(error) => return ResponseFuture::problem(invalid_key(&error)),
+            },
+        };
+        let key = ScopedKey::new("flight", &config.route, scope, key);
+        let span = tracing::info_span!(
+            "keyward.single_flight",
+            keyward.route = %config.route,
+            keyward.key_hash = %key.key_hash(),
+            keyward.outcome = tracing::field::Empty,
+            keyward.wait_seconds = tracing::field::Empty,
+        );
+        let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
+        ResponseFuture::coalesced(Box::pin(future), span)
+    }
+}
+
+fn invalid_key(error: &keyward_core::KeyError) -> Problem {
+    Problem::new(StatusCode::BAD_REQUEST, types::KEY_INVALID, "Invalid key")
+        .detail(error.to_string())
+}
+
+fn record(outcome: SingleFlightOutcome) {
+    Span::current().record(FIELD_OUTCOME, outcome.as_str());
+}
+
+fn problem<RB: Body>(problem: Problem) -> Response<KeywardBody<RB>> {
+    problem.into_response().map(KeywardBody::full)
+}
+
+fn leader_failed<RB: Body>() -> Response<KeywardBody<RB>> {
+    record(SingleFlightOutcome::LeaderFailed);
+    problem(
+        Problem::new(
+            StatusCode::BAD_GATEWAY,
+            types::COALESCED_LEADER_FAILED,
+            "Coalesced request failed",
+        )
+        .detail("the identical request this one was coalesced with failed"),
+    )
+}
+
+fn store_unavailable<RB: Body>() -> Response<KeywardBody<RB>> {
+    record(SingleFlightOutcome::StoreError);
+    problem(Problem::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        types::STORE_UNAVAILABLE,
+        "Coordination store unavailable",
+    ))
+}
+
+fn mark_coalesced<RB>(response: &mut Response<RB>) {
+    response
+        .headers_mut()
+        .insert(COALESCED, HeaderValue::from_static("true"));
+}
+
+/// A follower's copy of the leader's response.
+fn copy<RB: Body>(stored: &StoredResponse) -> Response<KeywardBody<RB>> {
+    let body = KeywardBody::full_with_trailers(stored.body.clone(), stored.trailers.clone());
+    let mut response = Response::new(body);
+    *response.status_mut() = stored.status;
+    // Sized up front: inserting into a plain clone would grow and rehash it.
+    let mut headers = HeaderMap::with_capacity(stored.headers.len() + 1);
+    headers.extend(
+        stored
+            .headers
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone())),
+    );
+    headers.insert(COALESCED, HeaderValue::from_static("true"));
+    *response.headers_mut() = headers;
+    response
+}
+
+/// One request's way through single flight: lead or follow, and on leader failure
+/// follow the policy.
+async fn coalesce<S, B, RB, St, K>(
+    config: Arc<Config<St, K>>,
+    table: Arc<FlightTable>,
+    mut svc: S,
+    req: Request<B>,
+    key: ScopedKey,
+) -> Result<Response<KeywardBody<RB>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Send + 'static,
+    RB: Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Send + 'static,
+    St: SingleFlightStore,
+{
+    let mut started = None;
+    let mut ready = true;
+    for _ in 0..MAX_ELECTIONS {
+        if !ready {
+            // Readiness first: a leader must hold its work before its first await, or
+            // followers joining meanwhile would wait on a flight nobody drives.
+            poll_fn(|cx| svc.poll_ready(cx)).await?;
+        }
+        match table.join(key.shared_storage_key()) {
+            Joined::Leader(seat) => {
+                let settings = WorkSettings {
+                    store: config.store.clone(),
+                    key: key.clone(),
+                    lease: config.lease,
+                    max_body: config.max_body,
+                    on_leader_failure: config.on_leader_failure,
+                    on_store_error: config.on_store_error,
+                };
+                seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
+                let outcome = seat.run().await;
+                let store_error = outcome.store_error;
+                let response = match (outcome.own, outcome.shared) {
+                    (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, S::Error>>() {
+                        Ok(own) => *own,
+                        Err(_) => Ok(leader_failed()),
+                    },
+                    (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
+                    // The flight followed a leader on another instance.
+                    (Own::None, Shared::Response(stored)) => {
+                        record(SingleFlightOutcome::Follower);
+                        return Ok(copy(&stored));
+                    }
+                    (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
+                    (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
+                };
+                record(if store_error {
+                    SingleFlightOutcome::StoreError
+                } else {
+                    SingleFlightOutcome::Leader
+                });
+                return response;
+            }
+            Joined::Follower(seat) => {
+                // Give the readiness reserved for this request back while it waits: it
+                // may never call the inner service.
+                svc = svc.clone();
+                ready = false;
+                // No clock reads when nobody records the span.
+                if started.is_none() && !Span::current().is_disabled() {
+                    started = Some(Instant::now());
+                }
+                let outcome = seat.run().await;
+                drop(seat);
+                if let Some(started) = started {
+                    record_wait(started);
+                }
+                if let Own::Typed(own) = outcome.own {
+                    // This follower drove the leader's work to its end after the leader
+                    // left: the (possibly streaming) response is its own.
+                    if let Ok(own) = own.downcast::<OwnResult<RB, S::Error>>() {
+                        if let Ok(mut response) = *own {
+                            record(SingleFlightOutcome::Follower);
+                            mark_coalesced(&mut response);
+                            return Ok(response);
+                        }
+                    }
+                }
+                match outcome.shared {
+                    Shared::Response(stored) => {
+                        record(SingleFlightOutcome::Follower);
+                        return Ok(copy(&stored));
+                    }
+                    Shared::TooLarge => {
+                        tracing::debug!("single flight: response over max_body, calling inner");
+                        poll_fn(|cx| svc.poll_ready(cx)).await?;
+                        record(SingleFlightOutcome::Leader);
+                        // Boxed: every follower's future would otherwise reserve room
+                        // for an inner future it almost never runs.
+                        let response = Box::pin(svc.call(req)).await?;
+                        return Ok(response.map(KeywardBody::inner));
+                    }
+                    Shared::StoreUnavailable => return Ok(store_unavailable()),
+                    Shared::Failed if config.on_leader_failure == LeaderFailure::BadGateway => {
+                        return Ok(leader_failed());
+                    }
+                    Shared::Failed => continue,
+                }
+            }
+        }
+    }
+    Ok(leader_failed())
+}
+
+fn record_wait(started: Instant) {
+    Span::current().record(FIELD_WAIT_SECONDS, started.elapsed().as_secs_f64());
+}
