@@ -14,8 +14,7 @@ use tracing::Instrument;
 use crate::config::Config;
 use crate::metrics::{REQUEST_SPAN, outcomes_of};
 use crate::proxy::Upstream;
-use crate::stack::{self, Stack};
-use keyward::MemoryStore;
+use crate::stack::{self, Stack, Store};
 
 struct Route {
     name: String,
@@ -36,7 +35,7 @@ struct Inner {
 }
 
 impl App {
-    pub fn new(config: &Config, store: &MemoryStore) -> Result<App, matchit::InsertError> {
+    pub fn new<St: Store>(config: &Config, store: &St) -> Result<App, matchit::InsertError> {
         let upstream = Upstream::new(
             config.server.upstream.clone(),
             config.server.request_timeout,

@@ -4,7 +4,8 @@
 use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
-use keyward::{IdempotencyLayer, MemoryStore, PerKeySerialLayer, QuotaLayer};
+use keyward::core::store::{IdempotencyStore, QuotaStore, SerialStore, SingleFlightStore};
+use keyward::{IdempotencyLayer, PerKeySerialLayer, QuotaLayer, SingleFlightLayer};
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
@@ -32,14 +33,32 @@ where
     BoxCloneSyncService::new(service.map_response(|res| res.map(Body::new)))
 }
 
+/// A store every layer can use: the memory store, or Redis.
+pub trait Store: IdempotencyStore + QuotaStore + SerialStore + SingleFlightStore {}
+
+impl<St: IdempotencyStore + QuotaStore + SerialStore + SingleFlightStore> Store for St {}
+
 /// The stack of `route`.
-pub fn build(
+pub fn build<St: Store>(
     route: &RouteConfig,
-    store: &MemoryStore,
+    store: &St,
     store_config: &StoreConfig,
     upstream: Upstream,
 ) -> Stack {
     let mut stack = boxed(upstream);
+    if let Some(flight) = &route.single_flight {
+        let mut layer = SingleFlightLayer::new(store.clone())
+            .route(route.name.as_str())
+            .key(flight.key.clone())
+            .methods(flight.methods.iter().cloned())
+            .max_body(flight.max_body)
+            .on_store_error(store_config.on_error);
+        layer = match &flight.scope {
+            Some(scope) => layer.scope(scope.clone()),
+            None => layer.unscoped(),
+        };
+        stack = boxed(layer.layer(stack));
+    }
     if let Some(serial) = &route.serial {
         let layer = PerKeySerialLayer::new(store.clone())
             .route(route.name.as_str())

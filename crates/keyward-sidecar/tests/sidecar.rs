@@ -397,3 +397,48 @@ async fn serial_requests_never_overlap_and_carry_rising_fencing_tokens() {
         "tokens not rising in arrival order at the upstream: {tokens:?}"
     );
 }
+
+const STAMPEDE: &str = r#"
+[[routes]]
+name = "catalog"
+path = "/catalog/{*rest}"
+
+[routes.single_flight]
+key = "method_uri"
+scope = "none"
+max_body = "1MiB"
+"#;
+
+#[tokio::test]
+async fn a_stampede_of_100_gets_reaches_the_upstream_once() {
+    let upstream = Upstream::start().await;
+    let sidecar = Sidecar::start(upstream.addr, STAMPEDE).await;
+    let http = client();
+    // The upstream answers after 300 ms; all 100 arrive well within that window.
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            let http = http.clone();
+            let url = sidecar.url("/catalog/shoes?delay_ms=300");
+            tokio::spawn(async move { send(&http, "GET", &url, &[], "").await })
+        })
+        .collect();
+    let mut replies = Vec::new();
+    for request in requests {
+        replies.push(request.await.unwrap());
+    }
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "the stampede reached the upstream more than once"
+    );
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == StatusCode::OK && r.body == replies[0].body)
+    );
+    let coalesced = replies
+        .iter()
+        .filter(|r| r.header("keyward-coalesced") == Some("true"))
+        .count();
+    assert_eq!(coalesced, 99);
+}

@@ -110,7 +110,6 @@ pub struct SerialConfig {
 }
 
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // TEMP: read once the other layers are wired in
 pub struct SingleFlightConfig {
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
