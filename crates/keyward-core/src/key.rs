@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 
@@ -145,22 +145,49 @@ impl Scope {
 /// assert!(a.storage_key().starts_with("idem:payments:"));
 /// assert!(a.storage_key().ends_with(":k1"));
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone)]
 pub struct ScopedKey {
     storage_key: Arc<str>,
-    key_hash: KeyHash,
+    /// Computed on first use: most requests are never traced, and a SHA-256 per request
+    /// is a large share of a layer's cost.
+    key_hash: OnceLock<KeyHash>,
     layer_end: usize,
     route_end: usize,
+    key_start: usize,
+}
+
+impl PartialEq for ScopedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.storage_key == other.storage_key
+    }
+}
+
+impl Eq for ScopedKey {}
+
+impl std::hash::Hash for ScopedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.storage_key.hash(state);
+    }
 }
 
 impl ScopedKey {
     /// Builds the scoped key of `key` for `layer` on `route`.
     pub fn new(layer: &str, route: &str, scope: Scope, key: Key) -> Self {
-        Self::with_hash(layer, route, scope, &key, key.hash())
+        Self::build(layer, route, scope, &key, OnceLock::new())
     }
 
     /// Like [`ScopedKey::new`] with a precomputed (possibly keyed) telemetry hash.
     pub fn with_hash(layer: &str, route: &str, scope: Scope, key: &Key, key_hash: KeyHash) -> Self {
+        Self::build(layer, route, scope, key, OnceLock::from(key_hash))
+    }
+
+    fn build(
+        layer: &str,
+        route: &str,
+        scope: Scope,
+        key: &Key,
+        key_hash: OnceLock<KeyHash>,
+    ) -> Self {
         // Built by hand: this runs on every keyed request, and `format!` costs several
         // times more than the copies.
         let parts = [layer, route, scope.as_str(), key.as_str()];
@@ -172,6 +199,7 @@ impl ScopedKey {
             storage_key.push_str(part);
         }
         ScopedKey {
+            key_start: storage_key.len() - key.as_str().len(),
             storage_key: storage_key.into(),
             key_hash,
             layer_end: layer.len(),
@@ -191,7 +219,10 @@ impl ScopedKey {
 
     /// The telemetry-safe hash of the raw key (not of the scope).
     pub fn key_hash(&self) -> KeyHash {
-        self.key_hash
+        *self.key_hash.get_or_init(|| {
+            let raw = self.storage_key.get(self.key_start..).unwrap_or_default();
+            KeyHash::of(raw.as_bytes())
+        })
     }
 
     /// The layer's short name this key was built for (`idem`, `quota`, ...).
@@ -216,6 +247,21 @@ impl ScopedKey {
 
 impl fmt::Debug for ScopedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ScopedKey({})", self.key_hash)
+        write!(f, "ScopedKey({})", self.key_hash())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lazy_key_hash_is_the_hash_of_the_raw_key() {
+        let key = ScopedKey::new("idem", "r:1", Scope::of(b"p"), Key::from("a:b"));
+        assert_eq!(key.key_hash(), Key::from("a:b").hash());
+        let keyed = KeyHash::keyed(b"s", b"a:b");
+        let with = ScopedKey::with_hash("idem", "r:1", Scope::of(b"p"), &Key::from("a:b"), keyed);
+        assert_eq!(with.key_hash(), keyed);
+        assert_eq!(key, with, "equality is the storage key's");
     }
 }

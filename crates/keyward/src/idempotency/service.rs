@@ -126,7 +126,9 @@ where
                 return ResponseFuture::ready(problem.into_keyward_response());
             }
         };
-        span.record(FIELD_KEY_HASH, key.key_hash().as_str());
+        if !span.is_disabled() {
+            span.record(FIELD_KEY_HASH, key.key_hash().as_str());
+        }
         let attempt = Attempt {
             store: self.store.clone(),
             config: self.config.clone(),

@@ -92,7 +92,9 @@ where
         let policy = settings.policy_for(&key);
         let cost = config.cost.cost(&req);
         let key = ScopedKey::new(LAYER, &settings.storage_route, scope, key);
-        span.record(FIELD_KEY_HASH, key.key_hash().as_str());
+        if !span.is_disabled() {
+            span.record(FIELD_KEY_HASH, key.key_hash().as_str());
+        }
         let check = {
             let _entered = span.enter();
             self.store.check(&key, &policy.quota, cost)
