@@ -259,13 +259,13 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts three nodes, joins them with `redis-cli --cluster create` and waits until
-    /// every node reports `cluster_state:ok`.
+    /// Starts three nodes, assigns the slots, joins them with `CLUSTER MEET` and waits
+    /// until every node knows all three and reports `cluster_state:ok`.
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        let nodes: Vec<(RedisServer, String)> = (0..3)
             .map(|_| {
                 let bus = free_port().to_string();
-                RedisServer::start_with(&[
+                let node = RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -274,33 +274,67 @@ impl RedisCluster {
                     &bus,
                     "--cluster-node-timeout",
                     "2000",
-                ])
+                ]);
+                (node, bus)
             })
             .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
-            .collect();
-        let created = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output();
-        match created {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "redis-cli --cluster create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
-            Err(error) => panic!("could not run redis-cli: {error}"),
+        // What `redis-cli --cluster create` does, minus its one-second polling: give each
+        // node a third of the slots, introduce the nodes to each other, wait for `ok`.
+        let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+        for ((node, _), (first, last)) in nodes.iter().zip(ranges) {
+            let reply = command(
+                node.port(),
+                &format!("CLUSTER ADDSLOTSRANGE {first} {last}"),
+            );
+            assert!(reply.contains("OK"), "ADDSLOTSRANGE: {reply}");
         }
+        for (node, bus) in &nodes[1..] {
+            let reply = command(
+                nodes[0].0.port(),
+                &format!("CLUSTER MEET 127.0.0.1 {} {bus}", node.port()),
+            );
+            assert!(reply.contains("OK"), "CLUSTER MEET: {reply}");
+        }
+        let nodes: Vec<RedisServer> = nodes.into_iter().map(|(node, _)| node).collect();
         let cluster = RedisCluster { nodes };
         cluster.wait_until_ok();
         cluster
+    }
+
+    /// One cluster shared by every test of this test binary (a cluster takes ~2 s to
+    /// converge; tests isolate themselves with distinct key prefixes). Statics are never
+    /// dropped, so a watchdog process kills the nodes once this process has exited.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let cluster = RedisCluster::start();
+            let pids: Vec<String> = cluster
+                .nodes
+                .iter()
+                .filter_map(|n| n.child.as_ref().map(|c| c.id().to_string()))
+                .collect();
+            let dirs: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.dir().display().to_string())
+                .collect();
+            let script = format!(
+                "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {pids} 2>/dev/null; rm -rf {dirs}",
+                parent = std::process::id(),
+                pids = pids.join(" "),
+                dirs = dirs.join(" "),
+            );
+            // Never waited for: it must outlive this process to clean up after it.
+            #[allow(clippy::zombie_processes)]
+            let _watchdog = Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("sh for the cluster watchdog");
+            cluster
+        })
     }
 
     /// `redis://127.0.0.1:{port}` of every node (the seed list).
@@ -318,7 +352,7 @@ impl RedisCluster {
         for node in &self.nodes {
             loop {
                 let info = command(node.port(), "CLUSTER INFO");
-                if info.contains("cluster_state:ok") {
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
                     break;
                 }
                 assert!(

@@ -78,7 +78,8 @@ async fn every_decision_is_one_evalsha() {
     // Redis counts the commands a script runs too; what a client sent is the EVALSHA.
     let one_evalsha = |delta: Vec<(String, u64)>| {
         let from_scripts = [
-            "hmget", "hset", "del", "pttl", "pexpire", "exists", "time", "set", "incr", "publish",
+            "hmget", "hset", "del", "pttl", "pexpire", "exists", "time", "set", "get", "incr",
+            "publish",
         ];
         assert_eq!(
             delta.iter().find(|(name, _)| name == "evalsha"),
@@ -400,9 +401,7 @@ async fn two_prefixes_on_one_redis_do_not_see_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
     let backend = keyward_tests::RedisClusterBackend::start();
-    let stores: Vec<RedisStore> = (0..3)
-        .map(|_| keyward_tests::RedisClusterBackend::store_on(&backend.cluster))
-        .collect();
+    let stores: Vec<RedisStore> = (0..3).map(|_| backend.instance()).collect();
     let upstream = Upstream::held(StatusCode::CREATED);
     let instances: Vec<Svc> = stores
         .iter()
@@ -430,7 +429,7 @@ async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
     for node in backend.cluster.nodes() {
         let mut conn = node.connection().await;
         let names: Vec<String> = redis::cmd("KEYS")
-            .arg("keyward:*")
+            .arg(format!("{}*", backend.store().prefix()))
             .query_async(&mut conn)
             .await
             .unwrap();

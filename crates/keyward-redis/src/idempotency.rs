@@ -5,7 +5,10 @@
 //!   token, `w` set once a duplicate saw it; expires with the lease. Completed: `s=c`, `f`,
 //!   `r` the response in the binary form of `codec.rs`; expires after the TTL.
 //! - `{prefix}idem:{route}:{<tag>}:n`: the fencing counter, `INCR`ed by every claim. It
-//!   lives at least as long as the record; once both are gone it restarts from Redis's
+//!   lives [`COUNTER_LIFETIME`] past the last claim or renewal, and at least as long as a
+//!   completed record. While it shows a holder's token, nobody claimed after that holder,
+//!   so the holder may still complete even if its lease lapsed (there is no successor to
+//!   overwrite), as on the memory store. Once the counter is gone it restarts from Redis's
 //!   clock in microseconds, so tokens per key only grow.
 
 use std::sync::{Arc, LazyLock};
@@ -34,6 +37,9 @@ static RENEW: LazyLock<Script> =
 
 /// Scripts [`RedisStore::ping`] preloads.
 pub(crate) static SCRIPTS: [&LazyLock<Script>; 4] = [&CLAIM, &COMPLETE, &RELEASE, &RENEW];
+
+/// How long the fencing counter outlives the last claim or renewal of its key.
+const COUNTER_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 struct Names {
     record: String,
@@ -94,12 +100,13 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let names = self.idempotency_names(key);
+        let keep = millis(COUNTER_LIFETIME.max(lease));
         let lease = millis(lease);
         let value: Value = self
             .eval(
                 &CLAIM,
                 &[&names.record, &names.counter],
-                &[&fingerprint.0, lease.as_bytes()],
+                &[&fingerprint.0, lease.as_bytes(), keep.as_bytes()],
             )
             .await?;
         claim_outcome(value)
@@ -166,12 +173,13 @@ impl IdempotencyStore for RedisStore {
     ) -> Result<bool, StoreError> {
         let names = self.idempotency_names(key);
         let token = token.get().to_string();
+        let keep = millis(COUNTER_LIFETIME.max(lease));
         let lease = millis(lease);
         let renewed: i64 = self
             .eval(
                 &RENEW,
                 &[&names.record, &names.counter],
-                &[token.as_bytes(), lease.as_bytes()],
+                &[token.as_bytes(), lease.as_bytes(), keep.as_bytes()],
             )
             .await?;
         Ok(renewed == 1)

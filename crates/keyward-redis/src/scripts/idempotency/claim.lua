@@ -1,7 +1,7 @@
 -- Idempotency claim: one decision, one round trip.
 -- KEYS[1] record hash {s = 'h'eld | 'c'ompleted, f = fingerprint, t = token, w = waiters, r = response}
 -- KEYS[2] fencing counter (same hash tag)
--- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms
+-- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms, ARGV[3] counter lifetime in ms
 -- Reply: {0, token} claimed | {1, holder, lease_left_ms} in flight | {2, response} completed | {3} mismatch
 local rec = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'r')
 if rec[1] == 'c' then
@@ -23,7 +23,8 @@ if redis.call('EXISTS', KEYS[2]) == 0 then
 end
 local token = string.format('%d', redis.call('INCR', KEYS[2]))
 local lease = tonumber(ARGV[2])
-if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease) end
+local keep = tonumber(ARGV[3])
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token)
 redis.call('PEXPIRE', KEYS[1], lease)
