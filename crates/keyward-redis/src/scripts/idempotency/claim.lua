@@ -17,15 +17,16 @@ end
 -- Free (never used, released, or the holder's lease ran out and the record expired).
 -- The counter outlives records; when it is gone too, it restarts from the clock in
 -- microseconds, so tokens keep increasing across expiries.
-if redis.call('EXISTS', KEYS[2]) == 0 then
-  local now = redis.call('TIME')
-  redis.call('SET', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])))
-end
-local token = string.format('%d', redis.call('INCR', KEYS[2]))
-local lease = tonumber(ARGV[2])
 local keep = tonumber(ARGV[3])
-if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
-redis.call('DEL', KEYS[1])
+local token = redis.call('INCR', KEYS[2])
+if token == 1 then
+  local now = redis.call('TIME')
+  token = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('SET', KEYS[2], token, 'PX', keep)
+else
+  token = string.format('%d', token)
+  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+end
 redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token)
-redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {0, token}
