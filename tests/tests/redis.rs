@@ -504,3 +504,49 @@ async fn rediss_urls_talk_tls() {
     let waited = wait_woken_by_release(&store, &store.clone(), "tls").await;
     assert!(waited < Duration::from_secs(1), "woken after {waited:?}");
 }
+
+#[tokio::test]
+async fn a_frozen_redis_times_out_into_503_and_is_used_again_when_it_thaws() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(50);
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(timeout)
+        .build()
+        .unwrap();
+    store.ping().await.unwrap();
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let closed = service(layer(&store), &upstream);
+    let open = service(layer(&store).on_store_error(OnStoreError::Open), &upstream);
+
+    server.pause();
+    let started = Instant::now();
+    let res = send(&closed, post("/pay", Some("k"), None, "1")).await;
+    let took = started.elapsed();
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(100),
+        "took {took:?}"
+    );
+    assert_eq!(upstream.calls(), 0);
+    let res = send(&open, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(res.status, StatusCode::CREATED);
+    assert_eq!(upstream.calls(), 1, "open: passed through");
+
+    server.resume();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        let res = send(&closed, post("/pay", Some("thawed"), None, "1")).await;
+        if res.status != StatusCode::SERVICE_UNAVAILABLE {
+            break res;
+        }
+        assert!(Instant::now() < deadline, "store not usable within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(
+        send(&closed, post("/pay", Some("thawed"), None, "1"))
+            .await
+            .replayed
+    );
+}
