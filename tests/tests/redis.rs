@@ -549,4 +549,9 @@ async fn a_frozen_redis_times_out_into_503_and_is_used_again_when_it_thaws() {
             .await
             .replayed
     );
+    // The claims that timed out ran when Redis thawed, and were undone right after: the
+    // key is free, not stuck in flight for a lease.
+    let retry = send(&closed, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
+    assert!(!retry.replayed);
 }

@@ -95,6 +95,9 @@ struct Inner {
     timeout: Duration,
     hub: Hub,
     runtime: tokio::runtime::Handle,
+    /// Random per store, so claim nonces never repeat across processes.
+    instance: u64,
+    claims: std::sync::atomic::AtomicU64,
 }
 
 impl RedisStore {
@@ -143,6 +146,27 @@ impl RedisStore {
     #[doc(hidden)]
     pub fn watched_records(&self) -> usize {
         self.inner.hub.watched()
+    }
+
+    /// A value no other claim on any store carries: this store's random id and a counter.
+    fn nonce(&self) -> [u8; 16] {
+        let n = self
+            .inner
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut nonce = [0; 16];
+        nonce[..8].copy_from_slice(&self.inner.instance.to_be_bytes());
+        nonce[8..].copy_from_slice(&n.to_be_bytes());
+        nonce
+    }
+
+    /// Runs `work` in the background: on the caller's runtime, or, from a destructor
+    /// running outside any runtime, on the one the store was built in. Never blocks.
+    fn spawn_detached(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn(work)),
+            Err(_) => drop(self.inner.runtime.spawn(work)),
+        }
     }
 
     /// Runs `script`, bounded by the store timeout.

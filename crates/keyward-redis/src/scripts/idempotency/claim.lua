@@ -1,7 +1,9 @@
 -- Idempotency claim: one decision, one round trip.
--- KEYS[1] record hash {s = 'h'eld | 'c'ompleted, f = fingerprint, t = token, w = waiters, r = response}
+-- KEYS[1] record hash {s = 'h'eld | 'c'ompleted, f = fingerprint, t = token, o = claim nonce,
+--                     w = waiters, r = response}
 -- KEYS[2] fencing counter (same hash tag)
--- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms, ARGV[3] counter lifetime in ms
+-- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms, ARGV[3] counter lifetime in ms,
+-- ARGV[4] nonce of this claim (for abandon.lua)
 -- Reply: {0, token} claimed | {1, holder, lease_left_ms} in flight | {2, response} completed | {3} mismatch
 local rec = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'r')
 if rec[1] == 'c' then
@@ -27,6 +29,6 @@ else
   token = string.format('%d', token)
   if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 end
-redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token)
+redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token, 'o', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {0, token}
