@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const INSTALL_HINT: &str = "redis-server not found on PATH: install it with `apt-get install -y redis-server` \
-     (or run .ci/install-deps.sh); the Redis tests need a real server and do not skip";
+const INSTALL_HINT: &str = "redis-server/redis-cli not found on PATH: install them with \
+     `apt-get install -y redis-server` (or run .ci/install-deps.sh); the Redis tests need a \
+     real server and do not skip";
 
 /// A `redis-server` child process on `127.0.0.1:{port}`.
 #[derive(Debug)]
@@ -395,5 +396,8 @@ fn command(port: u16, line: &str) -> String {
         .args(line.split(' '))
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default()
+        .unwrap_or_else(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
+            _ => panic!("could not run redis-cli: {error}"),
+        })
 }
