@@ -126,10 +126,9 @@ async fn every_decision_is_one_evalsha() {
     assert!(matches!(replay, ClaimOutcome::Completed(_)));
 }
 
-#[tokio::test]
-async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_through() {
-    let mut server = RedisServer::start();
-    let timeout = Duration::from_millis(50);
+/// A store with `timeout` on `server`, and two services on it: `OnStoreError::Closed` and
+/// `Open`, sharing one upstream.
+async fn closed_and_open(server: &RedisServer, timeout: Duration) -> (Upstream, Svc, Svc) {
     let store = RedisStore::builder()
         .url(server.url())
         .timeout(timeout)
@@ -139,6 +138,32 @@ async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_throug
     let upstream = Upstream::new(StatusCode::CREATED);
     let closed = service(layer(&store), &upstream);
     let open = service(layer(&store).on_store_error(OnStoreError::Open), &upstream);
+    (upstream, closed, open)
+}
+
+/// Once Redis is back, the same service coordinates `k` again within 5 s: it executes
+/// once and its retry is a replay.
+async fn coordinated_again(closed: &Svc, k: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        let res = send(closed, post("/pay", Some(k), None, "1")).await;
+        if res.status != StatusCode::SERVICE_UNAVAILABLE {
+            break res;
+        }
+        assert!(Instant::now() < deadline, "store not usable within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = send(closed, post("/pay", Some(k), None, "1")).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body, first.body);
+}
+
+#[tokio::test]
+async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_through() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(50);
+    let (upstream, closed, open) = closed_and_open(&server, timeout).await;
     assert_eq!(
         send(&closed, post("/pay", Some("before"), None, "1"))
             .await
@@ -172,22 +197,7 @@ async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_throug
 
     // Redis returns (empty): the same store coordinates again, without a rebuild.
     server.start_again();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let first = loop {
-        let res = send(&closed, post("/pay", Some("after"), None, "1")).await;
-        if res.status != StatusCode::SERVICE_UNAVAILABLE {
-            break res;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "store did not recover within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(first.status, StatusCode::CREATED);
-    let replay = send(&closed, post("/pay", Some("after"), None, "1")).await;
-    assert!(replay.replayed);
-    assert_eq!(replay.body, first.body);
+    coordinated_again(&closed, "after").await;
 }
 
 #[tokio::test]
@@ -509,15 +519,7 @@ async fn rediss_urls_talk_tls() {
 async fn a_frozen_redis_times_out_into_503_and_is_used_again_when_it_thaws() {
     let server = RedisServer::start();
     let timeout = Duration::from_millis(50);
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(timeout)
-        .build()
-        .unwrap();
-    store.ping().await.unwrap();
-    let upstream = Upstream::new(StatusCode::CREATED);
-    let closed = service(layer(&store), &upstream);
-    let open = service(layer(&store).on_store_error(OnStoreError::Open), &upstream);
+    let (upstream, closed, open) = closed_and_open(&server, timeout).await;
 
     server.pause();
     let started = Instant::now();
@@ -534,21 +536,7 @@ async fn a_frozen_redis_times_out_into_503_and_is_used_again_when_it_thaws() {
     assert_eq!(upstream.calls(), 1, "open: passed through");
 
     server.resume();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let first = loop {
-        let res = send(&closed, post("/pay", Some("thawed"), None, "1")).await;
-        if res.status != StatusCode::SERVICE_UNAVAILABLE {
-            break res;
-        }
-        assert!(Instant::now() < deadline, "store not usable within 5 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(first.status, StatusCode::CREATED);
-    assert!(
-        send(&closed, post("/pay", Some("thawed"), None, "1"))
-            .await
-            .replayed
-    );
+    coordinated_again(&closed, "thawed").await;
     // The claims that timed out ran when Redis thawed, and were undone right after: the
     // key is free, not stuck in flight for a lease.
     let retry = send(&closed, post("/pay", Some("k"), None, "1")).await;
