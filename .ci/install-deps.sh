@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs beyond the Rust toolchain. Idempotent: installs
-# nothing that is already there. The Redis tests start their own redis-server on free
-# loopback ports, so no system service is started or needed.
+# Installs what the test suite needs beyond the Rust toolchain: redis-server and redis-cli
+# (Redis tests, incl. a 3-node cluster) and the openssl command (the TLS test makes a
+# self-signed certificate). Idempotent: installs nothing that is already there. The Redis
+# tests start their own servers on free loopback ports; no system service is needed.
 set -euo pipefail
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+
+if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends redis-server
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
     # Debian starts a service on 6379 where an init system runs; tests do not use it.
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet redis-server 2>/dev/null; then
         $SUDO systemctl stop redis-server || true

@@ -74,6 +74,14 @@ fn main() {
         let bench = Setup::start().await;
         let mut latency = vec![Vec::new(); VARIANTS.len()];
         let mut throughput = vec![Vec::new(); VARIANTS.len()];
+        if let Ok(only) = std::env::var("KEYWARD_BENCH_ONLY") {
+            // Profiling aid: hammer one variant (by its index) with 64 callers.
+            let variant = VARIANTS[only.parse::<usize>().unwrap_or(2) % VARIANTS.len()];
+            for _ in 0..ROUNDS * 5 {
+                concurrent(&bench, variant).await;
+            }
+            return;
+        }
         for _ in 0..ROUNDS {
             for (i, variant) in VARIANTS.iter().enumerate() {
                 latency[i].push(sequential(&bench, *variant).await);

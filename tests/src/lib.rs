@@ -253,26 +253,29 @@ redis_backend!(Redis, |r: &Redis| Redis::store_on(
     r.store.prefix()
 ));
 
-/// A `RedisStore` in cluster mode on a three-node Redis Cluster of its own.
+/// A `RedisStore` in cluster mode on the binary's shared three-node Redis Cluster.
 #[derive(Debug)]
 pub struct RedisClusterBackend {
-    /// The cluster.
-    pub cluster: redis_kit::RedisCluster,
+    /// The cluster (shared by the tests of one binary).
+    pub cluster: &'static redis_kit::RedisCluster,
     store: RedisStore,
 }
 
 impl RedisClusterBackend {
-    /// Starts a cluster and builds a cluster-mode store on it.
+    /// A cluster-mode store with a prefix of its own on the shared cluster.
     pub fn start() -> Self {
-        let cluster = redis_kit::RedisCluster::start();
-        let store = Self::store_on(&cluster);
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cluster = redis_kit::RedisCluster::shared();
+        let store = Self::store_on(cluster, &format!("t{n}:"));
         RedisClusterBackend { cluster, store }
     }
 
-    /// A cluster-mode store seeded with every node.
-    pub fn store_on(cluster: &redis_kit::RedisCluster) -> RedisStore {
+    /// A cluster-mode store with `prefix` seeded with every node.
+    pub fn store_on(cluster: &redis_kit::RedisCluster, prefix: &str) -> RedisStore {
         let mut builder = RedisStore::builder()
             .cluster(true)
+            .prefix(prefix)
             .timeout(Duration::from_millis(250));
         for url in cluster.urls() {
             builder = builder.url(url);
@@ -282,5 +285,5 @@ impl RedisClusterBackend {
 }
 
 redis_backend!(RedisClusterBackend, |r: &RedisClusterBackend| {
-    RedisClusterBackend::store_on(&r.cluster)
+    RedisClusterBackend::store_on(r.cluster, r.store.prefix())
 });

@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const INSTALL_HINT: &str = "redis-server not found on PATH: install it with `apt-get install -y redis-server` \
-     (or run .ci/install-deps.sh); the Redis tests need a real server and do not skip";
+const INSTALL_HINT: &str = "redis-server/redis-cli not found on PATH: install them with \
+     `apt-get install -y redis-server` (or run .ci/install-deps.sh); the Redis tests need a \
+     real server and do not skip";
 
 /// A `redis-server` child process on `127.0.0.1:{port}`.
 #[derive(Debug)]
@@ -106,6 +107,27 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections stay open but nothing answers, the case
+    /// only a timeout can catch. [`RedisServer::resume`] undoes it.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused server run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("server running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts a killed server again on the same port (empty: nothing was persisted).
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "server still running");
@@ -155,6 +177,7 @@ impl RedisServer {
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        // SIGKILL also ends a paused (SIGSTOPped) server.
         self.kill_9();
     }
 }
@@ -259,13 +282,13 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
-    /// Starts three nodes, joins them with `redis-cli --cluster create` and waits until
-    /// every node reports `cluster_state:ok`.
+    /// Starts three nodes, assigns the slots, joins them with `CLUSTER MEET` and waits
+    /// until every node knows all three and reports `cluster_state:ok`.
     pub fn start() -> Self {
-        let nodes: Vec<RedisServer> = (0..3)
+        let nodes: Vec<(RedisServer, String)> = (0..3)
             .map(|_| {
                 let bus = free_port().to_string();
-                RedisServer::start_with(&[
+                let node = RedisServer::start_with(&[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -274,33 +297,67 @@ impl RedisCluster {
                     &bus,
                     "--cluster-node-timeout",
                     "2000",
-                ])
+                ]);
+                (node, bus)
             })
             .collect();
-        let addrs: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
-            .collect();
-        let created = Command::new("redis-cli")
-            .arg("--cluster")
-            .arg("create")
-            .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output();
-        match created {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => panic!(
-                "redis-cli --cluster create failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
-            Err(error) => panic!("could not run redis-cli: {error}"),
+        // What `redis-cli --cluster create` does, minus its one-second polling: give each
+        // node a third of the slots, introduce the nodes to each other, wait for `ok`.
+        let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+        for ((node, _), (first, last)) in nodes.iter().zip(ranges) {
+            let reply = command(
+                node.port(),
+                &format!("CLUSTER ADDSLOTSRANGE {first} {last}"),
+            );
+            assert!(reply.contains("OK"), "ADDSLOTSRANGE: {reply}");
         }
+        for (node, bus) in &nodes[1..] {
+            let reply = command(
+                nodes[0].0.port(),
+                &format!("CLUSTER MEET 127.0.0.1 {} {bus}", node.port()),
+            );
+            assert!(reply.contains("OK"), "CLUSTER MEET: {reply}");
+        }
+        let nodes: Vec<RedisServer> = nodes.into_iter().map(|(node, _)| node).collect();
         let cluster = RedisCluster { nodes };
         cluster.wait_until_ok();
         cluster
+    }
+
+    /// One cluster shared by every test of this test binary (a cluster takes ~2 s to
+    /// converge; tests isolate themselves with distinct key prefixes). Statics are never
+    /// dropped, so a watchdog process kills the nodes once this process has exited.
+    pub fn shared() -> &'static RedisCluster {
+        static SHARED: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| {
+            let cluster = RedisCluster::start();
+            let pids: Vec<String> = cluster
+                .nodes
+                .iter()
+                .filter_map(|n| n.child.as_ref().map(|c| c.id().to_string()))
+                .collect();
+            let dirs: Vec<String> = cluster
+                .nodes
+                .iter()
+                .map(|n| n.dir().display().to_string())
+                .collect();
+            let script = format!(
+                "while kill -0 {parent} 2>/dev/null; do sleep 1; done; kill -9 {pids} 2>/dev/null; rm -rf {dirs}",
+                parent = std::process::id(),
+                pids = pids.join(" "),
+                dirs = dirs.join(" "),
+            );
+            // Never waited for: it must outlive this process to clean up after it.
+            #[allow(clippy::zombie_processes)]
+            let _watchdog = Command::new("sh")
+                .args(["-c", &script])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("sh for the cluster watchdog");
+            cluster
+        })
     }
 
     /// `redis://127.0.0.1:{port}` of every node (the seed list).
@@ -318,7 +375,7 @@ impl RedisCluster {
         for node in &self.nodes {
             loop {
                 let info = command(node.port(), "CLUSTER INFO");
-                if info.contains("cluster_state:ok") {
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
                     break;
                 }
                 assert!(
@@ -339,5 +396,8 @@ fn command(port: u16, line: &str) -> String {
         .args(line.split(' '))
         .output()
         .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
-        .unwrap_or_default()
+        .unwrap_or_else(|error| match error.kind() {
+            std::io::ErrorKind::NotFound => panic!("{INSTALL_HINT}"),
+            _ => panic!("could not run redis-cli: {error}"),
+        })
 }

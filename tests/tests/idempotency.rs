@@ -492,6 +492,34 @@ async fn works_as_an_axum_layer<B: Backend>(b: B) {
     assert_eq!(second.body, "paid 5");
 }
 
+async fn a_late_completion_that_nobody_overtook_is_stored<B: Backend>(b: B) {
+    let store = b.store();
+    let lease = b.unit() * 2;
+    let key = ScopedKey::new("idem", "payments", Scope::Anonymous, Key::from("late"));
+    let fingerprint = keyward::core::store::Fingerprint([1; 32]);
+    let ClaimOutcome::Claimed(token) = store.claim(&key, &fingerprint, lease).await.unwrap() else {
+        panic!("fresh key must be claimable");
+    };
+    // The holder stalls past its lease (renewals failing), but nobody claims meanwhile:
+    // there is no successor to protect, so its response is kept.
+    tokio::time::sleep(lease + Duration::from_millis(1) + b.slack()).await;
+    let late = StoredResponse {
+        status: StatusCode::OK,
+        headers: Default::default(),
+        body: "late".into(),
+        trailers: None,
+    };
+    let outcome = store
+        .complete(&key, token, &fingerprint, late, b.unit() * 10)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Completion::Stored);
+    assert!(matches!(
+        store.claim(&key, &fingerprint, lease).await.unwrap(),
+        ClaimOutcome::Completed(res) if res.body == "late"
+    ));
+}
+
 /// Instantiates every test above for one backend. `paused` applies to the timed tests.
 macro_rules! suite {
     ($name:ident, $backend:expr, paused = $paused:tt) => {
@@ -518,6 +546,7 @@ macro_rules! suite {
                 completed_responses_expire_after_ttl,
                 a_dead_holders_lease_expires_and_its_late_completion_is_fenced,
                 a_live_slow_handler_keeps_its_lease,
+                a_late_completion_that_nobody_overtook_is_stored,
             );
         }
     };

@@ -78,7 +78,8 @@ async fn every_decision_is_one_evalsha() {
     // Redis counts the commands a script runs too; what a client sent is the EVALSHA.
     let one_evalsha = |delta: Vec<(String, u64)>| {
         let from_scripts = [
-            "hmget", "hset", "del", "pttl", "pexpire", "exists", "time", "set", "incr", "publish",
+            "hmget", "hset", "del", "pttl", "pexpire", "exists", "time", "set", "get", "incr",
+            "publish",
         ];
         assert_eq!(
             delta.iter().find(|(name, _)| name == "evalsha"),
@@ -125,10 +126,9 @@ async fn every_decision_is_one_evalsha() {
     assert!(matches!(replay, ClaimOutcome::Completed(_)));
 }
 
-#[tokio::test]
-async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_through() {
-    let mut server = RedisServer::start();
-    let timeout = Duration::from_millis(50);
+/// A store with `timeout` on `server`, and two services on it: `OnStoreError::Closed` and
+/// `Open`, sharing one upstream.
+async fn closed_and_open(server: &RedisServer, timeout: Duration) -> (Upstream, Svc, Svc) {
     let store = RedisStore::builder()
         .url(server.url())
         .timeout(timeout)
@@ -138,6 +138,32 @@ async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_throug
     let upstream = Upstream::new(StatusCode::CREATED);
     let closed = service(layer(&store), &upstream);
     let open = service(layer(&store).on_store_error(OnStoreError::Open), &upstream);
+    (upstream, closed, open)
+}
+
+/// Once Redis is back, the same service coordinates `k` again within 5 s: it executes
+/// once and its retry is a replay.
+async fn coordinated_again(closed: &Svc, k: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let first = loop {
+        let res = send(closed, post("/pay", Some(k), None, "1")).await;
+        if res.status != StatusCode::SERVICE_UNAVAILABLE {
+            break res;
+        }
+        assert!(Instant::now() < deadline, "store not usable within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = send(closed, post("/pay", Some(k), None, "1")).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body, first.body);
+}
+
+#[tokio::test]
+async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_through() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(50);
+    let (upstream, closed, open) = closed_and_open(&server, timeout).await;
     assert_eq!(
         send(&closed, post("/pay", Some("before"), None, "1"))
             .await
@@ -171,22 +197,7 @@ async fn redis_down_closed_answers_503_within_the_timeout_and_open_passes_throug
 
     // Redis returns (empty): the same store coordinates again, without a rebuild.
     server.start_again();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let first = loop {
-        let res = send(&closed, post("/pay", Some("after"), None, "1")).await;
-        if res.status != StatusCode::SERVICE_UNAVAILABLE {
-            break res;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "store did not recover within 5 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(first.status, StatusCode::CREATED);
-    let replay = send(&closed, post("/pay", Some("after"), None, "1")).await;
-    assert!(replay.replayed);
-    assert_eq!(replay.body, first.body);
+    coordinated_again(&closed, "after").await;
 }
 
 #[tokio::test]
@@ -400,9 +411,7 @@ async fn two_prefixes_on_one_redis_do_not_see_each_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
     let backend = keyward_tests::RedisClusterBackend::start();
-    let stores: Vec<RedisStore> = (0..3)
-        .map(|_| keyward_tests::RedisClusterBackend::store_on(&backend.cluster))
-        .collect();
+    let stores: Vec<RedisStore> = (0..3).map(|_| backend.instance()).collect();
     let upstream = Upstream::held(StatusCode::CREATED);
     let instances: Vec<Svc> = stores
         .iter()
@@ -430,7 +439,7 @@ async fn cluster_instances_coordinate_and_a_keys_records_share_one_slot() {
     for node in backend.cluster.nodes() {
         let mut conn = node.connection().await;
         let names: Vec<String> = redis::cmd("KEYS")
-            .arg("keyward:*")
+            .arg(format!("{}*", backend.store().prefix()))
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -504,4 +513,33 @@ async fn rediss_urls_talk_tls() {
     }
     let waited = wait_woken_by_release(&store, &store.clone(), "tls").await;
     assert!(waited < Duration::from_secs(1), "woken after {waited:?}");
+}
+
+#[tokio::test]
+async fn a_frozen_redis_times_out_into_503_and_is_used_again_when_it_thaws() {
+    let server = RedisServer::start();
+    let timeout = Duration::from_millis(50);
+    let (upstream, closed, open) = closed_and_open(&server, timeout).await;
+
+    server.pause();
+    let started = Instant::now();
+    let res = send(&closed, post("/pay", Some("k"), None, "1")).await;
+    let took = started.elapsed();
+    assert_eq!(res.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took >= timeout && took < timeout + Duration::from_millis(100),
+        "took {took:?}"
+    );
+    assert_eq!(upstream.calls(), 0);
+    let res = send(&open, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(res.status, StatusCode::CREATED);
+    assert_eq!(upstream.calls(), 1, "open: passed through");
+
+    server.resume();
+    coordinated_again(&closed, "thawed").await;
+    // The claims that timed out ran when Redis thawed, and were undone right after: the
+    // key is free, not stuck in flight for a lease.
+    let retry = send(&closed, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(retry.status, StatusCode::CREATED, "{}", retry.body);
+    assert!(!retry.replayed);
 }

@@ -166,6 +166,11 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 hub,
                 runtime,
+                instance: std::hash::BuildHasher::hash_one(
+                    &std::collections::hash_map::RandomState::new(),
+                    std::process::id(),
+                ),
+                claims: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }

@@ -154,13 +154,21 @@ async fn run(nodes: Vec<redis::Client>, channel: String, shared: Arc<Shared>) {
                 continue;
             }
         };
-        backoff = Duration::from_millis(25);
         shared.subscribed.store(true, Ordering::Release);
         // Anything published while we were away is lost: everyone checks again.
         shared.wake_all();
+        let subscribed_at = tokio::time::Instant::now();
         listen(pubsub, &shared).await;
         shared.subscribed.store(false, Ordering::Release);
         tracing::debug!("keyward redis hub: subscription lost, reconnecting");
+        // A subscription that keeps dying at once must not turn into a reconnect (and
+        // wake-everyone) loop: back off unless it lived a while.
+        if subscribed_at.elapsed() > MAX_BACKOFF {
+            backoff = Duration::from_millis(25);
+        } else {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
     }
 }
 

@@ -2,10 +2,15 @@
 //!
 //! Records, all in the key's hash slot:
 //! - `{prefix}idem:{route}:{<tag>}`: a hash. Held: `s=h`, `f` fingerprint (32 bytes), `t`
-//!   token, `w` set once a duplicate saw it; expires with the lease. Completed: `s=c`, `f`,
+//!   token, `o` the claim's nonce, `w` set once a duplicate saw it; expires with the lease.
+//!   A claim whose reply is lost (timeout, dropped connection) is undone by nonce right
+//!   after (`abandon.lua`), so a Redis hiccup does not leave keys "in flight" for a lease. Completed: `s=c`, `f`,
 //!   `r` the response in the binary form of `codec.rs`; expires after the TTL.
 //! - `{prefix}idem:{route}:{<tag>}:n`: the fencing counter, `INCR`ed by every claim. It
-//!   lives at least as long as the record; once both are gone it restarts from Redis's
+//!   lives [`COUNTER_LIFETIME`] past the last claim or renewal, and at least as long as a
+//!   completed record. While it shows a holder's token, nobody claimed after that holder,
+//!   so the holder may still complete even if its lease lapsed (there is no successor to
+//!   overwrite), as on the memory store. Once the counter is gone it restarts from Redis's
 //!   clock in microseconds, so tokens per key only grow.
 
 use std::sync::{Arc, LazyLock};
@@ -31,9 +36,14 @@ static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/idempotency/release.lua")));
 static RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/idempotency/renew.lua")));
+static ABANDON: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/abandon.lua")));
 
 /// Scripts [`RedisStore::ping`] preloads.
-pub(crate) static SCRIPTS: [&LazyLock<Script>; 4] = [&CLAIM, &COMPLETE, &RELEASE, &RENEW];
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 5] = [&CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON];
+
+/// How long the fencing counter outlives the last claim or renewal of its key.
+const COUNTER_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 struct Names {
     record: String,
@@ -54,6 +64,20 @@ impl RedisStore {
             .eval(&RELEASE, &[record], &[token.as_bytes(), channel.as_bytes()])
             .await?;
         Ok(())
+    }
+}
+
+impl RedisStore {
+    fn abandon(&self, record: String, nonce: [u8; 16], within: Duration) {
+        let store = self.clone();
+        self.spawn_detached(async move {
+            let channel = store.inner.keys.channel().as_bytes();
+            let (keys, args) = ([record.as_str()], [nonce.as_slice(), channel]);
+            let undo = store.inner.conn.eval::<i64>(&ABANDON, &keys, &args);
+            if let Err(error) = crate::conn::bounded(within, undo).await {
+                tracing::debug!(%error, "abandoning a failed idempotency claim failed; its lease frees it");
+            }
+        });
     }
 }
 
@@ -94,15 +118,28 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let names = self.idempotency_names(key);
-        let lease = millis(lease);
-        let value: Value = self
-            .eval(
+        let keep = millis(COUNTER_LIFETIME.max(lease));
+        let lease_ms = millis(lease);
+        let nonce = self.nonce();
+        let claimed = self
+            .eval::<Value>(
                 &CLAIM,
                 &[&names.record, &names.counter],
-                &[&fingerprint.0, lease.as_bytes()],
+                &[&fingerprint.0, lease_ms.as_bytes(), keep.as_bytes(), &nonce],
             )
-            .await?;
-        claim_outcome(value)
+            .await;
+        match claimed {
+            Ok(value) => claim_outcome(value),
+            Err(error) => {
+                // The claim may still run (a frozen Redis answers later) and would hold
+                // the key for a whole lease with nobody to release it: undo it, behind
+                // the claim on the same connection, bounded by the lease.
+                if !matches!(error, StoreError::Corrupt(_)) {
+                    self.abandon(names.record, nonce, lease);
+                }
+                Err(error)
+            }
+        }
     }
 
     async fn complete(
@@ -150,12 +187,7 @@ impl IdempotencyStore for RedisStore {
                 tracing::warn!(%error, key_hash = %key.key_hash(), "detached idempotency release failed; the key frees when its lease ends");
             }
         };
-        // Prefer the caller's runtime; a destructor running outside any runtime (a
-        // dropped future on a plain thread) still releases on the store's own.
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn(release)),
-            Err(_) => drop(self.inner.runtime.spawn(release)),
-        }
+        self.spawn_detached(release);
     }
 
     async fn renew(
@@ -166,12 +198,13 @@ impl IdempotencyStore for RedisStore {
     ) -> Result<bool, StoreError> {
         let names = self.idempotency_names(key);
         let token = token.get().to_string();
+        let keep = millis(COUNTER_LIFETIME.max(lease));
         let lease = millis(lease);
         let renewed: i64 = self
             .eval(
                 &RENEW,
                 &[&names.record, &names.counter],
-                &[token.as_bytes(), lease.as_bytes()],
+                &[token.as_bytes(), lease.as_bytes(), keep.as_bytes()],
             )
             .await?;
         Ok(renewed == 1)

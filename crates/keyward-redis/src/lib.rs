@@ -18,6 +18,18 @@
 //!   the SHA-256 of the scoped key: raw keys and principals never reach Redis, and all
 //!   records of one key share a cluster hash tag (one slot).
 //!
+//! - **Waiting**: every store keeps ONE subscriber connection (the hub) on the channel
+//!   `{prefix}settled`. Scripts that let go of a key publish the record's name there, but
+//!   only when a duplicate has seen the key held (field `w`), so the common path publishes
+//!   nothing. A waiter registers with the hub, checks the record once, then sleeps until
+//!   the message or `min(max, lease left)`. The hub pings its connection every second,
+//!   reconnects and resubscribes by itself and then wakes every waiter to check again
+//!   (messages sent meanwhile are lost).
+//! - **Stored responses**: a compact binary record (status, headers, trailers, body), see
+//!   the format in `src/codec.rs`; unreadable records are `StoreError::Corrupt`.
+//! - **Requirements**: Redis (or Valkey) 5 or later; scripts read `TIME` and rely on
+//!   effects replication. Tested with Redis 7.0, standalone, Cluster, TLS and `AUTH`.
+//!
 //! ```
 //! use std::time::Duration;
 //! use keyward_redis::RedisStore;
@@ -36,6 +48,17 @@
 //! # }
 //! ```
 #![forbid(unsafe_code)]
+
+// Adding a store trait (quota, serial, single flight) takes:
+// - `scripts/<layer>/<decision>.lua`: one script per decision, all keys in `KEYS` and named
+//   with `KeyLayout::record` (+ `KeyLayout::companion` for more records of the same key:
+//   same hash tag, same cluster slot). Held records use the fields `s = 'h'` and
+//   `t = token` so that `scripts/watch.lua` and `RedisStore::wait_released` serve their
+//   waiters; a script that lets go publishes the record name on `KeyLayout::channel` when
+//   the record has `w` set.
+// - `<layer>.rs`: `static` `Script`s (add them to what `RedisStore::ping` preloads) and
+//   `impl <Layer>Store for RedisStore` calling `self.eval(..)` (bounded by the timeout,
+//   errors mapped to `StoreError`) and reading replies with `conn::Reply`.
 
 mod builder;
 mod codec;
@@ -72,6 +95,9 @@ struct Inner {
     timeout: Duration,
     hub: Hub,
     runtime: tokio::runtime::Handle,
+    /// Random per store, so claim nonces never repeat across processes.
+    instance: u64,
+    claims: std::sync::atomic::AtomicU64,
 }
 
 impl RedisStore {
@@ -120,6 +146,27 @@ impl RedisStore {
     #[doc(hidden)]
     pub fn watched_records(&self) -> usize {
         self.inner.hub.watched()
+    }
+
+    /// A value no other claim on any store carries: this store's random id and a counter.
+    fn nonce(&self) -> [u8; 16] {
+        let n = self
+            .inner
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut nonce = [0; 16];
+        nonce[..8].copy_from_slice(&self.inner.instance.to_be_bytes());
+        nonce[8..].copy_from_slice(&n.to_be_bytes());
+        nonce
+    }
+
+    /// Runs `work` in the background: on the caller's runtime, or, from a destructor
+    /// running outside any runtime, on the one the store was built in. Never blocks.
+    fn spawn_detached(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn(work)),
+            Err(_) => drop(self.inner.runtime.spawn(work)),
+        }
     }
 
     /// Runs `script`, bounded by the store timeout.

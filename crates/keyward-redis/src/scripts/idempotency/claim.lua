@@ -1,7 +1,9 @@
 -- Idempotency claim: one decision, one round trip.
--- KEYS[1] record hash {s = 'h'eld | 'c'ompleted, f = fingerprint, t = token, w = waiters, r = response}
+-- KEYS[1] record hash {s = 'h'eld | 'c'ompleted, f = fingerprint, t = token, o = claim nonce,
+--                     w = waiters, r = response}
 -- KEYS[2] fencing counter (same hash tag)
--- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms
+-- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms, ARGV[3] counter lifetime in ms,
+-- ARGV[4] nonce of this claim (for abandon.lua)
 -- Reply: {0, token} claimed | {1, holder, lease_left_ms} in flight | {2, response} completed | {3} mismatch
 local rec = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'r')
 if rec[1] == 'c' then
@@ -17,14 +19,16 @@ end
 -- Free (never used, released, or the holder's lease ran out and the record expired).
 -- The counter outlives records; when it is gone too, it restarts from the clock in
 -- microseconds, so tokens keep increasing across expiries.
-if redis.call('EXISTS', KEYS[2]) == 0 then
+local keep = tonumber(ARGV[3])
+local token = redis.call('INCR', KEYS[2])
+if token == 1 then
   local now = redis.call('TIME')
-  redis.call('SET', KEYS[2], now[1] .. string.format('%06d', tonumber(now[2])))
+  token = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('SET', KEYS[2], token, 'PX', keep)
+else
+  token = string.format('%d', token)
+  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 end
-local token = string.format('%d', redis.call('INCR', KEYS[2]))
-local lease = tonumber(ARGV[2])
-if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease) end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token)
-redis.call('PEXPIRE', KEYS[1], lease)
+redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token, 'o', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {0, token}

@@ -1,9 +1,11 @@
 -- Idempotency lease renewal, fenced.
--- KEYS[1] record, KEYS[2] fencing counter; ARGV[1] token, ARGV[2] lease in ms
+-- KEYS[1] record, KEYS[2] fencing counter
+-- ARGV[1] token, ARGV[2] lease in ms, ARGV[3] counter lifetime in ms
 -- Reply: 1 renewed | 0 not the holder any more
 local rec = redis.call('HMGET', KEYS[1], 's', 't')
 if rec[1] ~= 'h' or rec[2] ~= ARGV[1] then return 0 end
 local lease = tonumber(ARGV[2])
 redis.call('PEXPIRE', KEYS[1], lease)
-if redis.call('PTTL', KEYS[2]) < lease then redis.call('PEXPIRE', KEYS[2], lease) end
+local keep = tonumber(ARGV[3])
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 return 1
