@@ -71,7 +71,12 @@ admin = "127.0.0.1:$ADMIN2"
 name = "pay"
 methods = ["POST"]
 path = "/pay"
-${QUOTA_STANZA:-}
+
+[routes.quota]
+key = "peer_ip"
+limit = 1000000000
+per = "1s"
+
 [routes.idempotency]
 scope = "none"
 TOML
@@ -83,11 +88,16 @@ done
 
 # POSTs with a fresh Idempotency-Key each (first executions), or one key (replays).
 cat > "$WORK/fresh.lua" <<'LUA'
+-- Each wrk thread has its own Lua state: give each its own key prefix.
+local threads = 0
+setup = function(thread)
+    threads = threads + 1
+    thread:set("prefix", "t" .. threads .. "-" .. os.time())
+end
 local counter = 0
-local id = tostring(math.random(1, 1e9))
 request = function()
     counter = counter + 1
-    return wrk.format("POST", "/pay", { ["Idempotency-Key"] = id .. "-" .. counter }, "amount=1")
+    return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter }, "amount=1")
 end
 LUA
 cat > "$WORK/replay.lua" <<'LUA'
@@ -112,8 +122,8 @@ RESULTS+=("$(run "upstream direct" "http://127.0.0.1:$UPSTREAM/")")
 RESULTS+=("$(run "nginx proxy_pass" "http://127.0.0.1:$NGINX/")")
 RESULTS+=("$(run "keyward, no layers" "http://127.0.0.1:$BARE/")")
 RESULTS+=("$(run "nginx proxy_pass, POST" "http://127.0.0.1:$NGINX/pay" "$WORK/fresh.lua")")
-RESULTS+=("$(run "keyward ${LAYERS_LABEL:-idempotency}, fresh keys" "http://127.0.0.1:$LAYERED/pay" "$WORK/fresh.lua")")
-RESULTS+=("$(run "keyward ${LAYERS_LABEL:-idempotency}, replays" "http://127.0.0.1:$LAYERED/pay" "$WORK/replay.lua")")
+RESULTS+=("$(run "keyward quota+idempotency, fresh keys" "http://127.0.0.1:$LAYERED/pay" "$WORK/fresh.lua")")
+RESULTS+=("$(run "keyward quota+idempotency, replays" "http://127.0.0.1:$LAYERED/pay" "$WORK/replay.lua")")
 
 nginx_rps=$(echo "${RESULTS[1]}" | cut -d'|' -f2)
 echo
