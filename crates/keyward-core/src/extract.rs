@@ -145,6 +145,34 @@ impl fmt::Debug for PathTemplate {
     }
 }
 
+impl crate::Scope {
+    /// The scope of `req`: the hash of what `principal` extracts from it,
+    /// [`Scope::Anonymous`](crate::Scope::Anonymous) if it carries no principal, or
+    /// [`Scope::Unscoped`](crate::Scope::Unscoped) if the route has no principal spec.
+    ///
+    /// ```
+    /// use keyward_core::{KeySpec, Scope};
+    /// let auth = KeySpec::parse("header:Authorization").unwrap();
+    /// let alice = http::Request::get("/").header("authorization", "Bearer a").body(()).unwrap();
+    /// let nobody = http::Request::get("/").body(()).unwrap();
+    /// assert_eq!(Scope::of_request(Some(&auth), &alice).unwrap(), Scope::of(b"Bearer a"));
+    /// assert_eq!(Scope::of_request(Some(&auth), &nobody).unwrap(), Scope::Anonymous);
+    /// assert_eq!(Scope::of_request(None, &alice).unwrap(), Scope::Unscoped);
+    /// ```
+    pub fn of_request<B>(
+        principal: Option<&KeySpec>,
+        req: &Request<B>,
+    ) -> Result<crate::Scope, KeyError> {
+        let Some(spec) = principal else {
+            return Ok(crate::Scope::Unscoped);
+        };
+        Ok(match spec.extract(req)? {
+            Some(principal) => crate::Scope::of(principal.as_str().as_bytes()),
+            None => crate::Scope::Anonymous,
+        })
+    }
+}
+
 /// The client address of a request, as a request extension, for the `peer_ip` spec.
 /// A `std::net::SocketAddr` extension is accepted as well.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@ mod support;
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{Sidecar, Upstream, check, check_file, client, send};
+use support::{Sidecar, Upstream, check, check_file, client, send, send_concurrently};
 
 const PAYMENTS: &str = r#"
 [[routes]]
@@ -365,16 +365,16 @@ async fn serial_requests_never_overlap_and_carry_rising_fencing_tokens() {
     let upstream = Upstream::start().await;
     let sidecar = Sidecar::start(upstream.addr, QUOTA_AND_SERIAL).await;
     let http = client();
-    let requests: Vec<_> = (0..8)
-        .map(|_| {
-            let http = http.clone();
-            let url = sidecar.url("/accounts/42?delay_ms=50");
-            tokio::spawn(async move { send(&http, "POST", &url, &[], "debit").await })
-        })
-        .collect();
-    for request in requests {
-        assert_eq!(request.await.unwrap().status, StatusCode::OK);
-    }
+    let replies = send_concurrently(
+        &http,
+        8,
+        "POST",
+        &sidecar.url("/accounts/42?delay_ms=50"),
+        &[],
+        "debit",
+    )
+    .await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK));
     let max = upstream.seen.max_in_flight.lock().unwrap()["/accounts/42"];
     assert_eq!(max, 1, "requests for one account overlapped upstream");
     let tokens: Vec<u64> = upstream
@@ -414,18 +414,16 @@ async fn a_stampede_of_100_gets_reaches_the_upstream_once() {
     let upstream = Upstream::start().await;
     let sidecar = Sidecar::start(upstream.addr, STAMPEDE).await;
     let http = client();
-    // The upstream answers after 300 ms; all 100 arrive well within that window.
-    let requests: Vec<_> = (0..100)
-        .map(|_| {
-            let http = http.clone();
-            let url = sidecar.url("/catalog/shoes?delay_ms=300");
-            tokio::spawn(async move { send(&http, "GET", &url, &[], "").await })
-        })
-        .collect();
-    let mut replies = Vec::new();
-    for request in requests {
-        replies.push(request.await.unwrap());
-    }
+    // The upstream answers after 1 s; all 100 arrive well within that window.
+    let replies = send_concurrently(
+        &http,
+        100,
+        "GET",
+        &sidecar.url("/catalog/shoes?delay_ms=1000"),
+        &[],
+        "",
+    )
+    .await;
     assert_eq!(
         upstream.hits(),
         1,

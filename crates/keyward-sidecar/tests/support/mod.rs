@@ -250,6 +250,28 @@ pub async fn send(
     }
 }
 
+/// Sends `n` requests at once (each from its own task); the replies in sending order.
+pub async fn send_concurrently(
+    client: &HttpClient,
+    n: usize,
+    method: &'static str,
+    url: &str,
+    headers: &[(&'static str, &'static str)],
+    body: &'static str,
+) -> Vec<Reply> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let (client, url, headers) = (client.clone(), url.to_owned(), headers.to_vec());
+            tokio::spawn(async move { send(&client, method, &url, &headers, body).await })
+        })
+        .collect();
+    let mut replies = Vec::with_capacity(n);
+    for task in tasks {
+        replies.push(task.await.unwrap());
+    }
+    replies
+}
+
 /// Runs `keyward check -c` on a file with `text`.
 pub fn check(text: &str) -> (i32, String) {
     let dir = tempdir::Dir::new("check");

@@ -14,7 +14,7 @@ use keyward_core::telemetry::{
     FIELD_FENCING_TOKEN, FIELD_KEY_HASH, FIELD_OUTCOME, FIELD_WAIT_SECONDS, IdempotencyOutcome,
 };
 use keyward_core::{
-    Key, KeyExtractor, KeySpec, KeywardBody, Problem, Scope, ScopedKey, parse_idempotency_key,
+    Key, KeyExtractor, KeywardBody, Problem, Scope, ScopedKey, parse_idempotency_key,
 };
 use tokio::time::Instant;
 use tower_service::Service;
@@ -157,7 +157,8 @@ impl<S, St, K> IdempotencyService<S, St, K> {
         let key = parse_idempotency_key(raw.as_str())
             .map_err(|err| format!("{} ({})", err, self.config.key_name))?;
         let settings = &self.config.settings;
-        let scope = scope_of(settings.scope.as_ref(), req).map_err(|err| err.to_string())?;
+        let scope =
+            Scope::of_request(settings.scope.as_ref(), req).map_err(|err| err.to_string())?;
         Ok(Some(ScopedKey::new(
             LAYER,
             &settings.route,
@@ -165,19 +166,6 @@ impl<S, St, K> IdempotencyService<S, St, K> {
             Key::from(key),
         )))
     }
-}
-
-fn scope_of<B>(
-    principal: Option<&KeySpec>,
-    req: &Request<B>,
-) -> Result<Scope, keyward_core::KeyError> {
-    let Some(spec) = principal else {
-        return Ok(Scope::Unscoped);
-    };
-    Ok(match spec.extract(req)? {
-        Some(principal) => Scope::of(principal.as_str().as_bytes()),
-        None => Scope::Anonymous,
-    })
 }
 
 fn record(span: &Span, outcome: IdempotencyOutcome) {

@@ -7,7 +7,7 @@ use http::{Request, Response, StatusCode};
 use keyward_core::problem::types;
 use keyward_core::store::QuotaStore;
 use keyward_core::telemetry::{FIELD_KEY_HASH, FIELD_OUTCOME, QuotaOutcome};
-use keyward_core::{KeyExtractor, KeySpec, Problem, Scope, ScopedKey};
+use keyward_core::{KeyExtractor, Problem, Scope, ScopedKey};
 use tower_service::Service;
 
 use super::future::{Decide, ResponseFuture};
@@ -66,8 +66,10 @@ where
         let settings = &config.settings;
 
         let (key, scope) = match config.key.extract(&req).and_then(|key| {
-            key.map(|key| scope_of(settings.scope.as_ref(), &req).map(|scope| (key, scope)))
-                .transpose()
+            key.map(|key| {
+                Scope::of_request(settings.scope.as_ref(), &req).map(|scope| (key, scope))
+            })
+            .transpose()
         }) {
             Ok(Some(found)) => found,
             // No key: the request is not counted against any quota.
@@ -114,19 +116,6 @@ where
             },
         )
     }
-}
-
-fn scope_of<B>(
-    principal: Option<&KeySpec>,
-    req: &Request<B>,
-) -> Result<Scope, keyward_core::KeyError> {
-    let Some(spec) = principal else {
-        return Ok(Scope::Unscoped);
-    };
-    Ok(match spec.extract(req)? {
-        Some(principal) => Scope::of(principal.as_str().as_bytes()),
-        None => Scope::Anonymous,
-    })
 }
 
 /// Records `outcome` on the decision's span.
