@@ -43,6 +43,7 @@ mod conn;
 mod hub;
 mod idempotency;
 mod keys;
+mod quota;
 
 use std::fmt;
 use std::sync::Arc;
@@ -52,6 +53,7 @@ use keyward_core::store::StoreError;
 use redis::Script;
 
 pub use builder::{BuildError, RedisStoreBuilder};
+pub use quota::RedisCheckFuture;
 
 use conn::{Conn, bounded};
 use hub::Hub;
@@ -101,7 +103,7 @@ impl RedisStore {
         let conn = &self.inner.conn;
         bounded(self.inner.timeout, async {
             conn.query::<String>(&redis::cmd("PING")).await?;
-            for script in idempotency::SCRIPTS.iter() {
+            for script in idempotency::SCRIPTS.iter().chain(quota::SCRIPTS.iter()) {
                 conn.load(script).await?;
             }
             conn.load(&WATCH).await
