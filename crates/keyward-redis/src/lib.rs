@@ -44,6 +44,7 @@ mod hub;
 mod idempotency;
 mod keys;
 mod quota;
+mod serial;
 
 use std::fmt;
 use std::sync::Arc;
@@ -74,6 +75,7 @@ struct Inner {
     timeout: Duration,
     hub: Hub,
     runtime: tokio::runtime::Handle,
+    serial: serial::SerialState,
 }
 
 impl RedisStore {
@@ -103,7 +105,11 @@ impl RedisStore {
         let conn = &self.inner.conn;
         bounded(self.inner.timeout, async {
             conn.query::<String>(&redis::cmd("PING")).await?;
-            for script in idempotency::SCRIPTS.iter().chain(quota::SCRIPTS.iter()) {
+            for script in idempotency::SCRIPTS
+                .iter()
+                .chain(quota::SCRIPTS.iter())
+                .chain(serial::SCRIPTS.iter())
+            {
                 conn.load(script).await?;
             }
             conn.load(&WATCH).await
