@@ -45,6 +45,7 @@ mod idempotency;
 mod keys;
 mod quota;
 mod serial;
+mod single_flight;
 
 use std::fmt;
 use std::sync::Arc;
@@ -109,6 +110,7 @@ impl RedisStore {
                 .iter()
                 .chain(quota::SCRIPTS.iter())
                 .chain(serial::SCRIPTS.iter())
+                .chain(single_flight::SCRIPTS.iter())
             {
                 conn.load(script).await?;
             }
