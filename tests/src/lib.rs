@@ -154,7 +154,7 @@ pub mod redis_kit;
 
 use std::time::Duration;
 
-use keyward::core::store::IdempotencyStore;
+use keyward::core::store::{IdempotencyStore, QuotaStore, SerialStore, SingleFlightStore};
 use keyward::{MemoryStore, RedisStore};
 use redis_kit::RedisServer;
 
@@ -163,7 +163,7 @@ use redis_kit::RedisServer;
 /// Redis time is real (a unit is 100 ms, so a suite stays within seconds).
 pub trait Backend: Send + Sync + 'static {
     /// The store under test.
-    type Store: IdempotencyStore + std::fmt::Debug;
+    type Store: IdempotencyStore + QuotaStore + SerialStore + SingleFlightStore + std::fmt::Debug;
     /// A handle on the backend's store; instances share state like processes sharing one
     /// Redis.
     fn store(&self) -> Self::Store;

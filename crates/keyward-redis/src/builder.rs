@@ -19,6 +19,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     timeout: Duration,
     cluster: bool,
+    serial_lease: Duration,
 }
 
 impl Default for RedisStoreBuilder {
@@ -28,6 +29,7 @@ impl Default for RedisStoreBuilder {
             prefix: "keyward:".to_owned(),
             timeout: Duration::from_millis(50),
             cluster: false,
+            serial_lease: crate::serial::DEFAULT_LEASE,
         }
     }
 }
@@ -40,6 +42,7 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("cluster", &self.cluster)
+            .field("serial_lease", &self.serial_lease)
             .finish()
     }
 }
@@ -95,6 +98,14 @@ impl RedisStoreBuilder {
     /// Talk to a Redis Cluster whose seed nodes are the given URLs.
     pub fn cluster(mut self, cluster: bool) -> Self {
         self.cluster = cluster;
+        self
+    }
+
+    /// Lease of a `PerKeySerialLayer` holder (default 10 s, at least 30 ms): renewed by a
+    /// heartbeat every third of it while the holder runs, it is how long a crashed
+    /// holder's key stays blocked before the next waiter proceeds.
+    pub fn serial_lease(mut self, lease: Duration) -> Self {
+        self.serial_lease = lease.max(Duration::from_millis(30));
         self
     }
 
@@ -171,6 +182,7 @@ impl RedisStoreBuilder {
                     std::process::id(),
                 ),
                 claims: std::sync::atomic::AtomicU64::new(0),
+                serial: crate::serial::SerialState::new(self.serial_lease),
             }),
         })
     }

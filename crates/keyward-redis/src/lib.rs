@@ -66,6 +66,9 @@ mod conn;
 mod hub;
 mod idempotency;
 mod keys;
+mod quota;
+mod serial;
+mod single_flight;
 
 use std::fmt;
 use std::sync::Arc;
@@ -75,6 +78,7 @@ use keyward_core::store::StoreError;
 use redis::Script;
 
 pub use builder::{BuildError, RedisStoreBuilder};
+pub use quota::RedisCheckFuture;
 
 use conn::{Conn, bounded};
 use hub::Hub;
@@ -98,6 +102,7 @@ struct Inner {
     /// Random per store, so claim nonces never repeat across processes.
     instance: u64,
     claims: std::sync::atomic::AtomicU64,
+    serial: serial::SerialState,
 }
 
 impl RedisStore {
@@ -127,7 +132,12 @@ impl RedisStore {
         let conn = &self.inner.conn;
         bounded(self.inner.timeout, async {
             conn.query::<String>(&redis::cmd("PING")).await?;
-            for script in idempotency::SCRIPTS.iter() {
+            for script in idempotency::SCRIPTS
+                .iter()
+                .chain(quota::SCRIPTS.iter())
+                .chain(serial::SCRIPTS.iter())
+                .chain(single_flight::SCRIPTS.iter())
+            {
                 conn.load(script).await?;
             }
             conn.load(&WATCH).await

@@ -1,0 +1,422 @@
+//! `SerialStore` on Redis: a FIFO lock per key with leases, heartbeats, fencing tokens and
+//! pub/sub hand-over.
+//!
+//! Records, all in the key's hash slot (see `scripts/serial/lib.lua`):
+//! - `{prefix}serial:{route}:{<tag>}`: the holder (`s=h`, token `t`, waiter id `g`),
+//!   expiring with its lease;
+//! - `…:q`: the queue, a zset of waiter ids scored by arrival number (FIFO);
+//! - `…:d`: each waiter's deadline on Redis's clock, after which it is skipped (it gave
+//!   up, or its process died while queued);
+//! - `…:n`: the fencing counter, `INCR`ed for tokens and arrival numbers; kept alive
+//!   while the key is in use and restarted from the clock in microseconds when gone, so
+//!   tokens per key only grow.
+//!
+//! Each step is one script: acquire-or-enqueue, check (after a wake-up), leave, release
+//! (which hands the key to the first live waiter with a fresh token and publishes the
+//! record on the store's channel), renew. A queued waiter registers with the hub before
+//! its first script, then sleeps until a publication for its record or its fallback timer
+//! (`min(max_wait left, holder's lease left)`, so a dead holder's expiry is noticed), and
+//! checks once per wake-up: no polling loop.
+//!
+//! The holder's lease ([`RedisStoreBuilder::serial_lease`](crate::RedisStoreBuilder::serial_lease))
+//! is renewed by a heartbeat task every third of the lease until the permit is released;
+//! the task holds the store weakly, so a store that is gone (a crashed process) stops
+//! renewing and its key passes on when the lease runs out.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
+use std::time::Duration;
+
+use keyward_core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore, StoreError};
+use keyward_core::{FencingToken, ScopedKey};
+use redis::{Script, Value};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+use crate::conn::Reply;
+use crate::keys::KeyLayout;
+use crate::{Inner, RedisStore};
+
+macro_rules! serial_script {
+    ($file:literal) => {
+        LazyLock::new(|| {
+            Script::new(concat!(
+                include_str!("scripts/serial/lib.lua"),
+                include_str!(concat!("scripts/serial/", $file))
+            ))
+        })
+    };
+}
+
+static ACQUIRE: LazyLock<Script> = serial_script!("acquire.lua");
+static CHECK: LazyLock<Script> = serial_script!("check.lua");
+static LEAVE: LazyLock<Script> = serial_script!("leave.lua");
+static RELEASE: LazyLock<Script> = serial_script!("release.lua");
+static RENEW: LazyLock<Script> = serial_script!("renew.lua");
+
+/// Scripts [`RedisStore::ping`] preloads.
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 5] = [&ACQUIRE, &CHECK, &LEAVE, &RELEASE, &RENEW];
+
+/// Default holder lease: how long a crashed holder keeps its key.
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// Per-store serial state: the lease, unique waiter ids, the running heartbeats.
+pub(crate) struct SerialState {
+    lease: Duration,
+    instance: u64,
+    next_waiter: AtomicU64,
+    heartbeats: Mutex<HashMap<(Box<str>, u64), AbortHandle>>,
+}
+
+impl SerialState {
+    pub(crate) fn new(lease: Duration) -> Self {
+        SerialState {
+            lease,
+            // Random per store (RandomState's keys are): waiter ids of two processes never
+            // collide.
+            instance: RandomState::new().hash_one(std::process::id()),
+            next_waiter: AtomicU64::new(1),
+            heartbeats: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn waiter_id(&self) -> String {
+        let n = self.next_waiter.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}-{n}", self.instance)
+    }
+
+    fn heartbeats(&self) -> MutexGuard<'_, HashMap<(Box<str>, u64), AbortHandle>> {
+        // Single map operations: a poisoned map is consistent.
+        self.heartbeats
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+struct Names {
+    record: String,
+    queue: String,
+    deadlines: String,
+    counter: String,
+}
+
+impl Names {
+    fn of(record: String) -> Self {
+        Names {
+            queue: KeyLayout::companion(&record, "q"),
+            deadlines: KeyLayout::companion(&record, "d"),
+            counter: KeyLayout::companion(&record, "n"),
+            record,
+        }
+    }
+
+    fn keys(&self) -> [&str; 4] {
+        [&self.record, &self.queue, &self.deadlines, &self.counter]
+    }
+}
+
+fn token_of(n: i64) -> Result<FencingToken, StoreError> {
+    u64::try_from(n)
+        .map(FencingToken)
+        .map_err(|_| StoreError::Corrupt(format!("negative fencing token {n}")))
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
+}
+
+/// A reply's "lease left" in milliseconds; gone or unknown counts as none.
+fn lease_left(ms: i64) -> Duration {
+    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+impl RedisStore {
+    fn serial_names(&self, key: &ScopedKey) -> Names {
+        Names::of(self.inner.keys.record(key))
+    }
+
+    fn lease_ms(&self) -> String {
+        millis(self.inner.serial.lease)
+    }
+
+    /// The permit of a new holder: starts its heartbeat.
+    fn held(&self, key: &ScopedKey, record: &str, token: FencingToken) -> AcquireOutcome {
+        let weak = Arc::downgrade(&self.inner);
+        let every = self.inner.serial.lease / 3;
+        let entry: Box<str> = record.into();
+        let task_entry = entry.clone();
+        let heartbeat = async move {
+            let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                // The store is gone (its process "crashed"): stop renewing.
+                let Some(inner) = weak.upgrade() else { return };
+                let store = RedisStore { inner };
+                match store.renew_serial(&task_entry, token).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(
+                            "keyward serial: lease lost before release; the key may run twice"
+                        );
+                        store
+                            .inner
+                            .serial
+                            .heartbeats()
+                            .remove(&(task_entry, token.get()));
+                        return;
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "keyward serial: heartbeat failed, retrying");
+                    }
+                }
+            }
+        };
+        let handle = spawn(&self.inner, heartbeat);
+        if let Some(previous) = self
+            .inner
+            .serial
+            .heartbeats()
+            .insert((entry, token.get()), handle)
+        {
+            previous.abort();
+        }
+        AcquireOutcome::Acquired(SerialPermit::new(key.clone(), token))
+    }
+
+    async fn renew_serial(&self, record: &str, token: FencingToken) -> Result<bool, StoreError> {
+        let token = token.get().to_string();
+        // Every key of the script, though it uses two: a cluster checks they share a slot.
+        let names = Names::of(record.to_owned());
+        let lease = self.lease_ms();
+        let renewed: i64 = self
+            .eval(&RENEW, &names.keys(), &[token.as_bytes(), lease.as_bytes()])
+            .await?;
+        Ok(renewed == 1)
+    }
+
+    fn stop_heartbeat(&self, record: &str, token: FencingToken) {
+        let key: (Box<str>, u64) = (record.into(), token.get());
+        if let Some(handle) = self.inner.serial.heartbeats().remove(&key) {
+            handle.abort();
+        }
+    }
+
+    async fn release_serial(&self, key: &ScopedKey, token: FencingToken) -> Result<(), StoreError> {
+        let names = self.serial_names(key);
+        self.stop_heartbeat(&names.record, token);
+        let token = token.get().to_string();
+        let lease = self.lease_ms();
+        let _released: i64 = self
+            .eval(
+                &RELEASE,
+                &names.keys(),
+                &[
+                    token.as_bytes(),
+                    lease.as_bytes(),
+                    self.inner.keys.channel().as_bytes(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs the leave script for `member`; `pass_on`: hand a raced grant to the next
+    /// waiter instead of keeping it. Returns the kept token, if any.
+    async fn leave_serial(
+        &self,
+        names: &Names,
+        member: &str,
+        pass_on: bool,
+    ) -> Result<Option<FencingToken>, StoreError> {
+        let lease = self.lease_ms();
+        let value: Value = self
+            .eval(
+                &LEAVE,
+                &names.keys(),
+                &[
+                    member.as_bytes(),
+                    lease.as_bytes(),
+                    self.inner.keys.channel().as_bytes(),
+                    if pass_on { b"1" } else { b"0" },
+                ],
+            )
+            .await?;
+        let mut reply = Reply::new(value)?;
+        Ok(match reply.int()? {
+            0 => Some(token_of(reply.int()?)?),
+            _ => None,
+        })
+    }
+
+    /// The lease of a serial permit (see `RedisStoreBuilder::serial_lease`).
+    pub fn serial_lease(&self) -> Duration {
+        self.inner.serial.lease
+    }
+
+    /// How many permits of this store are being renewed (test instrumentation: it drops
+    /// back to zero once every permit is released).
+    #[doc(hidden)]
+    pub fn serial_heartbeats(&self) -> usize {
+        self.inner.serial.heartbeats().len()
+    }
+}
+
+/// Runs `task` on the caller's runtime, or the store's when called outside any.
+fn spawn(
+    inner: &Inner,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> AbortHandle {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => handle.spawn(task).abort_handle(),
+        Err(_) => inner.runtime.spawn(task).abort_handle(),
+    }
+}
+
+/// A waiter whose place in the queue (or a grant) may exist in Redis: dropped unsettled
+/// (the acquire future was cancelled, or a script failed), it leaves in the background and
+/// passes on a key that was handed to it.
+struct Queued<'a> {
+    store: &'a RedisStore,
+    names: &'a Names,
+    member: &'a str,
+    settled: bool,
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
+        }
+        let store = self.store.clone();
+        let names = Names::of(self.names.record.clone());
+        let member = self.member.to_owned();
+        spawn(&self.store.inner, async move {
+            if let Err(error) = store.leave_serial(&names, &member, true).await {
+                tracing::warn!(%error, "keyward serial: a cancelled waiter could not leave; it is skipped after its deadline");
+            }
+        });
+    }
+}
+
+impl SerialStore for RedisStore {
+    async fn acquire(
+        &self,
+        key: &ScopedKey,
+        limits: SerialLimits,
+    ) -> Result<AcquireOutcome, StoreError> {
+        let names = self.serial_names(key);
+        let member = self.inner.serial.waiter_id();
+        let deadline = Instant::now() + limits.max_wait;
+        // Registered before the first script, so a hand-over published between the
+        // script's answer and the wait is not lost.
+        let watch = self.inner.hub.watch(&names.record);
+        let mut notified = pin!(watch.notify.notified());
+        notified.as_mut().enable();
+        let mut queued = Queued {
+            store: self,
+            names: &names,
+            member: &member,
+            settled: false,
+        };
+        let lease = self.lease_ms();
+        let max_queue = limits.max_queue.to_string();
+        let max_wait = limits
+            .max_wait
+            .as_millis()
+            .min(i64::MAX as u128)
+            .to_string();
+        let channel = self.inner.keys.channel().as_bytes();
+        let value: Value = self
+            .eval(
+                &ACQUIRE,
+                &names.keys(),
+                &[
+                    member.as_bytes(),
+                    lease.as_bytes(),
+                    max_queue.as_bytes(),
+                    max_wait.as_bytes(),
+                    channel,
+                ],
+            )
+            .await?;
+        let mut reply = Reply::new(value)?;
+        let mut left = match reply.int()? {
+            0 => {
+                queued.settled = true;
+                return Ok(self.held(key, &names.record, token_of(reply.int()?)?));
+            }
+            1 => lease_left(reply.int()?),
+            2 => {
+                queued.settled = true;
+                return Ok(AcquireOutcome::QueueFull);
+            }
+            3 => {
+                queued.settled = true;
+                return Ok(AcquireOutcome::Timeout);
+            }
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "unknown acquire reply {other}"
+                )));
+            }
+        };
+        loop {
+            let now = Instant::now();
+            if now < deadline {
+                // One millisecond past the lease, so Redis has expired it when we look.
+                let fallback = (deadline - now).min(left + Duration::from_millis(1));
+                let _ = tokio::time::timeout(fallback, notified.as_mut()).await;
+                notified.set(watch.notify.notified());
+                notified.as_mut().enable();
+            }
+            if Instant::now() >= deadline {
+                // Out of time: leave, unless the key arrived meanwhile (then take it).
+                let kept = self.leave_serial(&names, &member, false).await?;
+                queued.settled = true;
+                return Ok(match kept {
+                    Some(token) => self.held(key, &names.record, token),
+                    None => AcquireOutcome::Timeout,
+                });
+            }
+            let value: Value = self
+                .eval(
+                    &CHECK,
+                    &names.keys(),
+                    &[member.as_bytes(), lease.as_bytes(), channel],
+                )
+                .await?;
+            let mut reply = Reply::new(value)?;
+            match reply.int()? {
+                0 => {
+                    queued.settled = true;
+                    return Ok(self.held(key, &names.record, token_of(reply.int()?)?));
+                }
+                1 => left = lease_left(reply.int()?),
+                3 => {
+                    queued.settled = true;
+                    return Ok(AcquireOutcome::Timeout);
+                }
+                other => return Err(StoreError::Corrupt(format!("unknown check reply {other}"))),
+            }
+        }
+    }
+
+    async fn release(&self, permit: SerialPermit) -> Result<(), StoreError> {
+        self.release_serial(permit.key(), permit.token()).await
+    }
+
+    fn release_detached(&self, permit: SerialPermit) {
+        // Stop renewing now, even if the release itself has to wait for the runtime.
+        self.stop_heartbeat(&self.inner.keys.record(permit.key()), permit.token());
+        let store = self.clone();
+        spawn(&self.inner, async move {
+            if let Err(error) = store.release_serial(permit.key(), permit.token()).await {
+                tracing::warn!(%error, key_hash = %permit.key().key_hash(), "keyward serial: detached release failed; the key frees when its lease ends");
+            }
+        });
+    }
+}

@@ -1,0 +1,215 @@
+//! `SingleFlightStore` on Redis: one leader per key across instances, landings handed to
+//! followers on other instances through pub/sub.
+//!
+//! Records, all in the key's hash slot:
+//! - `{prefix}flight:{route}:{<tag>}`: the flight in progress (`s=h`, token `t`, `w` once
+//!   a follower watches it), expiring with the leader's lease;
+//! - `…:n`: the fencing counter (`INCR` per lead; restarts from the clock when gone);
+//! - `…:l:{token}`: that flight's landing, kept [`LANDING_TTL`] for the followers that
+//!   watched it (only written when someone did).
+//!
+//! Steps, one script each: lead; publish (end the flight, keep the landing, `PUBLISH` the
+//! record); watch (a follower learns the flight's token and flags it watched); landed (after
+//! a wake-up: the landing, still flying, or ended without one). A follower sleeps until a
+//! publication for the record or the leader's lease end, bounded by its `max`.
+//!
+//! Landing encoding: `R` + the response (`codec.rs`), or `T` (too large); a failed flight
+//! stores nothing (followers find the flight ended without a landing: failed).
+
+use std::pin::pin;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use keyward_core::store::{FlightRole, Landing, SingleFlightStore, StoreError};
+use keyward_core::{FencingToken, ScopedKey};
+use redis::{Script, Value};
+use tokio::time::Instant;
+
+use crate::RedisStore;
+use crate::codec;
+use crate::conn::Reply;
+use crate::keys::KeyLayout;
+
+static LEAD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/flight/lead.lua")));
+static PUBLISH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/flight/publish.lua")));
+static WATCH: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/flight/watch.lua")));
+static LANDED: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/flight/landed.lua")));
+
+/// Scripts [`RedisStore::ping`] preloads.
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 4] = [&LEAD, &PUBLISH, &WATCH, &LANDED];
+
+/// How long a landing stays readable for the followers that watched its flight: they
+/// are woken within milliseconds; this covers a follower whose wake-up message was lost
+/// and who reads at its fallback timer.
+pub(crate) const LANDING_TTL: Duration = Duration::from_secs(10);
+
+fn token_of(n: i64) -> Result<FencingToken, StoreError> {
+    u64::try_from(n)
+        .map(FencingToken)
+        .map_err(|_| StoreError::Corrupt(format!("negative fencing token {n}")))
+}
+
+fn millis(duration: Duration) -> String {
+    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
+}
+
+fn landing_name(record: &str, token: FencingToken) -> String {
+    KeyLayout::companion(record, &format!("l:{}", token.get()))
+}
+
+fn encode(landing: &Landing) -> Vec<u8> {
+    match landing {
+        Landing::Response(response) => {
+            let mut out = vec![b'R'];
+            out.extend_from_slice(&codec::encode(response));
+            out
+        }
+        Landing::TooLarge => vec![b'T'],
+        Landing::Failed => Vec::new(),
+    }
+}
+
+fn decode(bytes: Vec<u8>) -> Result<Landing, StoreError> {
+    match bytes.first() {
+        Some(b'R') => Ok(Landing::Response(Arc::new(codec::decode(
+            Bytes::from(bytes).slice(1..),
+        )?))),
+        Some(b'T') => Ok(Landing::TooLarge),
+        _ => Err(StoreError::Corrupt("unknown landing".to_owned())),
+    }
+}
+
+impl RedisStore {
+    async fn land(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        landing: &Landing,
+    ) -> Result<(), StoreError> {
+        let record = self.inner.keys.record(key);
+        let landing_key = landing_name(&record, token);
+        let token = token.get().to_string();
+        let ttl = millis(LANDING_TTL);
+        let _landed: i64 = self
+            .eval(
+                &PUBLISH,
+                &[&record, &landing_key],
+                &[
+                    token.as_bytes(),
+                    &encode(landing),
+                    ttl.as_bytes(),
+                    self.inner.keys.channel().as_bytes(),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+impl SingleFlightStore for RedisStore {
+    async fn lead(&self, key: &ScopedKey, lease: Duration) -> Result<FlightRole, StoreError> {
+        let record = self.inner.keys.record(key);
+        let counter = KeyLayout::companion(&record, "n");
+        let lease = millis(lease);
+        let value: Value = self
+            .eval(&LEAD, &[&record, &counter], &[lease.as_bytes()])
+            .await?;
+        let mut reply = Reply::new(value)?;
+        match reply.int()? {
+            0 => Ok(FlightRole::Leader(token_of(reply.int()?)?)),
+            1 => Ok(FlightRole::Follower),
+            other => Err(StoreError::Corrupt(format!("unknown lead reply {other}"))),
+        }
+    }
+
+    async fn publish(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        landing: Landing,
+    ) -> Result<(), StoreError> {
+        self.land(key, token, &landing).await
+    }
+
+    fn abandon_detached(&self, key: ScopedKey, token: FencingToken) {
+        let store = self.clone();
+        let abandon = async move {
+            if let Err(error) = store.land(&key, token, &Landing::Failed).await {
+                tracing::warn!(%error, key_hash = %key.key_hash(), "keyward single flight: abandoning failed; followers wait for the lease");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn(abandon)),
+            Err(_) => drop(self.inner.runtime.spawn(abandon)),
+        }
+    }
+
+    async fn wait(&self, key: &ScopedKey, max: Duration) -> Result<Option<Landing>, StoreError> {
+        let deadline = Instant::now() + max;
+        let record = self.inner.keys.record(key);
+        // Registered before the first script: a landing published in between is not lost.
+        let watch = self.inner.hub.watch(&record);
+        let mut notified = pin!(watch.notify.notified());
+        notified.as_mut().enable();
+        let value: Value = self.eval(&WATCH, &[&record], &[]).await?;
+        let mut reply = Reply::new(value)?;
+        let token = match reply.int()? {
+            -1 => return Ok(None),
+            token => token_of(token)?,
+        };
+        let mut left = Duration::from_millis(u64::try_from(reply.int()?).unwrap_or(0));
+        let landing_key = landing_name(&record, token);
+        let token_arg = token.get().to_string();
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(Some(Landing::Failed));
+            }
+            // One millisecond past the lease, so Redis has expired it when we look.
+            let fallback = (deadline - now).min(left + Duration::from_millis(1));
+            let _ = tokio::time::timeout(fallback, notified.as_mut()).await;
+            notified.set(watch.notify.notified());
+            notified.as_mut().enable();
+            let value: Value = self
+                .eval(&LANDED, &[&record, &landing_key], &[token_arg.as_bytes()])
+                .await?;
+            let mut reply = Reply::new(value)?;
+            match reply.int()? {
+                0 => return decode(reply.bytes()?).map(Some),
+                1 => left = Duration::from_millis(u64::try_from(reply.int()?).unwrap_or(0)),
+                2 => return Ok(Some(Landing::Failed)),
+                other => return Err(StoreError::Corrupt(format!("unknown landed reply {other}"))),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use http::{HeaderMap, StatusCode};
+    use keyward_core::store::StoredResponse;
+
+    #[test]
+    fn landings_round_trip() {
+        let response = Landing::Response(Arc::new(StoredResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from_static(b"T is not a tag here"),
+            trailers: None,
+        }));
+        assert_eq!(decode(encode(&response)).unwrap(), response);
+        assert_eq!(
+            decode(encode(&Landing::TooLarge)).unwrap(),
+            Landing::TooLarge
+        );
+        assert!(encode(&Landing::Failed).is_empty());
+        assert!(decode(Vec::new()).is_err());
+    }
+}

@@ -1,0 +1,341 @@
+//! `QuotaStore` on every backend: the GCRA behaviour through the store trait (memory on
+//! paused time, Redis and Redis Cluster in real time with short periods), then what only
+//! Redis has to show: one round trip per decision, exactly `Quota::decide`'s answers,
+//! idle keys expiring, a dead Redis answering a store error within the timeout.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyward::core::gcra::{Quota, QuotaDecision};
+use keyward::core::store::{QuotaStore, StoreError};
+use keyward::core::{Key, Scope, ScopedKey};
+use keyward::{KeySpec, QuotaLayer, RedisStore};
+use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
+use keyward_tests::{Backend, Memory, Redis, RedisClusterBackend};
+use tokio::time::Instant;
+use tower::{Layer, ServiceExt};
+
+fn key(raw: &str) -> ScopedKey {
+    ScopedKey::new("quota", "r", Scope::Unscoped, Key::from(raw))
+}
+
+async fn check<St: QuotaStore>(store: &St, k: &str, quota: &Quota, cost: u32) -> QuotaDecision {
+    store.check(&key(k), quota, cost).await.unwrap()
+}
+
+/// `actual` is `expected`, or on real time up to `slack` less (time passed meanwhile).
+fn about(actual: Duration, expected: Duration, slack: Duration) {
+    assert!(
+        actual <= expected && actual + slack >= expected,
+        "{actual:?} is not within {slack:?} below {expected:?}"
+    );
+}
+
+async fn burst_then_one_per_interval<B: Backend>(b: B) {
+    let store = b.store();
+    let unit = b.unit();
+    // 5 per 5 units: one unit of time per request, 5 at once.
+    let quota = Quota::new(5, unit * 5).unwrap();
+    for k in 0..5u32 {
+        let decision = check(&store, "a", &quota, 1).await;
+        assert!(decision.is_allowed(), "request {k}");
+        assert_eq!(decision.remaining, 4 - k);
+        about(decision.reset_after, unit * (k + 1), b.slack());
+    }
+    let refused = check(&store, "a", &quota, 1).await;
+    assert!(!refused.is_allowed());
+    assert_eq!(refused.remaining, 0);
+    let retry = refused.retry_after().unwrap();
+    about(retry, unit, b.slack());
+    about(refused.reset_after, unit * 5, b.slack());
+    // Another key has its own bucket.
+    assert_eq!(check(&store, "b", &quota, 1).await.remaining, 4);
+
+    // Exactly when Retry-After says, exactly one more; then refused again.
+    tokio::time::sleep(retry).await;
+    let again = check(&store, "a", &quota, 1).await;
+    assert!(again.is_allowed());
+    assert_eq!(again.remaining, 0);
+    assert!(!check(&store, "a", &quota, 1).await.is_allowed());
+}
+
+async fn costs_take_several_units_and_refusals_take_nothing<B: Backend>(b: B) {
+    let store = b.store();
+    let quota = Quota::new(10, b.unit() * 10).unwrap();
+    assert_eq!(check(&store, "a", &quota, 4).await.remaining, 6);
+    let refused = check(&store, "a", &quota, 7).await;
+    assert!(!refused.is_allowed());
+    assert_eq!(refused.remaining, 6, "the refusal took nothing");
+    about(refused.retry_after().unwrap(), b.unit(), b.slack());
+    // Zero cost reports without taking.
+    let report = check(&store, "a", &quota, 0).await;
+    assert!(report.is_allowed());
+    assert_eq!(report.remaining, 6);
+    let last = check(&store, "a", &quota, 6).await;
+    assert!(last.is_allowed());
+    assert_eq!(last.remaining, 0);
+    // More than the burst: never allowed, no retry time.
+    let never = check(&store, "fresh", &quota, 11).await;
+    assert!(!never.is_allowed());
+    assert_eq!(never.retry_after(), None);
+    assert_eq!(never.remaining, 10);
+}
+
+async fn instances_share_one_quota<B: Backend>(b: B) {
+    // A long period: nothing is earned back while the test runs, so exactly the burst is
+    // allowed across all instances.
+    let quota = Quota::new(20, Duration::from_secs(3600)).unwrap();
+    let instances: Vec<B::Store> = (0..3).map(|_| b.instance()).collect();
+    let start = Arc::new(tokio::sync::Barrier::new(instances.len()));
+    let tasks: Vec<_> = instances
+        .into_iter()
+        .map(|store| {
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let mut allowed = 0;
+                for _ in 0..15 {
+                    allowed += usize::from(check(&store, "shared", &quota, 1).await.is_allowed());
+                }
+                allowed
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for task in tasks {
+        allowed += task.await.unwrap();
+    }
+    assert_eq!(allowed, 20);
+}
+
+async fn quota_layer_over_two_instances<B: Backend>(b: B) {
+    let quota = Quota::new(3, Duration::from_secs(3600)).unwrap();
+    let inner = tower::service_fn(|_req: http::Request<String>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+    });
+    let layer = |store: B::Store| {
+        QuotaLayer::new(store, quota)
+            .route("api")
+            .key(KeySpec::parse("header:x-api-key").unwrap())
+    };
+    let one = layer(b.instance()).layer(inner);
+    let two = layer(b.instance()).layer(inner);
+    let req = || {
+        http::Request::get("/")
+            .header("x-api-key", "k")
+            .body(String::new())
+            .unwrap()
+    };
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        let svc = if i % 2 == 0 { one.clone() } else { two.clone() };
+        let res = svc.oneshot(req()).await.unwrap();
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+}
+
+macro_rules! suite {
+    ($name:ident, $backend:expr, paused = $paused:tt) => {
+        mod $name {
+            use super::*;
+            suite!(@tests $backend, start_paused = $paused;
+                burst_then_one_per_interval,
+                costs_take_several_units_and_refusals_take_nothing,
+                instances_share_one_quota,
+                quota_layer_over_two_instances,
+            );
+        }
+    };
+    (@tests $backend:expr, start_paused = $paused:tt; $($test:ident),* $(,)?) => {
+        $(
+            #[tokio::test(start_paused = $paused)]
+            async fn $test() {
+                super::$test($backend).await
+            }
+        )*
+    };
+}
+
+suite!(memory, Memory::default(), paused = true);
+suite!(redis, Redis::start(), paused = false);
+suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
+
+// --- Redis only ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn every_quota_decision_is_one_evalsha() {
+    let redis = Redis::start();
+    let store = redis.store();
+    store.ping().await.unwrap();
+    let mut stats = CommandStats::connect(&redis.server).await;
+    let quota = Quota::new(2, Duration::from_secs(60)).unwrap();
+    for expected in [true, true, false] {
+        let before = stats.snapshot().await;
+        assert_eq!(check(&store, "k", &quota, 1).await.is_allowed(), expected);
+        let delta = command_delta(&before, &stats.snapshot().await);
+        assert_eq!(
+            delta.iter().find(|(name, _)| name == "evalsha"),
+            Some(&("evalsha".to_owned(), 1)),
+            "{delta:?}"
+        );
+        for (name, _) in &delta {
+            assert!(
+                ["evalsha", "time", "get", "set"].contains(&name.as_str()),
+                "a second round trip: {name} in {delta:?}"
+            );
+        }
+    }
+}
+
+/// xorshift64*: a fixed, reproducible sequence without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+#[tokio::test]
+async fn the_script_decides_exactly_like_quota_decide_at_nanosecond_precision() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let year = Duration::from_secs(365 * 86_400);
+    // Tolerances from nanoseconds to a century (far beyond 2^53 ns), intervals that do
+    // not divide evenly, costs around the burst.
+    let quotas = [
+        Quota::new(3, Duration::from_secs(1)).unwrap(),
+        Quota::new(7, Duration::from_millis(700))
+            .unwrap()
+            .with_burst(2)
+            .unwrap(),
+        Quota::new(u32::MAX, Duration::from_nanos(3)).unwrap(),
+        Quota::new(3, year).unwrap().with_burst(300).unwrap(),
+        Quota::new(1000, Duration::from_nanos(999_999_999_999))
+            .unwrap()
+            .with_burst(5)
+            .unwrap(),
+    ];
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut model: HashMap<(usize, u64), u64> = HashMap::new();
+    // Today, in nanoseconds since the epoch: far above 2^53.
+    let mut now: u64 = 1_764_000_000_123_456_789;
+    for step in 0..600 {
+        now += match rng.below(4) {
+            0 => 0,
+            1 => rng.below(1_000),
+            2 => rng.below(2_000_000_000),
+            _ => rng.below(year.as_nanos() as u64 / 12),
+        };
+        let q = rng.below(quotas.len() as u64) as usize;
+        let k = rng.below(3);
+        let quota = &quotas[q];
+        let cost = match rng.below(5) {
+            0 => 0,
+            1 => quota.burst(),
+            2 => quota.burst().saturating_add(1),
+            _ => rng.below(4) as u32,
+        };
+        let tat = model.get(&(q, k)).copied().unwrap_or(0);
+        let expected = quota.decide(tat, now, cost);
+        if let Some(new_tat) = expected.new_tat {
+            model.insert((q, k), new_tat);
+        }
+        let got = store
+            .quota_check_at(
+                &key(&format!("q{q}-k{k}")),
+                quota,
+                cost,
+                Duration::from_nanos(now),
+            )
+            .await
+            .unwrap();
+        assert_eq!(got, expected.decision, "step {step}: quota {q}, key {k}");
+    }
+}
+
+#[tokio::test]
+async fn idle_keys_vanish_when_their_tat_passes() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let mut conn = redis.server.connection().await;
+    let quota = Quota::new(2, Duration::from_millis(200)).unwrap();
+    check(&store, "idle", &quota, 2).await;
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("keyward:quota:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with("keyward:quota:r:{"), "{keys:?}");
+    let ttl: i64 = ::redis::cmd("PTTL")
+        .arg(&keys[0])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((1..=200).contains(&ttl), "{ttl}");
+    // Zero cost and refusals write nothing.
+    check(&store, "never-written", &quota, 0).await;
+    check(&store, "never-written", &quota, 3).await;
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let left: Vec<String> = ::redis::cmd("KEYS")
+        .arg("keyward:quota:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    // And the bucket is full again.
+    assert_eq!(check(&store, "idle", &quota, 1).await.remaining, 1);
+}
+
+#[tokio::test]
+async fn redis_down_is_a_store_error_within_the_timeout() {
+    let mut server = RedisServer::start();
+    let timeout = Duration::from_millis(50);
+    let store = RedisStore::builder()
+        .url(server.url())
+        .timeout(timeout)
+        .build()
+        .unwrap();
+    let quota = Quota::new(1, Duration::from_secs(60)).unwrap();
+    assert!(check(&store, "k", &quota, 1).await.is_allowed());
+    server.kill_9();
+    for attempt in 0..3 {
+        let started = Instant::now();
+        let result = store.check(&key("k"), &quota, 1).await;
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::Timeout(_) | StoreError::Unavailable(_))
+            ),
+            "attempt {attempt}: {result:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took < timeout + Duration::from_millis(100),
+            "attempt {attempt} took {took:?}"
+        );
+    }
+    // Redis is back (empty): decisions resume without a rebuild.
+    server.start_again();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if let Ok(decision) = store.check(&key("k"), &quota, 1).await {
+            assert!(decision.is_allowed());
+            break;
+        }
+        assert!(Instant::now() < deadline, "no recovery within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
