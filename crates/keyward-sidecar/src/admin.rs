@@ -1,5 +1,9 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`. Bound to loopback by default.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -7,22 +11,47 @@ use axum::routing::get;
 
 use crate::metrics::Metrics;
 
+type Check = dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync;
+
+/// Whether the store answers, for `/readyz`.
+#[derive(Clone)]
+pub struct Readiness(Arc<Check>);
+
+impl Readiness {
+    /// The memory store always answers.
+    pub fn always() -> Self {
+        Readiness(Arc::new(|| Box::pin(async { true })))
+    }
+
+    /// Ready while Redis answers a PING within the store timeout.
+    pub fn redis(store: keyward::RedisStore) -> Self {
+        Readiness(Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.is_ok() })
+        }))
+    }
+}
+
 #[derive(Clone)]
 struct AdminState {
     metrics: Metrics,
+    ready: Readiness,
 }
 
-pub fn router(metrics: Metrics) -> Router {
+pub fn router(metrics: Metrics, ready: Readiness) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(ready))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
-        .with_state(AdminState { metrics })
+        .with_state(AdminState { metrics, ready })
 }
 
-/// Ready when the store answers. The memory store always does.
-async fn ready() -> (StatusCode, &'static str) {
-    (StatusCode::OK, "ready\n")
+async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
+    if (state.ready.0)().await {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "store not answering\n")
+    }
 }
 
 async fn render_metrics(

@@ -88,7 +88,11 @@ fn main() -> ExitCode {
 fn summary(config: &Config) -> String {
     let backend = match &config.store.backend {
         Backend::Memory => "memory".to_owned(),
-        Backend::Redis { url } => format!("redis {}", config::redact_url(url)),
+        Backend::Redis { url, cluster } => format!(
+            "redis{} {}",
+            if *cluster { " cluster" } else { "" },
+            config::redact_url(url)
+        ),
     };
     let mut out = format!(
         "ok: listen {} -> upstream {}, store {backend}, {} route(s)",
@@ -144,16 +148,40 @@ async fn serve(config: Config) -> ExitCode {
             "telemetry.otlp_endpoint is set but OTLP export is not built yet; spans and metrics stay local (logs, /metrics)"
         );
     }
-    let store = match &config.store.backend {
-        Backend::Memory => keyward::MemoryStore::builder()
-            .max_response_bytes(config.store.max_response_bytes)
-            .build(),
-        Backend::Redis { url } => {
-            tracing::error!(url = %config::redact_url(url), "the redis backend is not available in this build");
-            return ExitCode::from(EXIT_BAD_CONFIG);
+    let (app, ready) = match &config.store.backend {
+        Backend::Memory => {
+            let store = keyward::MemoryStore::builder()
+                .max_response_bytes(config.store.max_response_bytes)
+                .build();
+            (app::App::new(&config, &store), admin::Readiness::always())
+        }
+        Backend::Redis { url, cluster } => {
+            let built = keyward::RedisStore::builder()
+                .url(url.as_str())
+                .prefix(config.store.prefix.as_str())
+                .timeout(config.store.timeout)
+                .cluster(*cluster)
+                .build();
+            let store = match built {
+                Ok(store) => store,
+                Err(err) => {
+                    eprintln!("keyward: store: {err}");
+                    return ExitCode::from(EXIT_BAD_CONFIG);
+                }
+            };
+            match store.ping().await {
+                Ok(()) => tracing::info!(url = %config::redact_url(url), "redis store ready"),
+                Err(error) => {
+                    tracing::warn!(url = %config::redact_url(url), %error, "redis not answering yet; requests follow store.on_error until it does")
+                }
+            }
+            (
+                app::App::new(&config, &store),
+                admin::Readiness::redis(store),
+            )
         }
     };
-    let app = match app::App::new(&config, &store) {
+    let app = match app {
         Ok(app) => app,
         Err(err) => {
             eprintln!("keyward: routes: {err}");
@@ -173,7 +201,7 @@ async fn serve(config: Config) -> ExitCode {
         }
         match tokio::net::TcpListener::bind(addr).await {
             Ok(admin) => {
-                let router = admin::router(metrics.clone());
+                let router = admin::router(metrics.clone(), ready);
                 tokio::spawn(async move {
                     if let Err(err) = axum::serve(admin, router).await {
                         tracing::error!(%err, "admin listener stopped");
@@ -186,7 +214,7 @@ async fn serve(config: Config) -> ExitCode {
             }
         }
     }
-    tracing::info!(listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
+    tracing::info!(service = %config.telemetry.service_name, listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
     let drained = server::serve(
         listener,
         app,

@@ -440,3 +440,56 @@ async fn a_stampede_of_100_gets_reaches_the_upstream_once() {
         .count();
     assert_eq!(coalesced, 99);
 }
+
+#[tokio::test]
+async fn two_sidecars_on_one_redis_replay_each_others_responses() {
+    let mut redis = keyward_tests::redis_kit::RedisServer::start();
+    let upstream = Upstream::start().await;
+    let store = format!(
+        "[store]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout = \"500ms\"\non_error = \"closed\"\n{PAYMENTS}",
+        redis.url()
+    );
+    let a = Sidecar::start(upstream.addr, &store).await;
+    let b = Sidecar::start(upstream.addr, &store).await;
+    let http = client();
+    let key = [
+        ("idempotency-key", "order-9"),
+        ("authorization", "Bearer a"),
+    ];
+    let first = send(&http, "POST", &a.url("/payments/9"), &key, "10 EUR").await;
+    assert_eq!(first.status, StatusCode::OK);
+    let retry = send(&http, "POST", &b.url("/payments/9"), &key, "10 EUR").await;
+    assert_eq!(
+        retry.header("idempotent-replayed"),
+        Some("true"),
+        "{retry:?}"
+    );
+    assert_eq!(retry.body, first.body);
+    assert_eq!(upstream.hits(), 1);
+
+    let readyz = format!("http://{}/readyz", b.admin);
+    assert_eq!(
+        send(&http, "GET", &readyz, &[], "").await.status,
+        StatusCode::OK
+    );
+    redis.kill_9();
+    assert_eq!(
+        send(&http, "GET", &readyz, &[], "").await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let closed = send(
+        &http,
+        "POST",
+        &b.url("/payments/10"),
+        &[("idempotency-key", "k-10")],
+        "1",
+    )
+    .await;
+    assert_eq!(closed.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(closed.body.contains("store-unavailable"));
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "fails closed: nothing reaches the upstream uncoordinated"
+    );
+}

@@ -37,14 +37,26 @@ pub struct ServerConfig {
     pub header_read_timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Backend {
     Memory,
-    Redis { url: String },
+    Redis { url: String, cluster: bool },
+}
+
+impl fmt::Debug for Backend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Backend::Memory => f.write_str("Memory"),
+            Backend::Redis { url, cluster } => f
+                .debug_struct("Redis")
+                .field("url", &redact_url(url))
+                .field("cluster", cluster)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // TEMP: read once the other layers are wired in
 pub struct StoreConfig {
     pub backend: Backend,
     pub prefix: String,
@@ -60,7 +72,6 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // TEMP: read once the other layers are wired in
 pub struct TelemetryConfig {
     pub service_name: String,
     pub otlp_endpoint: Option<String>,
@@ -396,7 +407,10 @@ impl Checker {
                         format!("{:?} is not a redis:// or rediss:// URL", redact_url(&url)),
                     );
                 }
-                Backend::Redis { url }
+                Backend::Redis {
+                    url,
+                    cluster: raw.cluster.unwrap_or(false),
+                }
             }
             Some(other) => {
                 self.fail(
