@@ -610,3 +610,23 @@ async fn store_errors_fail_closed_or_coalesce_in_process_only() {
     assert_eq!(upstream.calls(), 1);
     assert_eq!(open.flights_in_progress(), 0);
 }
+
+#[tokio::test]
+async fn remote_oversize_response_sends_followers_to_their_own_call() {
+    let upstream = Upstream::new();
+    let layer = SingleFlightLayer::new(MemoryStore::new()).max_body(3);
+    let instance_a = layer.layer(upstream.gated(|_| ok("too large")));
+    let instance_b = layer.layer(upstream.gated(|_| ok("too large")));
+    let leader = spawn_joined(instance_a.clone().oneshot(get("/x"))).await;
+    let remote = spawn_joined(instance_b.clone().oneshot(get("/x"))).await;
+    upstream.release.notify_one();
+    assert_eq!(body_of(leader.await.unwrap().unwrap()).await, "too large");
+    while upstream.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    upstream.release.notify_one();
+    let response = remote.await.unwrap().unwrap();
+    assert!(!coalesced(&response));
+    assert_eq!(body_of(response).await, "too large");
+    assert_eq!(upstream.calls(), 2);
+}

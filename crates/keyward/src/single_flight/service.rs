@@ -17,7 +17,7 @@ use tower_service::Service;
 use tracing::Span;
 
 use super::COALESCED;
-use super::flight::{FlightTable, Joined, Own, Shared, Work};
+use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
 use super::future::ResponseFuture;
 use super::layer::{Config, LeaderFailure};
 use super::work::{OwnResult, WorkSettings, flight_work};
@@ -208,28 +208,7 @@ where
                     on_store_error: config.on_store_error,
                 };
                 seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                let outcome = seat.run().await;
-                let store_error = outcome.store_error;
-                let response = match (outcome.own, outcome.shared) {
-                    (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, S::Error>>() {
-                        Ok(own) => *own,
-                        Err(_) => Ok(leader_failed()),
-                    },
-                    (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
-                    // The flight followed a leader on another instance.
-                    (Own::None, Shared::Response(stored)) => {
-                        record(SingleFlightOutcome::Follower);
-                        return Ok(copy(&stored));
-                    }
-                    (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
-                    (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
-                };
-                record(if store_error {
-                    SingleFlightOutcome::StoreError
-                } else {
-                    SingleFlightOutcome::Leader
-                });
-                return response;
+                return leader_response(seat.run().await);
             }
             Joined::Follower(seat) => {
                 // Give the readiness reserved for this request back while it waits: it
@@ -245,23 +224,10 @@ where
                 if let Some(started) = started {
                     record_wait(started);
                 }
-                if let Own::Typed(own) = outcome.own {
-                    // This follower drove the leader's work to its end after the leader
-                    // left: the (possibly streaming) response is its own.
-                    if let Ok(own) = own.downcast::<OwnResult<RB, S::Error>>() {
-                        if let Ok(mut response) = *own {
-                            record(SingleFlightOutcome::Follower);
-                            mark_coalesced(&mut response);
-                            return Ok(response);
-                        }
-                    }
-                }
-                match outcome.shared {
-                    Shared::Response(stored) => {
-                        record(SingleFlightOutcome::Follower);
-                        return Ok(copy(&stored));
-                    }
-                    Shared::TooLarge => {
+                match follower_next::<RB, S::Error>(outcome, config.on_leader_failure) {
+                    Next::Respond(response) => return Ok(response),
+                    Next::Elect => continue,
+                    Next::CallInner => {
                         tracing::debug!("single flight: response over max_body, calling inner");
                         poll_fn(|cx| svc.poll_ready(cx)).await?;
                         record(SingleFlightOutcome::Leader);
@@ -270,16 +236,77 @@ where
                         let response = Box::pin(svc.call(req)).await?;
                         return Ok(response.map(KeywardBody::inner));
                     }
-                    Shared::StoreUnavailable => return Ok(store_unavailable()),
-                    Shared::Failed if config.on_leader_failure == LeaderFailure::BadGateway => {
-                        return Ok(leader_failed());
-                    }
-                    Shared::Failed => continue,
                 }
             }
         }
     }
     Ok(leader_failed())
+}
+
+/// The leader's answer: its own response or error (it drove the work), or a copy of a
+/// remote leader's response.
+fn leader_response<RB: Body + 'static, E: 'static>(
+    outcome: Outcome,
+) -> Result<Response<KeywardBody<RB>>, E> {
+    let response = match (outcome.own, outcome.shared) {
+        (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, E>>() {
+            Ok(own) => *own,
+            Err(_) => Ok(leader_failed()),
+        },
+        (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
+        // The flight followed a leader on another instance.
+        (Own::None, Shared::Response(stored)) => {
+            record(SingleFlightOutcome::Follower);
+            return Ok(copy(&stored));
+        }
+        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
+        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
+    };
+    record(if outcome.store_error {
+        SingleFlightOutcome::StoreError
+    } else {
+        SingleFlightOutcome::Leader
+    });
+    response
+}
+
+/// What a follower does once its flight ended.
+// Built once per follower and matched at once: boxing the response would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next<RB: Body> {
+    Respond(Response<KeywardBody<RB>>),
+    /// The response was too large to share: make an own inner call.
+    CallInner,
+    /// The leader failed: join (or lead) the next flight.
+    Elect,
+}
+
+fn follower_next<RB: Body + 'static, E: 'static>(
+    outcome: Outcome,
+    policy: LeaderFailure,
+) -> Next<RB> {
+    if let Own::Typed(own) = outcome.own {
+        // This follower drove the leader's work to its end after the leader left: the
+        // (possibly streaming) response is its own.
+        if let Ok(own) = own.downcast::<OwnResult<RB, E>>() {
+            if let Ok(mut response) = *own {
+                record(SingleFlightOutcome::Follower);
+                mark_coalesced(&mut response);
+                return Next::Respond(response);
+            }
+        }
+    }
+    match outcome.shared {
+        Shared::Response(stored) => {
+            record(SingleFlightOutcome::Follower);
+            Next::Respond(copy(&stored))
+        }
+        Shared::TooLarge => Next::CallInner,
+        Shared::StoreUnavailable => Next::Respond(store_unavailable()),
+        Shared::Failed if policy == LeaderFailure::BadGateway => Next::Respond(leader_failed()),
+        Shared::Failed => Next::Elect,
+    }
 }
 
 fn record_wait(started: Instant) {
