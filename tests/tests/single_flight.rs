@@ -630,3 +630,45 @@ async fn remote_oversize_response_sends_followers_to_their_own_call() {
     assert_eq!(body_of(response).await, "too large");
     assert_eq!(upstream.calls(), 2);
 }
+
+/// Any interleaving on a multi-threaded runtime: requests joining, some cancelled at
+/// random points, the upstream answering whenever. Every request that is not cancelled
+/// gets the body, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_cancellations_on_many_threads_leave_no_flight_behind() {
+    let upstream = Upstream::new();
+    let svc = SingleFlightLayer::new(MemoryStore::new()).layer(upstream.gated(|_| ok("body")));
+    for round in 0..200usize {
+        let mut handles = Vec::new();
+        for i in 0..16usize {
+            handles.push(tokio::spawn(svc.clone().oneshot(get("/x"))));
+            if (round + i) % 5 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Cancel a round-dependent subset, the first request (a likely leader) included
+        // every other round.
+        for (i, handle) in handles.iter().enumerate() {
+            if (i * 7 + round) % 3 == 0 {
+                handle.abort();
+            }
+        }
+        // Answer every call that reached (or will reach) the upstream.
+        let release = upstream.release.clone();
+        let releaser = tokio::spawn(async move {
+            loop {
+                release.notify_one();
+                tokio::task::yield_now().await;
+            }
+        });
+        for handle in handles {
+            match handle.await {
+                Ok(response) => assert_eq!(body_of(response.unwrap()).await, "body"),
+                Err(error) => assert!(error.is_cancelled()),
+            }
+        }
+        releaser.abort();
+        let _ = releaser.await;
+        assert_eq!(svc.flights_in_progress(), 0, "round {round}");
+    }
+}
