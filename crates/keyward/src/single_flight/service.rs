@@ -201,7 +201,7 @@ where
             Joined::Leader(seat) => {
                 let settings = WorkSettings {
                     store: config.store.clone(),
-                    key: key.clone(),
+                    key,
                     lease: config.lease,
                     max_body: config.max_body,
                     on_leader_failure: config.on_leader_failure,

@@ -69,9 +69,9 @@ where
 }
 
 /// The cross-process decision of a flight.
-enum Coordinated<St: SingleFlightStore> {
+enum Coordinated<'a, St: SingleFlightStore> {
     /// This process leads the key: make the call and publish.
-    Lead(LeadGuard<St>),
+    Lead(LeadGuard<'a, St>),
     /// Make the call without a lead: the remote response was too large to share, remote
     /// leaders kept failing, or the store failed and the route fails open.
     Alone { store_error: bool },
@@ -80,7 +80,7 @@ enum Coordinated<St: SingleFlightStore> {
     Landed(Landed),
 }
 
-async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coordinated<St> {
+async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coordinated<'_, St> {
     let landed = |shared| {
         Coordinated::Landed(Landed {
             shared,
@@ -95,8 +95,8 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
         };
         if let FlightRole::Leader(token) = role {
             return Coordinated::Lead(LeadGuard {
-                store: settings.store.clone(),
-                key: settings.key.clone(),
+                store: &settings.store,
+                key: &settings.key,
                 token: Some(token),
             });
         }
@@ -121,10 +121,10 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
 }
 
 /// Fails open (the call goes on, coalesced in-process only) or closed (503).
-fn store_failed<St: SingleFlightStore>(
-    settings: &WorkSettings<St>,
+fn store_failed<'a, St: SingleFlightStore>(
+    settings: &'a WorkSettings<St>,
     error: &StoreError,
-) -> Coordinated<St> {
+) -> Coordinated<'a, St> {
     match settings.on_store_error {
         OnStoreError::Open => {
             tracing::warn!(%error, "single flight: store failed, coalescing in-process only");
@@ -144,24 +144,24 @@ fn store_failed<St: SingleFlightStore>(
 /// This process leads the flight in the store until it publishes; if the work is dropped
 /// (cancelled) first, the flight is abandoned so that remote followers elect at once
 /// instead of waiting out the lease.
-struct LeadGuard<St: SingleFlightStore> {
-    store: St,
-    key: ScopedKey,
+struct LeadGuard<'a, St: SingleFlightStore> {
+    store: &'a St,
+    key: &'a ScopedKey,
     token: Option<FencingToken>,
 }
 
-impl<St: SingleFlightStore> LeadGuard<St> {
+impl<St: SingleFlightStore> LeadGuard<'_, St> {
     async fn publish(&mut self, landing: Landing) -> Result<(), StoreError> {
         let Some(token) = self.token else {
             return Ok(());
         };
-        let published = self.store.publish(&self.key, token, landing).await;
+        let published = self.store.publish(self.key, token, landing).await;
         self.token = None;
         published
     }
 }
 
-impl<St: SingleFlightStore> Drop for LeadGuard<St> {
+impl<St: SingleFlightStore> Drop for LeadGuard<'_, St> {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
             self.store.abandon_detached(self.key.clone(), token);
