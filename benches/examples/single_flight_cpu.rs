@@ -30,8 +30,7 @@ fn main() {
         for _ in 0..n {
             let req = Request::get("/items?page=2&size=50").body(()).unwrap();
             let bytes = if variant == "bare" {
-                bare
-                    .oneshot(req)
+                bare.oneshot(req)
                     .await
                     .unwrap()
                     .into_body()

@@ -1,13 +1,18 @@
 //! In-process coalescing: the table of flights in progress and the hand-over of the
 //! shared work between the requests waiting on it.
 //!
-//! A flight's work (the inner call and the buffering of its body) is one boxed future.
-//! No task is spawned: the request that leads a flight polls the work itself (the
-//! "driver"), while followers sleep on a [`Notify`]. If the driver is dropped before the
-//! work completes, the work goes back into the flight and the followers are woken, and one
-//! of them becomes the driver: the inner call continues. When the last waiter leaves, the
-//! work is dropped, which cancels the inner call. Panics of the work are caught so that
-//! they reach the driver's caller as a failure instead of poisoning the flight.
+//! A flight's work (the inner call and the buffering of its body) is one boxed future
+//! owned by the flight. No task is spawned: the request that leads a flight polls the
+//! work itself (the "driver"), while followers sleep on a [`Notify`]. If the driver is
+//! dropped before the work completes, the work goes back into the flight, the followers
+//! are woken and one of them becomes the driver: the inner call continues. Until the
+//! leader first polls it, the work is reserved for the leader (only the leader can answer
+//! for its own error or oversize response). When the last waiter leaves, the work is
+//! dropped, which cancels the inner call. Panics of the work are caught so that they
+//! reach the driver as a failure instead of poisoning the flight.
+//!
+//! Locks: a table shard, then a flight's state, never the other way round; the work is
+//! never polled or dropped under either.
 
 use std::any::Any;
 use std::future::{Future, poll_fn};
