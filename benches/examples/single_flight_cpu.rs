@@ -30,27 +30,21 @@ fn main() {
         for _ in 0..n {
             let req = Request::get("/items?page=2&size=50").body(()).unwrap();
             let bytes = if variant == "bare" {
-                bare.oneshot(req)
-                    .await
-                    .unwrap()
-                    .into_body()
-                    .collect()
-                    .await
-                    .unwrap()
-                    .to_bytes()
+                round_trip(bare, req).await
             } else {
-                layered
-                    .clone()
-                    .oneshot(req)
-                    .await
-                    .unwrap()
-                    .into_body()
-                    .collect()
-                    .await
-                    .unwrap()
-                    .to_bytes()
+                round_trip(layered.clone(), req).await
             };
             std::hint::black_box(bytes);
         }
     });
+}
+
+async fn round_trip<S, B>(svc: S, req: Request<()>) -> Bytes
+where
+    S: tower::Service<Request<()>, Response = Response<B>, Error = Infallible>,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let response = svc.oneshot(req).await.unwrap();
+    response.into_body().collect().await.unwrap().to_bytes()
 }

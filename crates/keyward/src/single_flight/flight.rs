@@ -15,6 +15,7 @@
 //! never polled or dropped under either.
 
 use std::any::Any;
+use std::collections::hash_map::Entry;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
@@ -151,35 +152,37 @@ impl FlightTable {
     pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined {
         let key = self.flights.key(key);
         let mut shard = self.flights.shard(&key);
-        if let Some(flight) = shard.get(&key) {
+        let (flight, leader) = match shard.entry(key.clone()) {
             // Entries are removed (under this lock) as their flight ends, so a flight
             // found here is live.
-            lock(&flight.state).waiters += 1;
-            let flight = flight.clone();
-            drop(shard);
-            return Joined::Follower(Seat {
-                table: self.clone(),
-                key,
-                flight,
-                leader: false,
-            });
-        }
-        let flight = Arc::new(Flight {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            state: Mutex::new(State {
-                waiters: 1,
-                ..State::default()
-            }),
-            notify: Notify::new(),
-        });
-        shard.insert(key.clone(), flight.clone());
+            Entry::Occupied(entry) => {
+                lock(&entry.get().state).waiters += 1;
+                (entry.get().clone(), false)
+            }
+            Entry::Vacant(entry) => {
+                let flight = Arc::new(Flight {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    state: Mutex::new(State {
+                        waiters: 1,
+                        ..State::default()
+                    }),
+                    notify: Notify::new(),
+                });
+                (entry.insert(flight).clone(), true)
+            }
+        };
         drop(shard);
-        Joined::Leader(Seat {
+        let seat = Seat {
             table: self.clone(),
             key,
             flight,
-            leader: true,
-        })
+            leader,
+        };
+        if leader {
+            Joined::Leader(seat)
+        } else {
+            Joined::Follower(seat)
+        }
     }
 
     /// Flights in progress.
@@ -189,6 +192,7 @@ impl FlightTable {
 
     fn remove_if_current(&self, key: &HashedKey, flight: &Flight) -> Option<Arc<Flight>> {
         let mut shard = self.flights.shard(key);
+        // Two probes rather than `entry`, which would need an owned key (an Arc clone).
         if shard.get(key).is_some_and(|entry| entry.id == flight.id) {
             shard.remove(key)
         } else {
