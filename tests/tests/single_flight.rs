@@ -610,3 +610,65 @@ async fn store_errors_fail_closed_or_coalesce_in_process_only() {
     assert_eq!(upstream.calls(), 1);
     assert_eq!(open.flights_in_progress(), 0);
 }
+
+#[tokio::test]
+async fn remote_oversize_response_sends_followers_to_their_own_call() {
+    let upstream = Upstream::new();
+    let layer = SingleFlightLayer::new(MemoryStore::new()).max_body(3);
+    let instance_a = layer.layer(upstream.gated(|_| ok("too large")));
+    let instance_b = layer.layer(upstream.gated(|_| ok("too large")));
+    let leader = spawn_joined(instance_a.clone().oneshot(get("/x"))).await;
+    let remote = spawn_joined(instance_b.clone().oneshot(get("/x"))).await;
+    upstream.release.notify_one();
+    assert_eq!(body_of(leader.await.unwrap().unwrap()).await, "too large");
+    while upstream.calls() < 2 {
+        tokio::task::yield_now().await;
+    }
+    upstream.release.notify_one();
+    let response = remote.await.unwrap().unwrap();
+    assert!(!coalesced(&response));
+    assert_eq!(body_of(response).await, "too large");
+    assert_eq!(upstream.calls(), 2);
+}
+
+/// Any interleaving on a multi-threaded runtime: requests joining, some cancelled at
+/// random points, the upstream answering whenever. Every request that is not cancelled
+/// gets the body, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_cancellations_on_many_threads_leave_no_flight_behind() {
+    let upstream = Upstream::new();
+    let svc = SingleFlightLayer::new(MemoryStore::new()).layer(upstream.gated(|_| ok("body")));
+    for round in 0..200usize {
+        let mut handles = Vec::new();
+        for i in 0..16usize {
+            handles.push(tokio::spawn(svc.clone().oneshot(get("/x"))));
+            if (round + i) % 5 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        // Cancel a round-dependent subset, the first request (a likely leader) included
+        // every other round.
+        for (i, handle) in handles.iter().enumerate() {
+            if (i * 7 + round) % 3 == 0 {
+                handle.abort();
+            }
+        }
+        // Answer every call that reached (or will reach) the upstream.
+        let release = upstream.release.clone();
+        let releaser = tokio::spawn(async move {
+            loop {
+                release.notify_one();
+                tokio::task::yield_now().await;
+            }
+        });
+        for handle in handles {
+            match handle.await {
+                Ok(response) => assert_eq!(body_of(response.unwrap()).await, "body"),
+                Err(error) => assert!(error.is_cancelled()),
+            }
+        }
+        releaser.abort();
+        let _ = releaser.await;
+        assert_eq!(svc.flights_in_progress(), 0, "round {round}");
+    }
+}

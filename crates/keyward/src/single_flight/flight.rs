@@ -1,15 +1,21 @@
 //! In-process coalescing: the table of flights in progress and the hand-over of the
 //! shared work between the requests waiting on it.
 //!
-//! A flight's work (the inner call and the buffering of its body) is one boxed future.
-//! No task is spawned: the request that leads a flight polls the work itself (the
-//! "driver"), while followers sleep on a [`Notify`]. If the driver is dropped before the
-//! work completes, the work goes back into the flight and the followers are woken, and one
-//! of them becomes the driver: the inner call continues. When the last waiter leaves, the
-//! work is dropped, which cancels the inner call. Panics of the work are caught so that
-//! they reach the driver's caller as a failure instead of poisoning the flight.
+//! A flight's work (the inner call and the buffering of its body) is one boxed future
+//! owned by the flight. No task is spawned: the request that leads a flight polls the
+//! work itself (the "driver"), while followers sleep on a [`Notify`]. If the driver is
+//! dropped before the work completes, the work goes back into the flight, the followers
+//! are woken and one of them becomes the driver: the inner call continues. Until the
+//! leader first polls it, the work is reserved for the leader (only the leader can answer
+//! for its own error or oversize response). When the last waiter leaves, the work is
+//! dropped, which cancels the inner call. Panics of the work are caught so that they
+//! reach the driver as a failure instead of poisoning the flight.
+//!
+//! Locks: a table shard, then a flight's state, never the other way round; the work is
+//! never polled or dropped under either.
 
 use std::any::Any;
+use std::collections::hash_map::Entry;
 use std::future::{Future, poll_fn};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::{Pin, pin};
@@ -25,13 +31,16 @@ use super::keymap::{HashedKey, ShardedMap};
 
 /// The shared work of a flight, and the span of the request that started it: whoever
 /// drives the work polls it inside that span.
-pub(crate) struct Work {
-    future: Pin<Box<dyn Future<Output = Landed> + Send>>,
+pub(crate) struct Work<T> {
+    future: Pin<Box<dyn Future<Output = Landed<T>> + Send>>,
     span: Span,
 }
 
-impl Work {
-    pub(crate) fn new(future: impl Future<Output = Landed> + Send + 'static, span: Span) -> Self {
+impl<T> Work<T> {
+    pub(crate) fn new(
+        future: impl Future<Output = Landed<T>> + Send + 'static,
+        span: Span,
+    ) -> Self {
         Work {
             future: Box::pin(future),
             span,
@@ -54,40 +63,39 @@ pub(crate) enum Shared {
 
 /// What the work yields: the shared part, and what only the driver receives (the
 /// leader's own typed response or error, or a panic payload).
-pub(crate) struct Landed {
+pub(crate) struct Landed<T> {
     pub(crate) shared: Shared,
-    pub(crate) own: Own,
+    pub(crate) own: Own<T>,
     /// The store failed on the way and the flight ran uncoordinated across processes.
     pub(crate) store_error: bool,
 }
 
 /// The driver's private result.
-pub(crate) enum Own {
+pub(crate) enum Own<T> {
     /// Nothing beyond [`Landed::shared`].
     None,
-    /// A `Result<Response<..>, E>` of the service's types.
-    Typed(Box<dyn Any + Send>),
+    /// The leader's own `Result<Response<..>, E>`.
+    Typed(T),
     /// The work panicked with this payload.
     Panic(Box<dyn Any + Send>),
 }
 
 /// The in-process flights of one `SingleFlight` service and its clones. An entry lives
 /// from the moment its leader joins until the flight ends or its last waiter leaves.
-pub(crate) struct FlightTable {
-    flights: ShardedMap<Arc<Flight>>,
+pub(crate) struct FlightTable<T> {
+    flights: ShardedMap<Arc<Flight<T>>>,
     next_id: AtomicU64,
 }
 
-struct Flight {
+struct Flight<T> {
     id: u64,
-    state: Mutex<State>,
+    state: Mutex<State<T>>,
     notify: Notify,
 }
 
-#[derive(Default)]
-struct State {
+struct State<T> {
     /// The work while nobody drives it (`None` while a driver holds it, or once done).
-    work: Option<Work>,
+    work: Option<Work<T>>,
     /// The parked work is the leader's until the leader first polls it or leaves:
     /// followers never start it behind the leader's back (the leader alone can answer
     /// for its own error or oversize response).
@@ -99,30 +107,30 @@ struct State {
 
 /// A request's place in a flight. Dropping it leaves the flight; the last one to leave
 /// an unfinished flight cancels it.
-pub(crate) struct Seat {
-    table: Arc<FlightTable>,
+pub(crate) struct Seat<T> {
+    table: Arc<FlightTable<T>>,
     key: HashedKey,
-    flight: Arc<Flight>,
+    flight: Arc<Flight<T>>,
     leader: bool,
 }
 
 /// The outcome of [`FlightTable::join`].
-pub(crate) enum Joined {
+pub(crate) enum Joined<T> {
     /// The caller starts the flight: it must [`Seat::start`] it with its work at once.
-    Leader(Seat),
+    Leader(Seat<T>),
     /// The caller waits for a flight in progress.
-    Follower(Seat),
+    Follower(Seat<T>),
 }
 
-enum Step {
-    Drive(Work),
-    Done(Outcome),
+enum Step<T> {
+    Drive(Work<T>),
+    Done(Outcome<T>),
 }
 
 /// How a seat's wait ended.
-pub(crate) struct Outcome {
+pub(crate) struct Outcome<T> {
     pub(crate) shared: Shared,
-    pub(crate) own: Own,
+    pub(crate) own: Own<T>,
     pub(crate) store_error: bool,
 }
 
@@ -134,7 +142,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl FlightTable {
+impl<T> FlightTable<T> {
     pub(crate) fn new() -> Self {
         FlightTable {
             flights: ShardedMap::new(),
@@ -143,38 +151,43 @@ impl FlightTable {
     }
 
     /// Joins the flight in progress under `key`, or starts one.
-    pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined {
+    pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined<T> {
         let key = self.flights.key(key);
         let mut shard = self.flights.shard(&key);
-        if let Some(flight) = shard.get(&key) {
+        let (flight, leader) = match shard.entry(key.clone()) {
             // Entries are removed (under this lock) as their flight ends, so a flight
             // found here is live.
-            lock(&flight.state).waiters += 1;
-            let flight = flight.clone();
-            drop(shard);
-            return Joined::Follower(Seat {
-                table: self.clone(),
-                key,
-                flight,
-                leader: false,
-            });
-        }
-        let flight = Arc::new(Flight {
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            state: Mutex::new(State {
-                waiters: 1,
-                ..State::default()
-            }),
-            notify: Notify::new(),
-        });
-        shard.insert(key.clone(), flight.clone());
+            Entry::Occupied(entry) => {
+                lock(&entry.get().state).waiters += 1;
+                (entry.get().clone(), false)
+            }
+            Entry::Vacant(entry) => {
+                let flight = Arc::new(Flight {
+                    id: self.next_id.fetch_add(1, Ordering::Relaxed),
+                    state: Mutex::new(State {
+                        work: None,
+                        reserved: false,
+                        result: None,
+                        waiters: 1,
+                        ended: false,
+                    }),
+                    notify: Notify::new(),
+                });
+                (entry.insert(flight).clone(), true)
+            }
+        };
         drop(shard);
-        Joined::Leader(Seat {
+        let seat = Seat {
             table: self.clone(),
             key,
             flight,
-            leader: true,
-        })
+            leader,
+        };
+        if leader {
+            Joined::Leader(seat)
+        } else {
+            Joined::Follower(seat)
+        }
     }
 
     /// Flights in progress.
@@ -182,8 +195,9 @@ impl FlightTable {
         self.flights.len()
     }
 
-    fn remove_if_current(&self, key: &HashedKey, flight: &Flight) -> Option<Arc<Flight>> {
+    fn remove_if_current(&self, key: &HashedKey, flight: &Flight<T>) -> Option<Arc<Flight<T>>> {
         let mut shard = self.flights.shard(key);
+        // Two probes rather than `entry`, which would need an owned key (an Arc clone).
         if shard.get(key).is_some_and(|entry| entry.id == flight.id) {
             shard.remove(key)
         } else {
@@ -192,12 +206,12 @@ impl FlightTable {
     }
 }
 
-impl Seat {
+impl<T> Seat<T> {
     /// Parks the leader's work in the flight. Call it right after [`FlightTable::join`]
     /// returned [`Joined::Leader`], before any await: from then on the work belongs to
     /// the flight, whichever of its waiters polls first drives it, and it is dropped
     /// only with the flight.
-    pub(crate) fn start(&self, work: Work) {
+    pub(crate) fn start(&self, work: Work<T>) {
         let mut state = lock(&self.flight.state);
         state.work = Some(work);
         state.reserved = true;
@@ -205,7 +219,7 @@ impl Seat {
 
     /// Waits for the flight to end, driving its work whenever nobody else does (the
     /// leader right away, a follower after a driver left before the end).
-    pub(crate) async fn run(&self) -> Outcome {
+    pub(crate) async fn run(&self) -> Outcome<T> {
         loop {
             // Look before arming a notification: the leader finds its work at once and
             // never touches the notifier.
@@ -226,7 +240,7 @@ impl Seat {
         }
     }
 
-    fn step(&self) -> Option<Step> {
+    fn step(&self) -> Option<Step<T>> {
         let mut state = lock(&self.flight.state);
         if let Some(shared) = &state.result {
             return Some(Step::Done(Outcome {
@@ -242,7 +256,7 @@ impl Seat {
         state.work.take().map(Step::Drive)
     }
 
-    async fn drive(&self, work: Work) -> Outcome {
+    async fn drive(&self, work: Work<T>) -> Outcome<T> {
         let mut driver = Driver {
             flight: &self.flight,
             work: Some(work),
@@ -273,7 +287,7 @@ impl Seat {
     }
 }
 
-impl Drop for Seat {
+impl<T> Drop for Seat<T> {
     fn drop(&mut self) {
         {
             let mut state = lock(&self.flight.state);
@@ -326,13 +340,13 @@ impl Drop for Seat {
 
 /// Holds the work while a seat polls it; hands it back to the flight if the seat is
 /// dropped before the work completes.
-struct Driver<'a> {
-    flight: &'a Flight,
-    work: Option<Work>,
+struct Driver<'a, T> {
+    flight: &'a Flight<T>,
+    work: Option<Work<T>>,
 }
 
-impl Driver<'_> {
-    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Landed> {
+impl<T> Driver<'_, T> {
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Landed<T>> {
         let Some(work) = self.work.as_mut() else {
             return Poll::Ready(Landed {
                 shared: Shared::Failed,
@@ -364,7 +378,7 @@ impl Driver<'_> {
     }
 }
 
-impl Drop for Driver<'_> {
+impl<T> Drop for Driver<'_, T> {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
             lock(&self.flight.state).work = Some(work);

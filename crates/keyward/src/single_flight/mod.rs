@@ -85,6 +85,7 @@ mod future;
 pub(crate) mod keymap;
 mod layer;
 mod service;
+mod slot;
 mod work;
 
 pub use future::ResponseFuture;

@@ -17,9 +17,10 @@ use tower_service::Service;
 use tracing::Span;
 
 use super::COALESCED;
-use super::flight::{FlightTable, Joined, Own, Shared, Work};
+use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
 use super::future::ResponseFuture;
 use super::layer::{Config, LeaderFailure};
+use super::slot::TableSlot;
 use super::work::{OwnResult, WorkSettings, flight_work};
 
 /// Elections a follower sits through before it gives up with 502.
@@ -30,14 +31,14 @@ const MAX_ELECTIONS: usize = 8;
 pub struct SingleFlight<S, St, K = KeySpec> {
     pub(crate) inner: S,
     pub(crate) config: Arc<Config<St, K>>,
-    pub(crate) table: Arc<FlightTable>,
+    pub(crate) tables: Arc<TableSlot>,
 }
 
 impl<S, St, K> SingleFlight<S, St, K> {
     /// Flights in progress in this process (entries of the coalescing table). Zero once
     /// all requests are answered or gone: the table never outgrows in-flight work.
     pub fn flights_in_progress(&self) -> usize {
-        self.table.len()
+        self.tables.len()
     }
 }
 
@@ -46,7 +47,7 @@ impl<S: Clone, St, K> Clone for SingleFlight<S, St, K> {
         SingleFlight {
             inner: self.inner.clone(),
             config: self.config.clone(),
-            table: self.table.clone(),
+            tables: self.tables.clone(),
         }
     }
 }
@@ -56,7 +57,7 @@ impl<S: fmt::Debug, St, K> fmt::Debug for SingleFlight<S, St, K> {
         f.debug_struct("SingleFlight")
             .field("inner", &self.inner)
             .field("route", &self.config.route)
-            .field("flights_in_progress", &self.table.len())
+            .field("flights_in_progress", &self.tables.len())
             .finish_non_exhaustive()
     }
 }
@@ -108,7 +109,12 @@ where
             keyward.outcome = tracing::field::Empty,
             keyward.wait_seconds = tracing::field::Empty,
         );
-        let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
+        let Some(table) = self.tables.get::<OwnResult<RB, S::Error>>() else {
+            // The same service called with a second request body type: its flights
+            // would need a second table; let these requests through instead.
+            return ResponseFuture::passthrough(inner.call(req));
+        };
+        let future = coalesce(config.clone(), table, inner, req, key);
         ResponseFuture::coalesced(Box::pin(future), span)
     }
 }
@@ -175,7 +181,7 @@ fn copy<RB: Body>(stored: &StoredResponse) -> Response<KeywardBody<RB>> {
 /// follow the policy.
 async fn coalesce<S, B, RB, St, K>(
     config: Arc<Config<St, K>>,
-    table: Arc<FlightTable>,
+    table: Arc<FlightTable<OwnResult<RB, S::Error>>>,
     mut svc: S,
     req: Request<B>,
     key: ScopedKey,
@@ -201,35 +207,14 @@ where
             Joined::Leader(seat) => {
                 let settings = WorkSettings {
                     store: config.store.clone(),
-                    key: key.clone(),
+                    key,
                     lease: config.lease,
                     max_body: config.max_body,
                     on_leader_failure: config.on_leader_failure,
                     on_store_error: config.on_store_error,
                 };
                 seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                let outcome = seat.run().await;
-                let store_error = outcome.store_error;
-                let response = match (outcome.own, outcome.shared) {
-                    (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, S::Error>>() {
-                        Ok(own) => *own,
-                        Err(_) => Ok(leader_failed()),
-                    },
-                    (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
-                    // The flight followed a leader on another instance.
-                    (Own::None, Shared::Response(stored)) => {
-                        record(SingleFlightOutcome::Follower);
-                        return Ok(copy(&stored));
-                    }
-                    (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
-                    (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
-                };
-                record(if store_error {
-                    SingleFlightOutcome::StoreError
-                } else {
-                    SingleFlightOutcome::Leader
-                });
-                return response;
+                return leader_response(seat.run().await);
             }
             Joined::Follower(seat) => {
                 // Give the readiness reserved for this request back while it waits: it
@@ -245,23 +230,10 @@ where
                 if let Some(started) = started {
                     record_wait(started);
                 }
-                if let Own::Typed(own) = outcome.own {
-                    // This follower drove the leader's work to its end after the leader
-                    // left: the (possibly streaming) response is its own.
-                    if let Ok(own) = own.downcast::<OwnResult<RB, S::Error>>() {
-                        if let Ok(mut response) = *own {
-                            record(SingleFlightOutcome::Follower);
-                            mark_coalesced(&mut response);
-                            return Ok(response);
-                        }
-                    }
-                }
-                match outcome.shared {
-                    Shared::Response(stored) => {
-                        record(SingleFlightOutcome::Follower);
-                        return Ok(copy(&stored));
-                    }
-                    Shared::TooLarge => {
+                match follower_next::<RB, S::Error>(outcome, config.on_leader_failure) {
+                    Next::Respond(response) => return Ok(response),
+                    Next::Elect => continue,
+                    Next::CallInner => {
                         tracing::debug!("single flight: response over max_body, calling inner");
                         poll_fn(|cx| svc.poll_ready(cx)).await?;
                         record(SingleFlightOutcome::Leader);
@@ -270,16 +242,70 @@ where
                         let response = Box::pin(svc.call(req)).await?;
                         return Ok(response.map(KeywardBody::inner));
                     }
-                    Shared::StoreUnavailable => return Ok(store_unavailable()),
-                    Shared::Failed if config.on_leader_failure == LeaderFailure::BadGateway => {
-                        return Ok(leader_failed());
-                    }
-                    Shared::Failed => continue,
                 }
             }
         }
     }
     Ok(leader_failed())
+}
+
+/// The leader's answer: its own response or error (it drove the work), or a copy of a
+/// remote leader's response.
+fn leader_response<RB: Body, E>(
+    outcome: Outcome<OwnResult<RB, E>>,
+) -> Result<Response<KeywardBody<RB>>, E> {
+    let response = match (outcome.own, outcome.shared) {
+        (Own::Typed(own), _) => own,
+        (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
+        // The flight followed a leader on another instance.
+        (Own::None, Shared::Response(stored)) => {
+            record(SingleFlightOutcome::Follower);
+            return Ok(copy(&stored));
+        }
+        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
+        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
+    };
+    record(if outcome.store_error {
+        SingleFlightOutcome::StoreError
+    } else {
+        SingleFlightOutcome::Leader
+    });
+    response
+}
+
+/// What a follower does once its flight ended.
+// Built once per follower and matched at once: boxing the response would only add an
+// allocation.
+#[allow(clippy::large_enum_variant)]
+enum Next<RB: Body> {
+    Respond(Response<KeywardBody<RB>>),
+    /// The response was too large to share: make an own inner call.
+    CallInner,
+    /// The leader failed: join (or lead) the next flight.
+    Elect,
+}
+
+fn follower_next<RB: Body, E>(
+    outcome: Outcome<OwnResult<RB, E>>,
+    policy: LeaderFailure,
+) -> Next<RB> {
+    // This follower drove the leader's work to its end after the leader left: the
+    // (possibly streaming) response is its own.
+    if let Own::Typed(Ok(mut response)) = outcome.own {
+        record(SingleFlightOutcome::Follower);
+        mark_coalesced(&mut response);
+        return Next::Respond(response);
+    }
+    match outcome.shared {
+        Shared::Response(stored) => {
+            record(SingleFlightOutcome::Follower);
+            Next::Respond(copy(&stored))
+        }
+        Shared::TooLarge => Next::CallInner,
+        Shared::StoreUnavailable => Next::Respond(store_unavailable()),
+        Shared::Failed if policy == LeaderFailure::BadGateway => Next::Respond(leader_failed()),
+        Shared::Failed => Next::Elect,
+    }
 }
 
 fn record_wait(started: Instant) {

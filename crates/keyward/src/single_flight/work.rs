@@ -39,7 +39,7 @@ pub(crate) async fn flight_work<S, B, RB, St>(
     settings: WorkSettings<St>,
     svc: S,
     req: Request<B>,
-) -> Landed
+) -> Landed<OwnResult<RB, S::Error>>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Send + 'static,
@@ -47,60 +47,20 @@ where
     RB::Error: Send + 'static,
     St: SingleFlightStore,
 {
-    let mut store_error = false;
-    let mut lead = None;
-    for _ in 0..MAX_REMOTE_ROUNDS {
-        let role = match settings.store.lead(&settings.key, settings.lease).await {
-            Ok(role) => role,
-            Err(error) => match store_failed(&settings, &error) {
-                Some(landed) => return landed,
-                None => {
-                    store_error = true;
-                    break;
-                }
-            },
-        };
-        if let FlightRole::Leader(token) = role {
-            lead = Some(LeadGuard {
-                store: settings.store.clone(),
-                key: settings.key.clone(),
-                token: Some(token),
-            });
-            break;
+    let (lead, store_error) = match coordinate(&settings).await {
+        Coordinated::Lead(lead) => (Some(lead), false),
+        Coordinated::Alone { store_error } => (None, store_error),
+        Coordinated::Landed {
+            shared,
+            store_error,
+        } => {
+            return Landed {
+                shared,
+                own: Own::None,
+                store_error,
+            };
         }
-        let waiting = tokio::time::Instant::now();
-        let landing = settings.store.wait(&settings.key, settings.lease).await;
-        // This work runs in its leader's span: the wait for the remote leader is its wait.
-        tracing::Span::current().record(FIELD_WAIT_SECONDS, waiting.elapsed().as_secs_f64());
-        match landing {
-            Ok(Some(Landing::Response(response))) => {
-                return Landed {
-                    shared: Shared::Response(response),
-                    own: Own::None,
-                    store_error,
-                };
-            }
-            Ok(Some(Landing::TooLarge)) => break,
-            Ok(Some(Landing::Failed))
-                if settings.on_leader_failure == LeaderFailure::BadGateway =>
-            {
-                return Landed {
-                    shared: Shared::Failed,
-                    own: Own::None,
-                    store_error,
-                };
-            }
-            // The remote leader failed (elect: lead again) or landed before we waited.
-            Ok(Some(Landing::Failed) | None) => {}
-            Err(error) => match store_failed(&settings, &error) {
-                Some(landed) => return landed,
-                None => {
-                    store_error = true;
-                    break;
-                }
-            },
-        }
-    }
+    };
     let mut landed = call_and_buffer(svc, req, settings.max_body).await;
     landed.store_error |= store_error;
     if let Some(mut lead) = lead {
@@ -117,20 +77,71 @@ where
     landed
 }
 
-/// `None`: go on uncoordinated (fail open); `Some`: the flight ends with 503.
-fn store_failed<St>(settings: &WorkSettings<St>, error: &StoreError) -> Option<Landed> {
+/// The cross-process decision of a flight.
+enum Coordinated<'a, St: SingleFlightStore> {
+    /// This process leads the key: make the call and publish.
+    Lead(LeadGuard<'a, St>),
+    /// Make the call without a lead: the remote response was too large to share, remote
+    /// leaders kept failing, or the store failed and the route fails open.
+    Alone { store_error: bool },
+    /// The flight ended without a call here: a remote leader's response, its failure
+    /// (policy `BadGateway`), or a store failure (policy `Closed`).
+    Landed { shared: Shared, store_error: bool },
+}
+
+async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coordinated<'_, St> {
+    let landed = |shared| Coordinated::Landed {
+        shared,
+        store_error: false,
+    };
+    for _ in 0..MAX_REMOTE_ROUNDS {
+        let role = match settings.store.lead(&settings.key, settings.lease).await {
+            Ok(role) => role,
+            Err(error) => return store_failed(settings, &error),
+        };
+        if let FlightRole::Leader(token) = role {
+            return Coordinated::Lead(LeadGuard {
+                store: &settings.store,
+                key: &settings.key,
+                token: Some(token),
+            });
+        }
+        let waiting = tokio::time::Instant::now();
+        let landing = settings.store.wait(&settings.key, settings.lease).await;
+        // This work runs in its leader's span: the wait for the remote leader is its wait.
+        tracing::Span::current().record(FIELD_WAIT_SECONDS, waiting.elapsed().as_secs_f64());
+        match landing {
+            Ok(Some(Landing::Response(response))) => return landed(Shared::Response(response)),
+            Ok(Some(Landing::TooLarge)) => return Coordinated::Alone { store_error: false },
+            Ok(Some(Landing::Failed))
+                if settings.on_leader_failure == LeaderFailure::BadGateway =>
+            {
+                return landed(Shared::Failed);
+            }
+            // The remote leader failed (elect: lead again) or landed before we waited.
+            Ok(Some(Landing::Failed) | None) => {}
+            Err(error) => return store_failed(settings, &error),
+        }
+    }
+    Coordinated::Alone { store_error: false }
+}
+
+/// Fails open (the call goes on, coalesced in-process only) or closed (503).
+fn store_failed<'a, St: SingleFlightStore>(
+    settings: &'a WorkSettings<St>,
+    error: &StoreError,
+) -> Coordinated<'a, St> {
     match settings.on_store_error {
         OnStoreError::Open => {
             tracing::warn!(%error, "single flight: store failed, coalescing in-process only");
-            None
+            Coordinated::Alone { store_error: true }
         }
         OnStoreError::Closed => {
             tracing::warn!(%error, "single flight: store failed, failing closed");
-            Some(Landed {
+            Coordinated::Landed {
                 shared: Shared::StoreUnavailable,
-                own: Own::None,
                 store_error: true,
-            })
+            }
         }
     }
 }
@@ -138,24 +149,24 @@ fn store_failed<St>(settings: &WorkSettings<St>, error: &StoreError) -> Option<L
 /// This process leads the flight in the store until it publishes; if the work is dropped
 /// (cancelled) first, the flight is abandoned so that remote followers elect at once
 /// instead of waiting out the lease.
-struct LeadGuard<St: SingleFlightStore> {
-    store: St,
-    key: ScopedKey,
+struct LeadGuard<'a, St: SingleFlightStore> {
+    store: &'a St,
+    key: &'a ScopedKey,
     token: Option<FencingToken>,
 }
 
-impl<St: SingleFlightStore> LeadGuard<St> {
+impl<St: SingleFlightStore> LeadGuard<'_, St> {
     async fn publish(&mut self, landing: Landing) -> Result<(), StoreError> {
         let Some(token) = self.token else {
             return Ok(());
         };
-        let published = self.store.publish(&self.key, token, landing).await;
+        let published = self.store.publish(self.key, token, landing).await;
         self.token = None;
         published
     }
 }
 
-impl<St: SingleFlightStore> Drop for LeadGuard<St> {
+impl<St: SingleFlightStore> Drop for LeadGuard<'_, St> {
     fn drop(&mut self) {
         if let Some(token) = self.token.take() {
             self.store.abandon_detached(self.key.clone(), token);
@@ -163,18 +174,17 @@ impl<St: SingleFlightStore> Drop for LeadGuard<St> {
     }
 }
 
-fn own<RB, E>(result: OwnResult<RB, E>) -> Own
-where
-    RB: Body + Send + 'static,
-    RB::Error: Send,
-    E: Send + 'static,
-{
-    Own::Typed(Box::new(result))
+fn own<RB: Body, E>(result: OwnResult<RB, E>) -> Own<OwnResult<RB, E>> {
+    Own::Typed(result)
 }
 
 /// Makes the inner call and reads the body up to `max_body`: what followers can copy,
 /// and the driver's own response (with the leader's extensions).
-async fn call_and_buffer<S, B, RB>(mut svc: S, req: Request<B>, max_body: usize) -> Landed
+async fn call_and_buffer<S, B, RB>(
+    mut svc: S,
+    req: Request<B>,
+    max_body: usize,
+) -> Landed<OwnResult<RB, S::Error>>
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Send + 'static,
