@@ -15,7 +15,6 @@ use keyward_core::store::StoredResponse;
 use proptest::prelude::*;
 
 use super::*;
-use crate::single_flight::slot::TableSlot;
 
 /// Shared work that completes once `done` is set, and notes being dropped unfinished.
 struct Probe {

@@ -7,8 +7,8 @@ use keyward_core::KeySpec;
 use keyward_core::store::OnStoreError;
 use tower_layer::Layer;
 
+use super::flight::TableSlot;
 use super::service::SingleFlight;
-use super::slot::TableSlot;
 
 /// What followers do when the leader of their flight fails: its inner call returned an
 /// error, panicked or its body failed, or (across instances) the remote leader failed or

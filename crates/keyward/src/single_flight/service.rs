@@ -17,10 +17,9 @@ use tower_service::Service;
 use tracing::Span;
 
 use super::COALESCED;
-use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
+use super::flight::{FlightTable, Joined, Outcome, Own, Shared, TableSlot, Work};
 use super::future::ResponseFuture;
 use super::layer::{Config, LeaderFailure};
-use super::slot::TableSlot;
 use super::work::{OwnResult, WorkSettings, flight_work};
 
 /// Elections a follower sits through before it gives up with 502.
