@@ -31,16 +31,13 @@ use super::keymap::{HashedKey, ShardedMap};
 
 /// The shared work of a flight, and the span of the request that started it: whoever
 /// drives the work polls it inside that span.
-pub(crate) struct Work<T> {
-    future: Pin<Box<dyn Future<Output = Landed<T>> + Send>>,
+pub(crate) struct Work {
+    future: Pin<Box<dyn Future<Output = Landed> + Send>>,
     span: Span,
 }
 
-impl<T> Work<T> {
-    pub(crate) fn new(
-        future: impl Future<Output = Landed<T>> + Send + 'static,
-        span: Span,
-    ) -> Self {
+impl Work {
+    pub(crate) fn new(future: impl Future<Output = Landed> + Send + 'static, span: Span) -> Self {
         Work {
             future: Box::pin(future),
             span,
@@ -63,39 +60,40 @@ pub(crate) enum Shared {
 
 /// What the work yields: the shared part, and what only the driver receives (the
 /// leader's own typed response or error, or a panic payload).
-pub(crate) struct Landed<T> {
+pub(crate) struct Landed {
     pub(crate) shared: Shared,
-    pub(crate) own: Own<T>,
+    pub(crate) own: Own,
     /// The store failed on the way and the flight ran uncoordinated across processes.
     pub(crate) store_error: bool,
 }
 
 /// The driver's private result.
-pub(crate) enum Own<T> {
+pub(crate) enum Own {
     /// Nothing beyond [`Landed::shared`].
     None,
-    /// The leader's own `Result<Response<..>, E>`.
-    Typed(T),
+    /// A `Result<Response<..>, E>` of the service's types.
+    Typed(Box<dyn Any + Send>),
     /// The work panicked with this payload.
     Panic(Box<dyn Any + Send>),
 }
 
 /// The in-process flights of one `SingleFlight` service and its clones. An entry lives
 /// from the moment its leader joins until the flight ends or its last waiter leaves.
-pub(crate) struct FlightTable<T> {
-    flights: ShardedMap<Arc<Flight<T>>>,
+pub(crate) struct FlightTable {
+    flights: ShardedMap<Arc<Flight>>,
     next_id: AtomicU64,
 }
 
-struct Flight<T> {
+struct Flight {
     id: u64,
-    state: Mutex<State<T>>,
+    state: Mutex<State>,
     notify: Notify,
 }
 
-struct State<T> {
+#[derive(Default)]
+struct State {
     /// The work while nobody drives it (`None` while a driver holds it, or once done).
-    work: Option<Work<T>>,
+    work: Option<Work>,
     /// The parked work is the leader's until the leader first polls it or leaves:
     /// followers never start it behind the leader's back (the leader alone can answer
     /// for its own error or oversize response).
@@ -107,30 +105,30 @@ struct State<T> {
 
 /// A request's place in a flight. Dropping it leaves the flight; the last one to leave
 /// an unfinished flight cancels it.
-pub(crate) struct Seat<T> {
-    table: Arc<FlightTable<T>>,
+pub(crate) struct Seat {
+    table: Arc<FlightTable>,
     key: HashedKey,
-    flight: Arc<Flight<T>>,
+    flight: Arc<Flight>,
     leader: bool,
 }
 
 /// The outcome of [`FlightTable::join`].
-pub(crate) enum Joined<T> {
+pub(crate) enum Joined {
     /// The caller starts the flight: it must [`Seat::start`] it with its work at once.
-    Leader(Seat<T>),
+    Leader(Seat),
     /// The caller waits for a flight in progress.
-    Follower(Seat<T>),
+    Follower(Seat),
 }
 
-enum Step<T> {
-    Drive(Work<T>),
-    Done(Outcome<T>),
+enum Step {
+    Drive(Work),
+    Done(Outcome),
 }
 
 /// How a seat's wait ended.
-pub(crate) struct Outcome<T> {
+pub(crate) struct Outcome {
     pub(crate) shared: Shared,
-    pub(crate) own: Own<T>,
+    pub(crate) own: Own,
     pub(crate) store_error: bool,
 }
 
@@ -142,7 +140,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-impl<T> FlightTable<T> {
+impl FlightTable {
     pub(crate) fn new() -> Self {
         FlightTable {
             flights: ShardedMap::new(),
@@ -151,7 +149,7 @@ impl<T> FlightTable<T> {
     }
 
     /// Joins the flight in progress under `key`, or starts one.
-    pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined<T> {
+    pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined {
         let key = self.flights.key(key);
         let mut shard = self.flights.shard(&key);
         let (flight, leader) = match shard.entry(key.clone()) {
@@ -165,11 +163,8 @@ impl<T> FlightTable<T> {
                 let flight = Arc::new(Flight {
                     id: self.next_id.fetch_add(1, Ordering::Relaxed),
                     state: Mutex::new(State {
-                        work: None,
-                        reserved: false,
-                        result: None,
                         waiters: 1,
-                        ended: false,
+                        ..State::default()
                     }),
                     notify: Notify::new(),
                 });
@@ -195,7 +190,7 @@ impl<T> FlightTable<T> {
         self.flights.len()
     }
 
-    fn remove_if_current(&self, key: &HashedKey, flight: &Flight<T>) -> Option<Arc<Flight<T>>> {
+    fn remove_if_current(&self, key: &HashedKey, flight: &Flight) -> Option<Arc<Flight>> {
         let mut shard = self.flights.shard(key);
         // Two probes rather than `entry`, which would need an owned key (an Arc clone).
         if shard.get(key).is_some_and(|entry| entry.id == flight.id) {
@@ -206,12 +201,12 @@ impl<T> FlightTable<T> {
     }
 }
 
-impl<T> Seat<T> {
+impl Seat {
     /// Parks the leader's work in the flight. Call it right after [`FlightTable::join`]
     /// returned [`Joined::Leader`], before any await: from then on the work belongs to
     /// the flight, whichever of its waiters polls first drives it, and it is dropped
     /// only with the flight.
-    pub(crate) fn start(&self, work: Work<T>) {
+    pub(crate) fn start(&self, work: Work) {
         let mut state = lock(&self.flight.state);
         state.work = Some(work);
         state.reserved = true;
@@ -219,7 +214,7 @@ impl<T> Seat<T> {
 
     /// Waits for the flight to end, driving its work whenever nobody else does (the
     /// leader right away, a follower after a driver left before the end).
-    pub(crate) async fn run(&self) -> Outcome<T> {
+    pub(crate) async fn run(&self) -> Outcome {
         loop {
             // Look before arming a notification: the leader finds its work at once and
             // never touches the notifier.
@@ -240,7 +235,7 @@ impl<T> Seat<T> {
         }
     }
 
-    fn step(&self) -> Option<Step<T>> {
+    fn step(&self) -> Option<Step> {
         let mut state = lock(&self.flight.state);
         if let Some(shared) = &state.result {
             return Some(Step::Done(Outcome {
@@ -256,7 +251,7 @@ impl<T> Seat<T> {
         state.work.take().map(Step::Drive)
     }
 
-    async fn drive(&self, work: Work<T>) -> Outcome<T> {
+    async fn drive(&self, work: Work) -> Outcome {
         let mut driver = Driver {
             flight: &self.flight,
             work: Some(work),
@@ -287,7 +282,7 @@ impl<T> Seat<T> {
     }
 }
 
-impl<T> Drop for Seat<T> {
+impl Drop for Seat {
     fn drop(&mut self) {
         {
             let mut state = lock(&self.flight.state);
@@ -340,13 +335,13 @@ impl<T> Drop for Seat<T> {
 
 /// Holds the work while a seat polls it; hands it back to the flight if the seat is
 /// dropped before the work completes.
-struct Driver<'a, T> {
-    flight: &'a Flight<T>,
-    work: Option<Work<T>>,
+struct Driver<'a> {
+    flight: &'a Flight,
+    work: Option<Work>,
 }
 
-impl<T> Driver<'_, T> {
-    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Landed<T>> {
+impl Driver<'_> {
+    fn poll_work(&mut self, cx: &mut Context<'_>) -> Poll<Landed> {
         let Some(work) = self.work.as_mut() else {
             return Poll::Ready(Landed {
                 shared: Shared::Failed,
@@ -378,7 +373,7 @@ impl<T> Driver<'_, T> {
     }
 }
 
-impl<T> Drop for Driver<'_, T> {
+impl Drop for Driver<'_> {
     fn drop(&mut self) {
         if let Some(work) = self.work.take() {
             lock(&self.flight.state).work = Some(work);

@@ -15,7 +15,6 @@ use keyward_core::store::StoredResponse;
 use proptest::prelude::*;
 
 use super::*;
-use crate::single_flight::slot::TableSlot;
 
 /// Shared work that completes once `done` is set, and notes being dropped unfinished.
 struct Probe {
@@ -26,9 +25,9 @@ struct Probe {
 }
 
 impl Future for Probe {
-    type Output = Landed<()>;
+    type Output = Landed;
 
-    fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Landed<()>> {
+    fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Landed> {
         self.polls.fetch_add(1, Ordering::SeqCst);
         if !self.done.load(Ordering::SeqCst) {
             return Poll::Pending;
@@ -66,7 +65,7 @@ struct FlightModel {
 }
 
 struct Request {
-    future: Pin<Box<dyn Future<Output = Outcome<()>> + Send>>,
+    future: Pin<Box<dyn Future<Output = Outcome> + Send>>,
     flight: usize,
 }
 
@@ -87,7 +86,7 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn check(table: &FlightTable<()>, flights: &[FlightModel], requests: &[Option<Request>]) {
+fn check(table: &FlightTable, flights: &[FlightModel], requests: &[Option<Request>]) {
     for (index, flight) in flights.iter().enumerate() {
         // Followers never start the work while its leader is there and has not.
         if flight.unpolled_leader.is_some() {
@@ -115,7 +114,7 @@ fn check(table: &FlightTable<()>, flights: &[FlightModel], requests: &[Option<Re
 proptest! {
     #[test]
     fn flights_hand_over_cancel_and_leave_no_entries(ops in proptest::collection::vec(op(), 1..60)) {
-        let table = Arc::new(FlightTable::<()>::new());
+        let table = Arc::new(FlightTable::new());
         let key: Arc<str> = Arc::from("flight:r:-:GET /x");
         let mut flights: Vec<FlightModel> = Vec::new();
         let mut requests: Vec<Option<Request>> = Vec::new();
@@ -202,19 +201,4 @@ proptest! {
         prop_assert!(requests.iter().all(Option::is_none), "a waiter never got the landing");
         prop_assert_eq!(table.len(), 0);
     }
-}
-
-#[test]
-fn a_table_slot_holds_one_type_and_counts_its_flights() {
-    let slot = TableSlot::default();
-    assert_eq!(slot.len(), 0);
-    let table = slot.get::<u8>().unwrap();
-    assert!(slot.get::<u16>().is_none(), "a second type gets no table");
-    let Joined::Leader(seat) = table.join(Arc::from("k")) else {
-        panic!("the first request leads")
-    };
-    assert!(Arc::ptr_eq(&table, &slot.get::<u8>().unwrap()));
-    assert_eq!(slot.len(), 1);
-    drop(seat);
-    assert_eq!(slot.len(), 0);
 }

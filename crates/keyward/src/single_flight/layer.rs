@@ -7,8 +7,8 @@ use keyward_core::KeySpec;
 use keyward_core::store::OnStoreError;
 use tower_layer::Layer;
 
+use super::flight::FlightTable;
 use super::service::SingleFlight;
-use super::slot::TableSlot;
 
 /// What followers do when the leader of their flight fails: its inner call returned an
 /// error, panicked or its body failed, or (across instances) the remote leader failed or
@@ -202,7 +202,7 @@ impl<S, St, K> Layer<S> for SingleFlightLayer<St, K> {
         SingleFlight {
             inner,
             config: self.config.clone(),
-            tables: Arc::new(TableSlot::default()),
+            table: Arc::new(FlightTable::new()),
         }
     }
 }

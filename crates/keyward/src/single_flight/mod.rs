@@ -85,7 +85,6 @@ mod future;
 pub(crate) mod keymap;
 mod layer;
 mod service;
-mod slot;
 mod work;
 
 pub use future::ResponseFuture;

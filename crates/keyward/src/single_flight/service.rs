@@ -20,7 +20,6 @@ use super::COALESCED;
 use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
 use super::future::ResponseFuture;
 use super::layer::{Config, LeaderFailure};
-use super::slot::TableSlot;
 use super::work::{OwnResult, WorkSettings, flight_work};
 
 /// Elections a follower sits through before it gives up with 502.
@@ -31,14 +30,14 @@ const MAX_ELECTIONS: usize = 8;
 pub struct SingleFlight<S, St, K = KeySpec> {
     pub(crate) inner: S,
     pub(crate) config: Arc<Config<St, K>>,
-    pub(crate) tables: Arc<TableSlot>,
+    pub(crate) table: Arc<FlightTable>,
 }
 
 impl<S, St, K> SingleFlight<S, St, K> {
     /// Flights in progress in this process (entries of the coalescing table). Zero once
     /// all requests are answered or gone: the table never outgrows in-flight work.
     pub fn flights_in_progress(&self) -> usize {
-        self.tables.len()
+        self.table.len()
     }
 }
 
@@ -47,7 +46,7 @@ impl<S: Clone, St, K> Clone for SingleFlight<S, St, K> {
         SingleFlight {
             inner: self.inner.clone(),
             config: self.config.clone(),
-            tables: self.tables.clone(),
+            table: self.table.clone(),
         }
     }
 }
@@ -57,7 +56,7 @@ impl<S: fmt::Debug, St, K> fmt::Debug for SingleFlight<S, St, K> {
         f.debug_struct("SingleFlight")
             .field("inner", &self.inner)
             .field("route", &self.config.route)
-            .field("flights_in_progress", &self.tables.len())
+            .field("flights_in_progress", &self.table.len())
             .finish_non_exhaustive()
     }
 }
@@ -109,12 +108,7 @@ where
             keyward.outcome = tracing::field::Empty,
             keyward.wait_seconds = tracing::field::Empty,
         );
-        let Some(table) = self.tables.get::<OwnResult<RB, S::Error>>() else {
-            // The same service called with a second request body type: its flights
-            // would need a second table; let these requests through instead.
-            return ResponseFuture::passthrough(inner.call(req));
-        };
-        let future = coalesce(config.clone(), table, inner, req, key);
+        let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
         ResponseFuture::coalesced(Box::pin(future), span)
     }
 }
@@ -181,7 +175,7 @@ fn copy<RB: Body>(stored: &StoredResponse) -> Response<KeywardBody<RB>> {
 /// follow the policy.
 async fn coalesce<S, B, RB, St, K>(
     config: Arc<Config<St, K>>,
-    table: Arc<FlightTable<OwnResult<RB, S::Error>>>,
+    table: Arc<FlightTable>,
     mut svc: S,
     req: Request<B>,
     key: ScopedKey,
@@ -251,11 +245,14 @@ where
 
 /// The leader's answer: its own response or error (it drove the work), or a copy of a
 /// remote leader's response.
-fn leader_response<RB: Body, E>(
-    outcome: Outcome<OwnResult<RB, E>>,
+fn leader_response<RB: Body + 'static, E: 'static>(
+    outcome: Outcome,
 ) -> Result<Response<KeywardBody<RB>>, E> {
     let response = match (outcome.own, outcome.shared) {
-        (Own::Typed(own), _) => own,
+        (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, E>>() {
+            Ok(own) => *own,
+            Err(_) => Ok(leader_failed()),
+        },
         (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
         // The flight followed a leader on another instance.
         (Own::None, Shared::Response(stored)) => {
@@ -285,16 +282,20 @@ enum Next<RB: Body> {
     Elect,
 }
 
-fn follower_next<RB: Body, E>(
-    outcome: Outcome<OwnResult<RB, E>>,
+fn follower_next<RB: Body + 'static, E: 'static>(
+    outcome: Outcome,
     policy: LeaderFailure,
 ) -> Next<RB> {
-    // This follower drove the leader's work to its end after the leader left: the
-    // (possibly streaming) response is its own.
-    if let Own::Typed(Ok(mut response)) = outcome.own {
-        record(SingleFlightOutcome::Follower);
-        mark_coalesced(&mut response);
-        return Next::Respond(response);
+    if let Own::Typed(own) = outcome.own {
+        // This follower drove the leader's work to its end after the leader left: the
+        // (possibly streaming) response is its own.
+        if let Ok(own) = own.downcast::<OwnResult<RB, E>>() {
+            if let Ok(mut response) = *own {
+                record(SingleFlightOutcome::Follower);
+                mark_coalesced(&mut response);
+                return Next::Respond(response);
+            }
+        }
     }
     match outcome.shared {
         Shared::Response(stored) => {

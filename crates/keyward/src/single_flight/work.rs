@@ -39,7 +39,7 @@ pub(crate) async fn flight_work<S, B, RB, St>(
     settings: WorkSettings<St>,
     svc: S,
     req: Request<B>,
-) -> Landed<OwnResult<RB, S::Error>>
+) -> Landed
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Send + 'static,
@@ -50,16 +50,7 @@ where
     let (lead, store_error) = match coordinate(&settings).await {
         Coordinated::Lead(lead) => (Some(lead), false),
         Coordinated::Alone { store_error } => (None, store_error),
-        Coordinated::Landed {
-            shared,
-            store_error,
-        } => {
-            return Landed {
-                shared,
-                own: Own::None,
-                store_error,
-            };
-        }
+        Coordinated::Landed(landed) => return landed,
     };
     let mut landed = call_and_buffer(svc, req, settings.max_body).await;
     landed.store_error |= store_error;
@@ -86,13 +77,16 @@ enum Coordinated<'a, St: SingleFlightStore> {
     Alone { store_error: bool },
     /// The flight ended without a call here: a remote leader's response, its failure
     /// (policy `BadGateway`), or a store failure (policy `Closed`).
-    Landed { shared: Shared, store_error: bool },
+    Landed(Landed),
 }
 
 async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coordinated<'_, St> {
-    let landed = |shared| Coordinated::Landed {
-        shared,
-        store_error: false,
+    let landed = |shared| {
+        Coordinated::Landed(Landed {
+            shared,
+            own: Own::None,
+            store_error: false,
+        })
     };
     for _ in 0..MAX_REMOTE_ROUNDS {
         let role = match settings.store.lead(&settings.key, settings.lease).await {
@@ -138,10 +132,11 @@ fn store_failed<'a, St: SingleFlightStore>(
         }
         OnStoreError::Closed => {
             tracing::warn!(%error, "single flight: store failed, failing closed");
-            Coordinated::Landed {
+            Coordinated::Landed(Landed {
                 shared: Shared::StoreUnavailable,
+                own: Own::None,
                 store_error: true,
-            }
+            })
         }
     }
 }
@@ -174,17 +169,18 @@ impl<St: SingleFlightStore> Drop for LeadGuard<'_, St> {
     }
 }
 
-fn own<RB: Body, E>(result: OwnResult<RB, E>) -> Own<OwnResult<RB, E>> {
-    Own::Typed(result)
+fn own<RB, E>(result: OwnResult<RB, E>) -> Own
+where
+    RB: Body + Send + 'static,
+    RB::Error: Send,
+    E: Send + 'static,
+{
+    Own::Typed(Box::new(result))
 }
 
 /// Makes the inner call and reads the body up to `max_body`: what followers can copy,
 /// and the driver's own response (with the leader's extensions).
-async fn call_and_buffer<S, B, RB>(
-    mut svc: S,
-    req: Request<B>,
-    max_body: usize,
-) -> Landed<OwnResult<RB, S::Error>>
+async fn call_and_buffer<S, B, RB>(mut svc: S, req: Request<B>, max_body: usize) -> Landed
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Send + 'static,
