@@ -284,3 +284,50 @@ impl RedisClusterBackend {
 redis_backend!(RedisClusterBackend, |r: &RedisClusterBackend| {
     RedisClusterBackend::store_on(&r.cluster)
 });
+
+/// Spawns `future` and returns once it has been polled once: a request future polled
+/// once has joined (or started) its flight or queue, so tests order requests
+/// deterministically.
+pub async fn spawn_joined<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (polled, was_polled) = tokio::sync::oneshot::channel();
+    let handle = tokio::spawn(async move {
+        let mut future = std::pin::pin!(future);
+        let mut polled = Some(polled);
+        std::future::poll_fn(|cx| {
+            let poll = future.as_mut().poll(cx);
+            if let Some(polled) = polled.take() {
+                let _ = polled.send(());
+            }
+            poll
+        })
+        .await
+    });
+    let _ = was_polled.await;
+    handle
+}
+
+/// Instantiates generic test bodies, `async fn test<B: Backend>(b: B)` in the calling
+/// file, once per backend: modules `memory` (paused time), `redis` and `redis_cluster`
+/// (a server or cluster of their own per test, real time).
+#[macro_export]
+macro_rules! backend_suite {
+    ($($test:ident),* $(,)?) => {
+        $crate::backend_suite!(@on memory, $crate::Memory::default(), true; $($test),*);
+        $crate::backend_suite!(@on redis, $crate::Redis::start(), false; $($test),*);
+        $crate::backend_suite!(@on redis_cluster, $crate::RedisClusterBackend::start(), false; $($test),*);
+    };
+    (@on $name:ident, $backend:expr, $paused:tt; $($test:ident),*) => {
+        mod $name {
+            $(
+                #[tokio::test(start_paused = $paused)]
+                async fn $test() {
+                    super::$test($backend).await
+                }
+            )*
+        }
+    };
+}

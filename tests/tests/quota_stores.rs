@@ -14,7 +14,7 @@ use keyward::core::store::{QuotaStore, StoreError};
 use keyward::core::{Key, Scope, ScopedKey};
 use keyward::{KeySpec, QuotaLayer, RedisStore};
 use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
-use keyward_tests::{Backend, Memory, Redis, RedisClusterBackend};
+use keyward_tests::{Backend, Redis};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
@@ -138,31 +138,12 @@ async fn quota_layer_over_two_instances<B: Backend>(b: B) {
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
 
-macro_rules! suite {
-    ($name:ident, $backend:expr, paused = $paused:tt) => {
-        mod $name {
-            use super::*;
-            suite!(@tests $backend, start_paused = $paused;
-                burst_then_one_per_interval,
-                costs_take_several_units_and_refusals_take_nothing,
-                instances_share_one_quota,
-                quota_layer_over_two_instances,
-            );
-        }
-    };
-    (@tests $backend:expr, start_paused = $paused:tt; $($test:ident),* $(,)?) => {
-        $(
-            #[tokio::test(start_paused = $paused)]
-            async fn $test() {
-                super::$test($backend).await
-            }
-        )*
-    };
-}
-
-suite!(memory, Memory::default(), paused = true);
-suite!(redis, Redis::start(), paused = false);
-suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
+keyward_tests::backend_suite!(
+    burst_then_one_per_interval,
+    costs_take_several_units_and_refusals_take_nothing,
+    instances_share_one_quota,
+    quota_layer_over_two_instances,
+);
 
 // --- Redis only ---------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ use keyward::core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialSto
 use keyward::core::{FencingToken, Key, Scope, ScopedKey};
 use keyward::{KeySpec, PerKeySerialLayer, RedisStore};
 use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
-use keyward_tests::{Backend, Memory, Redis, RedisClusterBackend};
+use keyward_tests::{Backend, Redis};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -227,31 +227,12 @@ async fn a_cancelled_waiter_leaves_the_queue<B: Backend>(b: B) {
     one.release(next).await.unwrap();
 }
 
-macro_rules! suite {
-    ($name:ident, $backend:expr, paused = $paused:tt) => {
-        mod $name {
-            use super::*;
-            suite!(@tests $backend, start_paused = $paused;
-                requests_over_instances_never_overlap,
-                waiters_get_the_key_in_arrival_order_with_rising_tokens,
-                max_wait_and_max_queue_give_their_outcomes,
-                a_cancelled_waiter_leaves_the_queue,
-            );
-        }
-    };
-    (@tests $backend:expr, start_paused = $paused:tt; $($test:ident),* $(,)?) => {
-        $(
-            #[tokio::test(start_paused = $paused)]
-            async fn $test() {
-                super::$test($backend).await
-            }
-        )*
-    };
-}
-
-suite!(memory, Memory::default(), paused = true);
-suite!(redis, Redis::start(), paused = false);
-suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
+keyward_tests::backend_suite!(
+    requests_over_instances_never_overlap,
+    waiters_get_the_key_in_arrival_order_with_rising_tokens,
+    max_wait_and_max_queue_give_their_outcomes,
+    a_cancelled_waiter_leaves_the_queue,
+);
 
 // --- Redis only ---------------------------------------------------------------------------
 
@@ -387,4 +368,37 @@ async fn redis_down_is_a_store_error_within_the_timeout() {
             "attempt {attempt} took {took:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_waiter_cancelled_as_the_key_reaches_it_passes_the_key_on() {
+    let redis = Redis::start();
+    let (one, two) = (redis.instance(), redis.instance());
+    let holder = acquired(&one, "a").await;
+    let racing = tokio::spawn({
+        let two = two.clone();
+        async move { two.acquire(&key("a"), LONG).await.unwrap() }
+    });
+    until_waiting(&one, "a", 1).await;
+    let next = tokio::spawn({
+        let one = one.clone();
+        async move { acquired(&one, "a").await }
+    });
+    until_waiting(&one, "a", 2).await;
+    // The hand-over to `racing` and its cancellation cross.
+    one.release(holder).await.unwrap();
+    racing.abort();
+    match racing.await {
+        // It saw the key before the abort: its holder releases it.
+        Ok(AcquireOutcome::Acquired(permit)) => two.release(permit).await.unwrap(),
+        Ok(other) => panic!("unexpected {other:?}"),
+        // Cancelled: it left, passing the key on.
+        Err(error) => assert!(error.is_cancelled()),
+    }
+    let next = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("the key passed on, not stuck until a lease")
+        .unwrap();
+    one.release(next).await.unwrap();
+    assert_eq!(one.serial_heartbeats() + two.serial_heartbeats(), 0);
 }

@@ -17,6 +17,12 @@
 //! - **Key layout**: `{prefix}{layer}:{route}:{<tag>}` where `<tag>` is 32 hex digits of
 //!   the SHA-256 of the scoped key: raw keys and principals never reach Redis, and all
 //!   records of one key share a cluster hash tag (one slot).
+//! - **Layers**: every store trait of keyward is implemented. Idempotency: claim /
+//!   complete / release / renew. Quota: one GCRA script on Redis `TIME`, exact to the
+//!   nanosecond (`quota.rs`). Serial: a FIFO lease lock per key with heartbeats while
+//!   held ([`RedisStoreBuilder::serial_lease`]), pub/sub hand-over and fencing tokens
+//!   (`serial.rs`). Single flight: one leader across instances, its landing handed to
+//!   followers on other instances (`single_flight.rs`).
 //!
 //! ```
 //! use std::time::Duration;
@@ -46,6 +52,7 @@ mod keys;
 mod quota;
 mod serial;
 mod single_flight;
+mod util;
 
 use std::fmt;
 use std::sync::Arc;
