@@ -331,3 +331,39 @@ macro_rules! backend_suite {
         }
     };
 }
+
+/// A store with a short timeout on `server`, for outage tests.
+pub fn store_with_timeout(server: &RedisServer, timeout: Duration) -> RedisStore {
+    RedisStore::builder()
+        .url(server.url())
+        .timeout(timeout)
+        .build()
+        .expect("store builds")
+}
+
+/// Asserts that `call` (a store decision while Redis is down) fails with a timeout or
+/// unavailable store error within `timeout` plus 100 ms, three times in a row.
+pub async fn fails_within<T, F, Fut>(timeout: Duration, mut call: F)
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, keyward::core::store::StoreError>>,
+{
+    use keyward::core::store::StoreError;
+    for attempt in 0..3 {
+        let started = tokio::time::Instant::now();
+        let result = call().await;
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::Timeout(_) | StoreError::Unavailable(_))
+            ),
+            "attempt {attempt}: {result:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took < timeout + Duration::from_millis(100),
+            "attempt {attempt} took {took:?}"
+        );
+    }
+}
