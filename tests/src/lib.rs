@@ -367,3 +367,20 @@ where
         );
     }
 }
+
+/// Asserts that `delta` (commands Redis ran, see [`redis_kit::command_delta`]) is one
+/// round trip: exactly one `EVALSHA`, everything else among `from_scripts` (Redis counts
+/// the commands a script runs too).
+pub fn assert_one_script(delta: &[(String, u64)], from_scripts: &[&str]) {
+    assert_eq!(
+        delta.iter().find(|(name, _)| name == "evalsha"),
+        Some(&("evalsha".to_owned(), 1)),
+        "{delta:?}"
+    );
+    for (name, _) in delta {
+        assert!(
+            name == "evalsha" || from_scripts.contains(&name.as_str()),
+            "a second round trip: {name} in {delta:?}"
+        );
+    }
+}
