@@ -287,3 +287,103 @@ impl RedisClusterBackend {
 redis_backend!(RedisClusterBackend, |r: &RedisClusterBackend| {
     RedisClusterBackend::store_on(r.cluster, r.store.prefix())
 });
+
+/// Spawns `future` and returns once it has been polled once: a request future polled
+/// once has joined (or started) its flight or queue, so tests order requests
+/// deterministically.
+pub async fn spawn_joined<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (polled, was_polled) = tokio::sync::oneshot::channel();
+    let handle = tokio::spawn(async move {
+        let mut future = std::pin::pin!(future);
+        let mut polled = Some(polled);
+        std::future::poll_fn(|cx| {
+            let poll = future.as_mut().poll(cx);
+            if let Some(polled) = polled.take() {
+                let _ = polled.send(());
+            }
+            poll
+        })
+        .await
+    });
+    let _ = was_polled.await;
+    handle
+}
+
+/// Instantiates generic test bodies, `async fn test<B: Backend>(b: B)` in the calling
+/// file, once per backend: modules `memory` (paused time), `redis` and `redis_cluster`
+/// (a server or cluster of their own per test, real time).
+#[macro_export]
+macro_rules! backend_suite {
+    ($($test:ident),* $(,)?) => {
+        $crate::backend_suite!(@on memory, $crate::Memory::default(), true; $($test),*);
+        $crate::backend_suite!(@on redis, $crate::Redis::start(), false; $($test),*);
+        $crate::backend_suite!(@on redis_cluster, $crate::RedisClusterBackend::start(), false; $($test),*);
+    };
+    (@on $name:ident, $backend:expr, $paused:tt; $($test:ident),*) => {
+        mod $name {
+            $(
+                #[tokio::test(start_paused = $paused)]
+                async fn $test() {
+                    super::$test($backend).await
+                }
+            )*
+        }
+    };
+}
+
+/// A store with a short timeout on `server`, for outage tests.
+pub fn store_with_timeout(server: &RedisServer, timeout: Duration) -> RedisStore {
+    RedisStore::builder()
+        .url(server.url())
+        .timeout(timeout)
+        .build()
+        .expect("store builds")
+}
+
+/// Asserts that `call` (a store decision while Redis is down) fails with a timeout or
+/// unavailable store error within `timeout` plus 100 ms, three times in a row.
+pub async fn fails_within<T, F, Fut>(timeout: Duration, mut call: F)
+where
+    T: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, keyward::core::store::StoreError>>,
+{
+    use keyward::core::store::StoreError;
+    for attempt in 0..3 {
+        let started = tokio::time::Instant::now();
+        let result = call().await;
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::Timeout(_) | StoreError::Unavailable(_))
+            ),
+            "attempt {attempt}: {result:?}"
+        );
+        let took = started.elapsed();
+        assert!(
+            took < timeout + Duration::from_millis(100),
+            "attempt {attempt} took {took:?}"
+        );
+    }
+}
+
+/// Asserts that `delta` (commands Redis ran, see [`redis_kit::command_delta`]) is one
+/// round trip: exactly one `EVALSHA`, everything else among `from_scripts` (Redis counts
+/// the commands a script runs too).
+pub fn assert_one_script(delta: &[(String, u64)], from_scripts: &[&str]) {
+    assert_eq!(
+        delta.iter().find(|(name, _)| name == "evalsha"),
+        Some(&("evalsha".to_owned(), 1)),
+        "{delta:?}"
+    );
+    for (name, _) in delta {
+        assert!(
+            name == "evalsha" || from_scripts.contains(&name.as_str()),
+            "a second round trip: {name} in {delta:?}"
+        );
+    }
+}

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keyward::core::gcra::{Quota, QuotaDecision};
-use keyward::core::store::{QuotaStore, StoreError};
+use keyward::core::store::QuotaStore;
 use keyward::core::{Key, Scope, ScopedKey};
-use keyward::{KeySpec, QuotaLayer, RedisStore};
+use keyward::{KeySpec, QuotaLayer};
 use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
-use keyward_tests::{Backend, Memory, Redis, RedisClusterBackend};
+use keyward_tests::{Backend, Redis, assert_one_script, fails_within, store_with_timeout};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt};
 
@@ -138,31 +138,12 @@ async fn quota_layer_over_two_instances<B: Backend>(b: B) {
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
 
-macro_rules! suite {
-    ($name:ident, $backend:expr, paused = $paused:tt) => {
-        mod $name {
-            use super::*;
-            suite!(@tests $backend, start_paused = $paused;
-                burst_then_one_per_interval,
-                costs_take_several_units_and_refusals_take_nothing,
-                instances_share_one_quota,
-                quota_layer_over_two_instances,
-            );
-        }
-    };
-    (@tests $backend:expr, start_paused = $paused:tt; $($test:ident),* $(,)?) => {
-        $(
-            #[tokio::test(start_paused = $paused)]
-            async fn $test() {
-                super::$test($backend).await
-            }
-        )*
-    };
-}
-
-suite!(memory, Memory::default(), paused = true);
-suite!(redis, Redis::start(), paused = false);
-suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
+keyward_tests::backend_suite!(
+    burst_then_one_per_interval,
+    costs_take_several_units_and_refusals_take_nothing,
+    instances_share_one_quota,
+    quota_layer_over_two_instances,
+);
 
 // --- Redis only ---------------------------------------------------------------------------
 
@@ -177,17 +158,7 @@ async fn every_quota_decision_is_one_evalsha() {
         let before = stats.snapshot().await;
         assert_eq!(check(&store, "k", &quota, 1).await.is_allowed(), expected);
         let delta = command_delta(&before, &stats.snapshot().await);
-        assert_eq!(
-            delta.iter().find(|(name, _)| name == "evalsha"),
-            Some(&("evalsha".to_owned(), 1)),
-            "{delta:?}"
-        );
-        for (name, _) in &delta {
-            assert!(
-                ["evalsha", "time", "get", "set"].contains(&name.as_str()),
-                "a second round trip: {name} in {delta:?}"
-            );
-        }
+        assert_one_script(&delta, &["time", "get", "set"]);
     }
 }
 
@@ -303,30 +274,11 @@ async fn idle_keys_vanish_when_their_tat_passes() {
 async fn redis_down_is_a_store_error_within_the_timeout() {
     let mut server = RedisServer::start();
     let timeout = Duration::from_millis(50);
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(timeout)
-        .build()
-        .unwrap();
+    let store = store_with_timeout(&server, timeout);
     let quota = Quota::new(1, Duration::from_secs(60)).unwrap();
     assert!(check(&store, "k", &quota, 1).await.is_allowed());
     server.kill_9();
-    for attempt in 0..3 {
-        let started = Instant::now();
-        let result = store.check(&key("k"), &quota, 1).await;
-        assert!(
-            matches!(
-                result,
-                Err(StoreError::Timeout(_) | StoreError::Unavailable(_))
-            ),
-            "attempt {attempt}: {result:?}"
-        );
-        let took = started.elapsed();
-        assert!(
-            took < timeout + Duration::from_millis(100),
-            "attempt {attempt} took {took:?}"
-        );
-    }
+    fails_within(timeout, || store.check(&key("k"), &quota, 1)).await;
     // Redis is back (empty): decisions resume without a rebuild.
     server.start_again();
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -14,11 +14,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use keyward::core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore, StoreError};
+use keyward::core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};
 use keyward::core::{FencingToken, Key, Scope, ScopedKey};
 use keyward::{KeySpec, PerKeySerialLayer, RedisStore};
 use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
-use keyward_tests::{Backend, Memory, Redis, RedisClusterBackend};
+use keyward_tests::{Backend, Redis, assert_one_script, fails_within, store_with_timeout};
 use tokio::time::Instant;
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -227,31 +227,12 @@ async fn a_cancelled_waiter_leaves_the_queue<B: Backend>(b: B) {
     one.release(next).await.unwrap();
 }
 
-macro_rules! suite {
-    ($name:ident, $backend:expr, paused = $paused:tt) => {
-        mod $name {
-            use super::*;
-            suite!(@tests $backend, start_paused = $paused;
-                requests_over_instances_never_overlap,
-                waiters_get_the_key_in_arrival_order_with_rising_tokens,
-                max_wait_and_max_queue_give_their_outcomes,
-                a_cancelled_waiter_leaves_the_queue,
-            );
-        }
-    };
-    (@tests $backend:expr, start_paused = $paused:tt; $($test:ident),* $(,)?) => {
-        $(
-            #[tokio::test(start_paused = $paused)]
-            async fn $test() {
-                super::$test($backend).await
-            }
-        )*
-    };
-}
-
-suite!(memory, Memory::default(), paused = true);
-suite!(redis, Redis::start(), paused = false);
-suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
+keyward_tests::backend_suite!(
+    requests_over_instances_never_overlap,
+    waiters_get_the_key_in_arrival_order_with_rising_tokens,
+    max_wait_and_max_queue_give_their_outcomes,
+    a_cancelled_waiter_leaves_the_queue,
+);
 
 // --- Redis only ---------------------------------------------------------------------------
 
@@ -335,21 +316,11 @@ async fn uncontended_acquire_and_release_are_one_evalsha_each() {
     store.ping().await.unwrap();
     let mut stats = CommandStats::connect(&redis.server).await;
     let one_evalsha = |delta: Vec<(String, u64)>| {
-        assert_eq!(
-            delta.iter().find(|(name, _)| name == "evalsha"),
-            Some(&("evalsha".to_owned(), 1)),
-            "{delta:?}"
-        );
         let from_scripts = [
             "hget", "hmget", "hset", "del", "pttl", "pexpire", "exists", "time", "set", "incr",
             "zrange", "zrem", "hdel", "zcard", "zadd", "zscore", "publish",
         ];
-        for (name, _) in &delta {
-            assert!(
-                name == "evalsha" || from_scripts.contains(&name.as_str()),
-                "a second round trip: {name} in {delta:?}"
-            );
-        }
+        assert_one_script(&delta, &from_scripts);
     };
     let before = stats.snapshot().await;
     let permit = acquired(&store, "k").await;
@@ -363,28 +334,43 @@ async fn uncontended_acquire_and_release_are_one_evalsha_each() {
 async fn redis_down_is_a_store_error_within_the_timeout() {
     let mut server = RedisServer::start();
     let timeout = Duration::from_millis(50);
-    let store = RedisStore::builder()
-        .url(server.url())
-        .timeout(timeout)
-        .build()
-        .unwrap();
+    let store = store_with_timeout(&server, timeout);
     let permit = acquired(&store, "k").await;
     store.release(permit).await.unwrap();
     server.kill_9();
-    for attempt in 0..3 {
-        let started = Instant::now();
-        let result = store.acquire(&key("k"), LONG).await;
-        assert!(
-            matches!(
-                result,
-                Err(StoreError::Timeout(_) | StoreError::Unavailable(_))
-            ),
-            "attempt {attempt}: {result:?}"
-        );
-        let took = started.elapsed();
-        assert!(
-            took < timeout + Duration::from_millis(100),
-            "attempt {attempt} took {took:?}"
-        );
+    let k = key("k");
+    fails_within(timeout, || store.acquire(&k, LONG)).await;
+}
+
+#[tokio::test]
+async fn a_waiter_cancelled_as_the_key_reaches_it_passes_the_key_on() {
+    let redis = Redis::start();
+    let (one, two) = (redis.instance(), redis.instance());
+    let holder = acquired(&one, "a").await;
+    let racing = tokio::spawn({
+        let two = two.clone();
+        async move { two.acquire(&key("a"), LONG).await.unwrap() }
+    });
+    until_waiting(&one, "a", 1).await;
+    let next = tokio::spawn({
+        let one = one.clone();
+        async move { acquired(&one, "a").await }
+    });
+    until_waiting(&one, "a", 2).await;
+    // The hand-over to `racing` and its cancellation cross.
+    one.release(holder).await.unwrap();
+    racing.abort();
+    match racing.await {
+        // It saw the key before the abort: its holder releases it.
+        Ok(AcquireOutcome::Acquired(permit)) => two.release(permit).await.unwrap(),
+        Ok(other) => panic!("unexpected {other:?}"),
+        // Cancelled: it left, passing the key on.
+        Err(error) => assert!(error.is_cancelled()),
     }
+    let next = tokio::time::timeout(Duration::from_secs(5), next)
+        .await
+        .expect("the key passed on, not stuck until a lease")
+        .unwrap();
+    one.release(next).await.unwrap();
+    assert_eq!(one.serial_heartbeats() + two.serial_heartbeats(), 0);
 }

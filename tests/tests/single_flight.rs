@@ -2,8 +2,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::convert::Infallible;
-use std::future::{Future, poll_fn};
-use std::pin::pin;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,8 +15,8 @@ use keyward::{LeaderFailure, MemoryStore, SingleFlightLayer};
 use keyward_core::problem::types;
 use keyward_core::store::{FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError};
 use keyward_core::{FencingToken, Key, KeySpec, KeywardBody, Scope, ScopedKey};
+use keyward_tests::spawn_joined;
 use tokio::sync::{Barrier, Notify};
-use tokio::task::JoinHandle;
 use tower::util::BoxCloneService;
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -46,30 +45,6 @@ fn coalesced(response: &Response<KeywardBody<Body>>) -> bool {
 async fn problem_type(response: Response<KeywardBody<Body>>) -> String {
     let json: serde_json::Value = serde_json::from_slice(&body_of(response).await).unwrap();
     json["type"].as_str().unwrap().to_owned()
-}
-
-/// Spawns `future` and returns once it has been polled once: a request future polled
-/// once has joined (or started) its flight, so tests order requests deterministically.
-async fn spawn_joined<F>(future: F) -> JoinHandle<F::Output>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let (polled, was_polled) = tokio::sync::oneshot::channel();
-    let handle = tokio::spawn(async move {
-        let mut future = pin!(future);
-        let mut polled = Some(polled);
-        poll_fn(|cx| {
-            let poll = future.as_mut().poll(cx);
-            if let Some(polled) = polled.take() {
-                let _ = polled.send(());
-            }
-            poll
-        })
-        .await
-    });
-    let _ = was_polled.await;
-    handle
 }
 
 /// Counts every time the drop guard inside a handler future is dropped before it

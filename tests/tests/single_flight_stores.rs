@@ -5,8 +5,6 @@
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
 use std::convert::Infallible;
-use std::future::{Future, poll_fn};
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -18,7 +16,7 @@ use keyward::core::store::{FlightRole, Landing, SingleFlightStore, StoredRespons
 use keyward::core::{FencingToken, Key, Scope, ScopedKey};
 use keyward::{RedisStore, SingleFlightLayer};
 use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
-use keyward_tests::{Backend, Redis};
+use keyward_tests::{Backend, Redis, assert_one_script, spawn_joined};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -44,30 +42,6 @@ async fn leader<St: SingleFlightStore>(store: &St, k: &str, lease: Duration) -> 
         FlightRole::Leader(token) => token,
         FlightRole::Follower => panic!("expected to lead {k}"),
     }
-}
-
-/// Spawns `future` and returns once it has been polled once (a request polled once has
-/// joined its instance's local flight or started one).
-async fn spawn_joined<F>(future: F) -> JoinHandle<F::Output>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let (polled, was_polled) = tokio::sync::oneshot::channel();
-    let handle = tokio::spawn(async move {
-        let mut future = pin!(future);
-        let mut polled = Some(polled);
-        poll_fn(|cx| {
-            let poll = future.as_mut().poll(cx);
-            if let Some(polled) = polled.take() {
-                let _ = polled.send(());
-            }
-            poll
-        })
-        .await
-    });
-    let _ = was_polled.await;
-    handle
 }
 
 /// How many `EVALSHA`s Redis ran since `before`.
@@ -274,23 +248,42 @@ async fn lead_and_publish_are_one_evalsha_each() {
     let mut stats = CommandStats::connect(&server).await;
     let before = stats.snapshot().await;
     let token = leader(&store, "k", LEASE).await;
-    assert_eq!(evalshas_since(&mut stats, &before).await, 1);
     let delta = command_delta(&before, &stats.snapshot().await);
-    assert!(
-        delta.iter().all(|(name, _)| [
-            "evalsha", "hget", "exists", "time", "set", "incr", "pttl", "pexpire", "hset"
-        ]
-        .contains(&name.as_str())),
-        "{delta:?}"
+    assert_one_script(
+        &delta,
+        &[
+            "hget", "exists", "time", "set", "incr", "pttl", "pexpire", "hset",
+        ],
     );
     let before = stats.snapshot().await;
     store.publish(&key("k"), token, landing("x")).await.unwrap();
     let delta = command_delta(&before, &stats.snapshot().await);
-    assert!(
-        delta
-            .iter()
-            .all(|(name, _)| ["evalsha", "hmget", "del"].contains(&name.as_str())),
-        "{delta:?}"
+    assert_one_script(&delta, &["hmget", "del"]);
+}
+
+#[tokio::test]
+async fn every_flight_script_runs_on_a_cluster() {
+    let cluster = keyward_tests::RedisClusterBackend::start();
+    let (a, b) = (cluster.instance(), cluster.instance());
+    let token = leader(&a, "k", LEASE).await;
+    assert_eq!(
+        b.lead(&key("k"), LEASE).await.unwrap(),
+        FlightRole::Follower
     );
-    assert_eq!(evalshas_since(&mut stats, &before).await, 1);
+    // Watch, then landed after the bound: the flight is still in progress.
+    let max = Duration::from_millis(100);
+    assert_eq!(b.wait(&key("k"), max).await.unwrap(), Some(Landing::Failed));
+    a.publish(&key("k"), token, landing("ok")).await.unwrap();
+    assert_eq!(b.wait(&key("k"), max).await.unwrap(), None);
+    let next = leader(&b, "k", LEASE).await;
+    assert!(next > token);
+    b.abandon_detached(key("k"), next);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(
+        a.lead(&key("k"), LEASE).await.unwrap(),
+        FlightRole::Leader(_)
+    ) {
+        assert!(Instant::now() < deadline, "the abandon never landed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }

@@ -17,6 +17,12 @@
 //! - **Key layout**: `{prefix}{layer}:{route}:{<tag>}` where `<tag>` is 32 hex digits of
 //!   the SHA-256 of the scoped key: raw keys and principals never reach Redis, and all
 //!   records of one key share a cluster hash tag (one slot).
+//! - **Layers**: every store trait of keyward is implemented. Idempotency: claim /
+//!   complete / release / renew. Quota: one GCRA script on Redis `TIME`, exact to the
+//!   nanosecond (`quota.rs`). Serial: a FIFO lease lock per key with heartbeats while
+//!   held ([`RedisStoreBuilder::serial_lease`]), pub/sub hand-over and fencing tokens
+//!   (`serial.rs`). Single flight: one leader across instances, its landing handed to
+//!   followers on other instances (`single_flight.rs`).
 //!
 //! - **Waiting**: every store keeps ONE subscriber connection (the hub) on the channel
 //!   `{prefix}settled`. Scripts that let go of a key publish the record's name there, but
@@ -69,6 +75,7 @@ mod keys;
 mod quota;
 mod serial;
 mod single_flight;
+mod util;
 
 use std::fmt;
 use std::sync::Arc;

@@ -21,7 +21,13 @@
 //! The holder's lease ([`RedisStoreBuilder::serial_lease`](crate::RedisStoreBuilder::serial_lease))
 //! is renewed by a heartbeat task every third of the lease until the permit is released;
 //! the task holds the store weakly, so a store that is gone (a crashed process) stops
-//! renewing and its key passes on when the lease runs out.
+//! renewing and its key passes on when the lease runs out. A permit must be released (the
+//! trait's contract, which `PerKeySerialLayer` keeps on every path): a leaked one is
+//! renewed for as long as its store lives.
+//!
+//! Every publication for a record wakes all of this process's waiters on it, and each
+//! checks once (one round trip): the hand-over goes to the queue head, the others sleep
+//! again.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -36,9 +42,10 @@ use redis::{Script, Value};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use crate::RedisStore;
 use crate::conn::Reply;
 use crate::keys::KeyLayout;
-use crate::{Inner, RedisStore};
+use crate::util::{millis, spawn, token_of};
 
 macro_rules! serial_script {
     ($file:literal) => {
@@ -118,16 +125,6 @@ impl Names {
     }
 }
 
-fn token_of(n: i64) -> Result<FencingToken, StoreError> {
-    u64::try_from(n)
-        .map(FencingToken)
-        .map_err(|_| StoreError::Corrupt(format!("negative fencing token {n}")))
-}
-
-fn millis(duration: Duration) -> String {
-    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
-}
-
 /// A reply's "lease left" in milliseconds; gone or unknown counts as none.
 fn lease_left(ms: i64) -> Duration {
     Duration::from_millis(u64::try_from(ms).unwrap_or(0))
@@ -175,7 +172,7 @@ impl RedisStore {
                 }
             }
         };
-        let handle = spawn(&self.inner, heartbeat);
+        let handle = spawn(&self.inner.runtime, heartbeat);
         if let Some(previous) = self
             .inner
             .serial
@@ -265,17 +262,6 @@ impl RedisStore {
     }
 }
 
-/// Runs `task` on the caller's runtime, or the store's when called outside any.
-fn spawn(
-    inner: &Inner,
-    task: impl std::future::Future<Output = ()> + Send + 'static,
-) -> AbortHandle {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) => handle.spawn(task).abort_handle(),
-        Err(_) => inner.runtime.spawn(task).abort_handle(),
-    }
-}
-
 /// A waiter whose place in the queue (or a grant) may exist in Redis: dropped unsettled
 /// (the acquire future was cancelled, or a script failed), it leaves in the background and
 /// passes on a key that was handed to it.
@@ -294,7 +280,7 @@ impl Drop for Queued<'_> {
         let store = self.store.clone();
         let names = Names::of(self.names.record.clone());
         let member = self.member.to_owned();
-        spawn(&self.store.inner, async move {
+        spawn(&self.store.inner.runtime, async move {
             if let Err(error) = store.leave_serial(&names, &member, true).await {
                 tracing::warn!(%error, "keyward serial: a cancelled waiter could not leave; it is skipped after its deadline");
             }
@@ -413,7 +399,7 @@ impl SerialStore for RedisStore {
         // Stop renewing now, even if the release itself has to wait for the runtime.
         self.stop_heartbeat(&self.inner.keys.record(permit.key()), permit.token());
         let store = self.clone();
-        spawn(&self.inner, async move {
+        spawn(&self.inner.runtime, async move {
             if let Err(error) = store.release_serial(permit.key(), permit.token()).await {
                 tracing::warn!(%error, key_hash = %permit.key().key_hash(), "keyward serial: detached release failed; the key frees when its lease ends");
             }

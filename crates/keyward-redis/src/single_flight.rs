@@ -30,6 +30,7 @@ use crate::RedisStore;
 use crate::codec;
 use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::util::{millis, spawn, token_of};
 
 static LEAD: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/flight/lead.lua")));
@@ -47,16 +48,6 @@ pub(crate) static SCRIPTS: [&LazyLock<Script>; 4] = [&LEAD, &PUBLISH, &WATCH, &L
 /// are woken within milliseconds; this covers a follower whose wake-up message was lost
 /// and who reads at its fallback timer.
 pub(crate) const LANDING_TTL: Duration = Duration::from_secs(10);
-
-fn token_of(n: i64) -> Result<FencingToken, StoreError> {
-    u64::try_from(n)
-        .map(FencingToken)
-        .map_err(|_| StoreError::Corrupt(format!("negative fencing token {n}")))
-}
-
-fn millis(duration: Duration) -> String {
-    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
-}
 
 fn landing_name(record: &str, token: FencingToken) -> String {
     KeyLayout::companion(record, &format!("l:{}", token.get()))
@@ -143,10 +134,7 @@ impl SingleFlightStore for RedisStore {
                 tracing::warn!(%error, key_hash = %key.key_hash(), "keyward single flight: abandoning failed; followers wait for the lease");
             }
         };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn(abandon)),
-            Err(_) => drop(self.inner.runtime.spawn(abandon)),
-        }
+        spawn(&self.inner.runtime, abandon);
     }
 
     async fn wait(&self, key: &ScopedKey, max: Duration) -> Result<Option<Landing>, StoreError> {
