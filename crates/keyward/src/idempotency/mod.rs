@@ -11,7 +11,9 @@
 //!   key with another fingerprint: **422**.
 //! - The first request claims the key with a lease (default 30 s, renewed every third of
 //!   it while the handler runs) and a fencing token, inserted into the request's
-//!   extensions as [`FencingToken`](keyward_core::FencingToken). A duplicate while it
+//!   extensions as [`FencingToken`](keyward_core::FencingToken) (a `PerKeySerialLayer`
+//!   inside this layer replaces it with its own lock's token, the one a fenced resource
+//!   should check). A duplicate while it
 //!   runs: **409** with `Retry-After`, or with [`OnInFlight::Wait`] it waits (woken by the
 //!   store, not by polling) and gets the stored response.
 //! - A completed response (status, safe headers, body, trailers) is stored for `ttl`
