@@ -92,13 +92,9 @@ where
             Ok(None) => return ResponseFuture::passthrough(inner.call(req)),
             Err(error) => return ResponseFuture::problem(invalid_key(&error)),
         };
-        let scope = match &config.scope {
-            None => Scope::Unscoped,
-            Some(spec) => match spec.extract(&req) {
-                Ok(Some(principal)) => Scope::of(principal.as_str().as_bytes()),
-                Ok(None) => Scope::Anonymous,
-                Err(error) => return ResponseFuture::problem(invalid_key(&error)),
-            },
+        let scope = match Scope::of_request(config.scope.as_ref(), &req) {
+            Ok(scope) => scope,
+            Err(error) => return ResponseFuture::problem(invalid_key(&error)),
         };
         let key = ScopedKey::new("flight", &config.route, scope, key);
         let span = tracing::info_span!(
