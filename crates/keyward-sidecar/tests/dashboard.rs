@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use http::StatusCode;
-use support::{Sidecar, Upstream, client, send};
+use support::{Sidecar, Upstream, check_file, client, send};
 
 /// One route per layer, so every layer makes decisions.
 const ALL_LAYERS: &str = r#"
@@ -252,4 +252,12 @@ async fn every_dashboard_query_uses_metrics_the_sidecar_exports() {
             assert!(samples.contains(&name), "no samples of {name}:\n{scrape}");
         }
     }
+}
+
+#[test]
+fn the_compose_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/keyward.toml");
+    let (code, out) = check_file(&path);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("store redis"), "{out}");
 }
