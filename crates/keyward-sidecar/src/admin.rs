@@ -1,4 +1,5 @@
-//! The admin listener: `/healthz`, `/readyz`, `/metrics`. Bound to loopback by default.
+//! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/hotkeys` (top key hashes per
+//! route, see [`crate::hotkeys`]). Bound to loopback by default.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -43,6 +44,7 @@ pub fn router(metrics: Metrics, ready: Readiness) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/hotkeys", get(hot_keys))
         .with_state(AdminState { metrics, ready })
 }
 
@@ -61,4 +63,8 @@ async fn render_metrics(
         [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),
     )
+}
+
+async fn hot_keys(State(state): State<AdminState>) -> axum::Json<crate::hotkeys::Report> {
+    axum::Json(state.metrics.hot_keys().report())
 }

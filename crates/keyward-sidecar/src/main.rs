@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod config;
+mod hotkeys;
 mod metrics;
 mod proxy;
 mod server;

@@ -4,7 +4,14 @@
 //!
 //! A `tracing` layer reads each `keyward.{idempotency,quota,serial,single_flight}` span's
 //! fields when it closes, so the library layers need no metrics dependency of their own.
-//! The same layer collects each request's outcomes for the access log.
+//! The same layer collects each request's outcomes for the access log, and feeds the
+//! hot-key sketches ([`crate::hotkeys`]) with each decision's `keyward.key_hash`.
+//!
+//! Hot keys count one hit per request, route and key hash: a request passing through
+//! several layers of its route (quota, idempotency, ...) that see the same key counts
+//! once, not once per layer; layers keyed on different things (an API key for quota,
+//! an idempotency key) each count their own key. Decisions outside a request span (none
+//! in the sidecar) count once per decision.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,6 +23,8 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::Layer;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
+
+use crate::hotkeys::HotKeys;
 
 /// Name of the per-request span the sidecar opens; decisions below it are collected for
 /// its access-log line.
@@ -54,11 +63,17 @@ struct Registry {
 #[derive(Clone, Default)]
 pub struct Metrics {
     registry: Arc<Mutex<Registry>>,
+    hot_keys: HotKeys,
 }
 
 impl Metrics {
     fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
         self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hot-key sketches fed by the decision spans.
+    pub fn hot_keys(&self) -> &HotKeys {
+        &self.hot_keys
     }
 
     /// Counts one decision.
@@ -133,6 +148,7 @@ fn escape(value: &str) -> String {
 #[derive(Default)]
 struct Decision {
     route: Option<String>,
+    key_hash: Option<String>,
     outcome: Option<String>,
     wait_seconds: Option<f64>,
 }
@@ -142,6 +158,7 @@ impl Visit for Decision {
         match field.name() {
             "keyward.route" => self.route = Some(value.to_owned()),
             "keyward.outcome" => self.outcome = Some(value.to_owned()),
+            "keyward.key_hash" => self.key_hash = Some(value.to_owned()),
             _ => {}
         }
     }
@@ -161,6 +178,10 @@ impl Visit for Decision {
 /// Outcomes of the decisions made for one request, for its access-log line.
 #[derive(Default, Clone)]
 pub struct RequestOutcomes(pub Vec<(&'static str, String)>);
+
+/// The (route, key hash) pairs already counted as hot-key hits for one request.
+#[derive(Default)]
+struct HotKeysSeen(Vec<(String, String)>);
 
 /// The `tracing` layer feeding [`Metrics`].
 pub struct MetricsLayer {
@@ -190,7 +211,9 @@ where
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let Some(span) = ctx.span(id) else { return };
         if span.name() == REQUEST_SPAN {
-            span.extensions_mut().insert(RequestOutcomes::default());
+            let mut extensions = span.extensions_mut();
+            extensions.insert(RequestOutcomes::default());
+            extensions.insert(HotKeysSeen::default());
         } else if layer_of(span.name()).is_some() {
             let mut decision = Decision::default();
             attrs.record(&mut decision);
@@ -213,13 +236,33 @@ where
         let Some(decision) = span.extensions_mut().remove::<Decision>() else {
             return;
         };
+        let route = decision.route.unwrap_or_default();
+        let request = span.scope().skip(1).find(|s| s.name() == REQUEST_SPAN);
+        if let Some(key_hash) = decision.key_hash {
+            let first_in_request = match &request {
+                Some(request) => match request.extensions_mut().get_mut::<HotKeysSeen>() {
+                    Some(seen) => {
+                        let pair = (route.clone(), key_hash.clone());
+                        let first = !seen.0.contains(&pair);
+                        if first {
+                            seen.0.push(pair);
+                        }
+                        first
+                    }
+                    None => true,
+                },
+                None => true,
+            };
+            if first_in_request {
+                self.metrics.hot_keys.observe(&route, &key_hash);
+            }
+        }
         let Some(outcome) = decision.outcome else {
             return;
         };
-        let route = decision.route.unwrap_or_default();
         self.metrics
             .record(layer, &route, &outcome, decision.wait_seconds);
-        if let Some(request) = span.scope().skip(1).find(|s| s.name() == REQUEST_SPAN) {
+        if let Some(request) = request {
             if let Some(outcomes) = request.extensions_mut().get_mut::<RequestOutcomes>() {
                 outcomes.0.push((layer, outcome));
             }
