@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use support::{Sidecar, Upstream, client, send};
+use support::{Sidecar, Upstream, check, client, send};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -63,7 +63,10 @@ async fn raw(sidecar: &Sidecar, request: &[u8], deadline: Duration) -> Raw {
     read_until_closed(&mut stream, deadline).await
 }
 
-async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> Raw {
+async fn read_until_closed(
+    stream: &mut (impl tokio::io::AsyncRead + Unpin),
+    deadline: Duration,
+) -> Raw {
     let mut bytes = Vec::new();
     let mut buf = [0u8; 8192];
     let until = tokio::time::Instant::now() + deadline;
@@ -300,15 +303,7 @@ async fn slowloris_is_cut_off_by_header_read_timeout() {
             }
         }
     });
-    let mut bytes = Vec::new();
-    let mut buf = [0u8; 1024];
-    let closed = loop {
-        match tokio::time::timeout(Duration::from_secs(8), read.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break true,
-            Ok(Ok(n)) => bytes.extend_from_slice(&buf[..n]),
-            Err(_) => break false,
-        }
-    };
+    let Raw { bytes, closed } = read_until_closed(&mut read, Duration::from_secs(8)).await;
     let elapsed = started.elapsed();
     writer.abort();
     assert!(closed, "connection still open after {elapsed:?}");
@@ -388,4 +383,21 @@ async fn ten_thousand_keys_keep_memory_bounded() {
         metrics.body
     );
     assert_alive(&sidecar).await;
+}
+
+/// Found by fuzzing `PathTemplate` (fuzz/): matchit 0.8 panics on a route with more
+/// than 25 parameters. `keyward check` must name the field and exit 64 instead.
+#[test]
+fn route_with_too_many_parameters_is_a_config_error_not_a_panic() {
+    let path: String = (0..26).map(|i| format!("/{{p{i}}}")).collect();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:9000\"\n\n[[routes]]\nname = \"many\"\npath = \"{path}\"\n"
+    );
+    let (code, text) = check(&config);
+    assert_eq!(code, 64, "{text}");
+    assert!(
+        text.contains(".path") && text.contains("at most 25"),
+        "{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
 }
