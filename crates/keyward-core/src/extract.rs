@@ -112,7 +112,18 @@ pub struct PathTemplate {
 
 impl PathTemplate {
     /// Compiles a matchit template such as `/payments/{id}` or `/files/{*rest}`.
+    ///
+    /// At most 25 named parameters: matchit 0.8 panics on more, so they are refused here.
     pub fn new(template: &str) -> Result<Self, SpecError> {
+        let params = named_params(template);
+        if params > MAX_TEMPLATE_PARAMS {
+            return Err(SpecError::BadTemplate {
+                template: template.to_owned(),
+                reason: format!(
+                    "{params} route parameters (`{{`), at most {MAX_TEMPLATE_PARAMS} are supported"
+                ),
+            });
+        }
         let mut router = matchit::Router::new();
         router
             .insert(template, ())
@@ -137,6 +148,19 @@ impl PathTemplate {
                 .collect(),
         ))
     }
+}
+
+/// matchit 0.8 names parameters `a`..=`z` internally and panics past `z`.
+const MAX_TEMPLATE_PARAMS: usize = 25;
+
+/// An upper bound on the `{name}` parameters of a template: every `{` that does not
+/// open a catch-all. Escaped braces (`{{`) count too, which is conservative: mimicking
+/// matchit's escape handling exactly is what the fuzzer showed to be fragile.
+fn named_params(template: &str) -> usize {
+    let bytes = template.as_bytes();
+    (0..bytes.len())
+        .filter(|&i| bytes[i] == b'{' && bytes.get(i + 1) != Some(&b'*'))
+        .count()
 }
 
 impl fmt::Debug for PathTemplate {
@@ -454,6 +478,23 @@ fn hex(byte: u8) -> Option<u8> {
 
 #[cfg(test)]
 mod tests {
+    /// Found by `fuzz/` (key_spec): matchit panicked ("Too many route parameters") on a
+    /// template with 26 parameters instead of returning an error.
+    #[test]
+    fn template_with_too_many_params_is_an_error_not_a_panic() {
+        let template = |n: usize| -> String { (0..n).map(|i| format!("/{{p{i}}}")).collect() };
+        assert!(PathTemplate::new(&template(25)).is_ok());
+        let err = PathTemplate::new(&template(26)).unwrap_err();
+        assert!(err.to_string().contains("at most 25"), "{err}");
+        assert!(PathTemplate::new(&format!("{}/{{*rest}}", template(25))).is_ok());
+        let _ = PathTemplate::new(&"{a}{".repeat(40));
+        // The fuzz input itself: its fifth line is the template (escaped braces galore).
+        let input = include_bytes!("../tests/fuzz-regressions/key_spec-matchit-too-many-params");
+        let template = input.split(|&b| b == b'\n').nth(4).unwrap();
+        let template = std::str::from_utf8(template).unwrap();
+        assert!(PathTemplate::new(template).is_err());
+    }
+
     use super::*;
 
     fn get(uri: &str) -> Request<()> {

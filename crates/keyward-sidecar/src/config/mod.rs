@@ -492,6 +492,9 @@ impl Checker {
                 &format!("{field}.path"),
                 format!("{:?} must start with '/'", raw.path),
             );
+        } else if let Err(err) = keyward_core::PathTemplate::new(&raw.path) {
+            // Checked first: matchit panics on too many parameters instead of failing.
+            self.fail(&format!("{field}.path"), err.to_string());
         } else if let Err(err) = paths.insert(raw.path.as_str(), ()) {
             // The same path twice is fine when the methods differ; the router groups them.
             if !matches!(err, matchit::InsertError::Conflict { ref with } if *with == raw.path) {

@@ -147,10 +147,20 @@ pub mod tempdir {
 impl Sidecar {
     /// Starts `keyward serve` with `[server]` pointing at `upstream` and `rest` appended.
     pub async fn start(upstream: SocketAddr, rest: &str) -> Sidecar {
+        Sidecar::start_with_server(upstream, "", rest).await
+    }
+
+    /// Like [`Sidecar::start`], with `server_lines` (e.g. `header_read_timeout = "1s"`)
+    /// added to the `[server]` table.
+    pub async fn start_with_server(
+        upstream: SocketAddr,
+        server_lines: &str,
+        rest: &str,
+    ) -> Sidecar {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
-            "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\nrequest_timeout = \"2s\"\nshutdown_grace = \"5s\"\n\n{rest}"
+            "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\nrequest_timeout = \"2s\"\nshutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
         );
         let dir = tempdir::Dir::new("sidecar");
         let path = dir.path().join("keyward.toml");
