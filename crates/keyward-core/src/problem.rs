@@ -81,6 +81,23 @@ impl Problem {
         }
     }
 
+    /// 400 [`types::KEY_INVALID`]: a coordination key the request carries but that cannot be
+    /// used. The detail names the spec and the reason, never the raw key.
+    pub fn key_invalid(error: &crate::KeyError) -> Self {
+        Problem::new(StatusCode::BAD_REQUEST, types::KEY_INVALID, "Invalid key")
+            .detail(error.to_string())
+    }
+
+    /// 503 [`types::STORE_UNAVAILABLE`]: the store did not answer and the layer fails
+    /// closed.
+    pub fn store_unavailable() -> Self {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            types::STORE_UNAVAILABLE,
+            "Coordination store unavailable",
+        )
+    }
+
     /// A human-readable explanation of this occurrence. Never put raw keys in it.
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());

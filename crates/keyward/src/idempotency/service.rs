@@ -436,11 +436,7 @@ enum Claim<ResB: Body> {
 }
 
 fn store_unavailable<ResB: Body>() -> Response<KeywardBody<ResB>> {
-    Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        types::STORE_UNAVAILABLE,
-        "Coordination store unavailable",
-    )
-    .retry_after(Duration::from_secs(1))
-    .into_keyward_response()
+    Problem::store_unavailable()
+        .retry_after(Duration::from_secs(1))
+        .into_keyward_response()
 }

@@ -145,14 +145,10 @@ impl Decide {
         match self.on_store_error {
             OnStoreError::Open => Next::Call(None),
             OnStoreError::Closed => Next::Answer(
-                Problem::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    types::STORE_UNAVAILABLE,
-                    "Coordination store unavailable",
-                )
-                .detail("the quota store did not answer")
-                .retry_after(std::time::Duration::from_secs(1))
-                .into_response(),
+                Problem::store_unavailable()
+                    .detail("the quota store did not answer")
+                    .retry_after(std::time::Duration::from_secs(1))
+                    .into_response(),
             ),
         }
     }

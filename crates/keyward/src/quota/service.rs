@@ -3,8 +3,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use keyward_core::problem::types;
+use http::{Request, Response};
 use keyward_core::store::QuotaStore;
 use keyward_core::telemetry::{FIELD_KEY_HASH, FIELD_OUTCOME, QuotaOutcome};
 use keyward_core::{KeyExtractor, Problem, Scope, ScopedKey};
@@ -75,13 +74,7 @@ where
             // No key: the request is not counted against any quota.
             Ok(None) => return ResponseFuture::pass_through(inner.call(req)),
             Err(error) => {
-                let problem = Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    types::KEY_INVALID,
-                    "Invalid quota key",
-                )
-                .detail(error.to_string());
-                return ResponseFuture::ready(problem.into_response());
+                return ResponseFuture::ready(Problem::key_invalid(&error).into_response());
             }
         };
 

@@ -249,14 +249,11 @@ fn classify(
         Err(err) => {
             tracing::warn!(error = %err, policy = ?on_store_error, "serial store failed");
             match on_store_error {
-                OnStoreError::Closed => {
-                    let problem = Problem::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        types::STORE_UNAVAILABLE,
-                        "Coordination store unavailable",
-                    );
-                    (SerialOutcome::StoreError, Some(problem), None)
-                }
+                OnStoreError::Closed => (
+                    SerialOutcome::StoreError,
+                    Some(Problem::store_unavailable()),
+                    None,
+                ),
                 OnStoreError::Open => (SerialOutcome::StoreError, None, None),
             }
         }

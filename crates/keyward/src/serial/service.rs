@@ -3,9 +3,8 @@ use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::Body;
-use keyward_core::problem::types;
 use keyward_core::store::SerialStore;
 use keyward_core::telemetry::SPAN_SERIAL;
 use keyward_core::{KeyExtractor, KeySpec, KeywardBody, Problem, Scope, ScopedKey};
@@ -60,13 +59,7 @@ where
             }
             Err(err) => {
                 tracing::debug!(route = %self.config.route, error = %err, "serial key invalid");
-                let problem = Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    types::KEY_INVALID,
-                    "Invalid coordination key",
-                )
-                .detail(err.to_string());
-                return ResponseFuture::rejected(problem);
+                return ResponseFuture::rejected(Problem::key_invalid(&err));
             }
         };
         let key = ScopedKey::new("serial", &self.config.route, Scope::Unscoped, key);

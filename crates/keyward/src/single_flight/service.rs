@@ -90,11 +90,11 @@ where
         let key = match config.key.extract(&req) {
             Ok(Some(key)) => key,
             Ok(None) => return ResponseFuture::passthrough(inner.call(req)),
-            Err(error) => return ResponseFuture::problem(invalid_key(&error)),
+            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error)),
         };
         let scope = match Scope::of_request(config.scope.as_ref(), &req) {
             Ok(scope) => scope,
-            Err(error) => return ResponseFuture::problem(invalid_key(&error)),
+            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error)),
         };
         let key = ScopedKey::new("flight", &config.route, scope, key);
         let span = tracing::info_span!(
@@ -107,11 +107,6 @@ where
         let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
         ResponseFuture::coalesced(Box::pin(future), span)
     }
-}
-
-fn invalid_key(error: &keyward_core::KeyError) -> Problem {
-    Problem::new(StatusCode::BAD_REQUEST, types::KEY_INVALID, "Invalid key")
-        .detail(error.to_string())
 }
 
 fn record(outcome: SingleFlightOutcome) {
@@ -136,11 +131,7 @@ fn leader_failed<RB: Body>() -> Response<KeywardBody<RB>> {
 
 fn store_unavailable<RB: Body>() -> Response<KeywardBody<RB>> {
     record(SingleFlightOutcome::StoreError);
-    problem(Problem::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        types::STORE_UNAVAILABLE,
-        "Coordination store unavailable",
-    ))
+    problem(Problem::store_unavailable())
 }
 
 fn mark_coalesced<RB>(response: &mut Response<RB>) {
