@@ -177,14 +177,7 @@ async fn every_dashboard_query_uses_metrics_the_sidecar_exports() {
     // Decision spans close as responses finish: wait (bounded) until all are counted.
     let mut scrape = String::new();
     for _ in 0..80 {
-        let reply = send(
-            &http,
-            "GET",
-            &format!("http://{}/metrics", sidecar.admin),
-            &[],
-            "",
-        )
-        .await;
+        let reply = sidecar.admin_get(&http, "/metrics").await;
         scrape = reply.body;
         let all = [
             "outcome=\"replayed\"",

@@ -93,14 +93,7 @@ async fn read_until_closed(
 async fn assert_alive(sidecar: &Sidecar) {
     let reply = send(&client(), "GET", &sidecar.url("/plain"), &[], "").await;
     assert_eq!(reply.status, StatusCode::OK, "sidecar stopped serving");
-    let admin = send(
-        &client(),
-        "GET",
-        &format!("http://{}/healthz", sidecar.admin),
-        &[],
-        "",
-    )
-    .await;
+    let admin = sidecar.admin_get(&client(), "/healthz").await;
     assert_eq!(admin.status, StatusCode::OK);
 }
 
@@ -368,14 +361,7 @@ async fn ten_thousand_keys_keep_memory_bounded() {
         after.saturating_sub(before) < 64 * 1024,
         "RSS grew {before} -> {after} KiB"
     );
-    let metrics = send(
-        &http,
-        "GET",
-        &format!("http://{}/metrics", sidecar.admin),
-        &[],
-        "",
-    )
-    .await;
+    let metrics = sidecar.admin_get(&http, "/metrics").await;
     assert_eq!(metrics.status, StatusCode::OK);
     assert!(
         metrics.body.contains("keyward_decisions_total"),

@@ -45,11 +45,10 @@ async fn hotkeys_lists_the_hash_of_the_hottest_key_first_and_never_the_raw_key()
     let hot_hash = keyward_core::Key::from("hot-tenant-secret")
         .hash()
         .to_string();
-    let admin = format!("http://{}/hotkeys", sidecar.admin);
     // The decision spans close as the responses finish; allow them a bounded moment.
     let mut json = serde_json::Value::Null;
     for _ in 0..80 {
-        let reply = send(&http, "GET", &admin, &[], "").await;
+        let reply = sidecar.admin_get(&http, "/hotkeys").await;
         assert_eq!(reply.status, StatusCode::OK);
         assert_eq!(reply.header("content-type"), Some("application/json"));
         assert!(!reply.body.contains("tenant"), "raw key in {}", reply.body);

@@ -87,37 +87,16 @@ async fn idempotent_post_is_replayed_and_rejections_are_problems() {
     );
 
     // Metrics count the decisions under the contract's names.
-    let metrics = send(
-        &http,
-        "GET",
-        &format!("http://{}/metrics", sidecar.admin),
-        &[],
-        "",
-    )
-    .await;
+    let metrics = sidecar.admin_get(&http, "/metrics").await;
     assert!(
         metrics.body.contains("keyward_decisions_total{layer=\"idempotency\",route=\"payments\",outcome=\"replayed\"} 1"),
         "{}",
         metrics.body
     );
     assert!(metrics.body.contains("outcome=\"mismatch\"} 1"));
-    let healthz = send(
-        &http,
-        "GET",
-        &format!("http://{}/healthz", sidecar.admin),
-        &[],
-        "",
-    )
-    .await;
+    let healthz = sidecar.admin_get(&http, "/healthz").await;
     assert_eq!(healthz.status, StatusCode::OK);
-    let readyz = send(
-        &http,
-        "GET",
-        &format!("http://{}/readyz", sidecar.admin),
-        &[],
-        "",
-    )
-    .await;
+    let readyz = sidecar.admin_get(&http, "/readyz").await;
     assert_eq!(readyz.status, StatusCode::OK);
 }
 
@@ -139,14 +118,7 @@ async fn upstream_down_is_502_and_releases_the_key() {
         StatusCode::BAD_GATEWAY,
         "released, not 409 or a replay"
     );
-    let metrics = send(
-        &http,
-        "GET",
-        &format!("http://{}/metrics", sidecar.admin),
-        &[],
-        "",
-    )
-    .await;
+    let metrics = sidecar.admin_get(&http, "/metrics").await;
     assert!(
         metrics.body.contains("outcome=\"ambiguous\"} 2"),
         "{}",
@@ -467,14 +439,10 @@ async fn two_sidecars_on_one_redis_replay_each_others_responses() {
     assert_eq!(retry.body, first.body);
     assert_eq!(upstream.hits(), 1);
 
-    let readyz = format!("http://{}/readyz", b.admin);
-    assert_eq!(
-        send(&http, "GET", &readyz, &[], "").await.status,
-        StatusCode::OK
-    );
+    assert_eq!(b.admin_get(&http, "/readyz").await.status, StatusCode::OK);
     redis.kill_9();
     assert_eq!(
-        send(&http, "GET", &readyz, &[], "").await.status,
+        b.admin_get(&http, "/readyz").await.status,
         StatusCode::SERVICE_UNAVAILABLE
     );
     let closed = send(

@@ -195,6 +195,18 @@ impl Sidecar {
         format!("http://{}{path}", self.addr)
     }
 
+    /// GET `path` on the admin listener (`/metrics`, `/healthz`, `/readyz`, ...).
+    pub async fn admin_get(&self, client: &HttpClient, path: &str) -> Reply {
+        send(
+            client,
+            "GET",
+            &format!("http://{}{path}", self.admin),
+            &[],
+            "",
+        )
+        .await
+    }
+
     /// Sends SIGTERM and waits for the exit status (bounded).
     pub async fn terminate(mut self) -> ExitStatus {
         let pid = self.child.id().to_string();
