@@ -335,16 +335,7 @@ async fn a_dead_holders_lease_expires_and_its_late_completion_is_fenced<B: Backe
         StatusCode::CREATED,
         "expired lease is taken over"
     );
-    let token: u64 = fresh
-        .body
-        .split("token=")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let token = fencing_token(&fresh);
     assert!(
         token > dead.get(),
         "the successor's fencing token is higher"
@@ -451,19 +442,8 @@ async fn fencing_token_reaches_the_handler<B: Backend>(b: B) {
     let svc = service(layer(&b.store()), &upstream);
     let a = send(&svc, post("/pay", Some("a"), None, "1")).await;
     let b = send(&svc, post("/pay", Some("b"), None, "1")).await;
-    let token = |s: &Seen| -> u64 {
-        s.body
-            .split("token=")
-            .nth(1)
-            .unwrap()
-            .split(' ')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
-    assert!(token(&a) > 0);
-    assert!(token(&b) > token(&a));
+    assert!(fencing_token(&a) > 0);
+    assert!(fencing_token(&b) > fencing_token(&a));
 }
 
 async fn works_as_an_axum_layer<B: Backend>(b: B) {
@@ -563,3 +543,9 @@ macro_rules! suite {
 suite!(memory, Memory::default(), paused = true);
 suite!(redis, Redis::start(), paused = false);
 suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
+
+/// The fencing token the test upstream saw, from its `token=N` body field.
+fn fencing_token(seen: &Seen) -> u64 {
+    let field = seen.body.split("token=").nth(1).unwrap();
+    field.split(' ').next().unwrap().parse().unwrap()
+}
