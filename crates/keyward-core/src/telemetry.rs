@@ -21,12 +21,47 @@ pub const FIELD_WAIT_SECONDS: &str = "keyward.wait_seconds";
 /// Span field: the fencing token issued to the request.
 pub const FIELD_FENCING_TOKEN: &str = "keyward.fencing_token";
 
-/// Counter `{layer, route, outcome}`.
+/// Counter `{layer, route, outcome}`: one per decision, with the outcome its span records.
 pub const METRIC_DECISIONS: &str = "keyward_decisions_total";
-/// Histogram `{layer, route}`.
+/// Histogram `{layer, route}`, seconds: how long a request waited for its key (a serial
+/// turn, an in-flight duplicate, a single-flight leader); recorded where the span records
+/// `keyward.wait_seconds`.
 pub const METRIC_WAIT_SECONDS: &str = "keyward_wait_seconds";
-/// Histogram `{op}`.
+/// Histogram `{op}`, seconds: one store call that decides, named after the store trait
+/// method (see the `STORE_OP_*` constants). Calls that block on other requests (serial
+/// `acquire`, idempotency `wait_settled`, single-flight `wait`) count as waits instead.
 pub const METRIC_STORE_SECONDS: &str = "keyward_store_seconds";
+
+/// Metric attribute: the layer (`idempotency`, `quota`, `serial`, `single_flight`).
+pub const ATTR_LAYER: &str = "layer";
+/// Metric attribute: the route name.
+pub const ATTR_ROUTE: &str = "route";
+/// Metric attribute: the decision's outcome.
+pub const ATTR_OUTCOME: &str = "outcome";
+/// Metric attribute: the store operation.
+pub const ATTR_OP: &str = "op";
+
+/// `layer` of `IdempotencyLayer` decisions.
+pub const LAYER_IDEMPOTENCY: &str = "idempotency";
+/// `layer` of `QuotaLayer` decisions.
+pub const LAYER_QUOTA: &str = "quota";
+/// `layer` of `PerKeySerialLayer` decisions.
+pub const LAYER_SERIAL: &str = "serial";
+/// `layer` of `SingleFlightLayer` decisions.
+pub const LAYER_SINGLE_FLIGHT: &str = "single_flight";
+
+/// `op` of `IdempotencyStore::claim`.
+pub const STORE_OP_CLAIM: &str = "claim";
+/// `op` of `IdempotencyStore::complete`.
+pub const STORE_OP_COMPLETE: &str = "complete";
+/// `op` of `IdempotencyStore::release`.
+pub const STORE_OP_RELEASE: &str = "release";
+/// `op` of `QuotaStore::check`.
+pub const STORE_OP_CHECK: &str = "check";
+/// `op` of `SingleFlightStore::lead`.
+pub const STORE_OP_LEAD: &str = "lead";
+/// `op` of `SingleFlightStore::publish`.
+pub const STORE_OP_PUBLISH: &str = "publish";
 
 /// Outcome of any layer whose store failed.
 pub const OUTCOME_STORE_ERROR: &str = "store_error";

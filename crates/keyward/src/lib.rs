@@ -25,6 +25,7 @@ mod memory;
 pub mod quota;
 pub mod serial;
 pub mod single_flight;
+mod telemetry;
 
 pub use idempotency::{IdempotencyLayer, OnInFlight};
 pub use keyward_core::store::OnStoreError;

@@ -5,9 +5,12 @@ use std::time::Duration;
 use http::HeaderName;
 use keyward_core::KeySpec;
 use keyward_core::store::OnStoreError;
+use keyward_core::telemetry::LAYER_IDEMPOTENCY;
+use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
 use super::service::IdempotencyService;
+use crate::telemetry::LayerMetrics;
 
 /// What a duplicate does while the first request with its key is still running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +54,7 @@ pub(crate) struct Settings {
     pub(crate) replay_headers: ReplayHeaders,
     pub(crate) store_server_errors: bool,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: LayerMetrics,
 }
 
 /// Applies [`IdempotencyService`]: a retried request with the same `Idempotency-Key`
@@ -71,13 +75,15 @@ impl<St> IdempotencyLayer<St> {
     /// scoped by `Authorization`, not required, TTL 24 h, lease 30 s, duplicates in flight
     /// rejected with 409, request bodies up to 1 MiB, responses stored up to 1 MiB.
     pub fn new(store: St) -> Self {
+        let route: Arc<str> = "default".into();
         IdempotencyLayer {
             store,
             config: Arc::new(Config {
                 key: KeySpec::Header(IDEMPOTENCY_KEY),
                 key_name: "header:idempotency-key".to_owned(),
                 settings: Settings {
-                    route: "default".into(),
+                    metrics: LayerMetrics::new(LAYER_IDEMPOTENCY, &route, None),
+                    route,
                     scope: Some(KeySpec::Header(http::header::AUTHORIZATION)),
                     required: false,
                     ttl: Duration::from_secs(24 * 60 * 60),
@@ -130,7 +136,16 @@ impl<St, K: Clone> IdempotencyLayer<St, K> {
     /// route its own name so that keys of different routes never collide.
     pub fn route(self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
-        self.with(|c| c.route = name)
+        self.with(|c| {
+            c.metrics = c.metrics.for_route(&name);
+            c.route = name;
+        })
+    }
+
+    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
+    /// (which must be installed before the layer is built to take effect).
+    pub fn meter(self, meter: &Meter) -> Self {
+        self.with(|c| c.metrics = LayerMetrics::new(LAYER_IDEMPOTENCY, &c.route, Some(meter)))
     }
 
     /// Whose keys these are: responses are only replayed to requests with the same

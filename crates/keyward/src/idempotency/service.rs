@@ -11,7 +11,8 @@ use keyward_core::store::{
     ClaimOutcome, Completion, IdempotencyStore, OnStoreError, StoreError, StoredResponse,
 };
 use keyward_core::telemetry::{
-    FIELD_FENCING_TOKEN, FIELD_KEY_HASH, FIELD_OUTCOME, FIELD_WAIT_SECONDS, IdempotencyOutcome,
+    FIELD_FENCING_TOKEN, FIELD_KEY_HASH, IdempotencyOutcome, STORE_OP_CLAIM, STORE_OP_COMPLETE,
+    STORE_OP_RELEASE,
 };
 use keyward_core::{
     Key, KeyExtractor, KeywardBody, Problem, Scope, ScopedKey, parse_idempotency_key,
@@ -98,7 +99,7 @@ where
         let key = match self.scoped_key(&req) {
             Ok(Some(key)) => key,
             Ok(None) if settings.required => {
-                record(&span, IdempotencyOutcome::MissingKey);
+                record(settings, &span, IdempotencyOutcome::MissingKey);
                 let problem = Problem::new(
                     StatusCode::BAD_REQUEST,
                     types::IDEMPOTENCY_KEY_MISSING,
@@ -111,12 +112,12 @@ where
                 return ResponseFuture::ready(problem.into_keyward_response());
             }
             Ok(None) => {
-                record(&span, IdempotencyOutcome::MissingKey);
+                record(settings, &span, IdempotencyOutcome::MissingKey);
                 let _entered = span.enter();
                 return ResponseFuture::pass_through(inner.call(req));
             }
             Err(reason) => {
-                record(&span, IdempotencyOutcome::InvalidKey);
+                record(settings, &span, IdempotencyOutcome::InvalidKey);
                 let problem = Problem::new(
                     StatusCode::BAD_REQUEST,
                     types::IDEMPOTENCY_KEY_INVALID,
@@ -168,8 +169,8 @@ impl<S, St, K> IdempotencyService<S, St, K> {
     }
 }
 
-fn record(span: &Span, outcome: IdempotencyOutcome) {
-    span.record(FIELD_OUTCOME, outcome.as_str());
+fn record(settings: &Settings, span: &Span, outcome: IdempotencyOutcome) {
+    settings.metrics.decided(span, outcome.as_str());
 }
 
 /// One coordinated request: everything the boxed future needs.
@@ -201,7 +202,7 @@ where
     }
 
     fn record(&self, outcome: IdempotencyOutcome) {
-        record(&self.span, outcome);
+        record(self.settings(), &self.span, outcome);
     }
 
     async fn run<S, B, ResB>(
@@ -350,13 +351,16 @@ where
         };
         let mut waited = false;
         loop {
+            let call = std::time::Instant::now();
             let outcome = self
                 .store
                 .claim(&self.key, fingerprint, settings.lease)
-                .await?;
+                .await;
+            settings.metrics.store_call(STORE_OP_CLAIM, call);
+            let outcome = outcome?;
             if waited {
-                self.span
-                    .record(FIELD_WAIT_SECONDS, started.elapsed().as_secs_f64());
+                let waited = started.elapsed().as_secs_f64();
+                settings.metrics.waited(&self.span, waited);
             }
             match outcome {
                 ClaimOutcome::Claimed(token) => return Ok(Claim::Token(token)),
@@ -403,11 +407,13 @@ where
         fingerprint: &keyward_core::store::Fingerprint,
         stored: StoredResponse,
     ) {
-        match self
+        let call = std::time::Instant::now();
+        let completed = self
             .store
             .complete(&self.key, token, fingerprint, stored, self.settings().ttl)
-            .await
-        {
+            .await;
+        self.settings().metrics.store_call(STORE_OP_COMPLETE, call);
+        match completed {
             Ok(Completion::Stored) => self.record(IdempotencyOutcome::Executed),
             Ok(Completion::Fenced) => {
                 // Our lease ran out and another request took the key over: storing now
@@ -424,7 +430,10 @@ where
     }
 
     async fn release(&self, token: keyward_core::FencingToken) {
-        if let Err(error) = self.store.release(&self.key, token).await {
+        let call = std::time::Instant::now();
+        let released = self.store.release(&self.key, token).await;
+        self.settings().metrics.store_call(STORE_OP_RELEASE, call);
+        if let Err(error) = released {
             tracing::warn!(%error, "idempotency release failed; the key frees when its lease ends");
         }
     }

@@ -10,12 +10,13 @@ use keyward_core::gcra::{Quota, QuotaDecision};
 use keyward_core::problem::types;
 use keyward_core::ratelimit::{RATELIMIT, RATELIMIT_POLICY, format_ratelimit, to_header_value};
 use keyward_core::store::{OnStoreError, StoreError};
-use keyward_core::telemetry::QuotaOutcome;
+use keyward_core::telemetry::{QuotaOutcome, STORE_OP_CHECK};
 use keyward_core::{KeywardBody, Problem};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::service::{into_body, record};
+use super::service::into_body;
+use crate::telemetry::LayerMetrics;
 
 /// What the future needs to turn the store's answer into a response.
 pub(crate) struct Decide {
@@ -25,6 +26,9 @@ pub(crate) struct Decide {
     pub(crate) cost: u32,
     pub(crate) shadow: bool,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: LayerMetrics,
+    /// When the store call started.
+    pub(crate) started: std::time::Instant,
     pub(crate) span: tracing::Span,
 }
 
@@ -97,6 +101,10 @@ enum Next {
 }
 
 impl Decide {
+    fn record(&self, outcome: QuotaOutcome) {
+        self.metrics.decided(&self.span, outcome.as_str());
+    }
+
     fn decided(&self, decision: &QuotaDecision) -> Next {
         let rate = to_header_value(format_ratelimit(
             &self.name,
@@ -105,14 +113,14 @@ impl Decide {
         ));
         let headers = (self.policy.clone(), rate);
         if decision.is_allowed() {
-            record(&self.span, QuotaOutcome::Allowed);
+            self.record(QuotaOutcome::Allowed);
             return Next::Call(Some(headers));
         }
         if self.shadow {
-            record(&self.span, QuotaOutcome::ShadowLimited);
+            self.record(QuotaOutcome::ShadowLimited);
             return Next::Call(Some(headers));
         }
-        record(&self.span, QuotaOutcome::Limited);
+        self.record(QuotaOutcome::Limited);
         let (policy, rate) = headers;
         let problem = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -140,7 +148,7 @@ impl Decide {
     }
 
     fn failed(&self, error: &StoreError) -> Next {
-        record(&self.span, QuotaOutcome::StoreError);
+        self.record(QuotaOutcome::StoreError);
         tracing::warn!(%error, "quota store failed");
         match self.on_store_error {
             OnStoreError::Open => Next::Call(None),
@@ -197,6 +205,7 @@ where
                     let Some(decide) = this.decide.as_ref() else {
                         return Poll::Pending;
                     };
+                    decide.metrics.store_call(STORE_OP_CHECK, decide.started);
                     let next = match &result {
                         Ok(decision) => decide.decided(decision),
                         Err(error) => decide.failed(error),

@@ -6,10 +6,13 @@ use http::{HeaderValue, Request};
 use keyward_core::gcra::Quota;
 use keyward_core::ratelimit::{format_policy, to_header_value};
 use keyward_core::store::OnStoreError;
+use keyward_core::telemetry::LAYER_QUOTA;
 use keyward_core::{Key, KeySpec};
+use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
 use super::service::QuotaService;
+use crate::telemetry::LayerMetrics;
 
 /// How many quota units a request takes; implemented by [`UnitCost`] (1 per request) and
 /// by every closure `Fn(&Request<B>) -> u32`.
@@ -76,6 +79,7 @@ pub(crate) struct Settings {
     pub(crate) overrides: Option<OverrideFn>,
     pub(crate) shadow: bool,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: LayerMetrics,
 }
 
 impl Settings {
@@ -127,6 +131,7 @@ impl<St> QuotaLayer<St> {
     /// shadow), failing closed (503) when the store fails.
     pub fn new(store: St, quota: Quota) -> Self {
         let route: Arc<str> = "default".into();
+        let metrics = LayerMetrics::new(LAYER_QUOTA, &route, None);
         QuotaLayer {
             store,
             config: Arc::new(Config {
@@ -143,6 +148,7 @@ impl<St> QuotaLayer<St> {
                     overrides: None,
                     shadow: false,
                     on_store_error: OnStoreError::Closed,
+                    metrics,
                 },
             }),
         }
@@ -193,9 +199,16 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
     pub fn route(self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
         self.with(|s| {
+            s.metrics = s.metrics.for_route(&name);
             s.route = name;
             s.render();
         })
+    }
+
+    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
+    /// (which must be installed before the layer is built to take effect).
+    pub fn meter(self, meter: &Meter) -> Self {
+        self.with(|s| s.metrics = LayerMetrics::new(LAYER_QUOTA, &s.route, Some(meter)))
     }
 
     /// The `NAME` of `RateLimit-Policy: "NAME";q=..;w=..` and `RateLimit: "NAME";..`.

@@ -5,7 +5,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use keyward_core::store::QuotaStore;
-use keyward_core::telemetry::{FIELD_KEY_HASH, FIELD_OUTCOME, QuotaOutcome};
+use keyward_core::telemetry::FIELD_KEY_HASH;
 use keyward_core::{KeyExtractor, Problem, Scope, ScopedKey};
 use tower_service::Service;
 
@@ -90,6 +90,7 @@ where
         if !span.is_disabled() {
             span.record(FIELD_KEY_HASH, key.key_hash().as_str());
         }
+        let started = std::time::Instant::now();
         let check = {
             let _entered = span.enter();
             self.store.check(&key, &policy.quota, cost)
@@ -105,15 +106,12 @@ where
                 cost,
                 shadow: settings.shadow,
                 on_store_error: settings.on_store_error,
+                metrics: settings.metrics.clone(),
+                started,
                 span,
             },
         )
     }
-}
-
-/// Records `outcome` on the decision's span.
-pub(crate) fn record(span: &tracing::Span, outcome: QuotaOutcome) {
-    span.record(FIELD_OUTCOME, outcome.as_str());
 }
 
 /// A problem response in the layer's body type.

@@ -11,9 +11,7 @@ use keyward_core::problem::types;
 use keyward_core::store::{
     AcquireOutcome, OnStoreError, SerialLimits, SerialPermit, SerialStore, StoreError,
 };
-use keyward_core::telemetry::{
-    FIELD_FENCING_TOKEN, FIELD_OUTCOME, FIELD_WAIT_SECONDS, SerialOutcome,
-};
+use keyward_core::telemetry::{FIELD_FENCING_TOKEN, SerialOutcome};
 use keyward_core::{FencingToken, KeywardBody, Problem, ScopedKey};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -23,6 +21,7 @@ use tracing::Span;
 use super::body::{PermitBody, PermitGuard};
 use super::layer::Config;
 use super::{FENCING_TOKEN_HEADER, remove_fencing_header};
+use crate::telemetry::LayerMetrics;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<AcquireOutcome, StoreError>> + Send>>;
 
@@ -69,6 +68,7 @@ struct Waiting<S, St, ReqBody> {
     store: St,
     limits: SerialLimits,
     on_store_error: OnStoreError,
+    metrics: LayerMetrics,
     /// When the first poll found the key busy; `None` while it never had to wait, which
     /// spares the uncontended path two clock reads.
     queued_at: Option<Instant>,
@@ -116,6 +116,7 @@ where
             store,
             limits,
             on_store_error: config.on_store_error,
+            metrics: config.metrics.clone(),
             queued_at: None,
         };
         ResponseFuture {
@@ -192,12 +193,13 @@ where
         store,
         limits,
         on_store_error,
+        metrics,
         queued_at,
     } = waiting;
     let waited = queued_at.map_or(Duration::ZERO, |at| at.elapsed());
-    span.record(FIELD_WAIT_SECONDS, waited.as_secs_f64());
+    metrics.waited(span, waited.as_secs_f64());
     let (outcome, rejection, permit) = classify(outcome, limits, on_store_error);
-    span.record(FIELD_OUTCOME, outcome.as_str());
+    metrics.decided(span, outcome.as_str());
     if let Some(permit) = &permit {
         span.record(FIELD_FENCING_TOKEN, permit.token().get());
         forward_token(&mut req, permit.token());

@@ -4,9 +4,12 @@ use std::time::Duration;
 
 use keyward_core::KeySpec;
 use keyward_core::store::{OnStoreError, SerialLimits};
+use keyward_core::telemetry::LAYER_SERIAL;
+use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
 use super::PerKeySerial;
+use crate::telemetry::LayerMetrics;
 
 /// Runs at most one request per key at a time, in arrival order. See the [module
 /// docs](crate::serial) for the behaviour and an example.
@@ -22,6 +25,7 @@ pub(crate) struct Config {
     pub(crate) route: Arc<str>,
     pub(crate) limits: SerialLimits,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: LayerMetrics,
 }
 
 impl<St> PerKeySerialLayer<St> {
@@ -29,11 +33,13 @@ impl<St> PerKeySerialLayer<St> {
     /// `max_wait` 5 s and `max_queue` 64. Most routes want another key, e.g. a resource
     /// id: `.key("path:id".parse::<KeySpec>()?)`.
     pub fn new(store: St) -> Self {
+        let route: Arc<str> = Arc::from("default");
         PerKeySerialLayer {
             store,
             key: Arc::new(KeySpec::MethodUri),
             config: Config {
-                route: Arc::from("default"),
+                metrics: LayerMetrics::new(LAYER_SERIAL, &route, None),
+                route,
                 limits: SerialLimits {
                     max_wait: Duration::from_secs(5),
                     max_queue: 64,
@@ -48,6 +54,14 @@ impl<St, K> PerKeySerialLayer<St, K> {
     /// The route name: part of every stored key, and of telemetry.
     pub fn route(mut self, route: impl Into<Arc<str>>) -> Self {
         self.config.route = route.into();
+        self.config.metrics = self.config.metrics.for_route(&self.config.route);
+        self
+    }
+
+    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
+    /// (which must be installed before the layer is built to take effect).
+    pub fn meter(mut self, meter: &Meter) -> Self {
+        self.config.metrics = LayerMetrics::new(LAYER_SERIAL, &self.config.route, Some(meter));
         self
     }
 

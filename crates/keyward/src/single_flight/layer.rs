@@ -5,10 +5,13 @@ use std::time::Duration;
 use http::Method;
 use keyward_core::KeySpec;
 use keyward_core::store::OnStoreError;
+use keyward_core::telemetry::LAYER_SINGLE_FLIGHT;
+use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
 use super::flight::FlightTable;
 use super::service::SingleFlight;
+use crate::telemetry::LayerMetrics;
 
 /// What followers do when the leader of their flight fails: its inner call returned an
 /// error, panicked or its body failed, or (across instances) the remote leader failed or
@@ -40,6 +43,7 @@ pub(crate) struct Config<St, K> {
     pub(crate) lease: Duration,
     pub(crate) on_leader_failure: LeaderFailure,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: LayerMetrics,
 }
 
 impl<St: Clone, K: Clone> Clone for Config<St, K> {
@@ -54,6 +58,7 @@ impl<St: Clone, K: Clone> Clone for Config<St, K> {
             lease: self.lease,
             on_leader_failure: self.on_leader_failure,
             on_store_error: self.on_store_error,
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -67,10 +72,12 @@ impl<St> SingleFlightLayer<St> {
     /// Coalesces GET and HEAD requests by `method_uri`, scoped by the `Authorization`
     /// header, on route `"default"`.
     pub fn new(store: St) -> Self {
+        let route: Arc<str> = Arc::from("default");
         SingleFlightLayer {
             config: Arc::new(Config {
                 store,
-                route: Arc::from("default"),
+                metrics: LayerMetrics::new(LAYER_SINGLE_FLIGHT, &route, None),
+                route,
                 key: KeySpec::MethodUri,
                 scope: Some(KeySpec::Header(http::header::AUTHORIZATION)),
                 methods: vec![Method::GET, Method::HEAD],
@@ -94,7 +101,20 @@ impl<St: Clone, K: Clone> SingleFlightLayer<St, K> {
     /// The route name used in keys and telemetry (default `"default"`).
     pub fn route(self, route: impl Into<Arc<str>>) -> Self {
         let route = route.into();
-        self.map(|config| Config { route, ..config })
+        self.map(|config| Config {
+            metrics: config.metrics.for_route(&route),
+            route,
+            ..config
+        })
+    }
+
+    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
+    /// (which must be installed before the layer is built to take effect).
+    pub fn meter(self, meter: &Meter) -> Self {
+        self.map(|config| Config {
+            metrics: LayerMetrics::new(LAYER_SINGLE_FLIGHT, &config.route, Some(meter)),
+            ..config
+        })
     }
 
     /// How the coalescing key is taken from a request (default `method_uri`). Requests
@@ -110,6 +130,7 @@ impl<St: Clone, K: Clone> SingleFlightLayer<St, K> {
             lease: config.lease,
             on_leader_failure: config.on_leader_failure,
             on_store_error: config.on_store_error,
+            metrics: config.metrics,
         })
     }
 

@@ -10,7 +10,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use keyward_core::problem::{Problem, types};
 use keyward_core::store::{SingleFlightStore, StoredResponse};
-use keyward_core::telemetry::{FIELD_OUTCOME, FIELD_WAIT_SECONDS, SingleFlightOutcome};
+use keyward_core::telemetry::SingleFlightOutcome;
 use keyward_core::{KeyExtractor, KeySpec, KeywardBody, Scope, ScopedKey};
 use tokio::time::Instant;
 use tower_service::Service;
@@ -21,6 +21,7 @@ use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
 use super::future::ResponseFuture;
 use super::layer::{Config, LeaderFailure};
 use super::work::{OwnResult, WorkSettings, flight_work};
+use crate::telemetry::LayerMetrics;
 
 /// Elections a follower sits through before it gives up with 502.
 const MAX_ELECTIONS: usize = 8;
@@ -109,16 +110,17 @@ where
     }
 }
 
-fn record(outcome: SingleFlightOutcome) {
-    Span::current().record(FIELD_OUTCOME, outcome.as_str());
+/// Records `outcome` on the current (decision) span and counts it.
+fn record(metrics: &LayerMetrics, outcome: SingleFlightOutcome) {
+    metrics.decided(&Span::current(), outcome.as_str());
 }
 
 fn problem<RB: Body>(problem: Problem) -> Response<KeywardBody<RB>> {
     problem.into_response().map(KeywardBody::full)
 }
 
-fn leader_failed<RB: Body>() -> Response<KeywardBody<RB>> {
-    record(SingleFlightOutcome::LeaderFailed);
+fn leader_failed<RB: Body>(metrics: &LayerMetrics) -> Response<KeywardBody<RB>> {
+    record(metrics, SingleFlightOutcome::LeaderFailed);
     problem(
         Problem::new(
             StatusCode::BAD_GATEWAY,
@@ -129,8 +131,8 @@ fn leader_failed<RB: Body>() -> Response<KeywardBody<RB>> {
     )
 }
 
-fn store_unavailable<RB: Body>() -> Response<KeywardBody<RB>> {
-    record(SingleFlightOutcome::StoreError);
+fn store_unavailable<RB: Body>(metrics: &LayerMetrics) -> Response<KeywardBody<RB>> {
+    record(metrics, SingleFlightOutcome::StoreError);
     problem(Problem::store_unavailable())
 }
 
@@ -193,31 +195,32 @@ where
                     max_body: config.max_body,
                     on_leader_failure: config.on_leader_failure,
                     on_store_error: config.on_store_error,
+                    metrics: config.metrics.clone(),
                 };
                 seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                return leader_response(seat.run().await);
+                return leader_response(&config.metrics, seat.run().await);
             }
             Joined::Follower(seat) => {
                 // Give the readiness reserved for this request back while it waits: it
                 // may never call the inner service.
                 svc = svc.clone();
                 ready = false;
-                // No clock reads when nobody records the span.
-                if started.is_none() && !Span::current().is_disabled() {
-                    started = Some(Instant::now());
-                }
+                // Measured even with the span disabled: the wait histogram needs it.
+                started.get_or_insert_with(Instant::now);
                 let outcome = seat.run().await;
                 drop(seat);
                 if let Some(started) = started {
-                    record_wait(started);
+                    let waited = started.elapsed().as_secs_f64();
+                    config.metrics.waited(&Span::current(), waited);
                 }
-                match follower_next::<RB, S::Error>(outcome, config.on_leader_failure) {
+                let metrics = &config.metrics;
+                match follower_next::<RB, S::Error>(metrics, outcome, config.on_leader_failure) {
                     Next::Respond(response) => return Ok(response),
                     Next::Elect => continue,
                     Next::CallInner => {
                         tracing::debug!("single flight: response over max_body, calling inner");
                         poll_fn(|cx| svc.poll_ready(cx)).await?;
-                        record(SingleFlightOutcome::Leader);
+                        record(metrics, SingleFlightOutcome::Leader);
                         // Boxed: every follower's future would otherwise reserve room
                         // for an inner future it almost never runs.
                         let response = Box::pin(svc.call(req)).await?;
@@ -227,33 +230,38 @@ where
             }
         }
     }
-    Ok(leader_failed())
+    Ok(leader_failed(&config.metrics))
 }
 
 /// The leader's answer: its own response or error (it drove the work), or a copy of a
 /// remote leader's response.
 fn leader_response<RB: Body + 'static, E: 'static>(
+    metrics: &LayerMetrics,
     outcome: Outcome,
 ) -> Result<Response<KeywardBody<RB>>, E> {
     let response = match (outcome.own, outcome.shared) {
         (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, E>>() {
             Ok(own) => *own,
-            Err(_) => Ok(leader_failed()),
+            // Cannot happen: the work's result has the service's types.
+            Err(_) => return Ok(leader_failed(metrics)),
         },
         (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
         // The flight followed a leader on another instance.
         (Own::None, Shared::Response(stored)) => {
-            record(SingleFlightOutcome::Follower);
+            record(metrics, SingleFlightOutcome::Follower);
             return Ok(copy(&stored));
         }
-        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
-        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
+        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable(metrics)),
+        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed(metrics)),
     };
-    record(if outcome.store_error {
-        SingleFlightOutcome::StoreError
-    } else {
-        SingleFlightOutcome::Leader
-    });
+    record(
+        metrics,
+        if outcome.store_error {
+            SingleFlightOutcome::StoreError
+        } else {
+            SingleFlightOutcome::Leader
+        },
+    );
     response
 }
 
@@ -270,6 +278,7 @@ enum Next<RB: Body> {
 }
 
 fn follower_next<RB: Body + 'static, E: 'static>(
+    metrics: &LayerMetrics,
     outcome: Outcome,
     policy: LeaderFailure,
 ) -> Next<RB> {
@@ -278,7 +287,7 @@ fn follower_next<RB: Body + 'static, E: 'static>(
         // (possibly streaming) response is its own.
         if let Ok(own) = own.downcast::<OwnResult<RB, E>>() {
             if let Ok(mut response) = *own {
-                record(SingleFlightOutcome::Follower);
+                record(metrics, SingleFlightOutcome::Follower);
                 mark_coalesced(&mut response);
                 return Next::Respond(response);
             }
@@ -286,16 +295,14 @@ fn follower_next<RB: Body + 'static, E: 'static>(
     }
     match outcome.shared {
         Shared::Response(stored) => {
-            record(SingleFlightOutcome::Follower);
+            record(metrics, SingleFlightOutcome::Follower);
             Next::Respond(copy(&stored))
         }
         Shared::TooLarge => Next::CallInner,
-        Shared::StoreUnavailable => Next::Respond(store_unavailable()),
-        Shared::Failed if policy == LeaderFailure::BadGateway => Next::Respond(leader_failed()),
+        Shared::StoreUnavailable => Next::Respond(store_unavailable(metrics)),
+        Shared::Failed if policy == LeaderFailure::BadGateway => {
+            Next::Respond(leader_failed(metrics))
+        }
         Shared::Failed => Next::Elect,
     }
-}
-
-fn record_wait(started: Instant) {
-    Span::current().record(FIELD_WAIT_SECONDS, started.elapsed().as_secs_f64());
 }

@@ -11,12 +11,13 @@ use http_body_util::BodyExt;
 use keyward_core::store::{
     FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
 };
-use keyward_core::telemetry::FIELD_WAIT_SECONDS;
+use keyward_core::telemetry::{STORE_OP_LEAD, STORE_OP_PUBLISH};
 use keyward_core::{FencingToken, KeywardBody, ScopedKey};
 use tower_service::Service;
 
 use super::flight::{Landed, Own, Shared};
 use super::layer::LeaderFailure;
+use crate::telemetry::LayerMetrics;
 
 /// Rounds of "lead, or wait for a remote leader that then fails" before the work makes
 /// its inner call without cross-process coordination.
@@ -33,6 +34,7 @@ pub(crate) struct WorkSettings<St> {
     pub(crate) max_body: usize,
     pub(crate) on_leader_failure: LeaderFailure,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) metrics: LayerMetrics,
 }
 
 pub(crate) async fn flight_work<S, B, RB, St>(
@@ -60,7 +62,10 @@ where
             Shared::TooLarge => Landing::TooLarge,
             Shared::Failed | Shared::StoreUnavailable => Landing::Failed,
         };
-        if let Err(error) = lead.publish(landing).await {
+        let started = std::time::Instant::now();
+        let published = lead.publish(landing).await;
+        settings.metrics.store_call(STORE_OP_PUBLISH, started);
+        if let Err(error) = published {
             tracing::warn!(%error, "single flight: publishing the landing failed");
             landed.store_error = true;
         }
@@ -89,7 +94,10 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
         })
     };
     for _ in 0..MAX_REMOTE_ROUNDS {
-        let role = match settings.store.lead(&settings.key, settings.lease).await {
+        let started = std::time::Instant::now();
+        let role = settings.store.lead(&settings.key, settings.lease).await;
+        settings.metrics.store_call(STORE_OP_LEAD, started);
+        let role = match role {
             Ok(role) => role,
             Err(error) => return store_failed(settings, &error),
         };
@@ -103,7 +111,8 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
         let waiting = tokio::time::Instant::now();
         let landing = settings.store.wait(&settings.key, settings.lease).await;
         // This work runs in its leader's span: the wait for the remote leader is its wait.
-        tracing::Span::current().record(FIELD_WAIT_SECONDS, waiting.elapsed().as_secs_f64());
+        let waited = waiting.elapsed().as_secs_f64();
+        settings.metrics.waited(&tracing::Span::current(), waited);
         match landing {
             Ok(Some(Landing::Response(response))) => return landed(Shared::Response(response)),
             Ok(Some(Landing::TooLarge)) => return Coordinated::Alone { store_error: false },

@@ -1,0 +1,128 @@
+//! The layers' metrics, through the OpenTelemetry API: `keyward_decisions_total`,
+//! `keyward_wait_seconds` and `keyward_store_seconds` (names and attributes in
+//! [`keyward_core::telemetry`]).
+//!
+//! Instruments are created once per layer, when it is built, from
+//! `opentelemetry::global::meter("keyward")` or the meter given to the layer's `.meter()`
+//! knob. Without an installed meter provider they are no-ops: a request then pays for a
+//! few reference-count updates and, where store latency is measured, two clock reads.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use keyward_core::telemetry::{
+    ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_OUTCOME, FIELD_WAIT_SECONDS,
+    METRIC_DECISIONS, METRIC_STORE_SECONDS, METRIC_WAIT_SECONDS,
+};
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use tracing::Span;
+
+/// The instrumentation scope of every keyward instrument.
+pub(crate) const METER_NAME: &str = "keyward";
+
+/// Bucket bounds of both histograms, in seconds: store round trips are around a
+/// millisecond, waits for another request up to the route's limits (seconds).
+const SECONDS_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// One layer's instruments with its `layer` and `route` attributes, built once per
+/// layer. Cloning is one reference-count increment.
+#[derive(Clone)]
+pub(crate) struct LayerMetrics(Arc<Instruments>);
+
+struct Instruments {
+    decisions: Counter<u64>,
+    waits: Histogram<f64>,
+    store: Histogram<f64>,
+    /// `[layer, route]`, built once so that recording allocates nothing.
+    labels: [KeyValue; 2],
+}
+
+impl LayerMetrics {
+    /// Instruments from `meter`, or from the global meter provider's `keyward` meter.
+    pub(crate) fn new(layer: &'static str, route: &Arc<str>, meter: Option<&Meter>) -> Self {
+        let global;
+        let meter = match meter {
+            Some(meter) => meter,
+            None => {
+                global = opentelemetry::global::meter(METER_NAME);
+                &global
+            }
+        };
+        let decisions = meter
+            .u64_counter(METRIC_DECISIONS)
+            .with_description("Decisions by layer, route and outcome.")
+            .build();
+        let waits = meter
+            .f64_histogram(METRIC_WAIT_SECONDS)
+            .with_unit("s")
+            .with_description("Time requests waited for a key (lock, in-flight duplicate, leader).")
+            .with_boundaries(SECONDS_BUCKETS.to_vec())
+            .build();
+        let store = meter
+            .f64_histogram(METRIC_STORE_SECONDS)
+            .with_unit("s")
+            .with_description("Latency of the store calls that decide, by operation.")
+            .with_boundaries(SECONDS_BUCKETS.to_vec())
+            .build();
+        LayerMetrics(Arc::new(Instruments {
+            decisions,
+            waits,
+            store,
+            labels: [
+                KeyValue::new(ATTR_LAYER, layer),
+                KeyValue::new(ATTR_ROUTE, route.clone()),
+            ],
+        }))
+    }
+
+    /// The same instruments for another route name (a builder call, not per request).
+    pub(crate) fn for_route(&self, route: &Arc<str>) -> Self {
+        let [layer, _] = &self.0.labels;
+        LayerMetrics(Arc::new(Instruments {
+            decisions: self.0.decisions.clone(),
+            waits: self.0.waits.clone(),
+            store: self.0.store.clone(),
+            labels: [layer.clone(), KeyValue::new(ATTR_ROUTE, route.clone())],
+        }))
+    }
+
+    /// Records a decision: the span's `keyward.outcome` and one count.
+    pub(crate) fn decided(&self, span: &Span, outcome: &'static str) {
+        span.record(FIELD_OUTCOME, outcome);
+        let [layer, route] = &self.0.labels;
+        self.0.decisions.add(
+            1,
+            &[
+                layer.clone(),
+                route.clone(),
+                KeyValue::new(ATTR_OUTCOME, outcome),
+            ],
+        );
+    }
+
+    /// Records a wait for the key: the span's `keyward.wait_seconds` and the histogram.
+    pub(crate) fn waited(&self, span: &Span, seconds: f64) {
+        span.record(FIELD_WAIT_SECONDS, seconds);
+        self.0.waits.record(seconds, &self.0.labels);
+    }
+
+    /// Records one store call `op` that started at `started`.
+    pub(crate) fn store_call(&self, op: &'static str, started: Instant) {
+        self.0.store.record(
+            started.elapsed().as_secs_f64(),
+            &[KeyValue::new(ATTR_OP, op)],
+        );
+    }
+}
+
+impl fmt::Debug for LayerMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerMetrics")
+            .field("labels", &self.0.labels)
+            .finish_non_exhaustive()
+    }
+}
