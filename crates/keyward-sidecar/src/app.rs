@@ -8,6 +8,7 @@ use std::time::Instant;
 use axum::body::Body;
 use http::{Method, Request, Response};
 use keyward_core::{PathParams, PeerAddr};
+use opentelemetry::metrics::Meter;
 use tower::ServiceExt;
 use tracing::Instrument;
 
@@ -35,7 +36,11 @@ struct Inner {
 }
 
 impl App {
-    pub fn new<St: Store>(config: &Config, store: &St) -> Result<App, matchit::InsertError> {
+    pub fn new<St: Store>(
+        config: &Config,
+        store: &St,
+        meter: &Meter,
+    ) -> Result<App, matchit::InsertError> {
         let upstream = Upstream::new(
             config.server.upstream.clone(),
             config.server.request_timeout,
@@ -55,7 +60,7 @@ impl App {
                 Route {
                     name: route.name.clone(),
                     methods: route.methods.clone(),
-                    service: stack::build(route, store, &config.store, upstream.clone()),
+                    service: stack::build(route, store, &config.store, meter, upstream.clone()),
                 }
             })
             .collect();
@@ -82,6 +87,7 @@ impl App {
             None => ("-", self.inner.passthrough.clone()),
         };
         let span = tracing::info_span!(REQUEST_SPAN, route = route_name);
+        crate::telemetry::extract_parent(req.headers(), &span);
         let res = match service.oneshot(req).instrument(span.clone()).await {
             Ok(res) => res,
             Err(error) => {

@@ -6,9 +6,11 @@ mod app;
 mod config;
 mod hotkeys;
 mod metrics;
+mod prometheus;
 mod proxy;
 mod server;
 mod stack;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,10 +22,14 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use config::{Backend, Config, LogFormat};
 use metrics::{Metrics, MetricsLayer};
+use telemetry::Telemetry;
 
 /// Exit code for a configuration that cannot be used (EX_USAGE... EX_DATAERR is 65;
 /// 64 is what `keyward check` has always promised).
 const EXIT_BAD_CONFIG: u8 = 64;
+
+/// Longest wait for the telemetry still buffered to be sent at exit.
+const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// One coordinator per key: idempotent retries, per-key serial execution, per-key quotas
 /// and request coalescing in front of any HTTP upstream.
@@ -121,7 +127,11 @@ fn summary(config: &Config) -> String {
     out
 }
 
-fn init_logging(format: LogFormat, metrics: &Metrics) {
+fn init_logging(
+    format: LogFormat,
+    metrics: &Metrics,
+    tracer: Option<opentelemetry_sdk::trace::Tracer>,
+) {
     let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
@@ -134,6 +144,18 @@ fn init_logging(format: LogFormat, metrics: &Metrics) {
             .with_target(false)
             .boxed(),
     };
+    // Exported to OTLP: keyward's spans, and warnings inside them as span events.
+    let otel = tracer.map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+                if meta.is_span() {
+                    meta.name().starts_with("keyward.")
+                } else {
+                    *meta.level() <= tracing::Level::WARN
+                }
+            }))
+    });
     tracing_subscriber::registry()
         // Only keyward's own spans feed metrics; everything else is up to the log filter.
         .with(MetricsLayer::new(metrics.clone()).with_filter(
@@ -141,24 +163,34 @@ fn init_logging(format: LogFormat, metrics: &Metrics) {
                 meta.is_span() && meta.name().starts_with("keyward.")
             }),
         ))
+        .with(otel)
         .with(fmt.with_filter(filter))
         .init();
 }
 
 async fn serve(config: Config) -> ExitCode {
     let metrics = Metrics::default();
-    init_logging(config.telemetry.log_format, &metrics);
-    if config.telemetry.otlp_endpoint.is_some() {
-        tracing::warn!(
-            "telemetry.otlp_endpoint is set but OTLP export is not built yet; spans and metrics stay local (logs, /metrics)"
-        );
+    let telemetry = match Telemetry::start(&config.telemetry, &metrics) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("keyward: telemetry.otlp_endpoint: {err}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    init_logging(config.telemetry.log_format, &metrics, telemetry.tracer());
+    if let Some(endpoint) = &config.telemetry.otlp_endpoint {
+        tracing::info!(%endpoint, "exporting traces and metrics over OTLP/gRPC");
     }
+    let meter = telemetry.meter();
     let (app, ready) = match &config.store.backend {
         Backend::Memory => {
             let store = keyward::MemoryStore::builder()
                 .max_response_bytes(config.store.max_response_bytes)
                 .build();
-            (app::App::new(&config, &store), admin::Readiness::always())
+            (
+                app::App::new(&config, &store, &meter),
+                admin::Readiness::always(),
+            )
         }
         Backend::Redis { url, cluster } => {
             let built = keyward::RedisStore::builder()
@@ -181,7 +213,7 @@ async fn serve(config: Config) -> ExitCode {
                 }
             }
             (
-                app::App::new(&config, &store),
+                app::App::new(&config, &store, &meter),
                 admin::Readiness::redis(store),
             )
         }
@@ -235,5 +267,6 @@ async fn serve(config: Config) -> ExitCode {
             "shutdown grace ran out; remaining requests were cut off and their claims released"
         );
     }
+    telemetry.shutdown(TELEMETRY_FLUSH).await;
     ExitCode::SUCCESS
 }

@@ -112,11 +112,16 @@ impl Service<Request<Body>> for Upstream {
         let uri = self.upstream_uri(&parts.uri);
         let client = self.client.clone();
         let timeout = self.timeout;
+        // Taken here, inside the caller's span: the boxed future runs in no span of its
+        // own. Empty unless OTLP export is on.
+        let mut trace_context = HeaderMap::new();
+        crate::telemetry::inject_current(&mut trace_context);
         Box::pin(async move {
             parts.uri = uri?;
             let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
             remove_hop_by_hop(&mut parts.headers);
             append_forwarded(&mut parts.headers, peer);
+            parts.headers.extend(trace_context);
             parts.version = http::Version::HTTP_11;
             let req = Request::from_parts(parts, body);
             let res = match tokio::time::timeout(timeout, client.request(req)).await {

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use keyward::core::store::{IdempotencyStore, QuotaStore, SerialStore, SingleFlightStore};
 use keyward::{IdempotencyLayer, PerKeySerialLayer, QuotaLayer, SingleFlightLayer};
+use opentelemetry::metrics::Meter;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
@@ -43,12 +44,14 @@ pub fn build<St: Store>(
     route: &RouteConfig,
     store: &St,
     store_config: &StoreConfig,
+    meter: &Meter,
     upstream: Upstream,
 ) -> Stack {
     let mut stack = boxed(upstream);
     if let Some(flight) = &route.single_flight {
         let mut layer = SingleFlightLayer::new(store.clone())
             .route(route.name.as_str())
+            .meter(meter)
             .key(flight.key.clone())
             .methods(flight.methods.iter().cloned())
             .max_body(flight.max_body)
@@ -62,6 +65,7 @@ pub fn build<St: Store>(
     if let Some(serial) = &route.serial {
         let layer = PerKeySerialLayer::new(store.clone())
             .route(route.name.as_str())
+            .meter(meter)
             .key(serial.key.clone())
             .max_wait(serial.max_wait)
             .max_queue(serial.max_queue)
@@ -71,6 +75,7 @@ pub fn build<St: Store>(
     if let Some(idem) = &route.idempotency {
         let mut layer = IdempotencyLayer::new(store.clone())
             .route(route.name.as_str())
+            .meter(meter)
             .key(idem.key.clone())
             .required(idem.required)
             .ttl(idem.ttl)
@@ -89,6 +94,7 @@ pub fn build<St: Store>(
     if let Some(quota) = &route.quota {
         let mut layer = QuotaLayer::new(store.clone(), quota.quota)
             .route(route.name.as_str())
+            .meter(meter)
             .key(quota.key.clone())
             .shadow(quota.shadow)
             .on_store_error(store_config.on_error);

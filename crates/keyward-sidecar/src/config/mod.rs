@@ -460,6 +460,17 @@ impl Checker {
                 LogFormat::Text
             }
         };
+        if let Some(endpoint) = &raw.otlp_endpoint {
+            let usable = endpoint
+                .parse::<http::Uri>()
+                .is_ok_and(|uri| uri.scheme_str() == Some("http") && uri.authority().is_some());
+            if !usable {
+                self.fail(
+                    "telemetry.otlp_endpoint",
+                    format!("{endpoint:?} is not an http:// URL of an OTLP/gRPC collector (TLS is not built in)"),
+                );
+            }
+        }
         TelemetryConfig {
             service_name: raw
                 .service_name

@@ -144,6 +144,10 @@ fn every_error_names_the_field_and_the_value() {
             format!("{SERVER}[store]\nbackend = \"etcd\"\n"),
             "store.backend: \"etcd\"",
         ),
+        (
+            format!("{SERVER}[telemetry]\notlp_endpoint = \"collector:4317\"\n"),
+            "telemetry.otlp_endpoint: \"collector:4317\"",
+        ),
     ];
     for (toml, expected) in cases {
         let errors = errors(&toml);

@@ -1,0 +1,188 @@
+//! OpenTelemetry in the sidecar: one meter provider feeding both the admin `/metrics`
+//! ([`crate::prometheus::PullReader`]) and, when `[telemetry] otlp_endpoint` is set, an
+//! OTLP/gRPC exporter for metrics and traces. Resource: `service.name` from
+//! `[telemetry] service_name`.
+//!
+//! Export runs on the SDK's own threads (batch span processor, periodic metric reader)
+//! and talks to the collector over a lazily connected tonic channel: a collector that is
+//! down or slow costs dropped telemetry and a warning, never a request. Spans wait in a
+//! bounded queue (the SDK's default 2048, dropped beyond). The standard
+//! `OTEL_BSP_SCHEDULE_DELAY` and `OTEL_METRIC_EXPORT_INTERVAL` variables set how often
+//! they are sent (defaults 5 s and 60 s).
+//!
+//! W3C trace context: [`extract_parent`] reads the caller's `traceparent` and
+//! [`inject_current`] writes the current span's into the upstream request.
+
+use std::time::Duration;
+
+use http::HeaderMap;
+use opentelemetry::metrics::{Meter, MeterProvider as _};
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{ExporterBuildError, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{SdkTracerProvider, Tracer};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::config::TelemetryConfig;
+use crate::metrics::Metrics;
+
+/// The instrumentation scope of the sidecar's meter and tracer.
+const SCOPE: &str = "keyward";
+
+/// How long one OTLP export may take before it is abandoned.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The sidecar's meter and (with OTLP) tracer providers.
+pub struct Telemetry {
+    meter_provider: SdkMeterProvider,
+    tracer_provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Builds the providers; must be called inside the tokio runtime, on which the OTLP
+    /// channel runs.
+    pub fn start(config: &TelemetryConfig, metrics: &Metrics) -> Result<Self, ExporterBuildError> {
+        let resource = Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .build();
+        let mut meters = SdkMeterProvider::builder()
+            .with_resource(resource.clone())
+            .with_reader(metrics.reader().clone());
+        let mut tracer_provider = None;
+        if let Some(endpoint) = &config.otlp_endpoint {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.as_str())
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?;
+            meters = meters.with_reader(PeriodicReader::builder(exporter).build());
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.as_str())
+                .with_timeout(EXPORT_TIMEOUT)
+                .build()?;
+            tracer_provider = Some(
+                SdkTracerProvider::builder()
+                    .with_resource(resource)
+                    .with_batch_exporter(exporter)
+                    .build(),
+            );
+            opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        }
+        Ok(Telemetry {
+            meter_provider: meters.build(),
+            tracer_provider,
+        })
+    }
+
+    /// The meter every layer records into.
+    pub fn meter(&self) -> Meter {
+        self.meter_provider.meter(SCOPE)
+    }
+
+    /// The tracer for `tracing-opentelemetry`, when spans are exported.
+    pub fn tracer(&self) -> Option<Tracer> {
+        self.tracer_provider
+            .as_ref()
+            .map(|provider| provider.tracer(SCOPE))
+    }
+
+    /// Sends what is still buffered and stops the exporters, waiting at most `timeout`:
+    /// an unreachable collector must not hold up the exit.
+    pub async fn shutdown(self, timeout: Duration) {
+        let Telemetry {
+            meter_provider,
+            tracer_provider,
+        } = self;
+        // The SDK's shutdown blocks its caller until the export threads are done.
+        let flush = tokio::task::spawn_blocking(move || {
+            if let Some(tracer_provider) = tracer_provider {
+                if let Err(error) = tracer_provider.shutdown_with_timeout(timeout) {
+                    tracing::warn!(%error, "trace export did not finish");
+                }
+            }
+            if let Err(error) = meter_provider.shutdown_with_timeout(timeout) {
+                tracing::debug!(%error, "metric export did not finish");
+            }
+        });
+        // Twice the SDK's own bound: both providers may use theirs in turn.
+        if tokio::time::timeout(timeout * 2, flush).await.is_err() {
+            tracing::warn!("telemetry flush timed out");
+        }
+    }
+}
+
+/// The caller's trace context from `traceparent`/`tracestate`, as the parent of `span`
+/// (nothing happens unless OTLP export is on).
+pub fn extract_parent(headers: &HeaderMap, span: &tracing::Span) {
+    let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.extract(&HeaderExtractor(headers))
+    });
+    // A request without `traceparent` starts a new trace: nothing to link.
+    if opentelemetry::trace::TraceContextExt::has_active_span(&parent) {
+        let _ = span.set_parent(parent);
+    }
+}
+
+/// Writes the current span's trace context into `headers` (`traceparent`, replacing
+/// the caller's), so the upstream's spans join the trace under the sidecar's.
+pub fn inject_current(headers: &mut HeaderMap) {
+    let context = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|propagator| {
+        propagator.inject_context(&context, &mut HeaderInjector(headers));
+    });
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|name| name.as_str()).collect()
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) else {
+            return;
+        };
+        self.0.insert(name, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::propagation::TextMapPropagator as _;
+
+    use super::*;
+
+    #[test]
+    fn trace_context_round_trips_through_headers() {
+        let propagator = TraceContextPropagator::new();
+        let mut headers = HeaderMap::new();
+        let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        headers.insert(
+            "traceparent",
+            traceparent.parse().unwrap_or_else(|_| unreachable!()),
+        );
+        let context = propagator.extract(&HeaderExtractor(&headers));
+        let mut out = HeaderMap::new();
+        propagator.inject_context(&context, &mut HeaderInjector(&mut out));
+        assert_eq!(
+            out.get("traceparent").and_then(|v| v.to_str().ok()),
+            Some(traceparent)
+        );
+    }
+}
