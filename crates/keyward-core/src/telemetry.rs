@@ -20,6 +20,10 @@ pub const FIELD_OUTCOME: &str = "keyward.outcome";
 pub const FIELD_WAIT_SECONDS: &str = "keyward.wait_seconds";
 /// Span field: the fencing token issued to the request.
 pub const FIELD_FENCING_TOKEN: &str = "keyward.fencing_token";
+/// Span field of a single-flight follower: the trace id (32 hex digits) of the leader
+/// whose response it received. Recorded with the `keyward` crate's `opentelemetry`
+/// feature, which also links the follower's span to the leader's.
+pub const FIELD_LEADER_TRACE_ID: &str = "keyward.leader_trace_id";
 
 /// Counter `{layer, route, outcome}`: one per decision, with the outcome its span records.
 pub const METRIC_DECISIONS: &str = "keyward_decisions_total";

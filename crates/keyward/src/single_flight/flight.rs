@@ -101,6 +101,9 @@ struct State {
     result: Option<Shared>,
     waiters: usize,
     ended: bool,
+    /// The span of the request that started the flight, for followers to link to.
+    #[cfg(feature = "opentelemetry")]
+    leader: Option<Span>,
 }
 
 /// A request's place in a flight. Dropping it leaves the flight; the last one to leave
@@ -208,8 +211,18 @@ impl Seat {
     /// only with the flight.
     pub(crate) fn start(&self, work: Work) {
         let mut state = lock(&self.flight.state);
+        #[cfg(feature = "opentelemetry")]
+        {
+            state.leader = Some(work.span.clone());
+        }
         state.work = Some(work);
         state.reserved = true;
+    }
+
+    /// The span of the request that started the flight (once it has).
+    #[cfg(feature = "opentelemetry")]
+    pub(crate) fn leader_span(&self) -> Option<Span> {
+        lock(&self.flight.state).leader.clone()
     }
 
     /// Waits for the flight to end, driving its work whenever nobody else does (the

@@ -104,6 +104,7 @@ where
             keyward.key_hash = %key.key_hash(),
             keyward.outcome = tracing::field::Empty,
             keyward.wait_seconds = tracing::field::Empty,
+            keyward.leader_trace_id = tracing::field::Empty,
         );
         let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
         ResponseFuture::coalesced(Box::pin(future), span)
@@ -208,6 +209,10 @@ where
                 // Measured even with the span disabled: the wait histogram needs it.
                 started.get_or_insert_with(Instant::now);
                 let outcome = seat.run().await;
+                #[cfg(feature = "opentelemetry")]
+                if let Some(leader) = seat.leader_span() {
+                    crate::telemetry::link_to_leader(&leader);
+                }
                 drop(seat);
                 if let Some(started) = started {
                     let waited = started.elapsed().as_secs_f64();

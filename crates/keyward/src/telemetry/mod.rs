@@ -126,3 +126,24 @@ impl fmt::Debug for LayerMetrics {
             .finish_non_exhaustive()
     }
 }
+
+/// Links the current (follower's) span to the `leader`'s span, whose work answered it,
+/// and records the leader's trace id: in a trace viewer a follower shows who did the
+/// work. Nothing happens unless both spans are OpenTelemetry spans.
+#[cfg(feature = "opentelemetry")]
+pub(crate) fn link_to_leader(leader: &Span) {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+    let context = leader.context();
+    let leader_context = context.span().span_context().clone();
+    if !leader_context.is_valid() {
+        return;
+    }
+    let current = Span::current();
+    current.record(
+        keyward_core::telemetry::FIELD_LEADER_TRACE_ID,
+        leader_context.trace_id().to_string().as_str(),
+    );
+    current.add_link(leader_context);
+}
