@@ -132,7 +132,10 @@ fn init_logging(
     metrics: &Metrics,
     tracer: Option<opentelemetry_sdk::trace::Tracer>,
 ) {
-    let filter = EnvFilter::try_from_env("KEYWARD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // The OpenTelemetry SDK logs its own failures (an unreachable collector) as warnings;
+    // its info lines are noise.
+    let filter = EnvFilter::try_from_env("KEYWARD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn"));
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_target(false)

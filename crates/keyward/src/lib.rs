@@ -17,6 +17,34 @@
 //! `query:NAME`, `peer_ip`, `method_uri`, or a list of them) or any closure implementing
 //! [`KeyExtractor`]. Rejections are RFC 9457 problem responses
 //! ([`keyward_core::problem::types`]).
+//!
+//! # Telemetry
+//!
+//! Every decision is a `tracing` span (`keyward.idempotency`, ...; names in
+//! [`keyward_core::telemetry`]) carrying the key's hash, never the key. Every layer also
+//! records OpenTelemetry metrics: `keyward_decisions_total{layer,route,outcome}`,
+//! `keyward_wait_seconds{layer,route}` and `keyward_store_seconds{op}`. Instruments come
+//! from `opentelemetry::global::meter("keyward")` when the layer is built, or from the
+//! meter passed to the layer's `.meter()`; with no meter provider they are no-ops.
+//!
+//! ```
+//! use keyward::{IdempotencyLayer, MemoryStore};
+//! use opentelemetry::metrics::MeterProvider as _;
+//!
+//! # fn provider() -> impl opentelemetry::metrics::MeterProvider {
+//! #     opentelemetry::metrics::noop::NoopMeterProvider::new()
+//! # }
+//! // Any meter provider: the OpenTelemetry SDK's, with an OTLP or Prometheus reader.
+//! let meter = provider().meter("keyward");
+//! let layer = IdempotencyLayer::new(MemoryStore::new())
+//!     .route("payments")
+//!     .meter(&meter);
+//! assert!(format!("{layer:?}").contains("payments"));
+//! ```
+//!
+//! Feature `opentelemetry`: a single-flight follower's span is linked (through
+//! `tracing-opentelemetry`) to the span of the leader whose response it received, and
+//! records the leader's trace id as `keyward.leader_trace_id`.
 #![forbid(unsafe_code)]
 
 pub mod idempotency;

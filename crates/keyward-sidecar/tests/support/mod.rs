@@ -157,6 +157,17 @@ impl Sidecar {
         server_lines: &str,
         rest: &str,
     ) -> Sidecar {
+        Sidecar::start_configured(upstream, server_lines, rest, |_| {}).await
+    }
+
+    /// Like [`Sidecar::start_with_server`], with `configure` adjusting the command
+    /// (environment, output) before it is spawned.
+    pub async fn start_configured(
+        upstream: SocketAddr,
+        server_lines: &str,
+        rest: &str,
+        configure: impl FnOnce(&mut Command),
+    ) -> Sidecar {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let config = format!(
@@ -165,14 +176,15 @@ impl Sidecar {
         let dir = tempdir::Dir::new("sidecar");
         let path = dir.path().join("keyward.toml");
         std::fs::write(&path, config).unwrap();
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(["serve", "-c"])
             .arg(&path)
             .env("KEYWARD_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::inherit());
+        configure(&mut command);
+        let child = command.spawn().unwrap();
         let sidecar = Sidecar {
             child,
             addr,
