@@ -87,7 +87,10 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            runtime.block_on(serve(config))
+            let code = runtime.block_on(serve(config));
+            // A telemetry flush that outlived its bound must not hold up the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+            code
         }
     }
 }

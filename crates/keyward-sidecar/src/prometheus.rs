@@ -14,7 +14,7 @@ use std::time::Duration;
 use opentelemetry::{KeyValue, Value};
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::metrics::data::{
-    AggregatedMetrics, HistogramDataPoint, Metric, MetricData, ResourceMetrics, SumDataPoint,
+    AggregatedMetrics, HistogramDataPoint, Metric, MetricData, ResourceMetrics, Sum,
 };
 use opentelemetry_sdk::metrics::reader::MetricReader;
 use opentelemetry_sdk::metrics::{InstrumentKind, ManualReader, Pipeline, Temporality};
@@ -73,52 +73,31 @@ pub fn render(metrics: &ResourceMetrics) -> String {
 }
 
 fn render_metric(out: &mut String, metric: &Metric) {
-    let name = metric.name();
     match metric.data() {
-        AggregatedMetrics::U64(MetricData::Sum(sum)) => {
-            header(
-                out,
-                metric,
-                if sum.is_monotonic() {
-                    "counter"
-                } else {
-                    "gauge"
-                },
-            );
-            sum_points(out, name, sum.data_points());
-        }
-        AggregatedMetrics::I64(MetricData::Sum(sum)) => {
-            header(
-                out,
-                metric,
-                if sum.is_monotonic() {
-                    "counter"
-                } else {
-                    "gauge"
-                },
-            );
-            sum_points(out, name, sum.data_points());
-        }
-        AggregatedMetrics::F64(MetricData::Sum(sum)) => {
-            header(
-                out,
-                metric,
-                if sum.is_monotonic() {
-                    "counter"
-                } else {
-                    "gauge"
-                },
-            );
-            sum_points(out, name, sum.data_points());
-        }
+        AggregatedMetrics::U64(MetricData::Sum(sum)) => render_sum(out, metric, sum),
+        AggregatedMetrics::I64(MetricData::Sum(sum)) => render_sum(out, metric, sum),
+        AggregatedMetrics::F64(MetricData::Sum(sum)) => render_sum(out, metric, sum),
         AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
             header(out, metric, "histogram");
             for point in histogram.data_points() {
-                histogram_point(out, name, point);
+                histogram_point(out, metric.name(), point);
             }
         }
         // keyward records no gauges, integer histograms or exponential histograms.
         _ => {}
+    }
+}
+
+fn render_sum<T: std::fmt::Display + Copy>(out: &mut String, metric: &Metric, sum: &Sum<T>) {
+    let kind = if sum.is_monotonic() {
+        "counter"
+    } else {
+        "gauge"
+    };
+    header(out, metric, kind);
+    for point in sum.data_points() {
+        let labels = labels(point.attributes(), None);
+        let _ = writeln!(out, "{}{labels} {}", metric.name(), point.value());
     }
 }
 
@@ -135,17 +114,6 @@ fn header(out: &mut String, metric: &Metric, kind: &str) {
         );
     }
     let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn sum_points<'a, T: std::fmt::Display + Copy + 'a>(
-    out: &mut String,
-    name: &str,
-    points: impl Iterator<Item = &'a SumDataPoint<T>>,
-) {
-    for point in points {
-        let labels = labels(point.attributes(), None);
-        let _ = writeln!(out, "{name}{labels} {}", point.value());
-    }
 }
 
 fn histogram_point(out: &mut String, name: &str, point: &HistogramDataPoint<f64>) {
