@@ -188,13 +188,24 @@ scope = "none"
 
 /// Starts the sidecar exporting to `otlp` often, its log lines written to a file.
 async fn sidecar(upstream: SocketAddr, otlp: SocketAddr, log: &std::path::Path) -> Sidecar {
+    sidecar_exporting_every(upstream, otlp, log, "100", "200").await
+}
+
+/// Starts the sidecar with these span and metric export intervals (ms).
+async fn sidecar_exporting_every(
+    upstream: SocketAddr,
+    otlp: SocketAddr,
+    log: &std::path::Path,
+    spans_ms: &'static str,
+    metrics_ms: &'static str,
+) -> Sidecar {
     let out = File::create(log).unwrap();
     let err = out.try_clone().unwrap();
     Sidecar::start_configured(upstream, "", &routes(otlp), move |command| {
         command
             .env("KEYWARD_LOG", "info")
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .env("OTEL_METRIC_EXPORT_INTERVAL", "200")
+            .env("OTEL_BSP_SCHEDULE_DELAY", spans_ms)
+            .env("OTEL_METRIC_EXPORT_INTERVAL", metrics_ms)
             .stdout(Stdio::from(out))
             .stderr(Stdio::from(err));
     })
@@ -276,6 +287,40 @@ async fn a_replay_arrives_as_span_and_counter_and_the_raw_key_nowhere() {
     assert!(!logs.contains(RAW_KEY), "raw key in the logs:\n{logs}");
     let dump = received.dump();
     assert!(!dump.contains(RAW_KEY), "raw key in telemetry:\n{dump}");
+}
+
+#[tokio::test]
+async fn a_graceful_exit_sends_what_is_still_buffered() {
+    let (received, otlp) = Received::start().await;
+    let upstream = Upstream::start().await;
+    let log = log_path("flush");
+    // Intervals far beyond the test: only the exit flush can deliver.
+    let sidecar = sidecar_exporting_every(upstream.addr, otlp, &log, "600000", "600000").await;
+    let reply = send(
+        &client(),
+        "POST",
+        &sidecar.url("/payments/3"),
+        &[("idempotency-key", "k-flush")],
+        "{}",
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert!(received.spans().is_empty());
+
+    assert!(sidecar.terminate().await.success());
+    let _ = std::fs::remove_file(&log);
+    assert!(
+        received
+            .spans()
+            .iter()
+            .any(|s| s.name == "keyward.idempotency"),
+        "{:#?}",
+        received.spans()
+    );
+    assert_eq!(
+        received.counter("keyward_decisions_total", "outcome", "executed"),
+        Some(1)
+    );
 }
 
 #[tokio::test]
