@@ -25,6 +25,14 @@
 //!   `ambiguous`.
 //! - Rejections are `application/problem+json` with the stable types in
 //!   [`keyward_core::problem::types`].
+//! - gRPC (`content-type: application/grpc…`): the key comes from the
+//!   `idempotency-key` metadata (the same header); rejections are gRPC statuses
+//!   (`INVALID_ARGUMENT`, `FAILED_PRECONDITION` for a reused key, `ABORTED` while in
+//!   flight; the table is in [`keyward_core::grpc`]). Since gRPC answers HTTP 200, the
+//!   `grpc-status` decides what is stored: `OK` and deterministic errors are stored with
+//!   their trailers and replayed; transient codes (`UNAVAILABLE`, `INTERNAL`, `UNKNOWN`,
+//!   `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `DATA_LOSS`)
+//!   release the key. Use it on unary methods only: the request is read whole first.
 //!
 //! Every decision is one `keyward.idempotency` span with `keyward.route`,
 //! `keyward.key_hash`, `keyward.outcome`, `keyward.wait_seconds` and

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::store::{
     ClaimOutcome, Completion, IdempotencyStore, OnStoreError, StoreError, StoredResponse,
@@ -25,7 +26,7 @@ use super::future::ResponseFuture;
 use super::layer::{Config, OnInFlight, Settings};
 use super::request::{BodyRejection, fingerprint, read_body};
 use super::response::{
-    Buffered, buffer_response, original, releases_key, replay, storable_headers,
+    Buffered, buffer_response, grpc_releases_key, original, releases_key, replay, storable_headers,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -95,6 +96,7 @@ where
             keyward.fencing_token = tracing::field::Empty,
         );
 
+        let protocol = Protocol::of(req.headers());
         let key = match self.scoped_key(&req) {
             Ok(Some(key)) => key,
             Ok(None) if settings.required => {
@@ -108,7 +110,7 @@ where
                     "this route requires a key from {}",
                     self.config.key_name
                 ));
-                return ResponseFuture::ready(problem.into_keyward_response());
+                return ResponseFuture::ready(problem.into_keyward_response(protocol));
             }
             Ok(None) => {
                 record(&span, IdempotencyOutcome::MissingKey);
@@ -123,7 +125,7 @@ where
                     "Invalid Idempotency-Key",
                 )
                 .detail(reason);
-                return ResponseFuture::ready(problem.into_keyward_response());
+                return ResponseFuture::ready(problem.into_keyward_response(protocol));
             }
         };
         if !span.is_disabled() {
@@ -134,6 +136,7 @@ where
             config: self.config.clone(),
             key,
             span: span.clone(),
+            protocol,
         };
         ResponseFuture::coordinated(Box::pin(attempt.run(inner, req).instrument(span)))
     }
@@ -178,6 +181,8 @@ struct Attempt<St, K> {
     config: Arc<Config<K>>,
     key: ScopedKey,
     span: Span,
+    /// How rejections are rendered for this request.
+    protocol: Protocol,
 }
 
 /// What running the handler produced.
@@ -229,7 +234,7 @@ where
                     "idempotent requests on this route are limited to {} bytes",
                     settings.max_body
                 ));
-                return Ok(problem.into_keyward_response());
+                return Ok(problem.into_keyward_response(self.protocol));
             }
             Err(BodyRejection::Unreadable(error)) => {
                 tracing::debug!(%error, "request body could not be read");
@@ -238,7 +243,7 @@ where
                     types::BODY_UNREADABLE,
                     "Request body unreadable",
                 );
-                return Ok(problem.into_keyward_response());
+                return Ok(problem.into_keyward_response(self.protocol));
             }
         };
         let fingerprint = fingerprint(&parts, &settings.fingerprint_headers, &body);
@@ -250,7 +255,7 @@ where
                 self.record(IdempotencyOutcome::StoreError);
                 tracing::warn!(%error, "idempotency store failed");
                 return match settings.on_store_error {
-                    OnStoreError::Closed => Ok(store_unavailable()),
+                    OnStoreError::Closed => Ok(store_unavailable(self.protocol)),
                     OnStoreError::Open => {
                         let req = Request::from_parts(parts, B::from(body));
                         let res = Box::pin(inner.call(req)).await;
@@ -290,6 +295,13 @@ where
                 return Ok(Ran::Released(res.map(KeywardBody::inner)));
             }
             Ok(match buffer_response(res, max_response).await {
+                Buffered::Complete {
+                    parts,
+                    body,
+                    trailers,
+                } if grpc_releases_key(&parts.headers, trailers.as_ref(), store_server_errors) => {
+                    Ran::Released(original(parts, body, trailers))
+                }
                 Buffered::Complete {
                     parts,
                     body,
@@ -372,7 +384,9 @@ where
                         "Idempotency-Key reused with a different request",
                     )
                     .detail("this key was first used with a different method, path, query or body");
-                    return Ok(Claim::Answer(Box::new(problem.into_keyward_response())));
+                    return Ok(Claim::Answer(Box::new(
+                        problem.into_keyward_response(self.protocol),
+                    )));
                 }
                 ClaimOutcome::InFlight { holder, .. } => {
                     let now = Instant::now();
@@ -391,7 +405,9 @@ where
                     )
                     .detail("a request with this key is still being processed; retry later")
                     .retry_after(Duration::from_secs(1));
-                    return Ok(Claim::Answer(Box::new(problem.into_keyward_response())));
+                    return Ok(Claim::Answer(Box::new(
+                        problem.into_keyward_response(self.protocol),
+                    )));
                 }
             }
         }
@@ -435,8 +451,8 @@ enum Claim<ResB: Body> {
     Answer(Box<Response<KeywardBody<ResB>>>),
 }
 
-fn store_unavailable<ResB: Body>() -> Response<KeywardBody<ResB>> {
+fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {
     Problem::store_unavailable()
         .retry_after(Duration::from_secs(1))
-        .into_keyward_response()
+        .into_keyward_response(protocol)
 }

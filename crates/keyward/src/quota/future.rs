@@ -7,6 +7,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use keyward_core::gcra::{Quota, QuotaDecision};
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::ratelimit::{RATELIMIT, RATELIMIT_POLICY, format_ratelimit, to_header_value};
 use keyward_core::store::{OnStoreError, StoreError};
@@ -25,6 +26,7 @@ pub(crate) struct Decide {
     pub(crate) cost: u32,
     pub(crate) shadow: bool,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) protocol: Protocol,
     pub(crate) span: tracing::Span,
 }
 
@@ -136,7 +138,7 @@ impl Decide {
                 self.quota.burst()
             )),
         };
-        Next::Answer(problem.into_response())
+        Next::Answer(problem.into_response_for(self.protocol))
     }
 
     fn failed(&self, error: &StoreError) -> Next {
@@ -148,7 +150,7 @@ impl Decide {
                 Problem::store_unavailable()
                     .detail("the quota store did not answer")
                     .retry_after(std::time::Duration::from_secs(1))
-                    .into_response(),
+                    .into_response_for(self.protocol),
             ),
         }
     }

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::{Problem, types};
 use keyward_core::store::{SingleFlightStore, StoredResponse};
 use keyward_core::telemetry::{FIELD_OUTCOME, FIELD_WAIT_SECONDS, SingleFlightOutcome};
@@ -87,14 +88,15 @@ where
         if !config.methods.contains(req.method()) {
             return ResponseFuture::passthrough(inner.call(req));
         }
+        let protocol = Protocol::of(req.headers());
         let key = match config.key.extract(&req) {
             Ok(Some(key)) => key,
             Ok(None) => return ResponseFuture::passthrough(inner.call(req)),
-            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error)),
+            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error), protocol),
         };
         let scope = match Scope::of_request(config.scope.as_ref(), &req) {
             Ok(scope) => scope,
-            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error)),
+            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error), protocol),
         };
         let key = ScopedKey::new("flight", &config.route, scope, key);
         let span = tracing::info_span!(
@@ -113,25 +115,20 @@ fn record(outcome: SingleFlightOutcome) {
     Span::current().record(FIELD_OUTCOME, outcome.as_str());
 }
 
-fn problem<RB: Body>(problem: Problem) -> Response<KeywardBody<RB>> {
-    problem.into_response().map(KeywardBody::full)
-}
-
-fn leader_failed<RB: Body>() -> Response<KeywardBody<RB>> {
+fn leader_failed<RB: Body>(protocol: Protocol) -> Response<KeywardBody<RB>> {
     record(SingleFlightOutcome::LeaderFailed);
-    problem(
-        Problem::new(
-            StatusCode::BAD_GATEWAY,
-            types::COALESCED_LEADER_FAILED,
-            "Coalesced request failed",
-        )
-        .detail("the identical request this one was coalesced with failed"),
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        types::COALESCED_LEADER_FAILED,
+        "Coalesced request failed",
     )
+    .detail("the identical request this one was coalesced with failed")
+    .into_keyward_response(protocol)
 }
 
-fn store_unavailable<RB: Body>() -> Response<KeywardBody<RB>> {
+fn store_unavailable<RB: Body>(protocol: Protocol) -> Response<KeywardBody<RB>> {
     record(SingleFlightOutcome::StoreError);
-    problem(Problem::store_unavailable())
+    Problem::store_unavailable().into_keyward_response(protocol)
 }
 
 fn mark_coalesced<RB>(response: &mut Response<RB>) {
@@ -176,6 +173,7 @@ where
     RB::Error: Send + 'static,
     St: SingleFlightStore,
 {
+    let protocol = Protocol::of(req.headers());
     let mut started = None;
     let mut ready = true;
     for _ in 0..MAX_ELECTIONS {
@@ -195,7 +193,7 @@ where
                     on_store_error: config.on_store_error,
                 };
                 seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                return leader_response(seat.run().await);
+                return leader_response(seat.run().await, protocol);
             }
             Joined::Follower(seat) => {
                 // Give the readiness reserved for this request back while it waits: it
@@ -211,7 +209,7 @@ where
                 if let Some(started) = started {
                     record_wait(started);
                 }
-                match follower_next::<RB, S::Error>(outcome, config.on_leader_failure) {
+                match follower_next::<RB, S::Error>(outcome, config.on_leader_failure, protocol) {
                     Next::Respond(response) => return Ok(response),
                     Next::Elect => continue,
                     Next::CallInner => {
@@ -227,18 +225,19 @@ where
             }
         }
     }
-    Ok(leader_failed())
+    Ok(leader_failed(protocol))
 }
 
 /// The leader's answer: its own response or error (it drove the work), or a copy of a
 /// remote leader's response.
 fn leader_response<RB: Body + 'static, E: 'static>(
     outcome: Outcome,
+    protocol: Protocol,
 ) -> Result<Response<KeywardBody<RB>>, E> {
     let response = match (outcome.own, outcome.shared) {
         (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, E>>() {
             Ok(own) => *own,
-            Err(_) => Ok(leader_failed()),
+            Err(_) => Ok(leader_failed(protocol)),
         },
         (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
         // The flight followed a leader on another instance.
@@ -246,8 +245,8 @@ fn leader_response<RB: Body + 'static, E: 'static>(
             record(SingleFlightOutcome::Follower);
             return Ok(copy(&stored));
         }
-        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable()),
-        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed()),
+        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable(protocol)),
+        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed(protocol)),
     };
     record(if outcome.store_error {
         SingleFlightOutcome::StoreError
@@ -272,6 +271,7 @@ enum Next<RB: Body> {
 fn follower_next<RB: Body + 'static, E: 'static>(
     outcome: Outcome,
     policy: LeaderFailure,
+    protocol: Protocol,
 ) -> Next<RB> {
     if let Own::Typed(own) = outcome.own {
         // This follower drove the leader's work to its end after the leader left: the
@@ -290,8 +290,10 @@ fn follower_next<RB: Body + 'static, E: 'static>(
             Next::Respond(copy(&stored))
         }
         Shared::TooLarge => Next::CallInner,
-        Shared::StoreUnavailable => Next::Respond(store_unavailable()),
-        Shared::Failed if policy == LeaderFailure::BadGateway => Next::Respond(leader_failed()),
+        Shared::StoreUnavailable => Next::Respond(store_unavailable(protocol)),
+        Shared::Failed if policy == LeaderFailure::BadGateway => {
+            Next::Respond(leader_failed(protocol))
+        }
         Shared::Failed => Next::Elect,
     }
 }
