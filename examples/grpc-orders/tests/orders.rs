@@ -118,6 +118,20 @@ async fn start<T: Orders>(orders: T, quota: Quota) -> Harness {
     Harness { client, arrivals }
 }
 
+impl Harness {
+    async fn create(
+        &self,
+        key: Option<&str>,
+        item: &str,
+        quantity: u32,
+    ) -> Result<Response<Order>, Status> {
+        self.client
+            .clone()
+            .create_order(create(key, item, quantity))
+            .await
+    }
+}
+
 fn scripted() -> (Handler, mpsc::UnboundedReceiver<()>) {
     let (entered, rx) = mpsc::unbounded_channel();
     let scripted = Handler(Arc::new(Scripted {
@@ -168,17 +182,9 @@ fn replayed<T>(res: &Response<T>) -> bool {
 #[tokio::test]
 async fn a_retried_create_order_is_replayed_and_runs_once() {
     let book = OrderBook::default();
-    let mut h = start(book.clone(), plenty()).await;
-    let first = h
-        .client
-        .create_order(create(Some("k-1"), "tea", 2))
-        .await
-        .unwrap();
-    let retry = h
-        .client
-        .create_order(create(Some("k-1"), "tea", 2))
-        .await
-        .unwrap();
+    let h = start(book.clone(), plenty()).await;
+    let first = h.create(Some("k-1"), "tea", 2).await.unwrap();
+    let retry = h.create(Some("k-1"), "tea", 2).await.unwrap();
     assert!(!replayed(&first));
     assert!(
         replayed(&retry),
@@ -188,26 +194,15 @@ async fn a_retried_create_order_is_replayed_and_runs_once() {
     assert_eq!(first.get_ref().id, "ord_1");
     assert_eq!(book.created(), 1, "the handler ran once");
     // Another key is another order.
-    let other = h
-        .client
-        .create_order(create(Some("k-2"), "tea", 2))
-        .await
-        .unwrap();
+    let other = h.create(Some("k-2"), "tea", 2).await.unwrap();
     assert_eq!(other.get_ref().id, "ord_2");
 }
 
 #[tokio::test]
 async fn the_same_key_with_another_message_is_failed_precondition() {
-    let mut h = start(OrderBook::default(), plenty()).await;
-    h.client
-        .create_order(create(Some("k"), "tea", 2))
-        .await
-        .unwrap();
-    let status = h
-        .client
-        .create_order(create(Some("k"), "tea", 3))
-        .await
-        .unwrap_err();
+    let h = start(OrderBook::default(), plenty()).await;
+    h.create(Some("k"), "tea", 2).await.unwrap();
+    let status = h.create(Some("k"), "tea", 3).await.unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(
         status
@@ -230,22 +225,12 @@ async fn a_duplicate_while_the_first_runs_is_aborted() {
     let first =
         tokio::spawn(async move { client.create_order(create(Some("k"), "hold", 1)).await });
     entered.recv().await.unwrap();
-    let status = h
-        .client
-        .clone()
-        .create_order(create(Some("k"), "hold", 1))
-        .await
-        .unwrap_err();
+    let status = h.create(Some("k"), "hold", 1).await.unwrap_err();
     assert_eq!(status.code(), Code::Aborted);
     assert_eq!(status.metadata().get("retry-after").unwrap(), "1");
     handler.release.add_permits(1);
     let first = first.await.unwrap().unwrap();
-    let again = h
-        .client
-        .clone()
-        .create_order(create(Some("k"), "hold", 1))
-        .await
-        .unwrap();
+    let again = h.create(Some("k"), "hold", 1).await.unwrap();
     assert_eq!(again.get_ref(), first.get_ref());
     assert!(replayed(&again));
     assert_eq!(handler.creates.load(Ordering::SeqCst), 1);
@@ -254,12 +239,8 @@ async fn a_duplicate_while_the_first_runs_is_aborted() {
 #[tokio::test]
 async fn missing_or_invalid_keys_are_invalid_argument() {
     let book = OrderBook::default();
-    let mut h = start(book.clone(), plenty()).await;
-    let missing = h
-        .client
-        .create_order(create(None, "tea", 1))
-        .await
-        .unwrap_err();
+    let h = start(book.clone(), plenty()).await;
+    let missing = h.create(None, "tea", 1).await.unwrap_err();
     assert_eq!(missing.code(), Code::InvalidArgument);
     assert!(
         missing.message().contains("Idempotency-Key required"),
@@ -267,11 +248,7 @@ async fn missing_or_invalid_keys_are_invalid_argument() {
         missing.message()
     );
     let too_long = "k".repeat(256);
-    let invalid = h
-        .client
-        .create_order(create(Some(&too_long), "tea", 1))
-        .await
-        .unwrap_err();
+    let invalid = h.create(Some(&too_long), "tea", 1).await.unwrap_err();
     assert_eq!(invalid.code(), Code::InvalidArgument);
     assert!(
         !invalid.message().contains(&too_long),
@@ -282,24 +259,16 @@ async fn missing_or_invalid_keys_are_invalid_argument() {
 
 #[tokio::test]
 async fn an_exhausted_quota_is_resource_exhausted() {
-    let mut h = start(
+    let h = start(
         OrderBook::default(),
         Quota::new(2, std::time::Duration::from_secs(3600)).unwrap(),
     )
     .await;
     for key in ["a", "b"] {
-        let ok = h
-            .client
-            .create_order(create(Some(key), "tea", 1))
-            .await
-            .unwrap();
+        let ok = h.create(Some(key), "tea", 1).await.unwrap();
         assert!(ok.metadata().contains_key("ratelimit"));
     }
-    let status = h
-        .client
-        .create_order(create(Some("c"), "tea", 1))
-        .await
-        .unwrap_err();
+    let status = h.create(Some("c"), "tea", 1).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted);
     assert!(
         status.message().starts_with("Quota exceeded"),
@@ -348,13 +317,9 @@ async fn updates_of_one_order_never_overlap() {
 #[tokio::test]
 async fn unavailable_releases_the_key_and_invalid_argument_is_replayed() {
     let (handler, _entered) = scripted();
-    let mut h = start(handler.clone(), plenty()).await;
+    let h = start(handler.clone(), plenty()).await;
     for expected in 1..=2 {
-        let status = h
-            .client
-            .create_order(create(Some("u"), "unavailable", 1))
-            .await
-            .unwrap_err();
+        let status = h.create(Some("u"), "unavailable", 1).await.unwrap_err();
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(
             handler.creates.load(Ordering::SeqCst),
@@ -362,16 +327,8 @@ async fn unavailable_releases_the_key_and_invalid_argument_is_replayed() {
             "the retry executes again"
         );
     }
-    let first = h
-        .client
-        .create_order(create(Some("i"), "invalid", 1))
-        .await
-        .unwrap_err();
-    let replay = h
-        .client
-        .create_order(create(Some("i"), "invalid", 1))
-        .await
-        .unwrap_err();
+    let first = h.create(Some("i"), "invalid", 1).await.unwrap_err();
+    let replay = h.create(Some("i"), "invalid", 1).await.unwrap_err();
     assert_eq!(
         handler.creates.load(Ordering::SeqCst),
         3,
