@@ -55,7 +55,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    /// The protocol of a request with these headers.
+    /// The protocol of a request (or response) with these headers.
     pub fn of(headers: &HeaderMap) -> Self {
         let grpc = headers
             .get(CONTENT_TYPE)
@@ -66,7 +66,6 @@ impl Protocol {
 
 /// gRPC status codes (see `grpc/doc/statuscodes.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[allow(missing_docs)]
 pub enum Code {
     Ok = 0,
     Cancelled = 1,
@@ -151,11 +150,6 @@ impl Code {
                 | Code::DataLoss
         )
     }
-}
-
-/// Whether a response is a gRPC response (its `content-type` is `application/grpc…`).
-pub fn is_grpc_response(headers: &HeaderMap) -> bool {
-    Protocol::of(headers) == Protocol::Grpc
 }
 
 /// The `grpc-status` a response ended with: from its trailers, or from its headers for a

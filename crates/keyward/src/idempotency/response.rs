@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use keyward_core::KeywardBody;
-use keyward_core::grpc::{self, Code};
+use keyward_core::grpc::{self, Code, Protocol};
 use keyward_core::store::StoredResponse;
 
 use super::layer::{IDEMPOTENT_REPLAYED, ReplayHeaders};
@@ -52,7 +52,7 @@ pub(crate) fn grpc_releases_key(
     trailers: Option<&HeaderMap>,
     store_server_errors: bool,
 ) -> bool {
-    if store_server_errors || !grpc::is_grpc_response(headers) {
+    if store_server_errors || Protocol::of(headers) != Protocol::Grpc {
         return false;
     }
     grpc::status_of(headers, trailers).is_none_or(Code::is_transient)
