@@ -384,3 +384,34 @@ async fn the_example_server_answers_on_its_listener() {
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
 }
+
+/// The whole server behind `IdempotencyLayer` as a tonic server layer: tonic's request
+/// body cannot be rebuilt from bytes, axum's (which tonic's router uses) can.
+#[tokio::test]
+async fn idempotency_works_as_a_server_layer_with_a_body_conversion() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let book = OrderBook::default();
+    let layers = tower::ServiceBuilder::new()
+        .map_request(|req: http::Request<tonic::body::Body>| req.map(axum::body::Body::new))
+        .layer(keyward::IdempotencyLayer::new(MemoryStore::new()));
+    let server = Server::builder()
+        .layer(layers)
+        .add_service(grpc_orders::OrdersServer::new(book.clone()))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    tokio::spawn(server);
+    let mut client = OrdersClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let first = client
+        .create_order(create(Some("k"), "tea", 1))
+        .await
+        .unwrap();
+    let retry = client
+        .create_order(create(Some("k"), "tea", 1))
+        .await
+        .unwrap();
+    assert!(replayed(&retry));
+    assert_eq!(retry.get_ref(), first.get_ref());
+    assert_eq!(book.created(), 1);
+}

@@ -33,6 +33,11 @@
 //!   their trailers and replayed; transient codes (`UNAVAILABLE`, `INTERNAL`, `UNKNOWN`,
 //!   `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `DATA_LOSS`)
 //!   release the key. Use it on unary methods only: the request is read whole first.
+//!   The layer hands the buffered request on, so the request body type must convert
+//!   from `Bytes`: tonic's `Routes` (an axum router) gives a per-method layer such a body;
+//!   as a tonic server layer, convert first with
+//!   `.map_request(|req: http::Request<tonic::body::Body>| req.map(axum::body::Body::new))`
+//!   (`examples/grpc-orders` does both).
 //!
 //! Every decision is one `keyward.idempotency` span with `keyward.route`,
 //! `keyward.key_hash`, `keyward.outcome`, `keyward.wait_seconds` and
