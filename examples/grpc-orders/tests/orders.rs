@@ -94,8 +94,7 @@ struct Harness {
 }
 
 async fn start<T: Orders>(orders: T, quota: Quota) -> Harness {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let store = MemoryStore::new();
     let (arrived, arrivals) = watch::channel(0);
     let arrived = Arc::new(arrived);
@@ -112,9 +111,7 @@ async fn start<T: Orders>(orders: T, quota: Quota) -> Harness {
         .add_routes(routes(orders, store))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     tokio::spawn(server);
-    let client = OrdersClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let client = connect(addr).await;
     Harness { client, arrivals }
 }
 
@@ -130,6 +127,18 @@ impl Harness {
             .create_order(create(key, item, quantity))
             .await
     }
+}
+
+async fn listen() -> (tokio::net::TcpListener, std::net::SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (listener, addr)
+}
+
+async fn connect(addr: std::net::SocketAddr) -> OrdersClient<Channel> {
+    OrdersClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
 }
 
 fn scripted() -> (Handler, mpsc::UnboundedReceiver<()>) {
@@ -345,8 +354,7 @@ async fn unavailable_releases_the_key_and_invalid_argument_is_replayed() {
 
 #[tokio::test]
 async fn the_example_server_answers_on_its_listener() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let book = OrderBook::default();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(grpc_orders::serve(
@@ -358,9 +366,7 @@ async fn the_example_server_answers_on_its_listener() {
             let _ = stopped.await;
         },
     ));
-    let mut client = OrdersClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client = connect(addr).await;
     let order = client
         .create_order(create(Some("k"), "tea", 1))
         .await
@@ -389,8 +395,7 @@ async fn the_example_server_answers_on_its_listener() {
 /// body cannot be rebuilt from bytes, axum's (which tonic's router uses) can.
 #[tokio::test]
 async fn idempotency_works_as_a_server_layer_with_a_body_conversion() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+    let (listener, addr) = listen().await;
     let book = OrderBook::default();
     let layers = tower::ServiceBuilder::new()
         .map_request(|req: http::Request<tonic::body::Body>| req.map(axum::body::Body::new))
@@ -400,9 +405,7 @@ async fn idempotency_works_as_a_server_layer_with_a_body_conversion() {
         .add_service(grpc_orders::OrdersServer::new(book.clone()))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     tokio::spawn(server);
-    let mut client = OrdersClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client = connect(addr).await;
     let first = client
         .create_order(create(Some("k"), "tea", 1))
         .await
