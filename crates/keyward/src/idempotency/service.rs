@@ -436,7 +436,5 @@ enum Claim<ResB: Body> {
 }
 
 fn store_unavailable<ResB: Body>() -> Response<KeywardBody<ResB>> {
-    Problem::store_unavailable()
-        .retry_after(Duration::from_secs(1))
-        .into_keyward_response()
+    Problem::store_unavailable().into_keyward_response()
 }
