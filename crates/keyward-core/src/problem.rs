@@ -91,14 +91,15 @@ impl Problem {
             .detail(error.to_string())
     }
 
-    /// 503 [`types::STORE_UNAVAILABLE`]: the store did not answer and the layer fails
-    /// closed.
+    /// 503 [`types::STORE_UNAVAILABLE`] with `Retry-After: 1`: the store did not answer
+    /// and the layer fails closed. Every layer answers a store failure with this one.
     pub fn store_unavailable() -> Self {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             types::STORE_UNAVAILABLE,
             "Coordination store unavailable",
         )
+        .retry_after(Duration::from_secs(1))
     }
 
     /// A human-readable explanation of this occurrence. Never put raw keys in it.

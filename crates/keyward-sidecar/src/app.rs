@@ -39,6 +39,7 @@ impl App {
         let upstream = Upstream::new(
             config.server.upstream.clone(),
             config.server.request_timeout,
+            config.server.upstream_protocol,
         );
         let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut order = Vec::new();

@@ -1,7 +1,7 @@
-//! The upstream: a pooled HTTP/1.1 client that forwards a request as a reverse proxy
-//! does (hop-by-hop headers removed, `X-Forwarded-For` and `Forwarded` appended) and fails
-//! with a [`ProxyError`] when no response arrives, so that layers see "outcome unknown"
-//! rather than a response.
+//! The upstream: a pooled HTTP/1.1 or h2c client that forwards a request as a reverse
+//! proxy does (hop-by-hop headers removed, `X-Forwarded-For` and `Forwarded` appended) and
+//! fails with a [`ProxyError`] when no response arrives, so that layers see "outcome
+//! unknown" rather than a response. Response trailers (gRPC's `grpc-status`) pass through.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +20,8 @@ use hyper_util::rt::TokioExecutor;
 use keyward_core::problem::types;
 use keyward_core::{PeerAddr, Problem};
 use tower::Service;
+
+use crate::config::UpstreamProtocol;
 
 /// No response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -68,21 +70,27 @@ pub struct Upstream {
     client: Client<HttpConnector, Body>,
     base: Uri,
     timeout: Duration,
+    protocol: UpstreamProtocol,
 }
 
 impl Upstream {
-    pub fn new(base: Uri, timeout: Duration) -> Self {
+    pub fn new(base: Uri, timeout: Duration, protocol: UpstreamProtocol) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+            .pool_max_idle_per_host(256);
+        if protocol == UpstreamProtocol::H2c {
+            // Prior knowledge: one multiplexed connection, no Upgrade dance.
+            builder.http2_only(true);
+        }
         Upstream {
-            client,
+            client: builder.build(connector),
             base,
             timeout,
+            protocol,
         }
     }
 
@@ -112,12 +120,23 @@ impl Service<Request<Body>> for Upstream {
         let uri = self.upstream_uri(&parts.uri);
         let client = self.client.clone();
         let timeout = self.timeout;
+        let protocol = self.protocol;
         Box::pin(async move {
             parts.uri = uri?;
             let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
+            let wants_trailers = accepts_trailers(&parts.headers);
             remove_hop_by_hop(&mut parts.headers);
             append_forwarded(&mut parts.headers, peer);
-            parts.version = http::Version::HTTP_11;
+            parts.version = match protocol {
+                UpstreamProtocol::Http1 => http::Version::HTTP_11,
+                UpstreamProtocol::H2c => http::Version::HTTP_2,
+            };
+            if wants_trailers && protocol == UpstreamProtocol::H2c {
+                // The one TE value HTTP/2 allows; gRPC servers require it.
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             let req = Request::from_parts(parts, body);
             let res = match tokio::time::timeout(timeout, client.request(req)).await {
                 Err(_) => return Err(ProxyError::Timeout(timeout)),
@@ -134,8 +153,14 @@ impl Service<Request<Body>> for Upstream {
                 .exact()
                 .is_some_and(|n| n <= SMALL_RESPONSE)
             {
-                let bytes = body.collect().await.map_err(ProxyError::Body)?.to_bytes();
-                return Ok(Response::from_parts(parts, Body::from(bytes)));
+                let collected = body.collect().await.map_err(ProxyError::Body)?;
+                if collected.trailers().is_some() {
+                    return Ok(Response::from_parts(parts, Body::new(collected)));
+                }
+                return Ok(Response::from_parts(
+                    parts,
+                    Body::from(collected.to_bytes()),
+                ));
             }
             Ok(Response::from_parts(parts, Body::new(body)))
         })
@@ -152,6 +177,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// Whether the client said it accepts trailers (`TE: trailers`, as gRPC clients do).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
 
 /// Removes the headers that describe one connection, including those `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

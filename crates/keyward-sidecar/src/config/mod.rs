@@ -31,10 +31,21 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub upstream: Uri,
+    pub upstream_protocol: UpstreamProtocol,
     pub admin: Option<SocketAddr>,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+}
+
+/// How the sidecar talks to its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over pooled keep-alive connections (`"http1"`, the default).
+    Http1,
+    /// HTTP/2 with prior knowledge over cleartext (`"h2c"`), e.g. for gRPC upstreams:
+    /// requests are multiplexed and trailers pass through.
+    H2c,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -366,6 +377,17 @@ impl Checker {
                 Uri::from_static("http://127.0.0.1:9000")
             }
         };
+        let upstream_protocol = match raw.upstream_protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2c") => UpstreamProtocol::H2c,
+            Some(other) => {
+                self.fail(
+                    "server.upstream_protocol",
+                    format!("{other:?} is not one of \"http1\", \"h2c\""),
+                );
+                UpstreamProtocol::Http1
+            }
+        };
         let admin = match raw.admin.as_deref() {
             Some("off") => None,
             Some(text) => self.socket("server.admin", text),
@@ -374,6 +396,7 @@ impl Checker {
         ServerConfig {
             listen,
             upstream,
+            upstream_protocol,
             admin,
             request_timeout: self.duration(
                 "server.request_timeout",

@@ -20,6 +20,7 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: String,
     pub upstream: String,
+    pub upstream_protocol: Option<String>,
     pub admin: Option<String>,
     pub request_timeout: Option<String>,
     pub shutdown_grace: Option<String>,

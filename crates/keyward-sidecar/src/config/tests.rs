@@ -144,6 +144,10 @@ fn every_error_names_the_field_and_the_value() {
             format!("{SERVER}[store]\nbackend = \"etcd\"\n"),
             "store.backend: \"etcd\"",
         ),
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:2\"\nupstream_protocol = \"h3\"\n".to_owned(),
+            "server.upstream_protocol: \"h3\" is not one of",
+        ),
     ];
     for (toml, expected) in cases {
         let errors = errors(&toml);

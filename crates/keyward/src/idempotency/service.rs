@@ -452,7 +452,5 @@ enum Claim<ResB: Body> {
 }
 
 fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {
-    Problem::store_unavailable()
-        .retry_after(Duration::from_secs(1))
-        .into_keyward_response(protocol)
+    Problem::store_unavailable().into_keyward_response(protocol)
 }

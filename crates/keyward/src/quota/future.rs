@@ -149,7 +149,6 @@ impl Decide {
             OnStoreError::Closed => Next::Answer(
                 Problem::store_unavailable()
                     .detail("the quota store did not answer")
-                    .retry_after(std::time::Duration::from_secs(1))
                     .into_response_for(self.protocol),
             ),
         }
