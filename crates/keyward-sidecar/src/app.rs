@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use http::{Method, Request, Response};
+use keyward_core::grpc::Protocol;
 use keyward_core::{PathParams, PeerAddr};
 use tower::ServiceExt;
 use tracing::Instrument;
@@ -78,6 +79,7 @@ impl App {
         let started = Instant::now();
         req.extensions_mut().insert(PeerAddr(peer));
         let method = req.method().clone();
+        let protocol = Protocol::of(req.headers());
         let (route_name, service) = match self.route_for(&mut req) {
             Some(route) => (route.name.as_str(), route.service.clone()),
             None => ("-", self.inner.passthrough.clone()),
@@ -87,7 +89,7 @@ impl App {
             Ok(res) => res,
             Err(error) => {
                 tracing::warn!(parent: &span, %error, "no response from upstream");
-                error.into_response()
+                error.into_response(protocol)
             }
         };
         tracing::info!(

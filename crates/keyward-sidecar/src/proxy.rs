@@ -17,6 +17,7 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::{PeerAddr, Problem};
 use tower::Service;
@@ -37,8 +38,9 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The problem response a client gets for this error.
-    pub fn into_response(self) -> Response<Body> {
+    /// The problem response a client gets for this error: problem+json, or a gRPC
+    /// status (UNAVAILABLE, DEADLINE_EXCEEDED, ...) when the client speaks gRPC.
+    pub fn into_response(self, protocol: Protocol) -> Response<Body> {
         let problem = match &self {
             ProxyError::Unreachable(_) | ProxyError::Body(_) => Problem::new(
                 StatusCode::BAD_GATEWAY,
@@ -57,7 +59,7 @@ impl ProxyError {
                 "Request cannot be forwarded",
             ),
         };
-        problem.into_response().map(Body::from)
+        problem.into_response_for(protocol).map(Body::from)
     }
 }
 

@@ -129,3 +129,66 @@ async fn http1_upstream_is_the_default_and_te_is_not_forwarded() {
     assert_eq!(headers.len(), 1);
     assert!(headers[0].get("te").is_none(), "{:?}", headers[0]);
 }
+
+/// A gRPC caller gets gRPC statuses, not problem+json, for the sidecar's own answers: a
+/// layer's rejection (no idempotency key: INVALID_ARGUMENT) and an unreachable upstream
+/// (UNAVAILABLE), both as trailers-only responses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_callers_get_grpc_statuses_from_the_sidecar() {
+    let closed: SocketAddr = format!("127.0.0.1:{}", support::free_port())
+        .parse()
+        .unwrap();
+    let sidecar = Sidecar::start_with_server(
+        closed,
+        "upstream_protocol = \"h2c\"",
+        r#"
+[[routes]]
+name = "orders"
+path = "/orders.Orders/CreateOrder"
+
+[routes.idempotency]
+required = true
+scope = "none"
+"#,
+    )
+    .await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let cases = [
+        (
+            "/orders.Orders/CreateOrder",
+            None,
+            "3",
+            "idempotency-key-missing",
+        ),
+        (
+            "/orders.Orders/CreateOrder",
+            Some("k-1"),
+            "14",
+            "upstream-unreachable",
+        ),
+        ("/orders.Orders/Other", None, "14", "upstream-unreachable"),
+    ];
+    for (path, key, code, problem) in cases {
+        let mut req = Request::post(sidecar.url(path))
+            .header("te", "trailers")
+            .header("content-type", "application/grpc");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        let res = client
+            .request(
+                req.body(Full::new(Bytes::from_static(b"\0\0\0\0\0")))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        let what = format!("{path} key={key:?}: {:?}", res.headers());
+        assert_eq!(res.status(), 200, "{what}");
+        assert_eq!(res.headers()["content-type"], "application/grpc", "{what}");
+        assert_eq!(res.headers()["grpc-status"], code, "{what}");
+        let problem_type = res.headers()["keyward-problem-type"].to_str().unwrap();
+        assert!(problem_type.ends_with(problem), "{what}");
+    }
+}
