@@ -9,7 +9,7 @@ use std::time::Duration;
 use crate::support::{binary, free_port, tempdir};
 
 /// Idempotency lease and serial lease: short, so that leases run out within the run.
-pub const LEASE: Duration = Duration::from_millis(1500);
+pub const LEASE: Duration = Duration::from_millis(2000);
 /// The sidecar's `request_timeout`: a stuck upstream is cut off (504) after it.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
 /// Serial `max_wait`.

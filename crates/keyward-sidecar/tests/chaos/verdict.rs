@@ -12,7 +12,7 @@ use crate::upstream::{Exec, ExecOutcome};
 /// Time the upstream may take to notice that a caller went away (its connection closed)
 /// after the sidecar already handed the key on: an overlap shorter than this is a race
 /// between two sockets, not two live holders.
-const ABANDON_GRACE: Duration = Duration::from_millis(100);
+const ABANDON_GRACE: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultKind {
