@@ -4,9 +4,10 @@
 //! Each scenario starts one Redis, three `keyward` sidecars on it and a fenced upstream
 //! (see `upstream.rs`), then bounded clients send idempotent POSTs (serial per account)
 //! to random sidecars and retry elsewhere on timeouts, 5xx, connection errors and 409s,
-//! while a fault injector kills sidecars with SIGKILL and restarts them, and kills and
-//! restarts Redis. Some upstream calls outlast the lease, some outlast the sidecar's
-//! `request_timeout`, and some clients give up mid-request. After the run (and after every
+//! while a fault injector kills sidecars with SIGKILL and restarts them, kills and
+//! restarts Redis, and freezes Redis (SIGSTOP) for a moment. Some upstream calls outlast
+//! the lease, some outlast the sidecar's `request_timeout`, and some clients give up
+//! mid-request. After the run (and after every
 //! lease has run out) each key is asked once more. The invariants are then checked on
 //! what the clients and the upstream recorded (`verdict.rs`) and printed as a table.
 //!
@@ -61,6 +62,7 @@ fn seed() -> u64 {
 enum Step {
     KillSidecar(usize),
     RestartRedis,
+    PauseRedis,
 }
 
 /// Kills and restarts sidecars and Redis on a seeded schedule while `running`; hands
@@ -75,8 +77,10 @@ async fn inject(
     let steps = [
         Step::KillSidecar(0),
         Step::RestartRedis,
+        Step::PauseRedis,
         Step::KillSidecar(1),
         Step::RestartRedis,
+        Step::PauseRedis,
         Step::KillSidecar(2),
         Step::RestartRedis,
         Step::KillSidecar(0),
@@ -84,7 +88,7 @@ async fn inject(
     let start = Instant::now();
     let mut faults = Vec::new();
     for (n, step) in steps.into_iter().enumerate() {
-        let due = start + Duration::from_millis(1_500 + 3_000 * n as u64 + rng.below(1_000));
+        let due = start + Duration::from_millis(1_500 + 2_500 * n as u64 + rng.below(1_000));
         while Instant::now() < due && running.load(Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -107,6 +111,15 @@ async fn inject(
                 tokio::time::sleep(Duration::from_millis(50 + rng.below(250))).await;
                 tokio::task::block_in_place(|| redis.start_again());
                 FaultKind::RedisRestart
+            }
+            Step::PauseRedis => {
+                // Frozen, connections open: only the store timeout (300 ms) notices.
+                // Commands that timed out still run when it wakes up. Kept under two
+                // thirds of the lease for the same reason as the restarts.
+                redis.pause();
+                tokio::time::sleep(Duration::from_millis(300 + rng.below(500))).await;
+                redis.resume();
+                FaultKind::RedisPause
             }
         };
         faults.push(Fault { at, kind });
@@ -184,7 +197,7 @@ async fn scenario(name: &str, persistent: bool) -> Verdict {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_under_chaos_with_redis_aof_always() {
     let verdict = scenario(
-        "Redis with AOF (appendfsync always); sidecar kill -9, Redis kill -9, slow and stuck upstream, client aborts",
+        "Redis with AOF (appendfsync always); sidecar kill -9, Redis kill -9 and SIGSTOP, slow and stuck upstream, client aborts",
         true,
     )
     .await;
@@ -194,7 +207,7 @@ async fn exactly_once_under_chaos_with_redis_aof_always() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_without_persistence_loses_claims_but_keeps_the_other_invariants() {
     let verdict = scenario(
-        "Redis WITHOUT persistence; sidecar kill -9, Redis kill -9 (data lost), slow and stuck upstream, client aborts",
+        "Redis WITHOUT persistence; sidecar kill -9, Redis kill -9 (data lost) and SIGSTOP, slow and stuck upstream, client aborts",
         false,
     )
     .await;

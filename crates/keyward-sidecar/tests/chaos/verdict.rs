@@ -18,6 +18,7 @@ const ABANDON_GRACE: Duration = Duration::from_millis(250);
 pub enum FaultKind {
     SidecarKill,
     RedisRestart,
+    RedisPause,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -300,6 +301,11 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         .filter(|f| f.kind == FaultKind::SidecarKill)
         .count();
     let restarts = redis_restarts.len();
+    let pauses = s
+        .faults
+        .iter()
+        .filter(|f| f.kind == FaultKind::RedisPause)
+        .count();
     let slow = s.execs.iter().filter(|e| e.delay > LEASE).count();
     let stuck = s.execs.iter().filter(|e| e.delay > REQUEST_TIMEOUT).count();
     let aborts = count(&|a| matches!(a.outcome, Outcome::Aborted));
@@ -352,6 +358,10 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         "Redis `kill -9` + restart (no persistence: data lost)"
     };
     let _ = writeln!(t, "| {what} | {restarts} |");
+    let _ = writeln!(
+        t,
+        "| Redis frozen (SIGSTOP) for 0.3-0.8 s, then resumed | {pauses} |"
+    );
     let _ = writeln!(
         t,
         "| upstream slower than the lease ({} ms) | {slow} |",
