@@ -86,6 +86,8 @@ pub enum Outcome {
 pub struct Attempt {
     pub id: u64,
     pub key: usize,
+    /// Index of the sidecar it was sent to.
+    pub sidecar: usize,
     pub final_round: bool,
     pub elapsed: Duration,
     pub outcome: Outcome,
@@ -203,6 +205,7 @@ impl Clients {
             self.attempts.lock().unwrap().push(Attempt {
                 id,
                 key: i,
+                sidecar,
                 final_round,
                 elapsed: started.elapsed(),
                 outcome,

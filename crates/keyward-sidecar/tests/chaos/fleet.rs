@@ -117,6 +117,19 @@ impl ChaosSidecar {
         panic!("keyward did not listen on {} within 10 s", self.addr);
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a holder stalled like a long GC pause;
+    /// its connections stay open, its lease renewals stop.
+    pub fn freeze(&self, frozen: bool) {
+        let Some(child) = &self.child else { return };
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// The last `n` lines the process logged (warnings and errors), for a failure report.
     pub fn log_tail(&self, n: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();

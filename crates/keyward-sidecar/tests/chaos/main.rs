@@ -4,11 +4,11 @@
 //! Each scenario starts one Redis, three `keyward` sidecars on it and a fenced upstream
 //! (see `upstream.rs`), then bounded clients send idempotent POSTs (serial per account)
 //! to random sidecars and retry elsewhere on timeouts, 5xx, connection errors and 409s,
-//! while a fault injector kills sidecars with SIGKILL and restarts them, kills and
-//! restarts Redis, and freezes Redis (SIGSTOP) for a moment. Some upstream calls outlast
-//! the lease, some outlast the sidecar's `request_timeout`, and some clients give up
-//! mid-request. After the run (and after every
-//! lease has run out) each key is asked once more. The invariants are then checked on
+//! while a fault injector kills sidecars with SIGKILL and restarts them, freezes one
+//! (SIGSTOP) past its lease like a long GC pause, kills and restarts Redis, and freezes
+//! Redis for a moment. Some upstream calls outlast the lease, some outlast the sidecar's
+//! `request_timeout`, and some clients give up mid-request. After the run (and after
+//! every lease has run out) each key is asked once more. The invariants are then checked on
 //! what the clients and the upstream recorded (`verdict.rs`) and printed as a table.
 //!
 //! Randomness is seeded: set `CHAOS_SEED` (decimal or 0x-hex) to replay a run's
@@ -63,6 +63,7 @@ enum Step {
     KillSidecar(usize),
     RestartRedis,
     PauseRedis,
+    FreezeSidecar(usize),
 }
 
 /// Kills and restarts sidecars and Redis on a seeded schedule while `running`; hands
@@ -77,13 +78,14 @@ async fn inject(
     let steps = [
         Step::KillSidecar(0),
         Step::RestartRedis,
-        Step::PauseRedis,
-        Step::KillSidecar(1),
-        Step::RestartRedis,
+        Step::FreezeSidecar(1),
         Step::PauseRedis,
         Step::KillSidecar(2),
         Step::RestartRedis,
-        Step::KillSidecar(0),
+        Step::FreezeSidecar(0),
+        Step::PauseRedis,
+        Step::KillSidecar(1),
+        Step::RestartRedis,
     ];
     let start = Instant::now();
     let mut faults = Vec::new();
@@ -96,8 +98,19 @@ async fn inject(
             break;
         }
         let at = Instant::now();
+        let mut target = None;
         let kind = match step {
+            Step::FreezeSidecar(i) => {
+                // Stalled past its lease: its claims and locks pass on to other
+                // sidecars while its upstream calls still run for it.
+                target = Some(i);
+                sidecars[i].freeze(true);
+                tokio::time::sleep(LEASE + Duration::from_millis(800 + rng.below(400))).await;
+                sidecars[i].freeze(false);
+                FaultKind::SidecarFreeze
+            }
             Step::KillSidecar(i) => {
+                target = Some(i);
                 sidecars[i].kill_9();
                 tokio::time::sleep(Duration::from_millis(300 + rng.below(700))).await;
                 sidecars[i].start_again().await;
@@ -122,7 +135,12 @@ async fn inject(
                 FaultKind::RedisPause
             }
         };
-        faults.push(Fault { at, kind });
+        faults.push(Fault {
+            at,
+            until: Instant::now(),
+            kind,
+            target,
+        });
     }
     (sidecars, redis, faults)
 }
@@ -197,7 +215,7 @@ async fn scenario(name: &str, persistent: bool) -> Verdict {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn exactly_once_under_chaos_with_redis_aof_always() {
     let verdict = scenario(
-        "Redis with AOF (appendfsync always); sidecar kill -9, Redis kill -9 and SIGSTOP, slow and stuck upstream, client aborts",
+        "Redis with AOF (appendfsync always); sidecar kill -9 and SIGSTOP, Redis kill -9 and SIGSTOP, slow and stuck upstream, client aborts",
         true,
     )
     .await;
@@ -207,7 +225,7 @@ async fn exactly_once_under_chaos_with_redis_aof_always() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn redis_without_persistence_loses_claims_but_keeps_the_other_invariants() {
     let verdict = scenario(
-        "Redis WITHOUT persistence; sidecar kill -9, Redis kill -9 (data lost) and SIGSTOP, slow and stuck upstream, client aborts",
+        "Redis WITHOUT persistence; sidecar kill -9 and SIGSTOP, Redis kill -9 (data lost) and SIGSTOP, slow and stuck upstream, client aborts",
         false,
     )
     .await;

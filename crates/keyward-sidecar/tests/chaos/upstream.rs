@@ -8,7 +8,9 @@
 //! waits for it. On arrival the token raises the account's "highest seen"; a token below
 //! it is refused at once (fencing went backwards: never expected). When the work ends the
 //! effect is applied only if no higher token arrived meanwhile, else the stale writer is
-//! refused (`409`, effect not applied): what a fenced resource does.
+//! refused (effect not applied): what a fenced resource does. It refuses with `503`, a
+//! status the idempotency layer does not store: the key is released and the client's
+//! retry runs as the new holder. (A `409` would be stored as the key's answer.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -174,7 +176,7 @@ async fn handle(
             (StatusCode::OK, format!("exec={id} token={token}")).into_response()
         }
         _ => (
-            StatusCode::CONFLICT,
+            StatusCode::SERVICE_UNAVAILABLE,
             format!("fenced: exec={id} token={token}"),
         )
             .into_response(),

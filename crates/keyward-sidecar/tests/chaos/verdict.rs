@@ -17,6 +17,7 @@ const ABANDON_GRACE: Duration = Duration::from_millis(250);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FaultKind {
     SidecarKill,
+    SidecarFreeze,
     RedisRestart,
     RedisPause,
 }
@@ -24,7 +25,11 @@ pub enum FaultKind {
 #[derive(Debug, Clone, Copy)]
 pub struct Fault {
     pub at: Instant,
+    /// When the process was back (restarted, resumed).
+    pub until: Instant,
     pub kind: FaultKind,
+    /// The sidecar it hit, if it hit one.
+    pub target: Option<usize>,
 }
 
 pub struct Scenario<'a> {
@@ -92,8 +97,8 @@ fn lost_cause(attempt: Option<&Attempt>) -> &'static str {
         Some(Outcome::Aborted) => "client aborted mid-request",
         Some(Outcome::ConnectionError) => "its sidecar was killed",
         Some(Outcome::Answer { status: 504, .. }) => "upstream past request_timeout (504)",
-        Some(Outcome::Answer { status: 409, .. }) => {
-            "its caller still waited: its lock was lost with Redis's data"
+        Some(Outcome::Answer { body, .. }) if body.starts_with("fenced") => {
+            "its caller still waited, but its lock had passed on"
         }
         Some(Outcome::Answer { .. }) => "answered otherwise",
         Some(Outcome::Hung) => "hung",
@@ -117,6 +122,18 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         .collect();
     let restart_between = |from: Instant, to: Instant| {
         !s.persistent && redis_restarts.iter().any(|t| *t >= from && *t <= to)
+    };
+    // The sidecar that forwarded `exec` was frozen at some time in `exec.started..=to`.
+    let frozen_between = |exec: &Exec, to: Instant| {
+        let Some(sidecar) = attempts.get(&exec.attempt).map(|a| a.sidecar) else {
+            return false;
+        };
+        s.faults.iter().any(|f| {
+            f.kind == FaultKind::SidecarFreeze
+                && f.target == Some(sidecar)
+                && f.at <= to
+                && f.until >= exec.started
+        })
     };
 
     // Execution ids whose answer some client received (fresh or replayed).
@@ -236,6 +253,7 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         (Row::new("one live execution per idempotency key"), false),
     ];
     let mut overlap_expected = 0usize;
+    let mut overlap_frozen = 0usize;
     let mut rows_overlap = Vec::new();
     for (mut row, by_account) in overlap_rows {
         let mut groups: HashMap<&str, Vec<&Exec>> = HashMap::new();
@@ -260,6 +278,10 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
                 match live_overlap {
                     Some(earlier) if restart_between(earlier.started, later.started) => {
                         overlap_expected += 1;
+                        row.checked += 1;
+                    }
+                    Some(earlier) if frozen_between(earlier, later.started) => {
+                        overlap_frozen += 1;
                         row.checked += 1;
                     }
                     Some(earlier) => row.check(false, || {
@@ -301,6 +323,11 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         .filter(|f| f.kind == FaultKind::SidecarKill)
         .count();
     let restarts = redis_restarts.len();
+    let freezes = s
+        .faults
+        .iter()
+        .filter(|f| f.kind == FaultKind::SidecarFreeze)
+        .count();
     let pauses = s
         .faults
         .iter()
@@ -357,6 +384,10 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
     } else {
         "Redis `kill -9` + restart (no persistence: data lost)"
     };
+    let _ = writeln!(
+        t,
+        "| sidecar frozen (SIGSTOP) past its lease, then resumed | {freezes} |"
+    );
     let _ = writeln!(t, "| {what} | {restarts} |");
     let _ = writeln!(
         t,
@@ -391,6 +422,10 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
             "| stale writer refused by the fenced upstream ({cause}) | {n} |"
         );
     }
+    let _ = writeln!(
+        t,
+        "| two live holders: the older one's sidecar was frozen past its lease (fencing decides) | {overlap_frozen} |"
+    );
     for (cause, n) in &lost_retried {
         let _ = writeln!(
             t,
