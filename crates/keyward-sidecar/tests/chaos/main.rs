@@ -168,7 +168,11 @@ async fn scenario(name: &str, persistent: bool) -> Verdict {
         .await
         .expect("the run phase is bounded");
     running.store(false, Ordering::SeqCst);
-    let (sidecars, _redis, faults) = injector.await.unwrap();
+    // Bounded by construction (each step waits a bounded time); a timeout all the same.
+    let (sidecars, _redis, faults) = tokio::time::timeout(Duration::from_secs(60), injector)
+        .await
+        .expect("the fault injector is bounded")
+        .unwrap();
     let run = started.elapsed();
 
     // Let abandoned upstream work end and every lease run out, then ask every key again.
