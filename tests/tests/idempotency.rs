@@ -678,3 +678,120 @@ fn fencing_token(seen: &Seen) -> u64 {
     let field = seen.body.split("token=").nth(1).unwrap();
     field.split(' ').next().unwrap().parse().unwrap()
 }
+
+/// A store whose next `fail` completions fail, like a Redis that is restarting.
+#[derive(Clone)]
+struct FlakyCompletion {
+    inner: keyward::MemoryStore,
+    fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl IdempotencyStore for FlakyCompletion {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &keyward::core::store::Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, keyward::core::store::StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: keyward::core::FencingToken,
+        fingerprint: &keyward::core::store::Fingerprint,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<Completion, keyward::core::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(keyward::core::store::StoreError::Unavailable(
+                "restarting".into(),
+            ));
+        }
+        self.inner
+            .complete(key, token, fingerprint, response, ttl)
+            .await
+    }
+
+    async fn release(
+        &self,
+        key: &ScopedKey,
+        token: keyward::core::FencingToken,
+    ) -> Result<(), keyward::core::store::StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    fn release_detached(&self, key: ScopedKey, token: keyward::core::FencingToken) {
+        self.inner.release_detached(key, token);
+    }
+
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: keyward::core::FencingToken,
+        lease: Duration,
+    ) -> Result<bool, keyward::core::store::StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn wait_settled(
+        &self,
+        key: &ScopedKey,
+        holder: keyward::core::FencingToken,
+        max: Duration,
+    ) -> Result<(), keyward::core::store::StoreError> {
+        self.inner.wait_settled(key, holder, max).await
+    }
+}
+
+/// Found by the chaos group (crates/keyward-sidecar/tests/chaos): a Redis restart while a
+/// response was being stored used to release the key at once, so the client got its 2xx
+/// and the next retry of the key ran the request a second time. A short store outage at
+/// completion is now retried (for up to the lease) and the record lands.
+#[tokio::test(start_paused = true)]
+async fn a_store_error_while_completing_is_retried_and_the_record_lands() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(3));
+    let store = FlakyCompletion {
+        inner: keyward::MemoryStore::new(),
+        fail: fail.clone(),
+    };
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
+    let first = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(fail.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert!(retry.replayed, "the record was stored after the outage");
+    assert_eq!(upstream.calls(), 1, "the retry did not run again");
+}
+
+/// ...but not forever: an outage longer than the lease releases the key (the answer
+/// still reaches the client; a retry then runs again, as documented).
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_longer_than_the_lease_releases_the_key() {
+    let store = FlakyCompletion {
+        inner: keyward::MemoryStore::new(),
+        fail: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1_000)),
+    };
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
+    let started = tokio::time::Instant::now();
+    let first = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_500) && waited <= Duration::from_secs(2),
+        "gave up after {waited:?}"
+    );
+    store.fail.store(0, std::sync::atomic::Ordering::SeqCst);
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed);
+    assert_eq!(upstream.calls(), 2);
+}

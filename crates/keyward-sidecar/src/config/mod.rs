@@ -74,6 +74,9 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub on_error: OnStoreError,
     pub max_response_bytes: u64,
+    /// Redis only: how long a crashed serial holder keeps its key (renewed every third
+    /// of it while the holder's process lives).
+    pub serial_lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -467,6 +470,11 @@ impl Checker {
                 "store.max_response_bytes",
                 raw.max_response_bytes.as_deref(),
                 256 << 20,
+            ),
+            serial_lease: self.duration(
+                "store.serial_lease",
+                raw.serial_lease.as_deref(),
+                Duration::from_secs(10),
             ),
         }
     }

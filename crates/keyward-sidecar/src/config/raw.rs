@@ -36,6 +36,7 @@ pub struct RawStore {
     pub timeout: Option<String>,
     pub on_error: Option<String>,
     pub max_response_bytes: Option<String>,
+    pub serial_lease: Option<String>,
     pub cluster: Option<bool>,
 }
 

@@ -190,3 +190,20 @@ fn passwords_are_redacted() {
     ));
     assert!(errors.iter().all(|e| !e.contains("s3cret")), "{errors:?}");
 }
+
+#[test]
+fn store_serial_lease_defaults_to_10s_and_is_configurable() {
+    let config = Config::from_toml(SERVER).unwrap();
+    assert_eq!(config.store.serial_lease, Duration::from_secs(10));
+    let config = Config::from_toml(&format!(
+        "{SERVER}[store]\nbackend = \"redis\"\nserial_lease = \"1500ms\"\n"
+    ))
+    .unwrap();
+    assert_eq!(config.store.serial_lease, Duration::from_millis(1500));
+    let errs = errors(&format!("{SERVER}[store]\nserial_lease = \"soon\"\n"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("store.serial_lease: \"soon\"")),
+        "{errs:?}"
+    );
+}

@@ -34,6 +34,9 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Short layer name in stored keys: `idem:{route}:{scope}:{key}`.
 const LAYER: &str = "idem";
 
+/// Longest a completed response waits for a failing store to take its record.
+const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Makes retried requests idempotent; built by
 /// [`IdempotencyLayer`](super::IdempotencyLayer).
 pub struct IdempotencyService<S, St, K> {
@@ -413,28 +416,46 @@ where
         }
     }
 
+    /// Stores the response. A store error here is retried (with backoff, for up to the
+    /// lease, at most [`COMPLETE_RETRY_MAX`]) before giving up: the handler already ran
+    /// and its answer goes back to the client, so a record that is not stored means the
+    /// next retry of the key runs it a second time. Store errors are usually short (a
+    /// reconnect, a restarting Redis), the claim is still ours for a lease, and completing
+    /// is fenced by the token, so retrying cannot overwrite a successor's record.
     async fn complete(
         &self,
         token: keyward_core::FencingToken,
         fingerprint: &keyward_core::store::Fingerprint,
         stored: StoredResponse,
     ) {
-        match self
-            .store
-            .complete(&self.key, token, fingerprint, stored, self.settings().ttl)
-            .await
-        {
-            Ok(Completion::Stored) => self.record(IdempotencyOutcome::Executed),
-            Ok(Completion::Fenced) => {
-                // Our lease ran out and another request took the key over: storing now
-                // would overwrite its result. Downstream fencing decides which write wins.
-                tracing::warn!("idempotency lease expired before completion; response not stored");
-                self.record(IdempotencyOutcome::Executed);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
-                self.record(IdempotencyOutcome::StoreError);
-                self.release(token).await;
+        let settings = self.settings();
+        let deadline = Instant::now() + settings.lease.min(COMPLETE_RETRY_MAX);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let result = self
+                .store
+                .complete(&self.key, token, fingerprint, stored.clone(), settings.ttl)
+                .await;
+            match result {
+                Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
+                Ok(Completion::Fenced) => {
+                    // Our lease ran out and another request took the key over: storing now
+                    // would overwrite its result. Downstream fencing decides which write wins.
+                    tracing::warn!(
+                        "idempotency lease expired before completion; response not stored"
+                    );
+                    return self.record(IdempotencyOutcome::Executed);
+                }
+                Err(error) if Instant::now() + backoff < deadline => {
+                    tracing::debug!(%error, "idempotency store failed to store the response; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
+                    self.record(IdempotencyOutcome::StoreError);
+                    return self.release(token).await;
+                }
             }
         }
     }
