@@ -128,7 +128,9 @@ impl RedisServer {
         assert!(status.success(), "kill {signal} failed");
     }
 
-    /// Starts a killed server again on the same port (empty: nothing was persisted).
+    /// Starts a killed server again on the same port and directory: empty, unless it was
+    /// started with persistence (`start_with(&["--appendonly", "yes", ...])`), in which
+    /// case it reloads what it had persisted.
     pub fn start_again(&mut self) {
         assert!(self.child.is_none(), "server still running");
         self.spawn();

@@ -7,6 +7,9 @@
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -500,6 +503,129 @@ async fn a_late_completion_that_nobody_overtook_is_stored<B: Backend>(b: B) {
     ));
 }
 
+/// A gRPC-shaped response: `application/grpc`, a message, then `grpc-status` in the
+/// trailers (with a custom trailer that must survive storage too).
+type GrpcBody = http_body_util::StreamBody<
+    futures::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<bytes::Bytes>, Infallible>>>,
+>;
+type GrpcSvc = BoxCloneSyncService<
+    http::Request<TestBody>,
+    http::Response<keyward::KeywardBody<GrpcBody>>,
+    Infallible,
+>;
+
+/// A gRPC handler answering with the `grpc-status` the request names in `x-code`; counts
+/// its calls.
+fn grpc_service<St: IdempotencyStore>(
+    layer: IdempotencyLayer<St>,
+    calls: Arc<AtomicUsize>,
+) -> GrpcSvc {
+    BoxCloneSyncService::new(ServiceBuilder::new().layer(layer).service_fn(
+        move |req: http::Request<TestBody>| {
+            let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let code = req.headers()["x-code"].clone();
+            async move {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", code);
+                trailers.insert("x-call", n.into());
+                let frames = vec![
+                    Ok(http_body::Frame::data(bytes::Bytes::from(format!(
+                        "msg {n}"
+                    )))),
+                    Ok(http_body::Frame::trailers(trailers)),
+                ];
+                let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                Ok(http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(body)
+                    .unwrap())
+            }
+        },
+    ))
+}
+
+fn grpc_call(key: Option<&str>, code: &str, body: &str) -> http::Request<TestBody> {
+    let mut req = post("/orders.v1.Orders/CreateOrder", key, None, body);
+    let headers = req.headers_mut();
+    headers.insert("content-type", "application/grpc".parse().unwrap());
+    headers.insert("x-code", code.parse().unwrap());
+    req
+}
+
+/// Body, trailers and whether it was replayed.
+async fn grpc_send(svc: &GrpcSvc, req: http::Request<TestBody>) -> (String, http::HeaderMap, bool) {
+    use http_body_util::BodyExt;
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "gRPC answers HTTP 200");
+    let replayed = res
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    let collected = res.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    let body = String::from_utf8_lossy(&collected.to_bytes()).into_owned();
+    (body, trailers, replayed)
+}
+
+async fn grpc_trailers_are_stored_and_replayed<B: Backend>(b: B) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = grpc_service(layer(&b.store()), calls.clone());
+    let first = grpc_send(&svc, grpc_call(Some("k"), "0", "order")).await;
+    assert_eq!(first.0, "msg 1");
+    assert_eq!(first.1["grpc-status"], "0");
+    assert!(!first.2);
+    let replay = grpc_send(&svc, grpc_call(Some("k"), "0", "order")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler ran once");
+    assert_eq!((replay.0.as_str(), &replay.1), (first.0.as_str(), &first.1));
+    assert_eq!(replay.1["x-call"], "1");
+    assert!(replay.2, "replays carry idempotent-replayed");
+}
+
+async fn grpc_transient_status_releases_and_deterministic_error_is_stored<B: Backend>(b: B) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = grpc_service(layer(&b.store()), calls.clone());
+    // UNAVAILABLE: the key is released, the retry executes again.
+    for expected in 1..=2 {
+        let (_, trailers, replayed) = grpc_send(&svc, grpc_call(Some("a"), "14", "x")).await;
+        assert_eq!(trailers["grpc-status"], "14");
+        assert!(!replayed);
+        assert_eq!(calls.load(Ordering::SeqCst), expected);
+    }
+    // INVALID_ARGUMENT is the handler's deterministic answer: stored and replayed.
+    let first = grpc_send(&svc, grpc_call(Some("b"), "3", "x")).await;
+    let replay = grpc_send(&svc, grpc_call(Some("b"), "3", "x")).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(replay.1["grpc-status"], "3");
+    assert_eq!(replay.0, first.0);
+    assert!(replay.2);
+}
+
+async fn grpc_rejections_are_grpc_statuses<B: Backend>(b: B) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = grpc_service(layer(&b.store()).required(true), calls.clone());
+    let status_of = |res: &http::Response<_>| {
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["content-type"], "application/grpc");
+        res.headers()["grpc-status"].to_str().unwrap().to_owned()
+    };
+    let missing = svc
+        .clone()
+        .oneshot(grpc_call(None, "0", "x"))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&missing), "3", "INVALID_ARGUMENT");
+    grpc_send(&svc, grpc_call(Some("k"), "0", "x")).await;
+    let reused = svc
+        .clone()
+        .oneshot(grpc_call(Some("k"), "0", "y"))
+        .await
+        .unwrap();
+    assert_eq!(status_of(&reused), "9", "FAILED_PRECONDITION");
+    let message = reused.headers()["grpc-message"].to_str().unwrap();
+    assert!(message.contains("different request"), "{message}");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
 /// Instantiates every test above for one backend. `paused` applies to the timed tests.
 macro_rules! suite {
     ($name:ident, $backend:expr, paused = $paused:tt) => {
@@ -520,6 +646,9 @@ macro_rules! suite {
                 oversized_responses_pass_through_and_release,
                 fencing_token_reaches_the_handler,
                 works_as_an_axum_layer,
+                grpc_trailers_are_stored_and_replayed,
+                grpc_transient_status_releases_and_deterministic_error_is_stored,
+                grpc_rejections_are_grpc_statuses,
             );
             suite!(@tests $backend, start_paused = $paused;
                 wait_is_bounded_then_409,
@@ -548,4 +677,121 @@ suite!(redis_cluster, RedisClusterBackend::start(), paused = false);
 fn fencing_token(seen: &Seen) -> u64 {
     let field = seen.body.split("token=").nth(1).unwrap();
     field.split(' ').next().unwrap().parse().unwrap()
+}
+
+/// A store whose next `fail` completions fail, like a Redis that is restarting.
+#[derive(Clone)]
+struct FlakyCompletion {
+    inner: keyward::MemoryStore,
+    fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl IdempotencyStore for FlakyCompletion {
+    async fn claim(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &keyward::core::store::Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, keyward::core::store::StoreError> {
+        self.inner.claim(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: keyward::core::FencingToken,
+        fingerprint: &keyward::core::store::Fingerprint,
+        response: StoredResponse,
+        ttl: Duration,
+    ) -> Result<Completion, keyward::core::store::StoreError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .fail
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(keyward::core::store::StoreError::Unavailable(
+                "restarting".into(),
+            ));
+        }
+        self.inner
+            .complete(key, token, fingerprint, response, ttl)
+            .await
+    }
+
+    async fn release(
+        &self,
+        key: &ScopedKey,
+        token: keyward::core::FencingToken,
+    ) -> Result<(), keyward::core::store::StoreError> {
+        self.inner.release(key, token).await
+    }
+
+    fn release_detached(&self, key: ScopedKey, token: keyward::core::FencingToken) {
+        self.inner.release_detached(key, token);
+    }
+
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: keyward::core::FencingToken,
+        lease: Duration,
+    ) -> Result<bool, keyward::core::store::StoreError> {
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn wait_settled(
+        &self,
+        key: &ScopedKey,
+        holder: keyward::core::FencingToken,
+        max: Duration,
+    ) -> Result<(), keyward::core::store::StoreError> {
+        self.inner.wait_settled(key, holder, max).await
+    }
+}
+
+/// Found by the chaos group (crates/keyward-sidecar/tests/chaos): a Redis restart while a
+/// response was being stored used to release the key at once, so the client got its 2xx
+/// and the next retry of the key ran the request a second time. A short store outage at
+/// completion is now retried (for up to the lease) and the record lands.
+#[tokio::test(start_paused = true)]
+async fn a_store_error_while_completing_is_retried_and_the_record_lands() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(3));
+    let store = FlakyCompletion {
+        inner: keyward::MemoryStore::new(),
+        fail: fail.clone(),
+    };
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
+    let first = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(fail.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert!(retry.replayed, "the record was stored after the outage");
+    assert_eq!(upstream.calls(), 1, "the retry did not run again");
+}
+
+/// ...but not forever: an outage longer than the lease releases the key (the answer
+/// still reaches the client; a retry then runs again, as documented).
+#[tokio::test(start_paused = true)]
+async fn a_store_outage_longer_than_the_lease_releases_the_key() {
+    let store = FlakyCompletion {
+        inner: keyward::MemoryStore::new(),
+        fail: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1_000)),
+    };
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
+    let started = tokio::time::Instant::now();
+    let first = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1_500) && waited <= Duration::from_secs(2),
+        "gave up after {waited:?}"
+    );
+    store.fail.store(0, std::sync::atomic::Ordering::SeqCst);
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed);
+    assert_eq!(upstream.calls(), 2);
 }

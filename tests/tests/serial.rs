@@ -390,6 +390,7 @@ async fn store_errors_fail_closed_by_default_or_open_when_asked() {
     let closed = layer(DownStore).layer(service_fn(echo_token));
     let res = closed.oneshot(req("a")).await.unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "1");
     assert_eq!(problem_type(res).await, types::STORE_UNAVAILABLE);
 
     let mut open = layer(DownStore)

@@ -566,6 +566,7 @@ async fn store_errors_fail_closed_or_coalesce_in_process_only() {
         follower.await.unwrap().unwrap(),
     ] {
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "1");
         assert_eq!(problem_type(response).await, types::STORE_UNAVAILABLE);
     }
     assert_eq!(upstream.calls(), 0);

@@ -13,6 +13,7 @@
 //!   answers each decision in one round trip.
 //! - [`Problem`]: RFC 9457 `application/problem+json` rejections with stable `type` values.
 //! - [`KeywardBody`]: the response body every layer returns.
+//! - [`grpc`]: gRPC requests get their rejections as gRPC statuses (the mapping table).
 //! - [`gcra`]: quotas and the GCRA decision; [`ratelimit`]: the IETF RateLimit headers.
 //! - [`telemetry`]: span, field and outcome names from the behaviour contract.
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ mod body;
 mod extract;
 mod fencing;
 pub mod gcra;
+pub mod grpc;
 mod idempotency_key;
 mod key;
 pub mod problem;

@@ -2,11 +2,14 @@
 //!
 //! Every rejection keyward produces carries one of the stable `type` values in [`types`];
 //! clients and dashboards may switch on them. They are documented in `docs/problems.md`.
+//! gRPC requests get the same rejections as gRPC statuses (see [`crate::grpc`]).
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, HeaderName, HeaderValue, RETRY_AFTER};
 use http::{Response, StatusCode};
 use std::time::Duration;
+
+use crate::grpc::{Code, GRPC_MESSAGE, GRPC_STATUS, PROBLEM_TYPE, Protocol, encode_message};
 
 /// The stable `type` URIs of keyward's problem responses.
 pub mod types {
@@ -88,14 +91,15 @@ impl Problem {
             .detail(error.to_string())
     }
 
-    /// 503 [`types::STORE_UNAVAILABLE`]: the store did not answer and the layer fails
-    /// closed.
+    /// 503 [`types::STORE_UNAVAILABLE`] with `Retry-After: 1`: the store did not answer
+    /// and the layer fails closed. Every layer answers a store failure with this one.
     pub fn store_unavailable() -> Self {
         Problem::new(
             StatusCode::SERVICE_UNAVAILABLE,
             types::STORE_UNAVAILABLE,
             "Coordination store unavailable",
         )
+        .retry_after(Duration::from_secs(1))
     }
 
     /// A human-readable explanation of this occurrence. Never put raw keys in it.
@@ -126,13 +130,70 @@ impl Problem {
         self.type_uri
     }
 
-    /// Renders the response with a [`KeywardBody`](crate::KeywardBody), the body type
-    /// every layer returns.
-    pub fn into_keyward_response<B: http_body::Body>(self) -> Response<crate::KeywardBody<B>> {
-        self.into_response().map(crate::KeywardBody::full)
+    /// Renders the response for a request speaking `protocol`, with a
+    /// [`KeywardBody`](crate::KeywardBody), the body type every layer returns. This is
+    /// how every layer answers a rejection, so gRPC callers always get a gRPC status.
+    pub fn into_keyward_response<B: http_body::Body>(
+        self,
+        protocol: Protocol,
+    ) -> Response<crate::KeywardBody<B>> {
+        self.into_response_for(protocol)
+            .map(crate::KeywardBody::full)
     }
 
-    /// Renders the response.
+    /// Renders the response for a request speaking `protocol`: an
+    /// `application/problem+json` document for HTTP, a trailers-only response for gRPC
+    /// (HTTP 200, no body, `grpc-status` from [`Code::for_http`], `grpc-message` =
+    /// percent-encoded "title: detail", the type in `keyward-problem-type`; added headers
+    /// such as `Retry-After` become response metadata).
+    ///
+    /// ```
+    /// use keyward_core::grpc::Protocol;
+    /// use keyward_core::problem::{Problem, types};
+    /// use http::StatusCode;
+    /// let res = Problem::new(StatusCode::CONFLICT, types::IDEMPOTENCY_IN_FLIGHT, "In flight")
+    ///     .detail("still running: 100%")
+    ///     .retry_after(std::time::Duration::from_secs(1))
+    ///     .into_response_for(Protocol::Grpc);
+    /// assert_eq!(res.status(), StatusCode::OK);
+    /// assert_eq!(res.headers()["content-type"], "application/grpc");
+    /// assert_eq!(res.headers()["grpc-status"], "10"); // ABORTED
+    /// assert_eq!(res.headers()["grpc-message"], "In flight: still running: 100%25");
+    /// assert_eq!(res.headers()["keyward-problem-type"], types::IDEMPOTENCY_IN_FLIGHT);
+    /// assert_eq!(res.headers()["retry-after"], "1");
+    /// assert!(res.body().is_empty());
+    /// ```
+    pub fn into_response_for(self, protocol: Protocol) -> Response<Bytes> {
+        match protocol {
+            Protocol::Http => self.into_response(),
+            Protocol::Grpc => self.into_grpc_response(),
+        }
+    }
+
+    fn into_grpc_response(self) -> Response<Bytes> {
+        let message = match &self.detail {
+            Some(detail) => format!("{}: {}", self.title, detail),
+            None => self.title.to_owned(),
+        };
+        let mut res = Response::new(Bytes::new());
+        let headers = res.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            GRPC_STATUS,
+            HeaderValue::from(u16::from(Code::for_http(self.status).as_u8())),
+        );
+        // Percent-encoding leaves only visible ASCII and spaces: always a valid value.
+        if let Ok(value) = HeaderValue::try_from(encode_message(&message)) {
+            headers.insert(GRPC_MESSAGE, value);
+        }
+        headers.insert(PROBLEM_TYPE, HeaderValue::from_static(self.type_uri));
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        res
+    }
+
+    /// Renders the response as an `application/problem+json` document.
     pub fn into_response(self) -> Response<Bytes> {
         let mut body = serde_json::json!({
             "type": self.type_uri,
@@ -184,5 +245,35 @@ mod tests {
             .into_response();
         let json: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
         assert_eq!(json["detail"], "quote \" and \n newline");
+    }
+
+    #[test]
+    fn grpc_rejections_are_trailers_only_with_mapped_status() {
+        let res = Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            types::QUOTA_EXCEEDED,
+            "Quota",
+        )
+        .detail("über\nlimit")
+        .header(
+            HeaderName::from_static("ratelimit"),
+            HeaderValue::from_static("\"q\";r=0;t=5"),
+        )
+        .into_response_for(Protocol::Grpc);
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["grpc-status"], "8");
+        assert_eq!(res.headers()["grpc-message"], "Quota: %C3%BCber%0Alimit");
+        assert_eq!(res.headers()["ratelimit"], "\"q\";r=0;t=5");
+        assert!(res.body().is_empty());
+
+        let res = Problem::store_unavailable().into_response_for(Protocol::Grpc);
+        assert_eq!(res.headers()["grpc-status"], "14");
+        assert_eq!(
+            res.headers()["grpc-message"],
+            "Coordination store unavailable"
+        );
+        let http = Problem::store_unavailable().into_response_for(Protocol::Http);
+        assert_eq!(http.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(http.headers()["content-type"], "application/problem+json");
     }
 }

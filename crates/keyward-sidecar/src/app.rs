@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use http::{Method, Request, Response};
+use keyward_core::grpc::Protocol;
 use keyward_core::{PathParams, PeerAddr};
 use opentelemetry::metrics::Meter;
 use tower::ServiceExt;
@@ -44,6 +45,7 @@ impl App {
         let upstream = Upstream::new(
             config.server.upstream.clone(),
             config.server.request_timeout,
+            config.server.upstream_protocol,
         );
         let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut order = Vec::new();
@@ -82,6 +84,7 @@ impl App {
         let started = Instant::now();
         req.extensions_mut().insert(PeerAddr(peer));
         let method = req.method().clone();
+        let protocol = Protocol::of(req.headers());
         let (route_name, service) = match self.route_for(&mut req) {
             Some(route) => (route.name.as_str(), route.service.clone()),
             None => ("-", self.inner.passthrough.clone()),
@@ -92,7 +95,7 @@ impl App {
             Ok(res) => res,
             Err(error) => {
                 tracing::warn!(parent: &span, %error, "no response from upstream");
-                error.into_response()
+                error.into_response(protocol)
             }
         };
         tracing::info!(

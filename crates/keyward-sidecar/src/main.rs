@@ -203,6 +203,7 @@ async fn serve(config: Config) -> ExitCode {
                 .url(url.as_str())
                 .prefix(config.store.prefix.as_str())
                 .timeout(config.store.timeout)
+                .serial_lease(config.store.serial_lease)
                 .cluster(*cluster)
                 .build();
             let store = match built {

@@ -1,7 +1,7 @@
-//! The upstream: a pooled HTTP/1.1 client that forwards a request as a reverse proxy
-//! does (hop-by-hop headers removed, `X-Forwarded-For` and `Forwarded` appended) and fails
-//! with a [`ProxyError`] when no response arrives, so that layers see "outcome unknown"
-//! rather than a response.
+//! The upstream: a pooled HTTP/1.1 or h2c client that forwards a request as a reverse
+//! proxy does (hop-by-hop headers removed, `X-Forwarded-For` and `Forwarded` appended) and
+//! fails with a [`ProxyError`] when no response arrives, so that layers see "outcome
+//! unknown" rather than a response. Response trailers (gRPC's `grpc-status`) pass through.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -17,9 +17,12 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::{PeerAddr, Problem};
 use tower::Service;
+
+use crate::config::UpstreamProtocol;
 
 /// No response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +38,9 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
-    /// The problem response a client gets for this error.
-    pub fn into_response(self) -> Response<Body> {
+    /// The problem response a client gets for this error: problem+json, or a gRPC
+    /// status (UNAVAILABLE, DEADLINE_EXCEEDED, ...) when the client speaks gRPC.
+    pub fn into_response(self, protocol: Protocol) -> Response<Body> {
         let problem = match &self {
             ProxyError::Unreachable(_) | ProxyError::Body(_) => Problem::new(
                 StatusCode::BAD_GATEWAY,
@@ -55,7 +59,7 @@ impl ProxyError {
                 "Request cannot be forwarded",
             ),
         };
-        problem.into_response().map(Body::from)
+        problem.into_response_for(protocol).map(Body::from)
     }
 }
 
@@ -68,21 +72,27 @@ pub struct Upstream {
     client: Client<HttpConnector, Body>,
     base: Uri,
     timeout: Duration,
+    protocol: UpstreamProtocol,
 }
 
 impl Upstream {
-    pub fn new(base: Uri, timeout: Duration) -> Self {
+    pub fn new(base: Uri, timeout: Duration, protocol: UpstreamProtocol) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
+        let mut builder = Client::builder(TokioExecutor::new());
+        builder
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+            .pool_max_idle_per_host(256);
+        if protocol == UpstreamProtocol::H2c {
+            // Prior knowledge: one multiplexed connection, no Upgrade dance.
+            builder.http2_only(true);
+        }
         Upstream {
-            client,
+            client: builder.build(connector),
             base,
             timeout,
+            protocol,
         }
     }
 
@@ -116,13 +126,24 @@ impl Service<Request<Body>> for Upstream {
         // own. Empty unless OTLP export is on.
         let mut trace_context = HeaderMap::new();
         crate::telemetry::inject_current(&mut trace_context);
+        let protocol = self.protocol;
         Box::pin(async move {
             parts.uri = uri?;
             let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
+            let wants_trailers = accepts_trailers(&parts.headers);
             remove_hop_by_hop(&mut parts.headers);
             append_forwarded(&mut parts.headers, peer);
             parts.headers.extend(trace_context);
-            parts.version = http::Version::HTTP_11;
+            parts.version = match protocol {
+                UpstreamProtocol::Http1 => http::Version::HTTP_11,
+                UpstreamProtocol::H2c => http::Version::HTTP_2,
+            };
+            if wants_trailers && protocol == UpstreamProtocol::H2c {
+                // The one TE value HTTP/2 allows; gRPC servers require it.
+                parts
+                    .headers
+                    .insert(header::TE, HeaderValue::from_static("trailers"));
+            }
             let req = Request::from_parts(parts, body);
             let res = match tokio::time::timeout(timeout, client.request(req)).await {
                 Err(_) => return Err(ProxyError::Timeout(timeout)),
@@ -139,8 +160,14 @@ impl Service<Request<Body>> for Upstream {
                 .exact()
                 .is_some_and(|n| n <= SMALL_RESPONSE)
             {
-                let bytes = body.collect().await.map_err(ProxyError::Body)?.to_bytes();
-                return Ok(Response::from_parts(parts, Body::from(bytes)));
+                let collected = body.collect().await.map_err(ProxyError::Body)?;
+                if collected.trailers().is_some() {
+                    return Ok(Response::from_parts(parts, Body::new(collected)));
+                }
+                return Ok(Response::from_parts(
+                    parts,
+                    Body::from(collected.to_bytes()),
+                ));
             }
             Ok(Response::from_parts(parts, Body::new(body)))
         })
@@ -157,6 +184,16 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
+
+/// Whether the client said it accepts trailers (`TE: trailers`, as gRPC clients do).
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+}
 
 /// Removes the headers that describe one connection, including those `Connection` names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {

@@ -16,7 +16,8 @@
 //! The key of each request comes from a [`KeySpec`] (`header:NAME`, `path:PARAM`,
 //! `query:NAME`, `peer_ip`, `method_uri`, or a list of them) or any closure implementing
 //! [`KeyExtractor`]. Rejections are RFC 9457 problem responses
-//! ([`keyward_core::problem::types`]).
+//! ([`keyward_core::problem::types`]); gRPC requests get them as gRPC statuses
+//! ([`keyward_core::grpc`] has the mapping).
 //!
 //! # Telemetry
 //!

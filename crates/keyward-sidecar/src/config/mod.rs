@@ -31,10 +31,21 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub upstream: Uri,
+    pub upstream_protocol: UpstreamProtocol,
     pub admin: Option<SocketAddr>,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+}
+
+/// How the sidecar talks to its upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over pooled keep-alive connections (`"http1"`, the default).
+    Http1,
+    /// HTTP/2 with prior knowledge over cleartext (`"h2c"`), e.g. for gRPC upstreams:
+    /// requests are multiplexed and trailers pass through.
+    H2c,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -63,6 +74,9 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub on_error: OnStoreError,
     pub max_response_bytes: u64,
+    /// Redis only: how long a crashed serial holder keeps its key (renewed every third
+    /// of it while the holder's process lives).
+    pub serial_lease: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -366,6 +380,17 @@ impl Checker {
                 Uri::from_static("http://127.0.0.1:9000")
             }
         };
+        let upstream_protocol = match raw.upstream_protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2c") => UpstreamProtocol::H2c,
+            Some(other) => {
+                self.fail(
+                    "server.upstream_protocol",
+                    format!("{other:?} is not one of \"http1\", \"h2c\""),
+                );
+                UpstreamProtocol::Http1
+            }
+        };
         let admin = match raw.admin.as_deref() {
             Some("off") => None,
             Some(text) => self.socket("server.admin", text),
@@ -374,6 +399,7 @@ impl Checker {
         ServerConfig {
             listen,
             upstream,
+            upstream_protocol,
             admin,
             request_timeout: self.duration(
                 "server.request_timeout",
@@ -444,6 +470,11 @@ impl Checker {
                 "store.max_response_bytes",
                 raw.max_response_bytes.as_deref(),
                 256 << 20,
+            ),
+            serial_lease: self.duration(
+                "store.serial_lease",
+                raw.serial_lease.as_deref(),
+                Duration::from_secs(10),
             ),
         }
     }

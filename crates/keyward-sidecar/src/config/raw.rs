@@ -20,6 +20,7 @@ pub struct RawConfig {
 pub struct RawServer {
     pub listen: String,
     pub upstream: String,
+    pub upstream_protocol: Option<String>,
     pub admin: Option<String>,
     pub request_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
@@ -35,6 +36,7 @@ pub struct RawStore {
     pub timeout: Option<String>,
     pub on_error: Option<String>,
     pub max_response_bytes: Option<String>,
+    pub serial_lease: Option<String>,
     pub cluster: Option<bool>,
 }
 

@@ -145,6 +145,10 @@ fn every_error_names_the_field_and_the_value() {
             "store.backend: \"etcd\"",
         ),
         (
+            "[server]\nlisten = \"127.0.0.1:1\"\nupstream = \"http://127.0.0.1:2\"\nupstream_protocol = \"h3\"\n".to_owned(),
+            "server.upstream_protocol: \"h3\" is not one of",
+        ),
+        (
             format!("{SERVER}[telemetry]\notlp_endpoint = \"collector:4317\"\n"),
             "telemetry.otlp_endpoint: \"collector:4317\"",
         ),
@@ -189,4 +193,21 @@ fn passwords_are_redacted() {
         "{SERVER}[store]\nbackend = \"redis\"\nurl = \"http://u:s3cret@h\"\n"
     ));
     assert!(errors.iter().all(|e| !e.contains("s3cret")), "{errors:?}");
+}
+
+#[test]
+fn store_serial_lease_defaults_to_10s_and_is_configurable() {
+    let config = Config::from_toml(SERVER).unwrap();
+    assert_eq!(config.store.serial_lease, Duration::from_secs(10));
+    let config = Config::from_toml(&format!(
+        "{SERVER}[store]\nbackend = \"redis\"\nserial_lease = \"1500ms\"\n"
+    ))
+    .unwrap();
+    assert_eq!(config.store.serial_lease, Duration::from_millis(1500));
+    let errs = errors(&format!("{SERVER}[store]\nserial_lease = \"soon\"\n"));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("store.serial_lease: \"soon\"")),
+        "{errs:?}"
+    );
 }

@@ -25,6 +25,19 @@
 //!   `ambiguous`.
 //! - Rejections are `application/problem+json` with the stable types in
 //!   [`keyward_core::problem::types`].
+//! - gRPC (`content-type: application/grpc…`): the key comes from the
+//!   `idempotency-key` metadata (the same header); rejections are gRPC statuses
+//!   (`INVALID_ARGUMENT`, `FAILED_PRECONDITION` for a reused key, `ABORTED` while in
+//!   flight; the table is in [`keyward_core::grpc`]). Since gRPC answers HTTP 200, the
+//!   `grpc-status` decides what is stored: `OK` and deterministic errors are stored with
+//!   their trailers and replayed; transient codes (`UNAVAILABLE`, `INTERNAL`, `UNKNOWN`,
+//!   `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, `ABORTED`, `CANCELLED`, `DATA_LOSS`)
+//!   release the key. Use it on unary methods only: the request is read whole first.
+//!   The layer hands the buffered request on, so the request body type must convert
+//!   from `Bytes`: tonic's `Routes` (an axum router) gives a per-method layer such a body;
+//!   as a tonic server layer, convert first with
+//!   `.map_request(|req: http::Request<tonic::body::Body>| req.map(axum::body::Body::new))`
+//!   (`examples/grpc-orders` does both).
 //!
 //! Every decision is one `keyward.idempotency` span with `keyward.route`,
 //! `keyward.key_hash`, `keyward.outcome`, `keyward.wait_seconds` and

@@ -6,6 +6,7 @@ use http::{HeaderMap, HeaderValue, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use keyward_core::KeywardBody;
+use keyward_core::grpc::{self, Code, Protocol};
 use keyward_core::store::StoredResponse;
 
 use super::layer::{IDEMPOTENT_REPLAYED, ReplayHeaders};
@@ -40,6 +41,21 @@ pub(crate) fn releases_key(status: StatusCode, store_server_errors: bool) -> boo
         || status == StatusCode::REQUEST_TIMEOUT
         || status.as_u16() == 425
         || status == StatusCode::TOO_MANY_REQUESTS
+}
+
+/// Whether a gRPC response frees the key: gRPC answers HTTP 200 even for failures, so
+/// the call's `grpc-status` decides. Transient codes ([`Code::is_transient`]: the analogue
+/// of 5xx, 408 and 429) and a missing status (a broken call) release the key;
+/// `OK` and deterministic errors such as `INVALID_ARGUMENT` are stored and replayed.
+pub(crate) fn grpc_releases_key(
+    headers: &HeaderMap,
+    trailers: Option<&HeaderMap>,
+    store_server_errors: bool,
+) -> bool {
+    if store_server_errors || Protocol::of(headers) != Protocol::Grpc {
+        return false;
+    }
+    grpc::status_of(headers, trailers).is_none_or(Code::is_transient)
 }
 
 /// The headers of `headers` that may be stored under `policy`.
@@ -172,6 +188,47 @@ mod tests {
         let kept = storable_headers(&headers, &only);
         let names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["location"]);
+    }
+
+    #[test]
+    fn grpc_status_decides_for_grpc_responses() {
+        let grpc = |status: Option<&str>| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, "application/grpc".parse().unwrap());
+            let trailers = status.map(|code| {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", code.parse().unwrap());
+                trailers
+            });
+            (headers, trailers)
+        };
+        for code in ["1", "2", "4", "8", "10", "13", "14", "15"] {
+            let (headers, trailers) = grpc(Some(code));
+            assert!(
+                grpc_releases_key(&headers, trailers.as_ref(), false),
+                "{code}"
+            );
+            assert!(
+                !grpc_releases_key(&headers, trailers.as_ref(), true),
+                "{code}"
+            );
+        }
+        for code in ["0", "3", "5", "6", "7", "9", "11", "12", "16"] {
+            let (headers, trailers) = grpc(Some(code));
+            assert!(
+                !grpc_releases_key(&headers, trailers.as_ref(), false),
+                "{code}"
+            );
+        }
+        // No status at all: the call broke off.
+        let (headers, _) = grpc(None);
+        assert!(grpc_releases_key(&headers, None, false));
+        // Trailers-only: the status is in the headers.
+        let (mut headers, _) = grpc(None);
+        headers.insert("grpc-status", "3".parse().unwrap());
+        assert!(!grpc_releases_key(&headers, None, false));
+        // Not gRPC: the HTTP status alone decides.
+        assert!(!grpc_releases_key(&HeaderMap::new(), None, false));
     }
 
     #[test]

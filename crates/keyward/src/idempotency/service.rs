@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::store::{
     ClaimOutcome, Completion, IdempotencyStore, OnStoreError, StoreError, StoredResponse,
@@ -26,13 +27,16 @@ use super::future::ResponseFuture;
 use super::layer::{Config, OnInFlight, Settings};
 use super::request::{BodyRejection, fingerprint, read_body};
 use super::response::{
-    Buffered, buffer_response, original, releases_key, replay, storable_headers,
+    Buffered, buffer_response, grpc_releases_key, original, releases_key, replay, storable_headers,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Short layer name in stored keys: `idem:{route}:{scope}:{key}`.
 const LAYER: &str = "idem";
+
+/// Longest a completed response waits for a failing store to take its record.
+const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Makes retried requests idempotent; built by
 /// [`IdempotencyLayer`](super::IdempotencyLayer).
@@ -96,6 +100,7 @@ where
             keyward.fencing_token = tracing::field::Empty,
         );
 
+        let protocol = Protocol::of(req.headers());
         let key = match self.scoped_key(&req) {
             Ok(Some(key)) => key,
             Ok(None) if settings.required => {
@@ -109,7 +114,7 @@ where
                     "this route requires a key from {}",
                     self.config.key_name
                 ));
-                return ResponseFuture::ready(problem.into_keyward_response());
+                return ResponseFuture::ready(problem.into_keyward_response(protocol));
             }
             Ok(None) => {
                 record(settings, &span, IdempotencyOutcome::MissingKey);
@@ -124,7 +129,7 @@ where
                     "Invalid Idempotency-Key",
                 )
                 .detail(reason);
-                return ResponseFuture::ready(problem.into_keyward_response());
+                return ResponseFuture::ready(problem.into_keyward_response(protocol));
             }
         };
         if !span.is_disabled() {
@@ -135,6 +140,7 @@ where
             config: self.config.clone(),
             key,
             span: span.clone(),
+            protocol,
         };
         ResponseFuture::coordinated(Box::pin(attempt.run(inner, req).instrument(span)))
     }
@@ -179,6 +185,8 @@ struct Attempt<St, K> {
     config: Arc<Config<K>>,
     key: ScopedKey,
     span: Span,
+    /// How rejections are rendered for this request.
+    protocol: Protocol,
 }
 
 /// What running the handler produced.
@@ -230,7 +238,7 @@ where
                     "idempotent requests on this route are limited to {} bytes",
                     settings.max_body
                 ));
-                return Ok(problem.into_keyward_response());
+                return Ok(problem.into_keyward_response(self.protocol));
             }
             Err(BodyRejection::Unreadable(error)) => {
                 tracing::debug!(%error, "request body could not be read");
@@ -239,7 +247,7 @@ where
                     types::BODY_UNREADABLE,
                     "Request body unreadable",
                 );
-                return Ok(problem.into_keyward_response());
+                return Ok(problem.into_keyward_response(self.protocol));
             }
         };
         let fingerprint = fingerprint(&parts, &settings.fingerprint_headers, &body);
@@ -251,7 +259,7 @@ where
                 self.record(IdempotencyOutcome::StoreError);
                 tracing::warn!(%error, "idempotency store failed");
                 return match settings.on_store_error {
-                    OnStoreError::Closed => Ok(store_unavailable()),
+                    OnStoreError::Closed => Ok(store_unavailable(self.protocol)),
                     OnStoreError::Open => {
                         let req = Request::from_parts(parts, B::from(body));
                         let res = Box::pin(inner.call(req)).await;
@@ -291,6 +299,13 @@ where
                 return Ok(Ran::Released(res.map(KeywardBody::inner)));
             }
             Ok(match buffer_response(res, max_response).await {
+                Buffered::Complete {
+                    parts,
+                    body,
+                    trailers,
+                } if grpc_releases_key(&parts.headers, trailers.as_ref(), store_server_errors) => {
+                    Ran::Released(original(parts, body, trailers))
+                }
                 Buffered::Complete {
                     parts,
                     body,
@@ -376,7 +391,9 @@ where
                         "Idempotency-Key reused with a different request",
                     )
                     .detail("this key was first used with a different method, path, query or body");
-                    return Ok(Claim::Answer(Box::new(problem.into_keyward_response())));
+                    return Ok(Claim::Answer(Box::new(
+                        problem.into_keyward_response(self.protocol),
+                    )));
                 }
                 ClaimOutcome::InFlight { holder, .. } => {
                     let now = Instant::now();
@@ -395,36 +412,56 @@ where
                     )
                     .detail("a request with this key is still being processed; retry later")
                     .retry_after(Duration::from_secs(1));
-                    return Ok(Claim::Answer(Box::new(problem.into_keyward_response())));
+                    return Ok(Claim::Answer(Box::new(
+                        problem.into_keyward_response(self.protocol),
+                    )));
                 }
             }
         }
     }
 
+    /// Stores the response. A store error here is retried (with backoff, for up to the
+    /// lease, at most [`COMPLETE_RETRY_MAX`]) before giving up: the handler already ran
+    /// and its answer goes back to the client, so a record that is not stored means the
+    /// next retry of the key runs it a second time. Store errors are usually short (a
+    /// reconnect, a restarting Redis), the claim is still ours for a lease, and completing
+    /// is fenced by the token, so retrying cannot overwrite a successor's record.
     async fn complete(
         &self,
         token: keyward_core::FencingToken,
         fingerprint: &keyward_core::store::Fingerprint,
         stored: StoredResponse,
     ) {
-        let call = std::time::Instant::now();
-        let completed = self
-            .store
-            .complete(&self.key, token, fingerprint, stored, self.settings().ttl)
-            .await;
-        self.settings().metrics.store_call(STORE_OP_COMPLETE, call);
-        match completed {
-            Ok(Completion::Stored) => self.record(IdempotencyOutcome::Executed),
-            Ok(Completion::Fenced) => {
-                // Our lease ran out and another request took the key over: storing now
-                // would overwrite its result. Downstream fencing decides which write wins.
-                tracing::warn!("idempotency lease expired before completion; response not stored");
-                self.record(IdempotencyOutcome::Executed);
-            }
-            Err(error) => {
-                tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
-                self.record(IdempotencyOutcome::StoreError);
-                self.release(token).await;
+        let settings = self.settings();
+        let deadline = Instant::now() + settings.lease.min(COMPLETE_RETRY_MAX);
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let call = std::time::Instant::now();
+            let result = self
+                .store
+                .complete(&self.key, token, fingerprint, stored.clone(), settings.ttl)
+                .await;
+            settings.metrics.store_call(STORE_OP_COMPLETE, call);
+            match result {
+                Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
+                Ok(Completion::Fenced) => {
+                    // Our lease ran out and another request took the key over: storing now
+                    // would overwrite its result. Downstream fencing decides which write wins.
+                    tracing::warn!(
+                        "idempotency lease expired before completion; response not stored"
+                    );
+                    return self.record(IdempotencyOutcome::Executed);
+                }
+                Err(error) if Instant::now() + backoff < deadline => {
+                    tracing::debug!(%error, "idempotency store failed to store the response; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
+                    self.record(IdempotencyOutcome::StoreError);
+                    return self.release(token).await;
+                }
             }
         }
     }
@@ -444,8 +481,6 @@ enum Claim<ResB: Body> {
     Answer(Box<Response<KeywardBody<ResB>>>),
 }
 
-fn store_unavailable<ResB: Body>() -> Response<KeywardBody<ResB>> {
-    Problem::store_unavailable()
-        .retry_after(Duration::from_secs(1))
-        .into_keyward_response()
+fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {
+    Problem::store_unavailable().into_keyward_response(protocol)
 }

@@ -7,6 +7,7 @@ use std::task::{Context, Poll, ready};
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use keyward_core::gcra::{Quota, QuotaDecision};
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::ratelimit::{RATELIMIT, RATELIMIT_POLICY, format_ratelimit, to_header_value};
 use keyward_core::store::{OnStoreError, StoreError};
@@ -29,6 +30,7 @@ pub(crate) struct Decide {
     pub(crate) metrics: LayerMetrics,
     /// When the store call started.
     pub(crate) started: std::time::Instant,
+    pub(crate) protocol: Protocol,
     pub(crate) span: tracing::Span,
 }
 
@@ -144,7 +146,7 @@ impl Decide {
                 self.quota.burst()
             )),
         };
-        Next::Answer(problem.into_response())
+        Next::Answer(problem.into_response_for(self.protocol))
     }
 
     fn failed(&self, error: &StoreError) -> Next {
@@ -155,8 +157,7 @@ impl Decide {
             OnStoreError::Closed => Next::Answer(
                 Problem::store_unavailable()
                     .detail("the quota store did not answer")
-                    .retry_after(std::time::Duration::from_secs(1))
-                    .into_response(),
+                    .into_response_for(self.protocol),
             ),
         }
     }

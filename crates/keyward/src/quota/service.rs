@@ -4,6 +4,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{Request, Response};
+use keyward_core::grpc::Protocol;
 use keyward_core::store::QuotaStore;
 use keyward_core::telemetry::FIELD_KEY_HASH;
 use keyward_core::{KeyExtractor, Problem, Scope, ScopedKey};
@@ -63,6 +64,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = &*self.config;
         let settings = &config.settings;
+        let protocol = Protocol::of(req.headers());
 
         let (key, scope) = match config.key.extract(&req).and_then(|key| {
             key.map(|key| {
@@ -74,7 +76,9 @@ where
             // No key: the request is not counted against any quota.
             Ok(None) => return ResponseFuture::pass_through(inner.call(req)),
             Err(error) => {
-                return ResponseFuture::ready(Problem::key_invalid(&error).into_response());
+                return ResponseFuture::ready(
+                    Problem::key_invalid(&error).into_response_for(protocol),
+                );
             }
         };
 
@@ -108,6 +112,7 @@ where
                 on_store_error: settings.on_store_error,
                 metrics: settings.metrics.clone(),
                 started,
+                protocol,
                 span,
             },
         )

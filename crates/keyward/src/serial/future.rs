@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::store::{
     AcquireOutcome, OnStoreError, SerialLimits, SerialPermit, SerialStore, StoreError,
@@ -89,10 +90,10 @@ where
         }
     }
 
-    pub(crate) fn rejected(problem: Problem) -> Self {
+    pub(crate) fn rejected(problem: Problem, protocol: Protocol) -> Self {
         ResponseFuture {
             state: State::Rejected {
-                response: Some(problem.into_response()),
+                response: Some(problem.into_response_for(protocol)),
             },
             span: Span::none(),
         }
@@ -208,7 +209,7 @@ where
     }
     match rejection {
         Some(problem) => State::Rejected {
-            response: Some(problem.into_response()),
+            response: Some(problem.into_response_for(Protocol::of(req.headers()))),
         },
         None => {
             // Should `call` panic, unwinding drops the guard and so releases the key.

@@ -5,6 +5,7 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::store::SerialStore;
 use keyward_core::telemetry::SPAN_SERIAL;
 use keyward_core::{KeyExtractor, KeySpec, KeywardBody, Problem, Scope, ScopedKey};
@@ -59,7 +60,8 @@ where
             }
             Err(err) => {
                 tracing::debug!(route = %self.config.route, error = %err, "serial key invalid");
-                return ResponseFuture::rejected(Problem::key_invalid(&err));
+                let protocol = Protocol::of(req.headers());
+                return ResponseFuture::rejected(Problem::key_invalid(&err), protocol);
             }
         };
         let key = ScopedKey::new("serial", &self.config.route, Scope::Unscoped, key);

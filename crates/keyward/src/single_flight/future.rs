@@ -5,6 +5,7 @@ use std::task::{Context, Poll, ready};
 
 use http::Response;
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::{KeywardBody, Problem};
 use pin_project_lite::pin_project;
 use tracing::Span;
@@ -25,7 +26,7 @@ pin_project! {
         // Not coalesced (method not configured, no key): the inner future, untouched.
         Passthrough { #[pin] future: F },
         // Rejected before any work.
-        Problem { problem: Problem },
+        Problem { problem: Problem, protocol: Protocol },
         // Polled inside the request's `keyward.single_flight` span.
         Coalesced { future: Coalesced<RB, E>, span: Span },
     }
@@ -38,9 +39,9 @@ impl<F, RB: Body, E> ResponseFuture<F, RB, E> {
         }
     }
 
-    pub(crate) fn problem(problem: Problem) -> Self {
+    pub(crate) fn problem(problem: Problem, protocol: Protocol) -> Self {
         ResponseFuture {
-            kind: Kind::Problem { problem },
+            kind: Kind::Problem { problem, protocol },
         }
     }
 
@@ -64,8 +65,8 @@ where
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(response.map(KeywardBody::inner)))
             }
-            KindProj::Problem { problem } => {
-                Poll::Ready(Ok(problem.clone().into_response().map(KeywardBody::full)))
+            KindProj::Problem { problem, protocol } => {
+                Poll::Ready(Ok(problem.clone().into_keyward_response(*protocol)))
             }
             KindProj::Coalesced { future, span } => {
                 let _entered = span.enter();

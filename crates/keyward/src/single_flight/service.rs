@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
+use keyward_core::grpc::Protocol;
 use keyward_core::problem::{Problem, types};
 use keyward_core::store::{SingleFlightStore, StoredResponse};
 use keyward_core::telemetry::SingleFlightOutcome;
@@ -88,14 +89,15 @@ where
         if !config.methods.contains(req.method()) {
             return ResponseFuture::passthrough(inner.call(req));
         }
+        let protocol = Protocol::of(req.headers());
         let key = match config.key.extract(&req) {
             Ok(Some(key)) => key,
             Ok(None) => return ResponseFuture::passthrough(inner.call(req)),
-            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error)),
+            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error), protocol),
         };
         let scope = match Scope::of_request(config.scope.as_ref(), &req) {
             Ok(scope) => scope,
-            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error)),
+            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error), protocol),
         };
         let key = ScopedKey::new("flight", &config.route, scope, key);
         let span = tracing::info_span!(
@@ -116,25 +118,26 @@ fn record(metrics: &LayerMetrics, outcome: SingleFlightOutcome) {
     metrics.decided(&Span::current(), outcome.as_str());
 }
 
-fn problem<RB: Body>(problem: Problem) -> Response<KeywardBody<RB>> {
-    problem.into_response().map(KeywardBody::full)
-}
-
-fn leader_failed<RB: Body>(metrics: &LayerMetrics) -> Response<KeywardBody<RB>> {
+fn leader_failed<RB: Body>(
+    metrics: &LayerMetrics,
+    protocol: Protocol,
+) -> Response<KeywardBody<RB>> {
     record(metrics, SingleFlightOutcome::LeaderFailed);
-    problem(
-        Problem::new(
-            StatusCode::BAD_GATEWAY,
-            types::COALESCED_LEADER_FAILED,
-            "Coalesced request failed",
-        )
-        .detail("the identical request this one was coalesced with failed"),
+    Problem::new(
+        StatusCode::BAD_GATEWAY,
+        types::COALESCED_LEADER_FAILED,
+        "Coalesced request failed",
     )
+    .detail("the identical request this one was coalesced with failed")
+    .into_keyward_response(protocol)
 }
 
-fn store_unavailable<RB: Body>(metrics: &LayerMetrics) -> Response<KeywardBody<RB>> {
+fn store_unavailable<RB: Body>(
+    metrics: &LayerMetrics,
+    protocol: Protocol,
+) -> Response<KeywardBody<RB>> {
     record(metrics, SingleFlightOutcome::StoreError);
-    problem(Problem::store_unavailable())
+    Problem::store_unavailable().into_keyward_response(protocol)
 }
 
 fn mark_coalesced<RB>(response: &mut Response<RB>) {
@@ -179,6 +182,7 @@ where
     RB::Error: Send + 'static,
     St: SingleFlightStore,
 {
+    let protocol = Protocol::of(req.headers());
     let mut started = None;
     let mut ready = true;
     for _ in 0..MAX_ELECTIONS {
@@ -199,7 +203,7 @@ where
                     metrics: config.metrics.clone(),
                 };
                 seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                return leader_response(&config.metrics, seat.run().await);
+                return leader_response(&config.metrics, seat.run().await, protocol);
             }
             Joined::Follower(seat) => {
                 // Give the readiness reserved for this request back while it waits: it
@@ -219,7 +223,8 @@ where
                     config.metrics.waited(&Span::current(), waited);
                 }
                 let metrics = &config.metrics;
-                match follower_next::<RB, S::Error>(metrics, outcome, config.on_leader_failure) {
+                let policy = config.on_leader_failure;
+                match follower_next::<RB, S::Error>(metrics, outcome, policy, protocol) {
                     Next::Respond(response) => return Ok(response),
                     Next::Elect => continue,
                     Next::CallInner => {
@@ -235,7 +240,7 @@ where
             }
         }
     }
-    Ok(leader_failed(&config.metrics))
+    Ok(leader_failed(&config.metrics, protocol))
 }
 
 /// The leader's answer: its own response or error (it drove the work), or a copy of a
@@ -243,12 +248,13 @@ where
 fn leader_response<RB: Body + 'static, E: 'static>(
     metrics: &LayerMetrics,
     outcome: Outcome,
+    protocol: Protocol,
 ) -> Result<Response<KeywardBody<RB>>, E> {
     let response = match (outcome.own, outcome.shared) {
         (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, E>>() {
             Ok(own) => *own,
             // Cannot happen: the work's result has the service's types.
-            Err(_) => return Ok(leader_failed(metrics)),
+            Err(_) => return Ok(leader_failed(metrics, protocol)),
         },
         (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
         // The flight followed a leader on another instance.
@@ -256,17 +262,19 @@ fn leader_response<RB: Body + 'static, E: 'static>(
             record(metrics, SingleFlightOutcome::Follower);
             return Ok(copy(&stored));
         }
-        (Own::None, Shared::StoreUnavailable) => return Ok(store_unavailable(metrics)),
-        (Own::None, Shared::Failed | Shared::TooLarge) => return Ok(leader_failed(metrics)),
+        (Own::None, Shared::StoreUnavailable) => {
+            return Ok(store_unavailable(metrics, protocol));
+        }
+        (Own::None, Shared::Failed | Shared::TooLarge) => {
+            return Ok(leader_failed(metrics, protocol));
+        }
     };
-    record(
-        metrics,
-        if outcome.store_error {
-            SingleFlightOutcome::StoreError
-        } else {
-            SingleFlightOutcome::Leader
-        },
-    );
+    let outcome = if outcome.store_error {
+        SingleFlightOutcome::StoreError
+    } else {
+        SingleFlightOutcome::Leader
+    };
+    record(metrics, outcome);
     response
 }
 
@@ -286,6 +294,7 @@ fn follower_next<RB: Body + 'static, E: 'static>(
     metrics: &LayerMetrics,
     outcome: Outcome,
     policy: LeaderFailure,
+    protocol: Protocol,
 ) -> Next<RB> {
     if let Own::Typed(own) = outcome.own {
         // This follower drove the leader's work to its end after the leader left: the
@@ -304,9 +313,9 @@ fn follower_next<RB: Body + 'static, E: 'static>(
             Next::Respond(copy(&stored))
         }
         Shared::TooLarge => Next::CallInner,
-        Shared::StoreUnavailable => Next::Respond(store_unavailable(metrics)),
+        Shared::StoreUnavailable => Next::Respond(store_unavailable(metrics, protocol)),
         Shared::Failed if policy == LeaderFailure::BadGateway => {
-            Next::Respond(leader_failed(metrics))
+            Next::Respond(leader_failed(metrics, protocol))
         }
         Shared::Failed => Next::Elect,
     }
