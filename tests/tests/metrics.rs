@@ -10,7 +10,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use keyward::core::gcra::Quota;
-use keyward::{IdempotencyLayer, MemoryStore, PerKeySerialLayer, QuotaLayer, SingleFlightLayer};
+use keyward::{
+    IdempotencyLayer, MemoryStore, OnInFlight, PerKeySerialLayer, QuotaLayer, SingleFlightLayer,
+};
 use keyward_core::KeySpec;
 use keyward_core::telemetry::{METRIC_DECISIONS, METRIC_STORE_SECONDS, METRIC_WAIT_SECONDS};
 use opentelemetry::metrics::{Meter, MeterProvider as _};
@@ -145,6 +147,59 @@ async fn idempotency_counts_decisions_and_store_calls() {
         [point(&["op=claim"], 2), point(&["op=complete"], 1)]
     );
     assert!(!meter.all_attribute_values().contains(RAW_KEY));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn idempotency_records_the_wait_of_a_duplicate_in_flight() {
+    let meter = TestMeter::new();
+    let entered = Arc::new(Notify::new());
+    let release = Arc::new(Notify::new());
+    let handler = service_fn({
+        let (entered, release) = (entered.clone(), release.clone());
+        move |_req: Request<Body>| {
+            let (entered, release) = (entered.clone(), release.clone());
+            async move {
+                entered.notify_one();
+                release.notified().await;
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        }
+    });
+    let service = IdempotencyLayer::new(MemoryStore::new())
+        .route("payments")
+        .on_in_flight(OnInFlight::Wait(Duration::from_secs(5)))
+        .meter(&meter.meter())
+        .layer(handler);
+
+    let first = tokio::spawn(service.clone().oneshot(post(RAW_KEY)));
+    entered.notified().await;
+    let duplicate = tokio::spawn(service.clone().oneshot(post(RAW_KEY)));
+    // On this one-thread runtime the duplicate finds the key in flight on its first poll.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    release.notify_one();
+    assert_eq!(first.await.unwrap().unwrap().status(), StatusCode::OK);
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(duplicate.headers()["idempotent-replayed"], "true");
+
+    assert_eq!(
+        meter.points(METRIC_WAIT_SECONDS),
+        [point(&["layer=idempotency", "route=payments"], 1)]
+    );
+    assert_eq!(
+        meter.points(METRIC_DECISIONS),
+        [
+            point(
+                &["layer=idempotency", "route=payments", "outcome=executed"],
+                1
+            ),
+            point(
+                &["layer=idempotency", "route=payments", "outcome=replayed"],
+                1
+            ),
+        ]
+    );
 }
 
 #[tokio::test]
