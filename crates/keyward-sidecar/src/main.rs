@@ -104,8 +104,12 @@ fn summary(config: &Config) -> String {
             config::redact_url(url)
         ),
     };
+    let admin = config
+        .server
+        .admin
+        .map_or_else(|| "off".to_owned(), |addr| addr.to_string());
     let mut out = format!(
-        "ok: listen {} -> upstream {}, store {backend}, {} route(s)",
+        "ok: listen {} -> upstream {}, admin {admin}, store {backend}, {} route(s)",
         config.server.listen,
         config.server.upstream,
         config.routes.len()
