@@ -626,6 +626,68 @@ async fn grpc_rejections_are_grpc_statuses<B: Backend>(b: B) {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+async fn inspect_reports_absent_in_flight_and_completed<B: Backend>(b: B) {
+    use keyward::core::store::RecordState;
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let layer = layer(&b.store());
+    let svc = service(layer.clone(), &upstream);
+    let lookup = |key: Option<&str>, principal| post("/", key, Some(principal), "");
+    let state = |found: Option<(ScopedKey, RecordState)>| found.unwrap().1;
+
+    let before = layer.inspect(&lookup(Some("k"), "alice")).await.unwrap();
+    assert_eq!(state(before), RecordState::Absent);
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, post("/pay", Some("k"), Some("alice"), "10")).await }
+    });
+    upstream.entered(1).await;
+    let RecordState::InFlight {
+        lease_left,
+        fingerprint: held_fingerprint,
+        ..
+    } = state(layer.inspect(&lookup(Some("k"), "alice")).await.unwrap())
+    else {
+        panic!("the running request holds the key")
+    };
+    assert!(lease_left > Duration::ZERO && lease_left <= Duration::from_secs(30));
+    upstream.open();
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    let RecordState::Completed {
+        status,
+        fingerprint,
+        expires_in,
+    } = state(
+        layer
+            .inspect(&lookup(Some("\"k\""), "alice"))
+            .await
+            .unwrap(),
+    )
+    else {
+        panic!("the response is stored")
+    };
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(fingerprint, held_fingerprint);
+    assert!(
+        expires_in > Duration::from_secs(23 * 3600) && expires_in <= Duration::from_secs(24 * 3600)
+    );
+    // Scoped by principal, like the layer: Bob's look-up of Alice's key finds nothing.
+    let bob = layer.inspect(&lookup(Some("k"), "bob")).await.unwrap();
+    assert_eq!(state(bob), RecordState::Absent);
+    assert!(
+        layer
+            .inspect(&lookup(None, "alice"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let invalid = layer
+        .inspect(&lookup(Some("a b"), "alice"))
+        .await
+        .unwrap_err();
+    assert!(!invalid.to_string().contains("a b"), "{invalid}");
+    assert_eq!(upstream.calls(), 1);
+}
+
 /// Instantiates every test above for one backend. `paused` applies to the timed tests.
 macro_rules! suite {
     ($name:ident, $backend:expr, paused = $paused:tt) => {
@@ -649,6 +711,7 @@ macro_rules! suite {
                 grpc_trailers_are_stored_and_replayed,
                 grpc_transient_status_releases_and_deterministic_error_is_stored,
                 grpc_rejections_are_grpc_statuses,
+                inspect_reports_absent_in_flight_and_completed,
             );
             suite!(@tests $backend, start_paused = $paused;
                 wait_is_bounded_then_409,

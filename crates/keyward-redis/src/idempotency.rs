@@ -18,7 +18,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use keyward_core::store::{
-    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoreError, StoredResponse,
+    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, RecordState, StoreError,
+    StoredResponse,
 };
 use keyward_core::{FencingToken, ScopedKey};
 use redis::{Script, Value};
@@ -38,9 +39,12 @@ static RENEW: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/idempotency/renew.lua")));
 static ABANDON: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/idempotency/abandon.lua")));
+static INSPECT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/inspect.lua")));
 
 /// Scripts [`RedisStore::ping`] preloads.
-pub(crate) static SCRIPTS: [&LazyLock<Script>; 5] = [&CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON];
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 6] =
+    [&CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON, &INSPECT];
 
 /// How long the fencing counter outlives the last claim or renewal of its key.
 const COUNTER_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
@@ -107,6 +111,43 @@ fn claim_outcome(value: Value) -> Result<ClaimOutcome, StoreError> {
         2 => ClaimOutcome::Completed(Arc::new(codec::decode(Bytes::from(reply.bytes()?))?)),
         3 => ClaimOutcome::Mismatch,
         other => return Err(StoreError::Corrupt(format!("unknown claim reply {other}"))),
+    })
+}
+
+fn fingerprint_of(bytes: Vec<u8>) -> Result<Fingerprint, StoreError> {
+    let bytes: [u8; 32] = bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| StoreError::Corrupt(format!("fingerprint of {} bytes", b.len())))?;
+    Ok(Fingerprint(bytes))
+}
+
+fn record_state(value: Value) -> Result<RecordState, StoreError> {
+    let mut reply = Reply::new(value)?;
+    Ok(match reply.int()? {
+        0 => RecordState::Absent,
+        1 => {
+            let holder = token_of(reply.int()?)?;
+            let left = u64::try_from(reply.int()?).unwrap_or(0);
+            RecordState::InFlight {
+                holder,
+                lease_left: Duration::from_millis(left),
+                fingerprint: fingerprint_of(reply.bytes()?)?,
+            }
+        }
+        2 => {
+            let response = codec::decode(Bytes::from(reply.bytes()?))?;
+            let left = u64::try_from(reply.int()?).unwrap_or(0);
+            RecordState::Completed {
+                status: response.status,
+                fingerprint: fingerprint_of(reply.bytes()?)?,
+                expires_in: Duration::from_millis(left),
+            }
+        }
+        other => {
+            return Err(StoreError::Corrupt(format!(
+                "unknown inspect reply {other}"
+            )));
+        }
     })
 }
 
@@ -218,5 +259,11 @@ impl IdempotencyStore for RedisStore {
     ) -> Result<(), StoreError> {
         self.wait_released(&self.inner.keys.record(key), holder, max)
             .await
+    }
+
+    async fn inspect(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
+        let record = self.inner.keys.record(key);
+        let value = self.eval::<Value>(&INSPECT, &[&record], &[]).await?;
+        record_state(value)
     }
 }

@@ -1,15 +1,18 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/hotkeys` (top key hashes per
-//! route, see [`crate::hotkeys`]). Bound to loopback by default.
+//! route, see [`crate::hotkeys`]), `/keys/{route}/{key}` (an idempotency record's state,
+//! see [`crate::keys`]). Bound to loopback by default.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
+use http::{HeaderMap, Uri};
 
+use crate::keys::KeyLookup;
 use crate::metrics::Metrics;
 
 type Check = dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync;
@@ -37,15 +40,31 @@ impl Readiness {
 struct AdminState {
     metrics: Metrics,
     ready: Readiness,
+    keys: KeyLookup,
 }
 
-pub fn router(metrics: Metrics, ready: Readiness) -> Router {
+pub fn router(metrics: Metrics, ready: Readiness, keys: KeyLookup) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
         .route("/hotkeys", get(hot_keys))
-        .with_state(AdminState { metrics, ready })
+        .route("/keys/{route}/{*key}", get(key_state))
+        .with_state(AdminState {
+            metrics,
+            ready,
+            keys,
+        })
+}
+
+async fn key_state(
+    State(state): State<AdminState>,
+    Path((route, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let (status, body) = state.keys.lookup(&route, &key, headers, uri).await;
+    (status, axum::Json(body))
 }
 
 async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {

@@ -5,6 +5,7 @@ mod admin;
 mod app;
 mod config;
 mod hotkeys;
+mod keys;
 mod metrics;
 mod prometheus;
 mod proxy;
@@ -192,7 +193,7 @@ async fn serve(config: Config) -> ExitCode {
         tracing::info!(%endpoint, "exporting traces and metrics over OTLP/gRPC");
     }
     let meter = telemetry.meter();
-    let (app, ready) = match &config.store.backend {
+    let (app, ready, keys) = match &config.store.backend {
         Backend::Memory => {
             let store = keyward::MemoryStore::builder()
                 .max_response_bytes(config.store.max_response_bytes)
@@ -200,6 +201,7 @@ async fn serve(config: Config) -> ExitCode {
             (
                 app::App::new(&config, &store, &meter),
                 admin::Readiness::always(),
+                keys::KeyLookup::new(&config, &store, &meter),
             )
         }
         Backend::Redis { url, cluster } => {
@@ -223,9 +225,11 @@ async fn serve(config: Config) -> ExitCode {
                     tracing::warn!(url = %config::redact_url(url), %error, "redis not answering yet; requests follow store.on_error until it does")
                 }
             }
+            let keys = keys::KeyLookup::new(&config, &store, &meter);
             (
                 app::App::new(&config, &store, &meter),
                 admin::Readiness::redis(store),
+                keys,
             )
         }
     };
@@ -249,7 +253,7 @@ async fn serve(config: Config) -> ExitCode {
         }
         match tokio::net::TcpListener::bind(addr).await {
             Ok(admin) => {
-                let router = admin::router(metrics.clone(), ready);
+                let router = admin::router(metrics.clone(), ready, keys);
                 tokio::spawn(async move {
                     if let Err(err) = axum::serve(admin, router).await {
                         tracing::error!(%err, "admin listener stopped");

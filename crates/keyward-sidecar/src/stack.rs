@@ -10,7 +10,7 @@ use opentelemetry::metrics::Meter;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::config::{RouteConfig, StoreConfig};
+use crate::config::{IdempotencyConfig, RouteConfig, StoreConfig};
 use crate::proxy::{ProxyError, Upstream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -73,22 +73,7 @@ pub fn build<St: Store>(
         stack = boxed(layer.layer(stack));
     }
     if let Some(idem) = &route.idempotency {
-        let mut layer = IdempotencyLayer::new(store.clone())
-            .route(route.name.as_str())
-            .meter(meter)
-            .key(idem.key.clone())
-            .required(idem.required)
-            .ttl(idem.ttl)
-            .lease(idem.lease)
-            .on_in_flight(idem.on_in_flight)
-            .max_body(idem.max_body)
-            .max_response(idem.max_response)
-            .store_server_errors(idem.store_server_errors)
-            .on_store_error(store_config.on_error);
-        layer = match &idem.scope {
-            Some(scope) => layer.scope(scope.clone()),
-            None => layer.unscoped(),
-        };
+        let layer = idempotency_layer(route, idem, store, store_config, meter);
         stack = boxed(layer.layer(stack));
     }
     if let Some(quota) = &route.quota {
@@ -104,6 +89,33 @@ pub fn build<St: Store>(
         stack = boxed(layer.layer(stack));
     }
     stack
+}
+
+/// The idempotency layer of `route`; the admin's `/keys` look-ups use the same one, so
+/// they find records under exactly the keys requests are coordinated with.
+pub fn idempotency_layer<St: IdempotencyStore>(
+    route: &RouteConfig,
+    idem: &IdempotencyConfig,
+    store: &St,
+    store_config: &StoreConfig,
+    meter: &Meter,
+) -> IdempotencyLayer<St> {
+    let layer = IdempotencyLayer::new(store.clone())
+        .route(route.name.as_str())
+        .meter(meter)
+        .key(idem.key.clone())
+        .required(idem.required)
+        .ttl(idem.ttl)
+        .lease(idem.lease)
+        .on_in_flight(idem.on_in_flight)
+        .max_body(idem.max_body)
+        .max_response(idem.max_response)
+        .store_server_errors(idem.store_server_errors)
+        .on_store_error(store_config.on_error);
+    match &idem.scope {
+        Some(scope) => layer.scope(scope.clone()),
+        None => layer.unscoped(),
+    }
 }
 
 /// The upstream alone, for requests no route matches.

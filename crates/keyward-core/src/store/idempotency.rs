@@ -101,6 +101,32 @@ pub enum Completion {
     Fenced,
 }
 
+/// What a store holds for one key, as [`IdempotencyStore::inspect`] reports it: the
+/// answer to a support engineer's "did it already happen?".
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RecordState {
+    /// Nothing: never used, released (the request failed and may be retried), or expired.
+    Absent,
+    /// A request holds the key right now.
+    InFlight {
+        /// The holder's fencing token.
+        holder: FencingToken,
+        /// Time left on its lease.
+        lease_left: Duration,
+        /// The fingerprint of the holder's request.
+        fingerprint: Fingerprint,
+    },
+    /// The request ran and its response is stored for replay.
+    Completed {
+        /// The stored response's status.
+        status: StatusCode,
+        /// The fingerprint of the request that ran.
+        fingerprint: Fingerprint,
+        /// Time until the record expires (its TTL minus its age).
+        expires_in: Duration,
+    },
+}
+
 /// Storage for `IdempotencyLayer`: claims with leases and fencing tokens, completed
 /// responses with a TTL, and waiting for an in-flight claim to settle.
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
@@ -150,4 +176,17 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         holder: FencingToken,
         max: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Reports what the store holds for `key`, changing nothing: for operators' tools
+    /// (the sidecar's `GET /keys/{route}/{key}`), never on the request path. Stores that
+    /// cannot tell keep this default, which answers [`StoreError::Unavailable`].
+    fn inspect(
+        &self,
+        key: &ScopedKey,
+    ) -> impl Future<Output = Result<RecordState, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Err(StoreError::Unavailable(
+            "this store cannot inspect records".to_owned(),
+        )))
+    }
 }

@@ -9,7 +9,9 @@ mod quota;
 mod serial;
 mod single_flight;
 
-pub use idempotency::{ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoredResponse};
+pub use idempotency::{
+    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, RecordState, StoredResponse,
+};
 pub use quota::QuotaStore;
 pub use serial::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};
 pub use single_flight::{FlightRole, Landing, SingleFlightStore};

@@ -2,10 +2,10 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::HeaderName;
-use keyward_core::KeySpec;
-use keyward_core::store::OnStoreError;
+use http::{HeaderName, Request};
+use keyward_core::store::{IdempotencyStore, OnStoreError, RecordState, StoreError};
 use keyward_core::telemetry::LAYER_IDEMPOTENCY;
+use keyward_core::{Key, KeyExtractor, KeySpec, Scope, ScopedKey, parse_idempotency_key};
 use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
@@ -38,6 +38,33 @@ pub(crate) struct Config<K> {
     pub(crate) key: K,
     pub(crate) key_name: String,
     pub(crate) settings: Settings,
+}
+
+/// Short layer name in stored keys: `idem:{route}:{scope}:{key}`.
+const LAYER: &str = "idem";
+
+impl<K> Config<K> {
+    /// The key `req` is coordinated under, `None` without a key, or what is wrong with
+    /// it (naming the spec, never the raw key).
+    pub(crate) fn scoped_key<B>(&self, req: &Request<B>) -> Result<Option<ScopedKey>, String>
+    where
+        K: KeyExtractor<B>,
+    {
+        let Some(raw) = self.key.extract(req).map_err(|err| err.to_string())? else {
+            return Ok(None);
+        };
+        let key = parse_idempotency_key(raw.as_str())
+            .map_err(|err| format!("{} ({})", err, self.key_name))?;
+        let settings = &self.settings;
+        let scope =
+            Scope::of_request(settings.scope.as_ref(), req).map_err(|err| err.to_string())?;
+        Ok(Some(ScopedKey::new(
+            LAYER,
+            &settings.route,
+            scope,
+            Key::from(key),
+        )))
+    }
 }
 
 #[derive(Clone)]
@@ -237,6 +264,50 @@ impl<St, K> fmt::Debug for IdempotencyLayer<St, K> {
             .field("lease", &self.config.settings.lease)
             .field("on_in_flight", &self.config.settings.on_in_flight)
             .finish_non_exhaustive()
+    }
+}
+
+/// Why [`IdempotencyLayer::inspect`] could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The request's key (or principal) is unusable; the message names the spec, never
+    /// the raw key.
+    #[error("unusable key: {0}")]
+    Key(String),
+    /// The store did not answer.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl<St: IdempotencyStore, K> IdempotencyLayer<St, K> {
+    /// What the store holds for the key `req` carries, exactly as this layer would
+    /// coordinate it (route, principal scope, parsed `Idempotency-Key`): "did it already
+    /// happen?" for support tools. `None` when `req` carries no key. Changes nothing.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use keyward::core::store::RecordState;
+    /// use keyward::{IdempotencyLayer, MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).route("payments");
+    /// let lookup = http::Request::get("/").header("idempotency-key", "k-1").body(()).unwrap();
+    /// let (key, state) = layer.inspect(&lookup).await.unwrap().unwrap();
+    /// assert_eq!(state, RecordState::Absent);
+    /// assert_eq!(key.route(), "payments");
+    /// # }
+    /// ```
+    pub async fn inspect<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<Option<(ScopedKey, RecordState)>, InspectError>
+    where
+        K: KeyExtractor<B>,
+    {
+        let Some(key) = self.config.scoped_key(req).map_err(InspectError::Key)? else {
+            return Ok(None);
+        };
+        let state = self.store.inspect(&key).await?;
+        Ok(Some((key, state)))
     }
 }
 

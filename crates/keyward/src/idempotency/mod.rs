@@ -89,6 +89,6 @@ mod service;
 
 pub use future::ResponseFuture;
 pub use layer::{
-    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, OnInFlight, ReplayHeaders,
+    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, InspectError, OnInFlight, ReplayHeaders,
 };
 pub use service::IdempotencyService;

@@ -15,9 +15,7 @@ use keyward_core::telemetry::{
     FIELD_FENCING_TOKEN, FIELD_KEY_HASH, IdempotencyOutcome, STORE_OP_CLAIM, STORE_OP_COMPLETE,
     STORE_OP_RELEASE,
 };
-use keyward_core::{
-    Key, KeyExtractor, KeywardBody, Problem, Scope, ScopedKey, parse_idempotency_key,
-};
+use keyward_core::{KeyExtractor, KeywardBody, Problem, ScopedKey};
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::{Instrument, Span};
@@ -31,9 +29,6 @@ use super::response::{
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Short layer name in stored keys: `idem:{route}:{scope}:{key}`.
-const LAYER: &str = "idem";
 
 /// Longest a completed response waits for a failing store to take its record.
 const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -101,7 +96,7 @@ where
         );
 
         let protocol = Protocol::of(req.headers());
-        let key = match self.scoped_key(&req) {
+        let key = match self.config.scoped_key(&req) {
             Ok(Some(key)) => key,
             Ok(None) if settings.required => {
                 record(settings, &span, IdempotencyOutcome::MissingKey);
@@ -143,35 +138,6 @@ where
             protocol,
         };
         ResponseFuture::coordinated(Box::pin(attempt.run(inner, req).instrument(span)))
-    }
-}
-
-impl<S, St, K> IdempotencyService<S, St, K> {
-    /// The request's key, validated and scoped; `Err` carries a message for the client
-    /// that never repeats the raw key.
-    fn scoped_key<B>(&self, req: &Request<B>) -> Result<Option<ScopedKey>, String>
-    where
-        K: KeyExtractor<B>,
-    {
-        let Some(raw) = self
-            .config
-            .key
-            .extract(req)
-            .map_err(|err| err.to_string())?
-        else {
-            return Ok(None);
-        };
-        let key = parse_idempotency_key(raw.as_str())
-            .map_err(|err| format!("{} ({})", err, self.config.key_name))?;
-        let settings = &self.config.settings;
-        let scope =
-            Scope::of_request(settings.scope.as_ref(), req).map_err(|err| err.to_string())?;
-        Ok(Some(ScopedKey::new(
-            LAYER,
-            &settings.route,
-            scope,
-            Key::from(key),
-        )))
     }
 }
 

@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keyward_core::store::{
-    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, StoreError, StoredResponse,
+    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, RecordState, StoreError,
+    StoredResponse,
 };
 use keyward_core::{FencingToken, ScopedKey};
 use moka::Expiry;
@@ -225,6 +226,26 @@ impl IdempotencyTable {
         let _ = tokio::time::timeout(max.min(lease_left), notified).await;
     }
 
+    fn inspect(&self, key: &str) -> RecordState {
+        let now = Instant::now();
+        if let Some(record) = self.completed.get(key).filter(|r| r.expires_at > now) {
+            return RecordState::Completed {
+                status: record.response.status,
+                fingerprint: record.fingerprint,
+                expires_in: record.expires_at - now,
+            };
+        }
+        let shard = self.shard(key);
+        match shard.get(key).filter(|claim| claim.expires_at > now) {
+            Some(claim) => RecordState::InFlight {
+                holder: claim.token,
+                lease_left: claim.expires_at - now,
+                fingerprint: claim.fingerprint,
+            },
+            None => RecordState::Absent,
+        }
+    }
+
     #[cfg(test)]
     fn in_flight_len(&self) -> usize {
         self.in_flight
@@ -287,6 +308,10 @@ impl IdempotencyStore for MemoryStore {
     ) -> Result<(), StoreError> {
         self.inner.idempotency.wait_settled(key, holder, max).await;
         Ok(())
+    }
+
+    async fn inspect(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
+        Ok(self.inner.idempotency.inspect(key.storage_key()))
     }
 }
 
