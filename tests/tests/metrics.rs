@@ -108,6 +108,27 @@ async fn ok(_req: Request<Body>) -> Result<Response<Body>, Infallible> {
     Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
 }
 
+/// A handler that signals `entered` on each call and answers 200 "ok" once `release`
+/// is notified: a request held in flight without sleeps.
+fn held_handler(
+    entered: Arc<Notify>,
+    release: Arc<Notify>,
+) -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    service_fn(move |_req: Request<Body>| {
+        let (entered, release) = (entered.clone(), release.clone());
+        async move {
+            entered.notify_one();
+            release.notified().await;
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+        }
+    })
+}
+
 fn post(key: &str) -> Request<Body> {
     Request::post("/payments")
         .header("idempotency-key", key)
@@ -152,19 +173,8 @@ async fn idempotency_counts_decisions_and_store_calls() {
 #[tokio::test(flavor = "current_thread")]
 async fn idempotency_records_the_wait_of_a_duplicate_in_flight() {
     let meter = TestMeter::new();
-    let entered = Arc::new(Notify::new());
-    let release = Arc::new(Notify::new());
-    let handler = service_fn({
-        let (entered, release) = (entered.clone(), release.clone());
-        move |_req: Request<Body>| {
-            let (entered, release) = (entered.clone(), release.clone());
-            async move {
-                entered.notify_one();
-                release.notified().await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-            }
-        }
-    });
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let handler = held_handler(entered.clone(), release.clone());
     let service = IdempotencyLayer::new(MemoryStore::new())
         .route("payments")
         .on_in_flight(OnInFlight::Wait(Duration::from_secs(5)))
@@ -261,19 +271,8 @@ async fn serial_counts_acquired_and_records_the_wait() {
 #[tokio::test(flavor = "current_thread")]
 async fn single_flight_counts_leader_and_follower_and_the_followers_wait() {
     let meter = TestMeter::new();
-    let entered = Arc::new(Notify::new());
-    let release = Arc::new(Notify::new());
-    let handler = service_fn({
-        let (entered, release) = (entered.clone(), release.clone());
-        move |_req: Request<Body>| {
-            let (entered, release) = (entered.clone(), release.clone());
-            async move {
-                entered.notify_one();
-                release.notified().await;
-                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-            }
-        }
-    });
+    let (entered, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let handler = held_handler(entered.clone(), release.clone());
     let service = SingleFlightLayer::new(MemoryStore::new())
         .route("catalog")
         .meter(&meter.meter())
