@@ -22,7 +22,7 @@ use tracing::{Instrument, Span};
 
 use super::claim::{ClaimGuard, with_renewal};
 use super::future::ResponseFuture;
-use super::layer::{Config, OnInFlight, Settings};
+use super::layer::{Config, OnInFlight, ReplayHeaders, Settings};
 use super::request::{BodyRejection, fingerprint, read_body};
 use super::response::{
     Buffered, buffer_response, grpc_releases_key, original, releases_key, replay, storable_headers,
@@ -308,7 +308,12 @@ where
                     status: parts.status,
                     headers: storable_headers(&parts.headers, &settings.replay_headers),
                     body: body.clone(),
-                    trailers: trailers.clone(),
+                    // Trailers carry the response's own metadata (gRPC's status and
+                    // message): kept whatever the replay allow-list says, but never the
+                    // never-stored headers.
+                    trailers: trailers
+                        .as_ref()
+                        .map(|t| storable_headers(t, &ReplayHeaders::AllSafe)),
                 };
                 self.complete(token, fingerprint, stored).await;
                 Ok(original(parts, body, trailers))
