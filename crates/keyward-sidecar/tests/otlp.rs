@@ -200,14 +200,13 @@ async fn sidecar_exporting_every(
     metrics_ms: &'static str,
 ) -> Sidecar {
     let out = File::create(log).unwrap();
-    let err = out.try_clone().unwrap();
     Sidecar::start_configured(upstream, "", &routes(otlp), move |command| {
         command
             .env("KEYWARD_LOG", "info")
             .env("OTEL_BSP_SCHEDULE_DELAY", spans_ms)
             .env("OTEL_METRIC_EXPORT_INTERVAL", metrics_ms)
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err));
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out.try_clone().unwrap()));
     })
     .await
 }

@@ -89,7 +89,7 @@ async fn raw_keys_bodies_and_redis_passwords_never_reach_the_logs() {
         // Everything the sidecar can log, to one file.
         cmd.env("KEYWARD_LOG", "trace")
             .stdout(Stdio::from(log_file.try_clone().unwrap()))
-            .stderr(Stdio::from(log_file));
+            .stderr(Stdio::from(log_file.try_clone().unwrap()));
     })
     .await;
     let http = client();

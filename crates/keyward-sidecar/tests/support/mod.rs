@@ -162,45 +162,59 @@ impl Sidecar {
 
     /// Like [`Sidecar::start_with_server`], with `configure` adjusting the command
     /// (environment, output) before it is spawned.
+    ///
+    /// The ports come from [`free_port`], which another test may take before keyward
+    /// binds them; a start that exits early is retried on fresh ports (bounded).
     pub async fn start_configured(
         upstream: SocketAddr,
         server_lines: &str,
         rest: &str,
-        configure: impl FnOnce(&mut Command),
+        configure: impl Fn(&mut Command),
     ) -> Sidecar {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let config = format!(
-            "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\nrequest_timeout = \"2s\"\nshutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
-        );
-        let dir = tempdir::Dir::new("sidecar");
-        let path = dir.path().join("keyward.toml");
-        std::fs::write(&path, config).unwrap();
-        let mut command = Command::new(binary());
-        command
-            .args(["serve", "-c"])
-            .arg(&path)
-            .env("KEYWARD_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        configure(&mut command);
-        let child = command.spawn().unwrap();
-        let sidecar = Sidecar {
-            child,
-            addr,
-            admin,
-            _dir: dir,
-        };
-        // Bounded wait for the listeners (a process start, not a race in the code).
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(addr).await.is_ok()
-                && tokio::net::TcpStream::connect(admin).await.is_ok()
-            {
-                return sidecar;
+        let mut exits = Vec::new();
+        for _ in 0..3 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let config = format!(
+                "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\nrequest_timeout = \"2s\"\nshutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
+            );
+            let dir = tempdir::Dir::new("sidecar");
+            let path = dir.path().join("keyward.toml");
+            std::fs::write(&path, config).unwrap();
+            let mut command = Command::new(binary());
+            command
+                .args(["serve", "-c"])
+                .arg(&path)
+                .env("KEYWARD_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit());
+            configure(&mut command);
+            let child = command.spawn().unwrap();
+            let mut sidecar = Sidecar {
+                child,
+                addr,
+                admin,
+                _dir: dir,
+            };
+            // Bounded wait for the listeners (a process start, not a race in the code);
+            // generous, for a debug build on a loaded CI machine.
+            for _ in 0..600 {
+                if let Some(status) = sidecar.child.try_wait().unwrap() {
+                    exits.push(format!("{addr}/{admin}: {status}"));
+                    break;
+                }
+                if tokio::net::TcpStream::connect(addr).await.is_ok()
+                    && tokio::net::TcpStream::connect(admin).await.is_ok()
+                {
+                    return sidecar;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+            if exits.is_empty() {
+                panic!("keyward did not start listening on {addr} within 15 s");
+            }
         }
-        panic!("keyward did not start listening on {addr}");
+        panic!("keyward exited at start three times: {exits:?}");
     }
 
     pub fn url(&self, path: &str) -> String {
