@@ -1,7 +1,7 @@
 //! `GET /keys/{route}/{key}` on the admin listener: what the store holds for an
 //! idempotency key — "did it already happen?" for support staff.
 //!
-//! The look-up runs the route's own [`IdempotencyLayer`] (built by
+//! The look-up runs the route's own [`IdempotencyLayer`](keyward::IdempotencyLayer) (built by
 //! [`crate::stack::idempotency_layer`]), so the key is parsed and scoped exactly as the
 //! request was: a route scoped by `header:Authorization` needs the customer's
 //! `Authorization` header on the look-up too, a route scoped by `query:tenant` its query

@@ -10,7 +10,8 @@ mod serial;
 mod single_flight;
 
 pub use idempotency::{
-    ClaimOutcome, Completion, Fingerprint, IdempotencyStore, RecordState, StoredResponse,
+    ClaimOutcome, Completion, Fingerprint, FingerprintBuilder, IdempotencyStore, RecordState,
+    StoredResponse,
 };
 pub use quota::QuotaStore;
 pub use serial::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};

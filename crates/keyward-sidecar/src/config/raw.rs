@@ -1,5 +1,5 @@
 //! The TOML file as written: strings where the file has strings, checked by
-//! [`super::Config::from_raw`]. Unknown fields are rejected.
+//! [`super::Config::from_toml`]. Unknown fields are rejected.
 
 use serde::Deserialize;
 
