@@ -130,7 +130,8 @@ impl Service<Request<Body>> for Upstream {
         Box::pin(async move {
             parts.uri = uri?;
             let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
-            let wants_trailers = accepts_trailers(&parts.headers);
+            // Only h2c forwards `TE: trailers`; HTTP/1 requests skip the header scan.
+            let forward_te = protocol == UpstreamProtocol::H2c && accepts_trailers(&parts.headers);
             remove_hop_by_hop(&mut parts.headers);
             append_forwarded(&mut parts.headers, peer);
             parts.headers.extend(trace_context);
@@ -138,7 +139,7 @@ impl Service<Request<Body>> for Upstream {
                 UpstreamProtocol::Http1 => http::Version::HTTP_11,
                 UpstreamProtocol::H2c => http::Version::HTTP_2,
             };
-            if wants_trailers && protocol == UpstreamProtocol::H2c {
+            if forward_te {
                 // The one TE value HTTP/2 allows; gRPC servers require it.
                 parts
                     .headers
