@@ -20,6 +20,7 @@ pub struct RedisServer {
     extra: Vec<String>,
     tls: bool,
     child: Option<Child>,
+    paused: std::sync::atomic::AtomicBool,
 }
 
 impl RedisServer {
@@ -37,6 +38,7 @@ impl RedisServer {
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             tls: false,
             child: None,
+            paused: Default::default(),
         };
         server.spawn();
         server
@@ -70,6 +72,7 @@ impl RedisServer {
             extra: Vec::new(),
             tls: true,
             child: None,
+            paused: Default::default(),
         };
         server.spawn();
         server
@@ -101,6 +104,8 @@ impl RedisServer {
     /// Kills the server with SIGKILL (no shutdown, no goodbye to clients) and leaves it
     /// stopped until [`RedisServer::start_again`].
     pub fn kill_9(&mut self) {
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -111,11 +116,19 @@ impl RedisServer {
     /// only a timeout can catch. [`RedisServer::resume`] undoes it.
     pub fn pause(&self) {
         self.signal("-STOP");
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the process runs and is not paused.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some() && !self.paused.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Lets a paused server run again (SIGCONT).
     pub fn resume(&self) {
         self.signal("-CONT");
+        self.paused
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     fn signal(&self, signal: &str) {
@@ -388,6 +401,242 @@ impl RedisCluster {
             }
         }
     }
+}
+
+/// A Redis Cluster of three primaries, each with one replica, on loopback: the setup in
+/// which failover happens. Node `i` (0..3) starts as the primary of the `i`-th third of
+/// the slots and node `i + 3` as its replica. Nodes can be killed, restarted, frozen and
+/// failed over; torn down on drop.
+#[derive(Debug)]
+pub struct ReplicatedCluster {
+    nodes: Vec<RedisServer>,
+    ids: Vec<String>,
+    node_timeout: Duration,
+}
+
+/// How a [`ReplicatedCluster`] is started.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterOptions {
+    /// `cluster-node-timeout`: how long a primary may be unreachable before its replica
+    /// is promoted.
+    pub node_timeout: Duration,
+    /// AOF with `appendfsync always` on every node.
+    pub aof_always: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            node_timeout: Duration::from_millis(1000),
+            aof_always: false,
+        }
+    }
+}
+
+impl ReplicatedCluster {
+    /// Starts six nodes, three primaries with a third of the slots each and one replica
+    /// per primary, and waits until every node reports `cluster_state:ok` and every
+    /// replica is in sync.
+    pub fn start(options: ClusterOptions) -> Self {
+        let timeout = options.node_timeout.as_millis().to_string();
+        let nodes: Vec<RedisServer> = (0..6)
+            .map(|_| {
+                let bus = free_port().to_string();
+                let mut args = vec![
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    &timeout,
+                    // Replicas serve no stale reads and take over as soon as they can.
+                    "--cluster-replica-validity-factor",
+                    "0",
+                    "--repl-diskless-sync",
+                    "yes",
+                    "--repl-diskless-sync-delay",
+                    "0",
+                ];
+                if options.aof_always {
+                    args.extend(["--appendonly", "yes", "--appendfsync", "always"]);
+                }
+                RedisServer::start_with(&args)
+            })
+            .collect();
+        let ids: Vec<String> = nodes
+            .iter()
+            .map(|n| command(n.port(), "CLUSTER MYID").trim().to_owned())
+            .collect();
+        let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+        for (node, (first, last)) in nodes.iter().zip(ranges) {
+            let reply = command(
+                node.port(),
+                &format!("CLUSTER ADDSLOTSRANGE {first} {last}"),
+            );
+            assert!(reply.contains("OK"), "ADDSLOTSRANGE: {reply}");
+        }
+        for node in &nodes[1..] {
+            let bus = bus_port(node);
+            let reply = command(
+                nodes[0].port(),
+                &format!("CLUSTER MEET 127.0.0.1 {} {bus}", node.port()),
+            );
+            assert!(reply.contains("OK"), "CLUSTER MEET: {reply}");
+        }
+        let cluster = ReplicatedCluster {
+            nodes,
+            ids,
+            node_timeout: options.node_timeout,
+        };
+        cluster.wait_for(
+            Duration::from_secs(20),
+            "every node knows the other five",
+            |c| {
+                c.nodes
+                    .iter()
+                    .all(|n| command(n.port(), "CLUSTER INFO").contains("cluster_known_nodes:6"))
+            },
+        );
+        for replica in 3..6 {
+            let primary = &cluster.ids[replica - 3];
+            let reply = command(
+                cluster.nodes[replica].port(),
+                &format!("CLUSTER REPLICATE {primary}"),
+            );
+            assert!(reply.contains("OK"), "CLUSTER REPLICATE: {reply}");
+        }
+        cluster.wait_until_healthy(Duration::from_secs(20));
+        cluster
+    }
+
+    /// The node timeout the cluster was started with.
+    pub fn node_timeout(&self) -> Duration {
+        self.node_timeout
+    }
+
+    /// `redis://127.0.0.1:{port}` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes, in start order (0..3 the first primaries, 3..6 their replicas).
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+
+    /// Node `i` itself, e.g. to kill, restart, pause or resume it.
+    pub fn node_mut(&mut self, i: usize) -> &mut RedisServer {
+        &mut self.nodes[i]
+    }
+
+    /// Runs `line` on node `i` with `redis-cli` (given up after 2 s: a frozen node never
+    /// answers) and returns the output.
+    pub fn cli(&self, i: usize, line: &str) -> String {
+        bounded_command(self.nodes[i].port(), line)
+    }
+
+    /// Whether node `i` answers and is a primary now.
+    pub fn is_primary(&self, i: usize) -> bool {
+        self.nodes[i].is_running() && self.cli(i, "ROLE").starts_with("master")
+    }
+
+    /// The node that serves `i`'s shard as primary now (`i` itself, or the other node of
+    /// its pair after a failover).
+    pub fn primary_of_pair(&self, i: usize) -> usize {
+        let other = (i + 3) % 6;
+        if self.is_primary(i) { i } else { other }
+    }
+
+    /// The other node of `i`'s primary/replica pair.
+    pub fn partner(&self, i: usize) -> usize {
+        (i + 3) % 6
+    }
+
+    /// `CLUSTER FAILOVER` on replica `i` (a manual failover: the primary stops accepting
+    /// writes, the replica catches up and takes over; the old primary becomes its
+    /// replica), and waits until `i` is primary. `force` skips the catch-up with the
+    /// primary (`CLUSTER FAILOVER FORCE`, for a primary that does not answer).
+    pub fn failover(&self, i: usize, force: bool) {
+        let line = if force {
+            "CLUSTER FAILOVER FORCE"
+        } else {
+            "CLUSTER FAILOVER"
+        };
+        let reply = self.cli(i, line);
+        assert!(reply.contains("OK"), "{line} on node {i}: {reply}");
+        self.wait_for(Duration::from_secs(10), "the replica is promoted", |c| {
+            c.is_primary(i)
+        });
+    }
+
+    /// Waits (bounded) until every running node reports `cluster_state:ok`, every
+    /// shard has exactly one primary, and every replica is linked to its primary.
+    pub fn wait_until_healthy(&self, within: Duration) {
+        self.wait_for(within, "the cluster is ok with every replica linked", |c| {
+            c.is_healthy()
+        });
+    }
+
+    /// Waits (bounded) until every running node reports `cluster_state:ok`.
+    pub fn wait_until_ok(&self, within: Duration) {
+        self.wait_for(within, "cluster_state:ok on every running node", |c| {
+            c.running()
+                .all(|i| c.cli(i, "CLUSTER INFO").contains("cluster_state:ok"))
+        });
+    }
+
+    fn running(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].is_running())
+    }
+
+    fn is_healthy(&self) -> bool {
+        let running: Vec<usize> = self.running().collect();
+        if running.len() != self.nodes.len() {
+            return false;
+        }
+        running.iter().all(|i| {
+            let info = self.cli(*i, "CLUSTER INFO");
+            let role = self.cli(*i, "INFO replication");
+            info.contains("cluster_state:ok")
+                && (role.contains("role:master") && role.contains("connected_slaves:1")
+                    || role.contains("role:slave") && role.contains("master_link_status:up"))
+        }) && (0..3).all(|pair| self.is_primary(pair) != self.is_primary(pair + 3))
+    }
+
+    fn wait_for(&self, within: Duration, what: &str, ready: impl Fn(&Self) -> bool) {
+        // Cluster convergence, not coordination: a bounded readiness loop.
+        let deadline = Instant::now() + within;
+        while !ready(self) {
+            assert!(
+                Instant::now() < deadline,
+                "cluster: {what}: not within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn bus_port(node: &RedisServer) -> String {
+    let at = node
+        .extra
+        .iter()
+        .position(|a| a == "--cluster-port")
+        .expect("a cluster node has a bus port");
+    node.extra[at + 1].clone()
+}
+
+/// [`command`] given up after 2 s (`timeout(1)` from coreutils): `redis-cli` waits forever
+/// for a frozen server.
+fn bounded_command(port: u16, line: &str) -> String {
+    Command::new("timeout")
+        .args(["2", "redis-cli", "-p"])
+        .arg(port.to_string())
+        .args(line.split(' '))
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_else(|error| panic!("could not run timeout(1) + redis-cli: {error}"))
 }
 
 /// Runs one command with `redis-cli` and returns its output.

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
-use tokio::sync::OnceCell;
 
-use crate::conn::{Conn, LazyCluster};
+use crate::conn::Conn;
 use crate::hub::Hub;
 use crate::keys::KeyLayout;
 use crate::{Inner, RedisStore};
@@ -20,7 +19,11 @@ pub struct RedisStoreBuilder {
     timeout: Duration,
     cluster: bool,
     serial_lease: Duration,
+    topology_refresh: Duration,
 }
+
+/// How often a cluster store compares `CLUSTER SLOTS` with the slot map it uses.
+pub(crate) const DEFAULT_TOPOLOGY_REFRESH: Duration = Duration::from_secs(1);
 
 impl Default for RedisStoreBuilder {
     fn default() -> Self {
@@ -30,6 +33,7 @@ impl Default for RedisStoreBuilder {
             timeout: Duration::from_millis(50),
             cluster: false,
             serial_lease: crate::serial::DEFAULT_LEASE,
+            topology_refresh: DEFAULT_TOPOLOGY_REFRESH,
         }
     }
 }
@@ -43,6 +47,7 @@ impl std::fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("cluster", &self.cluster)
             .field("serial_lease", &self.serial_lease)
+            .field("topology_refresh", &self.topology_refresh)
             .finish()
     }
 }
@@ -95,9 +100,23 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Talk to a Redis Cluster whose seed nodes are the given URLs.
+    /// Talk to a Redis Cluster whose seed nodes are the given URLs. Any seed that answers
+    /// will do: dead seeds are skipped, at build time (nothing is contacted then) and on
+    /// every reconnect. Give several, so that one node down does not keep a process from
+    /// reaching the cluster.
     pub fn cluster(mut self, cluster: bool) -> Self {
         self.cluster = cluster;
+        self
+    }
+
+    /// Cluster only: how often the store asks the cluster which primary owns which slots
+    /// (`CLUSTER SLOTS`, one small command) and rebuilds its connection from the seeds
+    /// when that changed (default 1 s, at least 100 ms). Errors that say the map is stale
+    /// (`READONLY`, `CLUSTERDOWN`, a refused or timed-out node) rebuild it sooner; `MOVED`
+    /// updates it at once. Bounds how long a failover that no error reports (a frozen
+    /// primary) goes unnoticed.
+    pub fn topology_refresh(mut self, every: Duration) -> Self {
+        self.topology_refresh = every.max(Duration::from_millis(100));
         self
     }
 
@@ -138,19 +157,21 @@ impl RedisStoreBuilder {
         // attempt, so a long outage costs nothing once Redis is back.
         let connect_timeout = self.timeout.max(Duration::from_secs(1));
         let conn = if self.cluster {
+            // Retries off: the client would re-send a script whose connection dropped
+            // after Redis ran it (a claim or an acquire twice). `Conn::eval` retries what
+            // provably did not run.
             let client = ClusterClient::builder(self.urls.clone())
                 .connection_timeout(connect_timeout)
                 .response_timeout(connect_timeout)
-                .retries(2)
+                .retries(0)
                 .build()
                 .map_err(|error| BuildError::InvalidUrl {
                     index: 1,
                     reason: error.to_string(),
                 })?;
-            Conn::Cluster(Arc::new(LazyCluster {
-                client,
-                conn: OnceCell::new(),
-            }))
+            let conn = Conn::cluster(client, runtime.clone());
+            conn.watch_topology(self.topology_refresh, self.timeout);
+            conn
         } else {
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))

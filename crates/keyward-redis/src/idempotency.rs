@@ -28,19 +28,15 @@ use crate::RedisStore;
 use crate::codec;
 use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::script::script;
 
-static CLAIM: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/claim.lua")));
-static COMPLETE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/complete.lua")));
-static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/release.lua")));
-static RENEW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/renew.lua")));
-static ABANDON: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/abandon.lua")));
-static INSPECT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/idempotency/inspect.lua")));
+static CLAIM: LazyLock<Script> = script!(writes: "fencing.lua", "idempotency/claim.lua");
+static COMPLETE: LazyLock<Script> = script!(writes: "idempotency/complete.lua");
+static RELEASE: LazyLock<Script> = script!(deletes: "idempotency/release.lua");
+static RENEW: LazyLock<Script> = script!(writes: "idempotency/renew.lua");
+/// Shared with single flight: undoes a held record by the nonce of the call that made it.
+pub(crate) static ABANDON: LazyLock<Script> = script!(deletes: "abandon.lua");
+static INSPECT: LazyLock<Script> = script!(reads: "idempotency/inspect.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
 pub(crate) static SCRIPTS: [&LazyLock<Script>; 6] =
@@ -72,14 +68,18 @@ impl RedisStore {
 }
 
 impl RedisStore {
-    fn abandon(&self, record: String, nonce: [u8; 16], within: Duration) {
+    /// Undoes, in the background, the held record (an idempotency claim or a flight) that
+    /// a call with `nonce` may have made although its reply was lost. Sent behind that
+    /// call on the same connection, so Redis runs it after the call if the call ran at
+    /// all; bounded by `within` (the lease: past it the record has expired anyway).
+    pub(crate) fn abandon_by_nonce(&self, record: String, nonce: [u8; 16], within: Duration) {
         let store = self.clone();
         self.spawn_detached(async move {
             let channel = store.inner.keys.channel().as_bytes();
             let (keys, args) = ([record.as_str()], [nonce.as_slice(), channel]);
             let undo = store.inner.conn.eval::<i64>(&ABANDON, &keys, &args);
             if let Err(error) = crate::conn::bounded(within, undo).await {
-                tracing::debug!(%error, "abandoning a failed idempotency claim failed; its lease frees it");
+                tracing::debug!(%error, "abandoning a failed claim or lead failed; its lease frees it");
             }
         });
     }
@@ -176,7 +176,7 @@ impl IdempotencyStore for RedisStore {
                 // the key for a whole lease with nobody to release it: undo it, behind
                 // the claim on the same connection, bounded by the lease.
                 if !matches!(error, StoreError::Corrupt(_)) {
-                    self.abandon(names.record, nonce, lease);
+                    self.abandon_by_nonce(names.record, nonce, lease);
                 }
                 Err(error)
             }

@@ -73,6 +73,7 @@ mod hub;
 mod idempotency;
 mod keys;
 mod quota;
+mod script;
 mod serial;
 mod single_flight;
 mod util;
@@ -193,7 +194,11 @@ impl RedisStore {
         keys: &[&str],
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
-        bounded(self.inner.timeout, self.inner.conn.eval(script, keys, args)).await
+        let result = bounded(self.inner.timeout, self.inner.conn.eval(script, keys, args)).await;
+        if let Err(StoreError::Timeout(_)) = &result {
+            self.inner.conn.timed_out();
+        }
+        result
     }
 
     /// Waits until `holder` no longer holds `record`, a settlement message arrives, or
@@ -221,8 +226,7 @@ impl RedisStore {
     }
 }
 
-static WATCH: std::sync::LazyLock<Script> =
-    std::sync::LazyLock::new(|| Script::new(include_str!("scripts/watch.lua")));
+static WATCH: std::sync::LazyLock<Script> = script::script!(writes: "watch.lua");
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -24,9 +24,9 @@ use redis::{Script, Value};
 
 use crate::RedisStore;
 use crate::conn::Reply;
+use crate::script::script;
 
-static CHECK: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/quota/check.lua")));
+static CHECK: LazyLock<Script> = script!(writes: "quota/check.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
 pub(crate) static SCRIPTS: [&LazyLock<Script>; 1] = [&CHECK];

@@ -45,24 +45,19 @@ use tokio::time::Instant;
 use crate::RedisStore;
 use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::script::script;
 use crate::util::{millis, spawn, token_of};
 
-macro_rules! serial_script {
-    ($file:literal) => {
-        LazyLock::new(|| {
-            Script::new(concat!(
-                include_str!("scripts/serial/lib.lua"),
-                include_str!(concat!("scripts/serial/", $file))
-            ))
-        })
-    };
-}
-
-static ACQUIRE: LazyLock<Script> = serial_script!("acquire.lua");
-static CHECK: LazyLock<Script> = serial_script!("check.lua");
-static LEAVE: LazyLock<Script> = serial_script!("leave.lua");
-static RELEASE: LazyLock<Script> = serial_script!("release.lua");
-static RENEW: LazyLock<Script> = serial_script!("renew.lua");
+static ACQUIRE: LazyLock<Script> =
+    script!(writes: "fencing.lua", "serial/lib.lua", "serial/acquire.lua");
+static CHECK: LazyLock<Script> =
+    script!(writes: "fencing.lua", "serial/lib.lua", "serial/check.lua");
+static LEAVE: LazyLock<Script> =
+    script!(writes: "fencing.lua", "serial/lib.lua", "serial/leave.lua");
+static RELEASE: LazyLock<Script> =
+    script!(writes: "fencing.lua", "serial/lib.lua", "serial/release.lua");
+static RENEW: LazyLock<Script> =
+    script!(writes: "fencing.lua", "serial/lib.lua", "serial/renew.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
 pub(crate) static SCRIPTS: [&LazyLock<Script>; 5] = [&ACQUIRE, &CHECK, &LEAVE, &RELEASE, &RENEW];

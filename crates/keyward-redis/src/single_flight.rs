@@ -30,16 +30,13 @@ use crate::RedisStore;
 use crate::codec;
 use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::script::script;
 use crate::util::{millis, spawn, token_of};
 
-static LEAD: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/flight/lead.lua")));
-static PUBLISH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/flight/publish.lua")));
-static WATCH: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/flight/watch.lua")));
-static LANDED: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("scripts/flight/landed.lua")));
+static LEAD: LazyLock<Script> = script!(writes: "fencing.lua", "flight/lead.lua");
+static PUBLISH: LazyLock<Script> = script!(writes: "flight/publish.lua");
+static WATCH: LazyLock<Script> = script!(writes: "flight/watch.lua");
+static LANDED: LazyLock<Script> = script!(writes: "flight/landed.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
 pub(crate) static SCRIPTS: [&LazyLock<Script>; 4] = [&LEAD, &PUBLISH, &WATCH, &LANDED];
@@ -106,10 +103,23 @@ impl SingleFlightStore for RedisStore {
     async fn lead(&self, key: &ScopedKey, lease: Duration) -> Result<FlightRole, StoreError> {
         let record = self.inner.keys.record(key);
         let counter = KeyLayout::companion(&record, "n");
-        let lease = millis(lease);
-        let value: Value = self
-            .eval(&LEAD, &[&record, &counter], &[lease.as_bytes()])
-            .await?;
+        let lease_ms = millis(lease);
+        let nonce = self.nonce();
+        let led = self
+            .eval::<Value>(&LEAD, &[&record, &counter], &[lease_ms.as_bytes(), &nonce])
+            .await;
+        let value = match led {
+            Ok(value) => value,
+            Err(error) => {
+                // The lead may still run (a frozen Redis answers later), and its flight
+                // would make every instance's followers wait a whole lease for a leader
+                // that never flies: undo it by nonce, as idempotency undoes a claim.
+                if !matches!(error, StoreError::Corrupt(_)) {
+                    self.abandon_by_nonce(record, nonce, lease);
+                }
+                return Err(error);
+            }
+        };
         let mut reply = Reply::new(value)?;
         match reply.int()? {
             0 => Ok(FlightRole::Leader(token_of(reply.int()?)?)),

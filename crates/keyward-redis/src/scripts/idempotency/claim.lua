@@ -1,7 +1,7 @@
 -- Idempotency claim: one decision, one round trip.
 -- KEYS[1] record hash {s = 'h'eld | 'c'ompleted, f = fingerprint, t = token, o = claim nonce,
 --                     w = waiters, r = response}
--- KEYS[2] fencing counter (same hash tag)
+-- KEYS[2] fencing counter (same hash tag), see fencing.lua
 -- ARGV[1] fingerprint (32 bytes), ARGV[2] lease in ms, ARGV[3] counter lifetime in ms,
 -- ARGV[4] nonce of this claim (for abandon.lua)
 -- Reply: {0, token} claimed | {1, holder, lease_left_ms} in flight | {2, response} completed | {3} mismatch
@@ -17,18 +17,11 @@ if rec[1] == 'h' then
   return {1, rec[3], redis.call('PTTL', KEYS[1])}
 end
 -- Free (never used, released, or the holder's lease ran out and the record expired).
--- The counter outlives records; when it is gone too, it restarts from the clock in
--- microseconds, so tokens keep increasing across expiries.
+-- The counter outlives records; `next_token` keeps tokens above every earlier one even
+-- when the counter is gone or older (see fencing.lua).
 local keep = tonumber(ARGV[3])
-local token = redis.call('INCR', KEYS[2])
-if token == 1 then
-  local now = redis.call('TIME')
-  token = now[1] .. string.format('%06d', tonumber(now[2]))
-  redis.call('SET', KEYS[2], token, 'PX', keep)
-else
-  token = string.format('%d', token)
-  if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
-end
+local token = next_token(KEYS[2])
+if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
 redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token, 'o', ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {0, token}

@@ -3,8 +3,8 @@
 -- KEYS[2] queue: zset of waiter ids scored by arrival number (FIFO)
 -- KEYS[3] deadlines: hash waiter id -> ms (Redis clock) after which the waiter has given up
 --         (or its process died): such waiters are skipped and dropped
--- KEYS[4] fencing counter, INCRed for tokens and arrival numbers; when it is gone it
---         restarts from the clock in microseconds, so both keep increasing
+-- KEYS[4] fencing counter, for tokens and arrival numbers (`next_token`, fencing.lua:
+--         never below the clock in microseconds, so both keep increasing)
 -- Numbers sent to Redis go through string.format('%d'): Lua would print 1.7e15 as %.14g.
 local function now_ms()
   local t = redis.call('TIME')
@@ -16,11 +16,7 @@ local function keep(key, ms)
 end
 
 local function next_number(keep_ms)
-  if redis.call('EXISTS', KEYS[4]) == 0 then
-    local t = redis.call('TIME')
-    redis.call('SET', KEYS[4], t[1] .. string.format('%06d', tonumber(t[2])))
-  end
-  local n = string.format('%d', redis.call('INCR', KEYS[4]))
+  local n = next_token(KEYS[4])
   keep(KEYS[4], keep_ms)
   return n
 end

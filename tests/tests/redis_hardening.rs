@@ -1,0 +1,146 @@
+//! RedisStore under the failures issue 13 names: fencing counters that come back older
+//! than a token already issued, a single-flight lead whose reply was lost, and the
+//! eviction policy check.
+
+#![allow(clippy::unwrap_used)] // tests fail loudly on purpose
+
+use std::time::Duration;
+
+use keyward::RedisStore;
+use keyward::core::store::{
+    AcquireOutcome, ClaimOutcome, FlightRole, IdempotencyStore, SerialLimits, SerialStore,
+    SingleFlightStore, StoreError,
+};
+use keyward::core::{FencingToken, Key, Scope, ScopedKey};
+use keyward_tests::redis_kit::RedisServer;
+use keyward_tests::{Backend, Redis};
+use tokio::time::Instant;
+
+const LONG: Duration = Duration::from_secs(10);
+
+fn key(layer: &str, raw: &str) -> ScopedKey {
+    ScopedKey::new(layer, "r", Scope::Unscoped, Key::from(raw))
+}
+
+/// Sets every fencing counter of `pattern` back to `value`: what Redis holds after an
+/// AOF `everysec` crash or a failover to a replica that had not copied the last INCRs.
+async fn set_counters_back(server: &RedisServer, pattern: &str, value: u64) {
+    let mut conn = server.connection().await;
+    let counters: Vec<String> = redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(counters.len(), 1, "{pattern}: {counters:?}");
+    let () = redis::cmd("SET")
+        .arg(&counters[0])
+        .arg(value)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+async fn claim(store: &RedisStore, raw: &str) -> FencingToken {
+    let fp = keyward::core::store::Fingerprint::builder()
+        .part(b"x")
+        .finish();
+    match store.claim(&key("idem", raw), &fp, LONG).await.unwrap() {
+        ClaimOutcome::Claimed(token) => token,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_idempotency_token_is_higher_than_every_earlier_one_after_the_counter_went_back() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let first = claim(&store, "k").await;
+    IdempotencyStore::release(&store, &key("idem", "k"), first)
+        .await
+        .unwrap();
+    // Older than the token issued: INCR alone would hand out `first` again.
+    set_counters_back(&redis.server, "keyward:idem:r:*:n", first.get() - 1).await;
+    let second = claim(&store, "k").await;
+    assert!(second > first, "{second:?} > {first:?}");
+}
+
+#[tokio::test]
+async fn a_serial_token_is_higher_than_every_earlier_one_after_the_counter_went_back() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let limits = SerialLimits {
+        max_wait: Duration::from_secs(1),
+        max_queue: 8,
+    };
+    let AcquireOutcome::Acquired(first) = store.acquire(&key("serial", "k"), limits).await.unwrap()
+    else {
+        panic!("free key not acquired");
+    };
+    let first_token = first.token();
+    SerialStore::release(&store, first).await.unwrap();
+    set_counters_back(&redis.server, "keyward:serial:r:*:n", 1).await;
+    let AcquireOutcome::Acquired(second) =
+        store.acquire(&key("serial", "k"), limits).await.unwrap()
+    else {
+        panic!("free key not acquired");
+    };
+    assert!(
+        second.token() > first_token,
+        "{:?} > {first_token:?}",
+        second.token()
+    );
+    SerialStore::release(&store, second).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_flight_token_is_higher_than_every_earlier_one_after_the_counter_went_back() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let FlightRole::Leader(first) = store.lead(&key("flight", "k"), LONG).await.unwrap() else {
+        panic!("no leader");
+    };
+    store
+        .publish(
+            &key("flight", "k"),
+            first,
+            keyward::core::store::Landing::Failed,
+        )
+        .await
+        .unwrap();
+    set_counters_back(&redis.server, "keyward:flight:r:*:n", first.get() - 1).await;
+    let FlightRole::Leader(second) = store.lead(&key("flight", "k"), LONG).await.unwrap() else {
+        panic!("no leader");
+    };
+    assert!(second > first, "{second:?} > {first:?}");
+}
+
+#[tokio::test]
+async fn a_lead_that_timed_out_but_ran_leaves_no_flight_behind() {
+    let server = RedisServer::start();
+    let store = keyward_tests::store_with_timeout(&server, Duration::from_millis(100));
+    let other = keyward_tests::store_with_timeout(&server, Duration::from_millis(500));
+    store.ping().await.unwrap();
+    other.ping().await.unwrap();
+
+    // The lead reaches a frozen Redis: the caller times out, Redis runs it on waking.
+    server.pause();
+    let led = store.lead(&key("flight", "k"), LONG).await;
+    assert!(matches!(led, Err(StoreError::Timeout(_))), "{led:?}");
+    server.resume();
+
+    // Undone right behind it: another instance leads at once, instead of following a
+    // flight nobody flies for the whole 10 s lease.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        match other.lead(&key("flight", "k"), LONG).await.unwrap() {
+            FlightRole::Leader(_) => break,
+            FlightRole::Follower => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the timed-out lead still holds the flight"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
