@@ -571,6 +571,12 @@ impl ReplicatedCluster {
         });
     }
 
+    /// Waits (bounded) until node `i` is a primary (e.g. promoted by an automatic
+    /// failover after its primary died or froze).
+    pub fn wait_for_primary(&self, i: usize, within: Duration) {
+        self.wait_for(within, "the replica is promoted", |c| c.is_primary(i));
+    }
+
     /// Waits (bounded) until every running node reports `cluster_state:ok`, every
     /// shard has exactly one primary, and every replica is linked to its primary.
     pub fn wait_until_healthy(&self, within: Duration) {
