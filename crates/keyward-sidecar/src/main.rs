@@ -99,10 +99,13 @@ fn main() -> ExitCode {
 fn summary(config: &Config) -> String {
     let backend = match &config.store.backend {
         Backend::Memory => "memory".to_owned(),
-        Backend::Redis { url, cluster } => format!(
+        Backend::Redis { urls, cluster } => format!(
             "redis{} {}",
             if *cluster { " cluster" } else { "" },
-            config::redact_url(url)
+            urls.iter()
+                .map(|url| config::redact_url(url))
+                .collect::<Vec<_>>()
+                .join(",")
         ),
     };
     let admin = config
@@ -204,9 +207,17 @@ async fn serve(config: Config) -> ExitCode {
                 keys::KeyLookup::new(&config, &store, &meter),
             )
         }
-        Backend::Redis { url, cluster } => {
-            let built = keyward::RedisStore::builder()
-                .url(url.as_str())
+        Backend::Redis { urls, cluster } => {
+            let shown = urls
+                .iter()
+                .map(|url| config::redact_url(url))
+                .collect::<Vec<_>>()
+                .join(",");
+            let built = urls
+                .iter()
+                .fold(keyward::RedisStore::builder(), |builder, url| {
+                    builder.url(url.as_str())
+                })
                 .prefix(config.store.prefix.as_str())
                 .timeout(config.store.timeout)
                 .serial_lease(config.store.serial_lease)
@@ -220,9 +231,9 @@ async fn serve(config: Config) -> ExitCode {
                 }
             };
             match store.ping().await {
-                Ok(()) => tracing::info!(url = %config::redact_url(url), "redis store ready"),
+                Ok(()) => tracing::info!(url = %shown, "redis store ready"),
                 Err(error) => {
-                    tracing::warn!(url = %config::redact_url(url), %error, "redis not answering yet; requests follow store.on_error until it does")
+                    tracing::warn!(url = %shown, %error, "redis not answering yet; requests follow store.on_error until it does")
                 }
             }
             let keys = keys::KeyLookup::new(&config, &store, &meter);

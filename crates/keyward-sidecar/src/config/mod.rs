@@ -51,16 +51,23 @@ pub enum UpstreamProtocol {
 #[derive(Clone, PartialEq, Eq)]
 pub enum Backend {
     Memory,
-    Redis { url: String, cluster: bool },
+    /// `urls`: the one Redis, or a cluster's seed nodes (any live one will do).
+    Redis {
+        urls: Vec<String>,
+        cluster: bool,
+    },
 }
 
 impl fmt::Debug for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Backend::Memory => f.write_str("Memory"),
-            Backend::Redis { url, cluster } => f
+            Backend::Redis { urls, cluster } => f
                 .debug_struct("Redis")
-                .field("url", &redact_url(url))
+                .field(
+                    "urls",
+                    &urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>(),
+                )
                 .field("cluster", cluster)
                 .finish(),
         }
@@ -423,20 +430,9 @@ impl Checker {
         let backend = match raw.backend.as_deref() {
             None | Some("memory") => Backend::Memory,
             Some("redis") => {
-                let url = raw
-                    .url
-                    .clone()
-                    .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    self.fail(
-                        "store.url",
-                        format!("{:?} is not a redis:// or rediss:// URL", redact_url(&url)),
-                    );
-                }
-                Backend::Redis {
-                    url,
-                    cluster: raw.cluster.unwrap_or(false),
-                }
+                let cluster = raw.cluster.unwrap_or(false);
+                let urls = self.redis_urls(raw, cluster);
+                Backend::Redis { urls, cluster }
             }
             Some(other) => {
                 self.fail(
@@ -477,6 +473,47 @@ impl Checker {
                 Duration::from_secs(10),
             ),
         }
+    }
+
+    /// `store.url` (one URL, default `redis://127.0.0.1:6379`) or `store.urls` (a
+    /// cluster's seed nodes); never both.
+    fn redis_urls(&mut self, raw: &raw::RawStore, cluster: bool) -> Vec<String> {
+        let (field, urls) = match (&raw.url, &raw.urls) {
+            (Some(_), Some(_)) => {
+                self.fail(
+                    "store.urls",
+                    "give either store.url or store.urls, not both".to_owned(),
+                );
+                return vec!["redis://127.0.0.1:6379".to_owned()];
+            }
+            (_, Some(urls)) => ("store.urls", urls.clone()),
+            (Some(url), None) => ("store.url", vec![url.clone()]),
+            (None, None) => ("store.url", vec!["redis://127.0.0.1:6379".to_owned()]),
+        };
+        if urls.is_empty() {
+            self.fail(
+                field,
+                "an empty list: give at least one seed node".to_owned(),
+            );
+        }
+        if urls.len() > 1 && !cluster {
+            self.fail(
+                field,
+                format!(
+                    "{} URLs for a standalone Redis: several seed nodes need store.cluster = true",
+                    urls.len()
+                ),
+            );
+        }
+        for url in &urls {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                self.fail(
+                    field,
+                    format!("{:?} is not a redis:// or rediss:// URL", redact_url(url)),
+                );
+            }
+        }
+        urls
     }
 
     fn telemetry(&mut self, raw: &raw::RawTelemetry) -> TelemetryConfig {

@@ -32,6 +32,8 @@ pub struct RawServer {
 pub struct RawStore {
     pub backend: Option<String>,
     pub url: Option<String>,
+    /// Cluster seed nodes (instead of `url`).
+    pub urls: Option<Vec<String>>,
     pub prefix: Option<String>,
     pub timeout: Option<String>,
     pub on_error: Option<String>,

@@ -211,3 +211,49 @@ fn store_serial_lease_defaults_to_10s_and_is_configurable() {
         "{errs:?}"
     );
 }
+
+#[test]
+fn store_urls_are_a_clusters_seed_nodes() {
+    let config = Config::from_toml(&format!(
+        "{SERVER}[store]\nbackend = \"redis\"\ncluster = true\nurls = [\"redis://a:7000\", \"redis://:pw@b:7001\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.store.backend,
+        Backend::Redis {
+            urls: vec!["redis://a:7000".to_owned(), "redis://:pw@b:7001".to_owned()],
+            cluster: true,
+        }
+    );
+    assert!(!format!("{:?}", config.store.backend).contains("pw"));
+    // One url stays one url; the default is the local Redis.
+    let config = Config::from_toml(&format!("{SERVER}[store]\nbackend = \"redis\"\n")).unwrap();
+    assert_eq!(
+        config.store.backend,
+        Backend::Redis {
+            urls: vec!["redis://127.0.0.1:6379".to_owned()],
+            cluster: false,
+        }
+    );
+    for (store, expected) in [
+        (
+            "urls = [\"redis://a:1\", \"redis://b:2\"]",
+            "store.urls: 2 URLs for a standalone Redis",
+        ),
+        (
+            "cluster = true\nurl = \"redis://a:1\"\nurls = [\"redis://b:2\"]",
+            "store.urls: give either store.url or store.urls",
+        ),
+        ("cluster = true\nurls = []", "store.urls: an empty list"),
+        (
+            "cluster = true\nurls = [\"redis://a:1\", \"http://b:2\"]",
+            "store.urls: \"http://b:2\" is not a redis://",
+        ),
+    ] {
+        let errs = errors(&format!("{SERVER}[store]\nbackend = \"redis\"\n{store}\n"));
+        assert!(
+            errs.iter().any(|e| e.contains(expected)),
+            "{store}: {errs:?}"
+        );
+    }
+}
