@@ -144,3 +144,23 @@ async fn a_lead_that_timed_out_but_ran_leaves_no_flight_behind() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_eviction_policy_is_read_from_redis() {
+    let safe = RedisServer::start();
+    let store = keyward_tests::store_with_timeout(&safe, Duration::from_millis(500));
+    assert_eq!(store.maxmemory_policies().await.unwrap(), ["noeviction"]);
+
+    let evicting = RedisServer::start_with(&["--maxmemory-policy", "allkeys-lru"]);
+    let store = keyward_tests::store_with_timeout(&evicting, Duration::from_millis(500));
+    assert_eq!(store.maxmemory_policies().await.unwrap(), ["allkeys-lru"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_eviction_policy_of_a_cluster_covers_its_nodes() {
+    let backend = keyward_tests::RedisClusterBackend::start();
+    assert_eq!(
+        backend.store().maxmemory_policies().await.unwrap(),
+        ["noeviction"]
+    );
+}

@@ -153,6 +153,29 @@ impl RedisStore {
         .await
     }
 
+    /// The `maxmemory-policy` of Redis (of every primary of a cluster), distinct and
+    /// sorted, from `INFO memory` (which managed services keep even where `CONFIG` is
+    /// renamed). Anything but `noeviction` lets Redis evict live claims, locks and fencing
+    /// counters under memory pressure: a key then runs twice, or two holders overlap.
+    pub async fn maxmemory_policies(&self) -> Result<Vec<String>, StoreError> {
+        let conn = &self.inner.conn;
+        let info: redis::Value = bounded(
+            self.inner.timeout,
+            conn.query(redis::cmd("INFO").arg("memory")),
+        )
+        .await?;
+        let mut policies = Vec::new();
+        collect_policies(&info, &mut policies);
+        if policies.is_empty() {
+            return Err(StoreError::Corrupt(
+                "INFO memory has no maxmemory_policy line".to_owned(),
+            ));
+        }
+        policies.sort();
+        policies.dedup();
+        Ok(policies)
+    }
+
     /// Whether the pub/sub subscription that wakes waiters is currently live (waiters
     /// still wake by their fallback timers when it is not).
     pub fn is_subscribed(&self) -> bool {
@@ -223,6 +246,28 @@ impl RedisStore {
         let fallback = max.min(Duration::from_millis(lease_left.saturating_add(1)));
         let _ = tokio::time::timeout(fallback, notified).await;
         Ok(())
+    }
+}
+
+/// Every `maxmemory_policy:` line of an `INFO` reply (a cluster answers per node).
+fn collect_policies(value: &redis::Value, into: &mut Vec<String>) {
+    use redis::Value;
+    match value {
+        Value::BulkString(bytes) => {
+            for line in String::from_utf8_lossy(bytes).lines() {
+                if let Some(policy) = line.trim().strip_prefix("maxmemory_policy:") {
+                    into.push(policy.to_owned());
+                }
+            }
+        }
+        Value::VerbatimString { text, .. } | Value::SimpleString(text) => {
+            collect_policies(&Value::BulkString(text.as_bytes().to_vec()), into);
+        }
+        Value::Array(items) | Value::Set(items) => {
+            items.iter().for_each(|item| collect_policies(item, into));
+        }
+        Value::Map(pairs) => pairs.iter().for_each(|(_, v)| collect_policies(v, into)),
+        _ => {}
     }
 }
 
