@@ -841,7 +841,7 @@ async fn a_store_error_while_completing_is_retried_and_the_record_lands() {
     assert_eq!(upstream.calls(), 1, "the retry did not run again");
 }
 
-/// ...but not forever: an outage longer than the lease releases the key (the answer
+/// ...but not forever: an outage longer than `record_retry` releases the key (the answer
 /// still reaches the client; a retry then runs again, as documented).
 #[tokio::test(start_paused = true)]
 async fn a_store_outage_longer_than_the_lease_releases_the_key() {
@@ -850,7 +850,12 @@ async fn a_store_outage_longer_than_the_lease_releases_the_key() {
         fail: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1_000)),
     };
     let upstream = Upstream::new(StatusCode::CREATED);
-    let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
+    let svc = service(
+        layer(&store)
+            .lease(Duration::from_secs(2))
+            .record_retry(Duration::from_secs(2)),
+        &upstream,
+    );
     let started = tokio::time::Instant::now();
     let first = send(&svc, post("/pay", Some("k"), None, "1")).await;
     assert_eq!(first.status, StatusCode::CREATED);
@@ -864,4 +869,38 @@ async fn a_store_outage_longer_than_the_lease_releases_the_key() {
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(!retry.replayed);
     assert_eq!(upstream.calls(), 2);
+}
+
+/// Issue 18: a failover can refuse writes for longer than a short lease. While the record
+/// is retried (`record_retry`), the claim is renewed: a duplicate gets 409 instead of
+/// running the request a second time, and replays once the record lands.
+#[tokio::test(start_paused = true)]
+async fn while_the_record_is_retried_past_the_lease_the_claim_is_kept() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let store = FlakyCompletion {
+        inner: keyward::MemoryStore::new(),
+        fail: fail.clone(),
+    };
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(
+        layer(&store)
+            .lease(Duration::from_millis(300))
+            .record_retry(Duration::from_secs(3)),
+        &upstream,
+    );
+    let first = {
+        let svc = svc.clone();
+        tokio::spawn(async move { send(&svc, post("/pay", Some("k"), None, "1")).await })
+    };
+    // Three leases later, the first request still tries to store its record.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let duplicate = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert_eq!(duplicate.status, StatusCode::CONFLICT, "{}", duplicate.body);
+    assert_eq!(upstream.calls(), 1, "the duplicate did not run");
+
+    fail.store(0, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert!(retry.replayed, "the record landed after the outage");
+    assert_eq!(upstream.calls(), 1);
 }

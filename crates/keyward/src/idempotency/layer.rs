@@ -81,6 +81,7 @@ pub(crate) struct Settings {
     pub(crate) replay_headers: ReplayHeaders,
     pub(crate) store_server_errors: bool,
     pub(crate) on_store_error: OnStoreError,
+    pub(crate) record_retry: Duration,
     pub(crate) metrics: LayerMetrics,
 }
 
@@ -91,6 +92,9 @@ pub struct IdempotencyLayer<St, K = KeySpec> {
     pub(crate) store: St,
     pub(crate) config: Arc<Config<K>>,
 }
+
+/// Default of [`IdempotencyLayer::record_retry`].
+pub const DEFAULT_RECORD_RETRY: Duration = Duration::from_secs(5);
 
 /// The `Idempotency-Key` header.
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -122,6 +126,7 @@ impl<St> IdempotencyLayer<St> {
                     replay_headers: ReplayHeaders::AllSafe,
                     store_server_errors: false,
                     on_store_error: OnStoreError::Closed,
+                    record_retry: DEFAULT_RECORD_RETRY,
                 },
             }),
         }
@@ -237,6 +242,14 @@ impl<St, K: Clone> IdempotencyLayer<St, K> {
     /// client may retry (default: release).
     pub fn store_server_errors(self, store: bool) -> Self {
         self.with(|c| c.store_server_errors = store)
+    }
+
+    /// How long a response whose record the store refuses (an outage, a failover) is
+    /// retried before the key is released (default 5 s). Meanwhile the claim is renewed,
+    /// so duplicates wait or get 409 instead of running again, and this response waits
+    /// too; past it the key is released and a retry of the key runs again.
+    pub fn record_retry(self, window: Duration) -> Self {
+        self.with(|c| c.record_retry = window)
     }
 
     /// What to do when the store fails (default [`OnStoreError::Closed`]: 503).

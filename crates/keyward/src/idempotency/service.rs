@@ -30,9 +30,6 @@ use super::response::{
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Longest a completed response waits for a failing store to take its record.
-const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(5);
-
 /// Makes retried requests idempotent; built by
 /// [`IdempotencyLayer`](super::IdempotencyLayer).
 pub struct IdempotencyService<S, St, K> {
@@ -391,12 +388,14 @@ where
         }
     }
 
-    /// Stores the response. A store error here is retried (with backoff, for up to the
-    /// lease, at most [`COMPLETE_RETRY_MAX`]) before giving up: the handler already ran
+    /// Stores the response. A store error here is retried (with backoff, for
+    /// [`IdempotencyLayer::record_retry`](super::IdempotencyLayer::record_retry), 5 s by
+    /// default) while the claim is renewed, before giving up: the handler already ran
     /// and its answer goes back to the client, so a record that is not stored means the
-    /// next retry of the key runs it a second time. Store errors are usually short (a
-    /// reconnect, a restarting Redis), the claim is still ours for a lease, and completing
-    /// is fenced by the token, so retrying cannot overwrite a successor's record.
+    /// next retry of the key runs it a second time, while a claim kept meanwhile makes
+    /// duplicates wait or get 409. Store errors are usually short (a reconnect, a
+    /// restarting Redis, a failover), and completing is fenced by the token, so retrying
+    /// cannot overwrite a successor's record.
     async fn complete(
         &self,
         token: keyward_core::FencingToken,
@@ -404,37 +403,41 @@ where
         stored: StoredResponse,
     ) {
         let settings = self.settings();
-        let deadline = Instant::now() + settings.lease.min(COMPLETE_RETRY_MAX);
+        let deadline = Instant::now() + settings.record_retry;
         let mut backoff = Duration::from_millis(10);
-        loop {
-            let call = std::time::Instant::now();
-            let result = self
-                .store
-                .complete(&self.key, token, fingerprint, stored.clone(), settings.ttl)
-                .await;
-            settings.metrics.store_call(STORE_OP_COMPLETE, call);
-            match result {
-                Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
-                Ok(Completion::Fenced) => {
-                    // Our lease ran out and another request took the key over: storing now
-                    // would overwrite its result. Downstream fencing decides which write wins.
-                    tracing::warn!(
-                        "idempotency lease expired before completion; response not stored"
-                    );
-                    return self.record(IdempotencyOutcome::Executed);
-                }
-                Err(error) if Instant::now() + backoff < deadline => {
-                    tracing::debug!(%error, "idempotency store failed to store the response; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
-                    self.record(IdempotencyOutcome::StoreError);
-                    return self.release(token).await;
+        let retries = async move {
+            loop {
+                let call = std::time::Instant::now();
+                let result = self
+                    .store
+                    .complete(&self.key, token, fingerprint, stored.clone(), settings.ttl)
+                    .await;
+                settings.metrics.store_call(STORE_OP_COMPLETE, call);
+                match result {
+                    Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
+                    Ok(Completion::Fenced) => {
+                        // Our lease ran out and another request took the key over: storing
+                        // now would overwrite its result. Downstream fencing decides which
+                        // write wins.
+                        tracing::warn!(
+                            "idempotency lease expired before completion; response not stored"
+                        );
+                        return self.record(IdempotencyOutcome::Executed);
+                    }
+                    Err(error) if Instant::now() + backoff < deadline => {
+                        tracing::debug!(%error, "idempotency store failed to store the response; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
+                        self.record(IdempotencyOutcome::StoreError);
+                        return self.release(token).await;
+                    }
                 }
             }
-        }
+        };
+        with_renewal(retries, &self.store, &self.key, token, settings.lease).await;
     }
 
     async fn release(&self, token: keyward_core::FencingToken) {
