@@ -114,6 +114,9 @@ pub struct Clients {
     pub attempts: Mutex<Vec<Attempt>>,
     next_attempt: AtomicU64,
     http: crate::support::HttpClient,
+    /// Pause of a worker between two keys of the run (not of the final round), so that a
+    /// run spans a schedule of faults.
+    pace: Duration,
 }
 
 type Reply = (http::StatusCode, http::HeaderMap, String);
@@ -127,7 +130,22 @@ impl Clients {
             attempts: Mutex::new(Vec::new()),
             next_attempt: AtomicU64::new(1),
             http: crate::support::client(),
+            pace: Duration::ZERO,
         })
+    }
+
+    /// Like [`Clients::new`], with every worker pausing `pace` between two keys.
+    pub fn paced(
+        sidecars: Vec<SocketAddr>,
+        plan: Vec<KeyPlan>,
+        seed: u64,
+        pace: Duration,
+    ) -> Arc<Clients> {
+        let mut clients = Clients::new(sidecars, plan, seed);
+        if let Some(clients) = Arc::get_mut(&mut clients) {
+            clients.pace = pace;
+        }
+        clients
     }
 
     /// Runs every planned key once through `workers` concurrent workers; `final_round`
@@ -144,6 +162,9 @@ impl Clients {
                             break;
                         }
                         clients.run_key(i, final_round).await;
+                        if !final_round && !clients.pace.is_zero() {
+                            tokio::time::sleep(clients.pace).await;
+                        }
                     }
                 })
             })

@@ -24,7 +24,37 @@ pub struct ChaosSidecar {
     _dir: tempdir::Dir,
 }
 
-fn config(addr: SocketAddr, admin: SocketAddr, upstream: SocketAddr, redis_url: &str) -> String {
+/// Where the sidecars keep their state, and their leases.
+#[derive(Clone, Debug)]
+pub struct StoreSetup {
+    /// One Redis URL, or a cluster's seed nodes.
+    pub urls: Vec<String>,
+    pub cluster: bool,
+    /// Idempotency lease and serial lease.
+    pub lease: Duration,
+}
+
+impl StoreSetup {
+    /// One standalone Redis with the group's short lease.
+    pub fn standalone(url: &str) -> StoreSetup {
+        StoreSetup {
+            urls: vec![url.to_owned()],
+            cluster: false,
+            lease: LEASE,
+        }
+    }
+
+    fn toml(&self) -> String {
+        if self.cluster {
+            let urls: Vec<String> = self.urls.iter().map(|u| format!("{u:?}")).collect();
+            format!("urls = [{}]\ncluster = true", urls.join(", "))
+        } else {
+            format!("url = {:?}", self.urls[0])
+        }
+    }
+}
+
+fn config(addr: SocketAddr, admin: SocketAddr, upstream: SocketAddr, store: &StoreSetup) -> String {
     let ms = |d: Duration| format!("{}ms", d.as_millis());
     format!(
         r#"[server]
@@ -36,7 +66,7 @@ shutdown_grace = "1s"
 
 [store]
 backend = "redis"
-url = "{redis_url}"
+{store}
 timeout = "300ms"
 on_error = "closed"
 serial_lease = "{lease}"
@@ -60,18 +90,23 @@ max_wait = "{max_wait}"
 max_queue = 64
 "#,
         timeout = ms(REQUEST_TIMEOUT),
-        lease = ms(LEASE),
+        store = store.toml(),
+        lease = ms(store.lease),
         max_wait = ms(MAX_WAIT),
     )
 }
 
 impl ChaosSidecar {
     pub async fn start(index: usize, upstream: SocketAddr, redis_url: &str) -> ChaosSidecar {
+        Self::start_on(index, upstream, &StoreSetup::standalone(redis_url)).await
+    }
+
+    pub async fn start_on(index: usize, upstream: SocketAddr, store: &StoreSetup) -> ChaosSidecar {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let dir = tempdir::Dir::new(&format!("chaos{index}"));
         let path = dir.path().join("keyward.toml");
-        std::fs::write(&path, config(addr, admin, upstream, redis_url)).unwrap();
+        std::fs::write(&path, config(addr, admin, upstream, store)).unwrap();
         let mut sidecar = ChaosSidecar {
             addr,
             config: path,

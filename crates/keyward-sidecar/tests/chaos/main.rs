@@ -21,6 +21,7 @@
 mod support;
 
 mod client;
+mod cluster;
 mod fleet;
 mod rng;
 mod upstream;
@@ -204,6 +205,7 @@ async fn scenario(name: &str, persistent: bool) -> Verdict {
         execs: &ledger.execs,
         uncoordinated: ledger.uncoordinated,
         faults: &faults,
+        lease: LEASE,
         run,
         final_round,
     });
@@ -233,5 +235,11 @@ async fn redis_without_persistence_loses_claims_but_keeps_the_other_invariants()
         false,
     )
     .await;
+    assert_eq!(verdict.violations(), 0, "{}", verdict.table);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_once_across_redis_cluster_failovers() {
+    let verdict = cluster::scenario(seed()).await;
     assert_eq!(verdict.violations(), 0, "{}", verdict.table);
 }

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::client::{Attempt, HANG_DEADLINE, KeyPlan, Outcome};
-use crate::fleet::{LEASE, REQUEST_TIMEOUT};
+use crate::fleet::REQUEST_TIMEOUT;
 use crate::upstream::{Exec, ExecOutcome};
 
 /// Time the upstream may take to notice that a caller went away (its connection closed)
@@ -20,7 +20,32 @@ pub enum FaultKind {
     SidecarFreeze,
     RedisRestart,
     RedisPause,
+    /// `CLUSTER FAILOVER` on a replica: the primary hands over after the replica caught
+    /// up; nothing is lost.
+    ManualFailover,
+    /// `kill -9` of a primary: its replica is promoted after the node timeout.
+    PrimaryKill,
+    /// SIGSTOP of a primary past the node timeout: replaced while frozen.
+    PrimaryFreeze,
+    /// A replica held back (`CLIENT PAUSE WRITE`) while its primary takes writes, then
+    /// promoted with `CLUSTER FAILOVER FORCE`: what it had not applied is lost.
+    LaggingFailover,
 }
+
+impl FaultKind {
+    /// A failover that may lose the old primary's last acknowledged writes (asynchronous
+    /// replication): records, claims, locks and counter increments.
+    fn may_lose_writes(self) -> bool {
+        matches!(
+            self,
+            FaultKind::PrimaryKill | FaultKind::PrimaryFreeze | FaultKind::LaggingFailover
+        )
+    }
+}
+
+/// How long before a lossy failover a write may have been acknowledged and still be lost
+/// (replication lag on loopback is well under this; a paused replica lags from `at`).
+const LOSS_WINDOW: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 pub struct Fault {
@@ -42,6 +67,8 @@ pub struct Scenario<'a> {
     pub execs: &'a [Exec],
     pub uncoordinated: u64,
     pub faults: &'a [Fault],
+    /// The sidecars' idempotency and serial lease.
+    pub lease: Duration,
     pub run: Duration,
     pub final_round: Duration,
 }
@@ -55,7 +82,7 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(name: &'static str) -> Row {
+    pub fn new(name: &'static str) -> Row {
         Row {
             name,
             checked: 0,
@@ -64,7 +91,7 @@ impl Row {
         }
     }
 
-    fn check(&mut self, ok: bool, example: impl FnOnce() -> String) {
+    pub fn check(&mut self, ok: bool, example: impl FnOnce() -> String) {
         self.checked += 1;
         if !ok {
             self.violations += 1;
@@ -123,6 +150,21 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
     let restart_between = |from: Instant, to: Instant| {
         !s.persistent && redis_restarts.iter().any(|t| *t >= from && *t <= to)
     };
+    // A write made at `at` may have been lost in a failover (asynchronous replication).
+    let lost_in_failover = |at: Instant| {
+        s.faults
+            .iter()
+            .any(|f| f.kind.may_lose_writes() && f.at <= at + LOSS_WINDOW && at <= f.until)
+    };
+    // `later` started while a lock or claim of `earlier` may have been lost in a failover.
+    let overlap_across_failover = |earlier: &Exec, later: &Exec| {
+        s.faults.iter().any(|f| {
+            f.kind.may_lose_writes()
+                && earlier.started <= f.until
+                && later.started + LOSS_WINDOW >= f.at
+                && later.started <= f.until + s.lease
+        })
+    };
     // The sidecar that forwarded `exec` was frozen at some time in `exec.started..=to`.
     let frozen_between = |exec: &Exec, to: Instant| {
         let Some(sidecar) = attempts.get(&exec.attempt).map(|a| a.sidecar) else {
@@ -163,6 +205,7 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
     let mut lost_retried: BTreeMap<&'static str, usize> = BTreeMap::new();
     // Without persistence: (records lost, claims lost in flight).
     let mut restart_dups = (0usize, 0usize);
+    let mut failover_dups = 0usize;
     let mut applied: HashMap<&str, Vec<&Exec>> = HashMap::new();
     for e in s.execs.iter().filter(|e| e.outcome == ExecOutcome::Applied) {
         applied.entry(e.key.as_str()).or_default().push(e);
@@ -196,6 +239,8 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
                 } else {
                     restart_dups.1 += 1;
                 }
+            } else if delivered.contains(&prev.id) && prev.ended.is_some_and(lost_in_failover) {
+                failover_dups += 1;
             } else if delivered.contains(&prev.id) {
                 ok = false;
             } else {
@@ -208,13 +253,21 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
             let list: Vec<String> = execs
                 .iter()
                 .map(|e| {
+                    let since = |at: Instant| {
+                        s.faults.first().map_or(0.0, |f| {
+                            at.saturating_duration_since(f.at).as_secs_f64()
+                                - f.at.saturating_duration_since(at).as_secs_f64()
+                        })
+                    };
                     format!(
-                        "exec {} token {} attempt {} delivered={} ({})",
+                        "exec {} token {} attempt {} delivered={} ({}) ran {:+.2}..{:+.2} s from the first fault",
                         e.id,
                         e.token,
                         e.attempt,
                         delivered.contains(&e.id),
-                        lost_cause(attempts.get(&e.attempt).copied())
+                        lost_cause(attempts.get(&e.attempt).copied()),
+                        since(e.started),
+                        e.ended.map_or(f64::NAN, since)
                     )
                 })
                 .collect();
@@ -254,6 +307,7 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
     ];
     let mut overlap_expected = 0usize;
     let mut overlap_frozen = 0usize;
+    let mut overlap_failover = 0usize;
     let mut rows_overlap = Vec::new();
     for (mut row, by_account) in overlap_rows {
         let mut groups: HashMap<&str, Vec<&Exec>> = HashMap::new();
@@ -282,6 +336,10 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
                     }
                     Some(earlier) if frozen_between(earlier, later.started) => {
                         overlap_frozen += 1;
+                        row.checked += 1;
+                    }
+                    Some(earlier) if overlap_across_failover(earlier, later) => {
+                        overlap_failover += 1;
                         row.checked += 1;
                     }
                     Some(earlier) => row.check(false, || {
@@ -333,7 +391,7 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         .iter()
         .filter(|f| f.kind == FaultKind::RedisPause)
         .count();
-    let slow = s.execs.iter().filter(|e| e.delay > LEASE).count();
+    let slow = s.execs.iter().filter(|e| e.delay > s.lease).count();
     let stuck = s.execs.iter().filter(|e| e.delay > REQUEST_TIMEOUT).count();
     let aborts = count(&|a| matches!(a.outcome, Outcome::Aborted));
     let status = |code: u16| count(&|a| a.status() == Some(code));
@@ -388,15 +446,44 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         t,
         "| sidecar frozen (SIGSTOP) past its lease, then resumed | {freezes} |"
     );
-    let _ = writeln!(t, "| {what} | {restarts} |");
-    let _ = writeln!(
-        t,
-        "| Redis frozen (SIGSTOP) for 0.3-0.8 s, then resumed | {pauses} |"
-    );
+    let cluster_faults = [
+        (
+            FaultKind::ManualFailover,
+            "Redis Cluster: `CLUSTER FAILOVER` on a replica (old primary stays, as replica)",
+        ),
+        (
+            FaultKind::PrimaryKill,
+            "Redis Cluster: primary `kill -9` (replica promoted after the node timeout), restarted later",
+        ),
+        (
+            FaultKind::PrimaryFreeze,
+            "Redis Cluster: primary frozen (SIGSTOP) past the node timeout, replaced, then resumed",
+        ),
+        (
+            FaultKind::LaggingFailover,
+            "Redis Cluster: lagging replica (`CLIENT PAUSE WRITE`) promoted with `CLUSTER FAILOVER FORCE`",
+        ),
+    ];
+    let clustered = s
+        .faults
+        .iter()
+        .any(|f| cluster_faults.iter().any(|(k, _)| *k == f.kind));
+    if clustered {
+        for (kind, what) in cluster_faults {
+            let n = s.faults.iter().filter(|f| f.kind == kind).count();
+            let _ = writeln!(t, "| {what} | {n} |");
+        }
+    } else {
+        let _ = writeln!(t, "| {what} | {restarts} |");
+        let _ = writeln!(
+            t,
+            "| Redis frozen (SIGSTOP) for 0.3-0.8 s, then resumed | {pauses} |"
+        );
+    }
     let _ = writeln!(
         t,
         "| upstream slower than the lease ({} ms) | {slow} |",
-        LEASE.as_millis()
+        s.lease.as_millis()
     );
     let _ = writeln!(
         t,
@@ -426,6 +513,16 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
         t,
         "| two live holders: the older one's sidecar was frozen past its lease (fencing decides) | {overlap_frozen} |"
     );
+    if clustered {
+        let _ = writeln!(
+            t,
+            "| duplicate effects, documented: the record was acknowledged, then lost in a failover (asynchronous replication, or a replaced primary that came back and took writes until it learned) | {failover_dups} |"
+        );
+        let _ = writeln!(
+            t,
+            "| two live holders: a lock or claim lost in a failover (asynchronous replication; fencing decides) | {overlap_failover} |"
+        );
+    }
     for (cause, n) in &lost_retried {
         let _ = writeln!(
             t,
@@ -447,6 +544,18 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
             t,
             "| two live holders across a Redis restart without persistence (expected) | {overlap_expected} |"
         );
+    }
+    if let Some(first) = s.faults.first() {
+        let _ = writeln!(t, "\nfault times from the first fault:");
+        for f in s.faults {
+            let _ = writeln!(
+                t,
+                "- {:?}: {:+.2}..{:+.2} s",
+                f.kind,
+                (f.at - first.at).as_secs_f64(),
+                (f.until - first.at).as_secs_f64()
+            );
+        }
     }
     for row in &rows {
         for example in &row.examples {
