@@ -190,6 +190,7 @@ impl RedisStoreBuilder {
             })?)
         };
         let keys = KeyLayout::new(&self.prefix);
+        let instance = crate::util::instance_id();
         let hub = Hub::start(&runtime, clients, keys.channel().to_owned());
         Ok(RedisStore {
             inner: Arc::new(Inner {
@@ -198,12 +199,9 @@ impl RedisStoreBuilder {
                 timeout: self.timeout,
                 hub,
                 runtime,
-                instance: std::hash::BuildHasher::hash_one(
-                    &std::collections::hash_map::RandomState::new(),
-                    std::process::id(),
-                ),
+                instance,
                 claims: std::sync::atomic::AtomicU64::new(0),
-                serial: crate::serial::SerialState::new(self.serial_lease),
+                serial: crate::serial::SerialState::new(self.serial_lease, instance),
             }),
         })
     }

@@ -373,40 +373,6 @@ fn store_error(error: &RedisError) -> StoreError {
     }
 }
 
-/// Reads script replies: an array of integers and bulk strings.
-pub(crate) struct Reply(std::vec::IntoIter<Value>);
-
-impl Reply {
-    pub(crate) fn new(value: Value) -> Result<Self, StoreError> {
-        match value {
-            Value::Array(items) => Ok(Reply(items.into_iter())),
-            other => Err(StoreError::Corrupt(format!(
-                "expected a script reply array, got {other:?}"
-            ))),
-        }
-    }
-
-    pub(crate) fn int(&mut self) -> Result<i64, StoreError> {
-        match self.0.next() {
-            Some(Value::Int(n)) => Ok(n),
-            Some(Value::BulkString(bytes)) => std::str::from_utf8(&bytes)
-                .ok()
-                .and_then(|text| text.parse().ok())
-                .ok_or_else(|| StoreError::Corrupt("expected an integer".to_owned())),
-            other => Err(StoreError::Corrupt(format!(
-                "expected an integer, got {other:?}"
-            ))),
-        }
-    }
-
-    pub(crate) fn bytes(&mut self) -> Result<Vec<u8>, StoreError> {
-        match self.0.next() {
-            Some(Value::BulkString(bytes)) => Ok(bytes),
-            _ => Err(StoreError::Corrupt("expected a bulk string".to_owned())),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -15,9 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::pin::Pin;
+
 use futures::StreamExt;
 use tokio::sync::Notify;
+use tokio::sync::futures::Notified;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// How often an idle subscriber connection is checked with `PING`, so that a half-open
 /// TCP connection (a partition, a frozen server) is noticed and replaced.
@@ -96,7 +100,43 @@ impl Drop for Hub {
 pub(crate) struct Watch {
     shared: Arc<Shared>,
     key: Box<[u8]>,
-    pub(crate) notify: Arc<Notify>,
+    notify: Arc<Notify>,
+}
+
+impl Watch {
+    /// Starts listening now: a message from here on ends the next [`Armed::sleep`], even
+    /// one that arrives before the sleep starts. Arm before the script that checks the
+    /// record, so that a settlement between its answer and the sleep is not lost.
+    pub(crate) fn armed(&self) -> Armed<'_> {
+        let mut notified = Box::pin(self.notify.notified());
+        notified.as_mut().enable();
+        Armed {
+            notify: &self.notify,
+            notified,
+        }
+    }
+}
+
+/// The one way a Redis waiter waits (idempotency duplicates, serial waiters, single-flight
+/// followers): until a publication for its record, the holder's lease end, or its own
+/// deadline, whichever comes first; never by polling.
+pub(crate) struct Armed<'a> {
+    notify: &'a Notify,
+    notified: Pin<Box<Notified<'a>>>,
+}
+
+impl Armed<'_> {
+    /// Sleeps until a message, `lease_left` plus one millisecond (so that Redis has
+    /// expired the holder's record when the waiter looks again), or `deadline`; then
+    /// listens again for the next sleep.
+    pub(crate) async fn sleep(&mut self, deadline: Instant, lease_left: Duration) {
+        let fallback = deadline
+            .saturating_duration_since(Instant::now())
+            .min(lease_left.saturating_add(Duration::from_millis(1)));
+        let _ = tokio::time::timeout(fallback, self.notified.as_mut()).await;
+        self.notified.set(self.notify.notified());
+        self.notified.as_mut().enable();
+    }
 }
 
 impl Drop for Watch {

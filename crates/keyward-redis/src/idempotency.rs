@@ -26,9 +26,10 @@ use redis::{Script, Value};
 
 use crate::RedisStore;
 use crate::codec;
-use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::reply;
 use crate::script::script;
+use crate::util::millis;
 
 static CLAIM: LazyLock<Script> = script!(writes: "fencing.lua", "idempotency/claim.lua");
 static COMPLETE: LazyLock<Script> = script!(writes: "idempotency/complete.lua");
@@ -85,32 +86,16 @@ impl RedisStore {
     }
 }
 
-fn millis(duration: Duration) -> String {
-    // Redis rejects a zero expiry; a lease or TTL rounds up to at least 1 ms.
-    duration.as_millis().clamp(1, i64::MAX as u128).to_string()
-}
-
-fn token_of(n: i64) -> Result<FencingToken, StoreError> {
-    u64::try_from(n)
-        .map(FencingToken)
-        .map_err(|_| StoreError::Corrupt(format!("negative fencing token {n}")))
-}
-
 fn claim_outcome(value: Value) -> Result<ClaimOutcome, StoreError> {
-    let mut reply = Reply::new(value)?;
-    Ok(match reply.int()? {
-        0 => ClaimOutcome::Claimed(token_of(reply.int()?)?),
-        1 => {
-            let holder = token_of(reply.int()?)?;
-            let left = u64::try_from(reply.int()?).unwrap_or(0);
-            ClaimOutcome::InFlight {
-                holder,
-                lease_left: Duration::from_millis(left),
-            }
+    Ok(match reply::Claim::decode(value)? {
+        reply::Claim::Claimed(token) => ClaimOutcome::Claimed(token),
+        reply::Claim::InFlight { holder, lease_left } => {
+            ClaimOutcome::InFlight { holder, lease_left }
         }
-        2 => ClaimOutcome::Completed(Arc::new(codec::decode(Bytes::from(reply.bytes()?))?)),
-        3 => ClaimOutcome::Mismatch,
-        other => return Err(StoreError::Corrupt(format!("unknown claim reply {other}"))),
+        reply::Claim::Completed(response) => {
+            ClaimOutcome::Completed(Arc::new(codec::decode(Bytes::from(response))?))
+        }
+        reply::Claim::Mismatch => ClaimOutcome::Mismatch,
     })
 }
 
@@ -122,32 +107,26 @@ fn fingerprint_of(bytes: Vec<u8>) -> Result<Fingerprint, StoreError> {
 }
 
 fn record_state(value: Value) -> Result<RecordState, StoreError> {
-    let mut reply = Reply::new(value)?;
-    Ok(match reply.int()? {
-        0 => RecordState::Absent,
-        1 => {
-            let holder = token_of(reply.int()?)?;
-            let left = u64::try_from(reply.int()?).unwrap_or(0);
-            RecordState::InFlight {
-                holder,
-                lease_left: Duration::from_millis(left),
-                fingerprint: fingerprint_of(reply.bytes()?)?,
-            }
-        }
-        2 => {
-            let response = codec::decode(Bytes::from(reply.bytes()?))?;
-            let left = u64::try_from(reply.int()?).unwrap_or(0);
-            RecordState::Completed {
-                status: response.status,
-                fingerprint: fingerprint_of(reply.bytes()?)?,
-                expires_in: Duration::from_millis(left),
-            }
-        }
-        other => {
-            return Err(StoreError::Corrupt(format!(
-                "unknown inspect reply {other}"
-            )));
-        }
+    Ok(match reply::Inspect::decode(value)? {
+        reply::Inspect::Absent => RecordState::Absent,
+        reply::Inspect::Held {
+            holder,
+            lease_left,
+            fingerprint,
+        } => RecordState::InFlight {
+            holder,
+            lease_left,
+            fingerprint: fingerprint_of(fingerprint)?,
+        },
+        reply::Inspect::Completed {
+            response,
+            expires_in,
+            fingerprint,
+        } => RecordState::Completed {
+            status: codec::decode(Bytes::from(response))?.status,
+            fingerprint: fingerprint_of(fingerprint)?,
+            expires_in,
+        },
     })
 }
 
@@ -208,10 +187,9 @@ impl IdempotencyStore for RedisStore {
                 ],
             )
             .await?;
-        Ok(if stored == 1 {
-            Completion::Stored
-        } else {
-            Completion::Fenced
+        Ok(match reply::Fenced::decode(stored, "complete")? {
+            reply::Fenced::Done => Completion::Stored,
+            reply::Fenced::NotHolder => Completion::Fenced,
         })
     }
 
@@ -248,7 +226,7 @@ impl IdempotencyStore for RedisStore {
                 &[token.as_bytes(), lease.as_bytes(), keep.as_bytes()],
             )
             .await?;
-        Ok(renewed == 1)
+        Ok(reply::Fenced::decode(renewed, "renew")? == reply::Fenced::Done)
     }
 
     async fn wait_settled(

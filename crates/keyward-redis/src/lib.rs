@@ -73,6 +73,7 @@ mod hub;
 mod idempotency;
 mod keys;
 mod quota;
+mod reply;
 mod script;
 mod serial;
 mod single_flight;
@@ -107,7 +108,8 @@ struct Inner {
     timeout: Duration,
     hub: Hub,
     runtime: tokio::runtime::Handle,
-    /// Random per store, so claim nonces never repeat across processes.
+    /// Random per store ([`util::instance_id`]): claim nonces and serial waiter ids never
+    /// repeat across processes.
     instance: u64,
     claims: std::sync::atomic::AtomicU64,
     serial: serial::SerialState,
@@ -201,13 +203,9 @@ impl RedisStore {
         nonce
     }
 
-    /// Runs `work` in the background: on the caller's runtime, or, from a destructor
-    /// running outside any runtime, on the one the store was built in. Never blocks.
+    /// Runs `work` in the background (see [`util::spawn`]). Never blocks.
     fn spawn_detached(&self, work: impl std::future::Future<Output = ()> + Send + 'static) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn(work)),
-            Err(_) => drop(self.inner.runtime.spawn(work)),
-        }
+        drop(util::spawn(&self.inner.runtime, work));
     }
 
     /// Runs `script`, bounded by the store timeout.
@@ -233,18 +231,17 @@ impl RedisStore {
         holder: keyward_core::FencingToken,
         max: Duration,
     ) -> Result<(), StoreError> {
+        let deadline = tokio::time::Instant::now() + max;
         let watch = self.inner.hub.watch(record);
-        let notified = watch.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        let mut armed = watch.armed();
         let token = holder.get().to_string();
         let lease_left: i64 = self.eval(&WATCH, &[record], &[token.as_bytes()]).await?;
         let Ok(lease_left) = u64::try_from(lease_left) else {
             return Ok(());
         };
-        // One millisecond past the lease so Redis has expired the record when we look.
-        let fallback = max.min(Duration::from_millis(lease_left.saturating_add(1)));
-        let _ = tokio::time::timeout(fallback, notified).await;
+        armed
+            .sleep(deadline, Duration::from_millis(lease_left))
+            .await;
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use keyward_core::store::{QuotaStore, StoreError};
 use redis::{Script, Value};
 
 use crate::RedisStore;
-use crate::conn::Reply;
+use crate::reply::QuotaCheck;
 use crate::script::script;
 
 static CHECK: LazyLock<Script> = script!(writes: "quota/check.lua");
@@ -72,10 +72,9 @@ impl RedisStore {
             args.push(now_n.as_bytes());
         }
         let value: Value = self.eval(&CHECK, &[&record], &args).await?;
-        let mut reply = Reply::new(value)?;
-        let allowed = reply.int()? == 1;
-        let tat = instant(reply.int()?, reply.int()?)?;
-        let now = instant(reply.int()?, reply.int()?)?;
+        let QuotaCheck { allowed, tat, now } = QuotaCheck::decode(value)?;
+        let tat = instant(tat.0, tat.1)?;
+        let now = instant(now.0, now.1)?;
         let step = quota.decide(tat, now, cost);
         if step.decision.is_allowed() != allowed {
             return Err(StoreError::Corrupt(format!(

@@ -30,8 +30,6 @@
 //! again.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
-use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
@@ -43,10 +41,10 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use crate::RedisStore;
-use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::reply::{self, Leave, Turn};
 use crate::script::script;
-use crate::util::{millis, spawn, token_of};
+use crate::util::{millis, spawn};
 
 static ACQUIRE: LazyLock<Script> =
     script!(writes: "fencing.lua", "serial/lib.lua", "serial/acquire.lua");
@@ -74,12 +72,11 @@ pub(crate) struct SerialState {
 }
 
 impl SerialState {
-    pub(crate) fn new(lease: Duration) -> Self {
+    /// `instance`: the store's random id, so waiter ids of two processes never collide.
+    pub(crate) fn new(lease: Duration, instance: u64) -> Self {
         SerialState {
             lease,
-            // Random per store (RandomState's keys are): waiter ids of two processes never
-            // collide.
-            instance: RandomState::new().hash_one(std::process::id()),
+            instance,
             next_waiter: AtomicU64::new(1),
             heartbeats: Mutex::new(HashMap::new()),
         }
@@ -118,11 +115,6 @@ impl Names {
     fn keys(&self) -> [&str; 4] {
         [&self.record, &self.queue, &self.deadlines, &self.counter]
     }
-}
-
-/// A reply's "lease left" in milliseconds; gone or unknown counts as none.
-fn lease_left(ms: i64) -> Duration {
-    Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 impl RedisStore {
@@ -187,7 +179,7 @@ impl RedisStore {
         let renewed: i64 = self
             .eval(&RENEW, &names.keys(), &[token.as_bytes(), lease.as_bytes()])
             .await?;
-        Ok(renewed == 1)
+        Ok(reply::Fenced::decode(renewed, "serial renew")? == reply::Fenced::Done)
     }
 
     fn stop_heartbeat(&self, record: &str, token: FencingToken) {
@@ -237,10 +229,9 @@ impl RedisStore {
                 ],
             )
             .await?;
-        let mut reply = Reply::new(value)?;
-        Ok(match reply.int()? {
-            0 => Some(token_of(reply.int()?)?),
-            _ => None,
+        Ok(match Leave::decode(value)? {
+            Leave::Kept(token) => Some(token),
+            Leave::Left => None,
         })
     }
 
@@ -295,8 +286,7 @@ impl SerialStore for RedisStore {
         // Registered before the first script, so a hand-over published between the
         // script's answer and the wait is not lost.
         let watch = self.inner.hub.watch(&names.record);
-        let mut notified = pin!(watch.notify.notified());
-        notified.as_mut().enable();
+        let mut armed = watch.armed();
         let mut queued = Queued {
             store: self,
             names: &names,
@@ -324,35 +314,24 @@ impl SerialStore for RedisStore {
                 ],
             )
             .await?;
-        let mut reply = Reply::new(value)?;
-        let mut left = match reply.int()? {
-            0 => {
+        let mut left = match Turn::decode(value)? {
+            Turn::Acquired(token) => {
                 queued.settled = true;
-                return Ok(self.held(key, &names.record, token_of(reply.int()?)?));
+                return Ok(self.held(key, &names.record, token));
             }
-            1 => lease_left(reply.int()?),
-            2 => {
+            Turn::Queued { lease_left } => lease_left,
+            Turn::QueueFull => {
                 queued.settled = true;
                 return Ok(AcquireOutcome::QueueFull);
             }
-            3 => {
+            Turn::TimedOut => {
                 queued.settled = true;
                 return Ok(AcquireOutcome::Timeout);
             }
-            other => {
-                return Err(StoreError::Corrupt(format!(
-                    "unknown acquire reply {other}"
-                )));
-            }
         };
         loop {
-            let now = Instant::now();
-            if now < deadline {
-                // One millisecond past the lease, so Redis has expired it when we look.
-                let fallback = (deadline - now).min(left + Duration::from_millis(1));
-                let _ = tokio::time::timeout(fallback, notified.as_mut()).await;
-                notified.set(watch.notify.notified());
-                notified.as_mut().enable();
+            if Instant::now() < deadline {
+                armed.sleep(deadline, left).await;
             }
             if Instant::now() >= deadline {
                 // Out of time: leave, unless the key arrived meanwhile (then take it).
@@ -370,18 +349,21 @@ impl SerialStore for RedisStore {
                     &[member.as_bytes(), lease.as_bytes(), channel],
                 )
                 .await?;
-            let mut reply = Reply::new(value)?;
-            match reply.int()? {
-                0 => {
+            match Turn::decode(value)? {
+                Turn::Acquired(token) => {
                     queued.settled = true;
-                    return Ok(self.held(key, &names.record, token_of(reply.int()?)?));
+                    return Ok(self.held(key, &names.record, token));
                 }
-                1 => left = lease_left(reply.int()?),
-                3 => {
+                Turn::Queued { lease_left } => left = lease_left,
+                Turn::TimedOut => {
                     queued.settled = true;
                     return Ok(AcquireOutcome::Timeout);
                 }
-                other => return Err(StoreError::Corrupt(format!("unknown check reply {other}"))),
+                Turn::QueueFull => {
+                    return Err(StoreError::Corrupt(
+                        "serial check answered 'queue full'".to_owned(),
+                    ));
+                }
             }
         }
     }

@@ -16,7 +16,6 @@
 //! Landing encoding: `R` + the response (`codec.rs`), or `T` (too large); a failed flight
 //! stores nothing (followers find the flight ended without a landing: failed).
 
-use std::pin::pin;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -28,10 +27,10 @@ use tokio::time::Instant;
 
 use crate::RedisStore;
 use crate::codec;
-use crate::conn::Reply;
 use crate::keys::KeyLayout;
+use crate::reply::{Flight, Landed, Lead};
 use crate::script::script;
-use crate::util::{millis, spawn, token_of};
+use crate::util::{millis, spawn};
 
 static LEAD: LazyLock<Script> = script!(writes: "fencing.lua", "flight/lead.lua");
 static PUBLISH: LazyLock<Script> = script!(writes: "flight/publish.lua");
@@ -120,12 +119,10 @@ impl SingleFlightStore for RedisStore {
                 return Err(error);
             }
         };
-        let mut reply = Reply::new(value)?;
-        match reply.int()? {
-            0 => Ok(FlightRole::Leader(token_of(reply.int()?)?)),
-            1 => Ok(FlightRole::Follower),
-            other => Err(StoreError::Corrupt(format!("unknown lead reply {other}"))),
-        }
+        Ok(match Lead::decode(value)? {
+            Lead::Leader(token) => FlightRole::Leader(token),
+            Lead::Follower => FlightRole::Follower,
+        })
     }
 
     async fn publish(
@@ -152,36 +149,26 @@ impl SingleFlightStore for RedisStore {
         let record = self.inner.keys.record(key);
         // Registered before the first script: a landing published in between is not lost.
         let watch = self.inner.hub.watch(&record);
-        let mut notified = pin!(watch.notify.notified());
-        notified.as_mut().enable();
+        let mut armed = watch.armed();
         let value: Value = self.eval(&WATCH, &[&record], &[]).await?;
-        let mut reply = Reply::new(value)?;
-        let token = match reply.int()? {
-            -1 => return Ok(None),
-            token => token_of(token)?,
+        let (token, mut left) = match Flight::decode(value)? {
+            Flight::Grounded => return Ok(None),
+            Flight::Flying { token, lease_left } => (token, lease_left),
         };
-        let mut left = Duration::from_millis(u64::try_from(reply.int()?).unwrap_or(0));
         let landing_key = landing_name(&record, token);
         let token_arg = token.get().to_string();
         loop {
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(Some(Landing::Failed));
             }
-            // One millisecond past the lease, so Redis has expired it when we look.
-            let fallback = (deadline - now).min(left + Duration::from_millis(1));
-            let _ = tokio::time::timeout(fallback, notified.as_mut()).await;
-            notified.set(watch.notify.notified());
-            notified.as_mut().enable();
+            armed.sleep(deadline, left).await;
             let value: Value = self
                 .eval(&LANDED, &[&record, &landing_key], &[token_arg.as_bytes()])
                 .await?;
-            let mut reply = Reply::new(value)?;
-            match reply.int()? {
-                0 => return decode(reply.bytes()?).map(Some),
-                1 => left = Duration::from_millis(u64::try_from(reply.int()?).unwrap_or(0)),
-                2 => return Ok(Some(Landing::Failed)),
-                other => return Err(StoreError::Corrupt(format!("unknown landed reply {other}"))),
+            match Landed::decode(value)? {
+                Landed::Down(landing) => return decode(landing).map(Some),
+                Landed::Flying { lease_left } => left = lease_left,
+                Landed::Ended => return Ok(Some(Landing::Failed)),
             }
         }
     }

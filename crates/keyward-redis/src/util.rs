@@ -1,4 +1,4 @@
-//! Small helpers shared by the store modules added after idempotency.
+//! Small helpers shared by every store module.
 
 use std::future::Future;
 use std::time::Duration;
@@ -30,4 +30,11 @@ pub(crate) fn spawn(
         Ok(handle) => handle.spawn(task).abort_handle(),
         Err(_) => fallback.spawn(task).abort_handle(),
     }
+}
+
+/// A random id per store (`RandomState`'s keys are random per process and per call), so
+/// that nonces and waiter ids of two processes never collide.
+pub(crate) fn instance_id() -> u64 {
+    use std::hash::BuildHasher;
+    std::collections::hash_map::RandomState::new().hash_one(std::process::id())
 }
