@@ -7,9 +7,12 @@
 //! never by polling.
 //!
 //! - **Connections**: `redis://` and `rediss://` (TLS, feature `tls`), `AUTH` in the URL
-//!   (`redis://user:password@host:6379/0`), or Redis Cluster ([`RedisStoreBuilder::cluster`]).
+//!   (`redis://user:password@host:6379/0`), or Redis Cluster ([`RedisStoreBuilder::cluster`],
+//!   one [`RedisStoreBuilder::url`] per seed node; dead seeds are skipped).
 //!   A standalone connection is a `ConnectionManager`: it reconnects by itself when Redis
-//!   returns. The store is built without waiting for Redis, so an application starts (and
+//!   returns. A cluster connection follows failovers: see `conn.rs` (retries only what
+//!   provably did not run, rebuilds from the seeds on stale-topology errors and timeouts,
+//!   checks `CLUSTER SLOTS` every [`RedisStoreBuilder::topology_refresh`]). The store is built without waiting for Redis, so an application starts (and
 //!   applies its `OnStoreError` policy) while Redis is down.
 //! - **Timeouts**: every call is bounded by [`RedisStoreBuilder::timeout`] (default 50 ms)
 //!   and then fails with `StoreError::Timeout`; errors map to `StoreError::Unavailable`,
@@ -33,8 +36,12 @@
 //!   (messages sent meanwhile are lost).
 //! - **Stored responses**: a compact binary record (status, headers, trailers, body), see
 //!   the format in `src/codec.rs`; unreadable records are `StoreError::Corrupt`.
-//! - **Requirements**: Redis (or Valkey) 5 or later; scripts read `TIME` and rely on
-//!   effects replication. Tested with Redis 7.0, standalone, Cluster, TLS and `AUTH`.
+//! - **Requirements**: Redis 7 or later (or Valkey 7.2): every script opens with a shebang
+//!   that declares its flags (`script.rs`), so a replica redirects writers with `MOVED`.
+//!   Tested with Redis 7.0, standalone, Cluster (with replicas, across failovers), TLS and
+//!   `AUTH`.
+//! - **Eviction**: run Redis with `maxmemory-policy noeviction`; any other policy can
+//!   evict live claims and locks ([`RedisStore::maxmemory_policies`] tells).
 //!
 //! ```
 //! use std::time::Duration;
@@ -62,9 +69,11 @@
 //   `t = token` so that `scripts/watch.lua` and `RedisStore::wait_released` serve their
 //   waiters; a script that lets go publishes the record name on `KeyLayout::channel` when
 //   the record has `w` set.
-// - `<layer>.rs`: `static` `Script`s (add them to what `RedisStore::ping` preloads) and
-//   `impl <Layer>Store for RedisStore` calling `self.eval(..)` (bounded by the timeout,
-//   errors mapped to `StoreError`) and reading replies with `conn::Reply`.
+// - `<layer>.rs`: `static` `Script`s made with `script!(writes|deletes|reads: files..)`
+//   (add them to what `RedisStore::ping` preloads; a script issuing fencing tokens
+//   includes `fencing.lua`) and `impl <Layer>Store for RedisStore` calling `self.eval(..)`
+//   (bounded by the timeout, errors mapped to `StoreError`); decode each reply into an
+//   enum in `reply.rs`, and wait with `hub::Watch::armed`.
 
 mod builder;
 mod codec;
