@@ -164,3 +164,45 @@ async fn the_eviction_policy_of_a_cluster_covers_its_nodes() {
         ["noeviction"]
     );
 }
+
+/// A failover to a replica that had not copied a claim (nor its counter increment) leaves
+/// the holder without a record. Nobody claimed since (every later claim gets a higher
+/// token), so its completion is stored instead of fenced, and retries replay it.
+#[tokio::test]
+async fn a_completion_whose_claim_was_lost_in_a_failover_is_stored() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let fp = keyward::core::store::Fingerprint::builder()
+        .part(b"x")
+        .finish();
+    let token = claim(&store, "k").await;
+    // What the promoted replica holds: no claim, the counter of before it.
+    let mut conn = redis.server.connection().await;
+    let records: Vec<String> = redis::cmd("KEYS")
+        .arg("keyward:idem:r:*}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let () = redis::cmd("DEL")
+        .arg(&records)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    set_counters_back(&redis.server, "keyward:idem:r:*:n", token.get() - 1).await;
+
+    let response = keyward::core::store::StoredResponse {
+        status: http::StatusCode::CREATED,
+        headers: Default::default(),
+        body: "done".into(),
+        trailers: None,
+    };
+    let stored = store
+        .complete(&key("idem", "k"), token, &fp, response, LONG)
+        .await
+        .unwrap();
+    assert_eq!(stored, keyward::core::store::Completion::Stored);
+    assert!(matches!(
+        store.claim(&key("idem", "k"), &fp, LONG).await.unwrap(),
+        ClaimOutcome::Completed(res) if res.body == "done"
+    ));
+}

@@ -47,6 +47,8 @@ pub struct Failover {
 struct Probe {
     sent: Instant,
     ok: bool,
+    /// The status, or `None` for no answer within 3 s.
+    status: Option<u16>,
 }
 
 fn wait_ok(cluster: &ReplicatedCluster) -> Instant {
@@ -177,11 +179,12 @@ async fn probe(sidecars: Vec<std::net::SocketAddr>, running: Arc<AtomicBool>) ->
                 let res = http.request(req).await.ok()?;
                 let status = res.status();
                 res.into_body().collect().await.ok()?;
-                Some(status.is_success())
+                Some(status.as_u16())
             })
             .await;
-            let ok = matches!(answer, Ok(Some(true)));
-            probes.lock().unwrap().push(Probe { sent, ok });
+            let status = answer.ok().flatten();
+            let ok = status.is_some_and(|s| (200..300).contains(&s));
+            probes.lock().unwrap().push(Probe { sent, ok, status });
         }));
     }
     for task in tasks {
@@ -219,8 +222,13 @@ fn recovery(failovers: &[Failover], probes: &[Probe]) -> (String, Row) {
             mine.iter().filter(|p| !p.ok).count(),
             mine.len()
         );
+        let late: Vec<Option<u16>> = mine
+            .iter()
+            .filter(|p| !p.ok && p.sent >= f.ok_at)
+            .map(|p| p.status)
+            .collect();
         println!(
-            "chaos cluster recovery: {:?}: cluster ok {:.2} s after the fault, every probe ok {:.2} s after that (healthy again {:.2} s after the fault)",
+            "chaos cluster recovery: {:?}: cluster ok {:.2} s after the fault, every probe ok {:.2} s after that (healthy again {:.2} s after the fault); failed after ok: {late:?}",
             f.kind,
             (f.ok_at - f.at).as_secs_f64(),
             failing_after_ok.as_secs_f64(),
@@ -301,9 +309,15 @@ pub async fn scenario(seed: u64) -> Verdict {
     }
     tokio::time::sleep(CLUSTER_LEASE + Duration::from_millis(300)).await;
     let final_started = Instant::now();
-    tokio::time::timeout(RUN_LIMIT, clients.run(WORKERS, true))
+    if tokio::time::timeout(RUN_LIMIT, clients.run(WORKERS, true))
         .await
-        .expect("the final round is bounded");
+        .is_err()
+    {
+        for (i, sidecar) in sidecars.iter().enumerate() {
+            println!("--- sidecar {i} log (tail) ---\n{}", sidecar.log_tail(40));
+        }
+        panic!("the final round did not end within {RUN_LIMIT:?}");
+    }
     let final_round = final_started.elapsed();
 
     let faults: Vec<Fault> = failovers

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use crate::client::{Attempt, HANG_DEADLINE, KeyPlan, Outcome};
-use crate::fleet::REQUEST_TIMEOUT;
+use crate::fleet::{MAX_WAIT, REQUEST_TIMEOUT};
 use crate::upstream::{Exec, ExecOutcome};
 
 /// Time the upstream may take to notice that a caller went away (its connection closed)
@@ -156,6 +156,15 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
             .iter()
             .any(|f| f.kind.may_lose_writes() && f.at <= at + LOSS_WINDOW && at <= f.until)
     };
+    // `exec`'s claim (made before it reached the upstream, at most a serial `max_wait`
+    // earlier) may have been lost in a failover.
+    let claim_lost_in_failover = |exec: &Exec| {
+        s.faults.iter().any(|f| {
+            f.kind.may_lose_writes()
+                && exec.started + LOSS_WINDOW >= f.at
+                && exec.started <= f.until + MAX_WAIT
+        })
+    };
     // `later` started while a lock or claim of `earlier` may have been lost in a failover.
     let overlap_across_failover = |earlier: &Exec, later: &Exec| {
         s.faults.iter().any(|f| {
@@ -239,7 +248,9 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
                 } else {
                     restart_dups.1 += 1;
                 }
-            } else if delivered.contains(&prev.id) && prev.ended.is_some_and(lost_in_failover) {
+            } else if delivered.contains(&prev.id)
+                && (prev.ended.is_some_and(lost_in_failover) || claim_lost_in_failover(prev))
+            {
                 failover_dups += 1;
             } else if delivered.contains(&prev.id) {
                 ok = false;
@@ -516,7 +527,7 @@ pub fn judge(s: &Scenario<'_>) -> Verdict {
     if clustered {
         let _ = writeln!(
             t,
-            "| duplicate effects, documented: the record was acknowledged, then lost in a failover (asynchronous replication, or a replaced primary that came back and took writes until it learned) | {failover_dups} |"
+            "| duplicate effects, documented: the record or the claim was acknowledged, then lost in a failover (asynchronous replication, or a replaced primary that came back and took writes until it learned) | {failover_dups} |"
         );
         let _ = writeln!(
             t,

@@ -7,12 +7,18 @@ local rec = redis.call('HMGET', KEYS[1], 's', 't', 'w')
 if rec[1] == 'c' and rec[2] == ARGV[1] then return 1 end
 if rec[1] == 'h' then
   if rec[2] ~= ARGV[1] then return 0 end
-elseif rec[1] or redis.call('GET', KEYS[2]) ~= ARGV[1] then
-  -- Completed already, or claimed by someone after us: a successor's work must win.
+elseif rec[1] then
+  -- Completed already by someone else: their record stays.
   return 0
+else
+  -- Free: our lease ran out, or our claim was lost (a failover to a replica that had not
+  -- copied it). Every claim after ours got a higher token (fencing.lua), so nobody
+  -- claimed since unless the counter is above ours (it may be below: lost with the claim).
+  local n = tonumber(redis.call('GET', KEYS[2]))
+  if n and n > tonumber(ARGV[1]) then return 0 end
 end
--- Still held by us, or our lease ran out but nobody claimed since (the counter still
--- shows our token): nothing of a successor's can be overwritten.
+-- Still held by us, or free with nobody having claimed since: nothing of a successor's
+-- can be overwritten.
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 's', 'c', 'f', ARGV[2], 'r', ARGV[3], 't', ARGV[1])
 local ttl = tonumber(ARGV[4])
