@@ -53,6 +53,7 @@ pub mod idempotency;
 mod memory;
 pub mod quota;
 pub mod serial;
+mod sharded;
 pub mod single_flight;
 mod telemetry;
 

@@ -82,7 +82,6 @@
 
 mod flight;
 mod future;
-pub(crate) mod keymap;
 mod layer;
 mod service;
 mod work;
