@@ -17,9 +17,10 @@ use keyward_core::telemetry::{
     FIELD_FENCING_TOKEN, IdempotencyOutcome, STORE_OP_CLAIM, STORE_OP_COMPLETE, STORE_OP_RELEASE,
 };
 use keyward_core::{FencingToken, KeywardBody, Problem, ScopedKey};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower_service::Service;
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 use super::claim::{ClaimGuard, with_renewal};
 use super::layer::{IdempotencySettings, OnInFlight, ReplayHeaders};
@@ -42,16 +43,16 @@ pub(crate) struct Attempt<St, K> {
     pub(crate) protocol: Protocol,
 }
 
-/// What running the handler produced.
-enum Ran<ResB: Body> {
-    /// Read to its end and storable.
-    Complete {
-        parts: http::response::Parts,
-        body: Bytes,
-        trailers: Option<http::HeaderMap>,
-    },
-    /// Not to be stored (status, size or body error): the key is released.
-    Released(Response<KeywardBody<ResB>>),
+impl<St: Clone, K> Clone for Attempt<St, K> {
+    fn clone(&self) -> Self {
+        Attempt {
+            store: self.store.clone(),
+            config: self.config.clone(),
+            key: self.key.clone(),
+            span: self.span.clone(),
+            protocol: self.protocol,
+        }
+    }
 }
 
 impl<St, K> Attempt<St, K>
@@ -76,9 +77,11 @@ where
     ) -> Result<Response<KeywardBody<ResB>>, S::Error>
     where
         S: Service<Request<B>, Response = Response<ResB>>,
+        K: Send + Sync + 'static,
         B: Body + From<Bytes>,
         B::Error: Into<BoxError>,
-        ResB: Body<Data = Bytes> + Unpin,
+        ResB: Body<Data = Bytes> + Send + Unpin + 'static,
+        ResB::Error: Send,
     {
         let settings = self.settings();
         let (parts, body) = req.into_parts();
@@ -142,59 +145,86 @@ where
     ) -> Result<Response<KeywardBody<ResB>>, S::Error>
     where
         S: Service<Request<B>, Response = Response<ResB>>,
-        ResB: Body<Data = Bytes> + Unpin,
+        K: Send + Sync + 'static,
+        ResB: Body<Data = Bytes> + Send + Unpin + 'static,
+        ResB::Error: Send,
     {
         let settings = self.settings();
         let guard = ClaimGuard::new(self.store.clone(), self.key.clone(), token);
         req.extensions_mut().insert(token);
-        let max_response = settings.max_response;
-        let store_server_errors = settings.store_server_errors;
-        let work = async move {
-            let res = inner.call(req).await?;
-            if releases_key(res.status(), store_server_errors) {
-                return Ok(Ran::Released(res.map(KeywardBody::inner)));
-            }
-            Ok(match buffer_response(res, max_response).await {
-                Buffered::Complete {
-                    parts,
-                    body,
-                    trailers,
-                } if grpc_releases_key(&parts.headers, trailers.as_ref(), store_server_errors) => {
-                    Ran::Released(original(parts, body, trailers))
-                }
-                Buffered::Complete {
-                    parts,
-                    body,
-                    trailers,
-                } => Ran::Complete {
-                    parts,
-                    body,
-                    trailers,
-                },
-                // Too large to store, or the body failed: passed through, not stored.
-                Buffered::TooLarge(res) | Buffered::Failed(res) => Ran::Released(res),
-            })
-        };
-        let ran = with_renewal(work, &self.store, &self.key, token, settings.lease).await;
-
-        let response = match ran {
+        // The handler runs inside the request: a client that leaves first cancels it, and
+        // the key is released (the outcome is unknown).
+        let call = inner.call(req);
+        let called = with_renewal(call, &self.store, &self.key, token, settings.lease).await;
+        let res = match called {
             Err(error) => {
                 // The inner service failed without a response (a transport error or a
                 // timeout upstream): whether the effect happened is unknown.
                 self.release(token).await;
                 self.record(IdempotencyOutcome::Ambiguous);
-                Err(error)
+                guard.disarm();
+                return Err(error);
             }
-            Ok(Ran::Released(res)) => {
+            Ok(res) if releases_key(res.status(), settings.store_server_errors) => {
                 self.release(token).await;
                 self.record(IdempotencyOutcome::Released);
-                Ok(res)
+                guard.disarm();
+                return Ok(res.map(KeywardBody::inner));
             }
-            Ok(Ran::Complete {
+            Ok(res) => res,
+        };
+        // The handler has answered: the outcome is known, and storing it must not depend
+        // on the client waiting for it. Reading the body and storing the record run in a
+        // task of their own; a client that leaves stops waiting, not the task.
+        let (waiting, gone) = oneshot::channel::<()>();
+        let finish = self.clone().finish(res, guard, token, *fingerprint, gone);
+        let finished = tokio::spawn(finish.instrument(self.span.clone())).await;
+        drop(waiting);
+        match finished {
+            Ok(response) => Ok(response),
+            Err(error) => match error.try_into_panic() {
+                // The body panicked while being read: the guard has released the key.
+                Ok(payload) => std::panic::resume_unwind(payload),
+                // The runtime is shutting down.
+                Err(_) => Ok(store_unavailable(self.protocol)),
+            },
+        }
+    }
+
+    /// Reads the handler's response and stores it (or releases the key), then hands the
+    /// response on. If the client is `gone` meanwhile, the body is still read, for at
+    /// most a lease, so that a retry finds the record instead of running again.
+    async fn finish<ResB>(
+        self,
+        res: Response<ResB>,
+        guard: ClaimGuard<St>,
+        token: FencingToken,
+        fingerprint: Fingerprint,
+        gone: oneshot::Receiver<()>,
+    ) -> Response<KeywardBody<ResB>>
+    where
+        ResB: Body<Data = Bytes> + Unpin,
+    {
+        let settings = self.settings();
+        let buffering = buffer_response(res, settings.max_response);
+        let buffering = with_renewal(buffering, &self.store, &self.key, token, settings.lease);
+        tokio::pin!(buffering);
+        let buffered = tokio::select! {
+            biased;
+            buffered = &mut buffering => Some(buffered),
+            _ = gone => tokio::time::timeout(settings.lease, &mut buffering).await.ok(),
+        };
+        let response = match buffered {
+            Some(Buffered::Complete {
                 parts,
                 body,
                 trailers,
-            }) => {
+            }) if !grpc_releases_key(
+                &parts.headers,
+                trailers.as_ref(),
+                settings.store_server_errors,
+            ) =>
+            {
                 let stored = StoredResponse {
                     status: parts.status,
                     headers: storable_headers(&parts.headers, &settings.replay_headers),
@@ -206,8 +236,25 @@ where
                         .as_ref()
                         .map(|t| storable_headers(t, &ReplayHeaders::AllSafe)),
                 };
-                self.complete(token, fingerprint, stored).await;
-                Ok(original(parts, body, trailers))
+                self.complete(token, &fingerprint, stored).await;
+                original(parts, body, trailers)
+            }
+            released => {
+                self.release(token).await;
+                self.record(IdempotencyOutcome::Released);
+                match released {
+                    // A transient gRPC status: sent on, not stored.
+                    Some(Buffered::Complete {
+                        parts,
+                        body,
+                        trailers,
+                    }) => original(parts, body, trailers),
+                    // Too large to store, or the body failed: passed through, not stored.
+                    Some(Buffered::TooLarge(res) | Buffered::Failed(res)) => res,
+                    // The client left and the body did not end within a lease: nobody
+                    // receives this.
+                    None => store_unavailable(self.protocol),
+                }
             }
         };
         guard.disarm();
