@@ -22,8 +22,9 @@ pub(crate) trait LayerSettings: Clone {
     /// Which layer these settings are for.
     const KIND: LayerKind;
 
-    /// Checks a key the extractor found, before it is scoped (default: any key).
-    fn accept_key(&self, key: Key, _key_name: &str) -> Result<Key, KeyError> {
+    /// Checks (or completes) a key the extractor found in `req`, before it is scoped
+    /// (default: any key, as it is).
+    fn accept_key<B>(&self, key: Key, _key_name: &str, _req: &Request<B>) -> Result<Key, KeyError> {
         Ok(key)
     }
 
@@ -112,7 +113,7 @@ impl<K, X: LayerSettings> Config<K, X> {
         let Some(key) = self.key.extract(req)? else {
             return Ok(None);
         };
-        let key = self.own.accept_key(key, &self.key_name)?;
+        let key = self.own.accept_key(key, &self.key_name, req)?;
         let scope = Scope::of_request(self.common.scope.as_ref(), req)?;
         let scoped = ScopedKey::new(
             X::KIND.storage_prefix(),
