@@ -193,7 +193,8 @@ async fn costs_take_several_units() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "ratelimit"), Some(r#""bulk";r=0;t=10"#));
 
-    // More than the burst: never allowed, so no Retry-After.
+    // More than the burst: never allowed, so no Retry-After, and a problem type of its
+    // own that says no wait helps (issue 13: it used to read as an ordinary 429).
     let res = svc
         .ready()
         .await
@@ -203,7 +204,7 @@ async fn costs_take_several_units() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "retry-after"), None);
-    assert_eq!(problem_type(res).await, types::QUOTA_EXCEEDED);
+    assert_eq!(problem_type(res).await, types::QUOTA_COST_OVER_BURST);
 }
 
 #[tokio::test(start_paused = true)]

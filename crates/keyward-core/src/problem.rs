@@ -32,6 +32,9 @@ pub mod types {
     pub const BODY_UNREADABLE: &str = "https://keyward.dev/problems/request-body-unreadable";
     /// 429: the key's quota is used up.
     pub const QUOTA_EXCEEDED: &str = "https://keyward.dev/problems/quota-exceeded";
+    /// 429: the request alone costs more than the quota's burst, so it can never pass;
+    /// no `Retry-After`, and retrying the same request is pointless.
+    pub const QUOTA_COST_OVER_BURST: &str = "https://keyward.dev/problems/quota-cost-over-burst";
     /// 503: waited longer than `max_wait` for the key's turn.
     pub const SERIAL_TIMEOUT: &str = "https://keyward.dev/problems/serial-wait-timeout";
     /// 503: more than `max_queue` requests already wait for this key.
