@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod config;
+mod explain;
 mod hotkeys;
 mod keys;
 mod metrics;
@@ -32,10 +33,15 @@ const EXIT_BAD_CONFIG: u8 = 64;
 /// Longest wait for the telemetry still buffered to be sent at exit.
 const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Where the config file format is described, for every `--help`.
+const CONFIG_HELP: &str = "Config file format: docs/config.md \
+(https://github.com/keyward/keyward/blob/main/docs/config.md); \
+examples: examples/sidecar/*.toml";
+
 /// One coordinator per key: idempotent retries, per-key serial execution, per-key quotas
 /// and request coalescing in front of any HTTP upstream.
 #[derive(Parser)]
-#[command(name = "keyward", version, about, long_about = None)]
+#[command(name = "keyward", version, about, long_about = None, after_help = CONFIG_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,14 +50,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (and the admin listener) with the routes of a config file.
+    #[command(after_help = CONFIG_HELP)]
     Serve {
-        /// The TOML config file.
+        /// The TOML config file (format: docs/config.md).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Check a config file: exit 0 if it is usable, 64 with every problem named if not.
+    /// Check a config file: exit 0 and explain each route's stack in one line, or exit 64
+    /// naming every problem.
+    #[command(after_help = CONFIG_HELP)]
     Check {
-        /// The TOML config file.
+        /// The TOML config file (format: docs/config.md).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
@@ -116,21 +125,8 @@ fn summary(config: &Config) -> String {
         config.routes.len()
     );
     for route in &config.routes {
-        let layers: Vec<&str> = [
-            route.quota.as_ref().map(|_| "quota"),
-            route.idempotency.as_ref().map(|_| "idempotency"),
-            route.serial.as_ref().map(|_| "serial"),
-            route.single_flight.as_ref().map(|_| "single_flight"),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        out.push_str(&format!(
-            "\n  {} {}: {}",
-            route.name,
-            route.path,
-            layers.join(" -> ")
-        ));
+        out.push_str("\n  ");
+        out.push_str(&explain::route(route));
     }
     out
 }
