@@ -643,3 +643,51 @@ proptest::proptest! {
         });
     }
 }
+
+/// Issue 13: a scoped route that receives no principal put every anonymous caller in one
+/// shared scope, silently. That stays the default (and documented); `scope_missing =
+/// reject` refuses such requests with 400 instead.
+#[tokio::test(start_paused = true)]
+async fn a_scoped_route_can_refuse_requests_without_a_principal() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let scoped = |layer: QuotaLayer<MemoryStore, KeySpec>| {
+        layer
+            .key(api_key())
+            .scope(KeySpec::parse("header:authorization").unwrap())
+    };
+    let anonymous =
+        scoped(QuotaLayer::new(MemoryStore::new(), quota(1, 60))).layer(counting(calls.clone()));
+    let strict = scoped(QuotaLayer::new(MemoryStore::new(), quota(1, 60)))
+        .scope_missing(keyward::ScopeMissing::Reject)
+        .layer(counting(calls.clone()));
+
+    // By default anonymous callers share one scope: the second one is over the quota.
+    assert_eq!(
+        anonymous.clone().oneshot(req("k")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let res = anonymous.clone().oneshot(req("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    let res = strict.clone().oneshot(req("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(problem_type(res).await, types::KEY_INVALID);
+    let mut authenticated = req("k");
+    authenticated
+        .headers_mut()
+        .insert("authorization", "Bearer alice".parse().unwrap());
+    assert_eq!(
+        strict
+            .clone()
+            .oneshot(authenticated)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "refused requests never reach the service"
+    );
+}

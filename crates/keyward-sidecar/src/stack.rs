@@ -55,6 +55,8 @@ pub fn build<St: Store>(
             .key(flight.key.clone())
             .methods(flight.methods.iter().cloned())
             .max_body(flight.max_body)
+            .vary(flight.vary.iter().cloned())
+            .scope_missing(flight.scope_missing)
             .on_store_error(store_config.on_error);
         layer = match &flight.scope {
             Some(scope) => layer.scope(scope.clone()),
@@ -82,6 +84,7 @@ pub fn build<St: Store>(
             .meter(meter)
             .key(quota.key.clone())
             .shadow(quota.shadow)
+            .scope_missing(quota.scope_missing)
             .on_store_error(store_config.on_error);
         if let Some(scope) = &quota.scope {
             layer = layer.scope(scope.clone());
@@ -111,6 +114,7 @@ pub fn idempotency_layer<St: IdempotencyStore>(
         .max_body(idem.max_body)
         .max_response(idem.max_response)
         .store_server_errors(idem.store_server_errors)
+        .scope_missing(idem.scope_missing)
         .on_store_error(store_config.on_error);
     match &idem.scope {
         Some(scope) => layer.scope(scope.clone()),

@@ -18,7 +18,7 @@ use keyward::defaults::{
     DEFAULT_SERIAL_MAX_WAIT, DEFAULT_SINGLE_FLIGHT_MAX_BODY,
 };
 use keyward::idempotency::OnInFlight;
-use keyward::{KeySpec, OnStoreError};
+use keyward::{KeySpec, OnStoreError, ScopeMissing};
 
 use raw::{RawConfig, RawKey, RawRoute};
 use units::{parse_duration, parse_size};
@@ -114,6 +114,8 @@ pub struct IdempotencyConfig {
     pub key: KeySpec,
     pub required: bool,
     pub scope: Option<KeySpec>,
+    /// What a request without a principal gets.
+    pub scope_missing: ScopeMissing,
     pub ttl: Duration,
     pub lease: Duration,
     pub on_in_flight: OnInFlight,
@@ -126,6 +128,8 @@ pub struct IdempotencyConfig {
 pub struct QuotaConfig {
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
+    /// What a request without a principal gets.
+    pub scope_missing: ScopeMissing,
     pub quota: keyward_core::gcra::Quota,
     pub shadow: bool,
 }
@@ -143,8 +147,12 @@ pub struct SerialConfig {
 pub struct SingleFlightConfig {
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
+    /// What a request without a principal gets.
+    pub scope_missing: ScopeMissing,
     pub methods: Vec<Method>,
     pub max_body: usize,
+    /// Request headers whose values must match for requests to share a response.
+    pub vary: Vec<http::HeaderName>,
 }
 
 /// One problem in a configuration: the field's path and what is wrong with its value.
@@ -303,6 +311,33 @@ impl Checker {
                     None
                 }
             },
+        }
+    }
+
+    fn header_names(&mut self, field: &str, names: &[String]) -> Vec<http::HeaderName> {
+        names
+            .iter()
+            .filter_map(|name| match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    self.fail(field, format!("{name:?} is not a header name"));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn scope_missing(&mut self, field: &str, value: Option<&str>) -> ScopeMissing {
+        match value {
+            None | Some("anonymous") => ScopeMissing::Anonymous,
+            Some("reject") => ScopeMissing::Reject,
+            Some(other) => {
+                self.fail(
+                    field,
+                    format!("{other:?} is not \"anonymous\" or \"reject\""),
+                );
+                ScopeMissing::Anonymous
+            }
         }
     }
 
@@ -593,6 +628,7 @@ impl Checker {
             key: self.key(&f("key"), raw.key.as_ref(), "header:Idempotency-Key"),
             required: raw.required.unwrap_or(false),
             scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             ttl: self.duration(&f("ttl"), raw.ttl.as_deref(), DEFAULT_IDEMPOTENCY_TTL),
             lease: self.duration(&f("lease"), raw.lease.as_deref(), DEFAULT_IDEMPOTENCY_LEASE),
             on_in_flight,
@@ -648,6 +684,7 @@ impl Checker {
                 None => None,
                 Some(s) => self.scope(&f("scope"), Some(s)),
             },
+            scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             quota,
             shadow: raw.shadow.unwrap_or(false),
         }
@@ -685,12 +722,17 @@ impl Checker {
         SingleFlightConfig {
             key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
             scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             methods,
             max_body: self.size_usize(
                 &f("max_body"),
                 raw.max_body.as_deref(),
                 DEFAULT_SINGLE_FLIGHT_MAX_BODY,
             ),
+            vary: match &raw.vary {
+                None => keyward::single_flight::DEFAULT_VARY.to_vec(),
+                Some(names) => self.header_names(&f("vary"), names),
+            },
         }
     }
 }

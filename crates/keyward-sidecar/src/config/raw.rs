@@ -74,6 +74,7 @@ pub struct RawIdempotency {
     pub key: Option<RawKey>,
     pub required: Option<bool>,
     pub scope: Option<String>,
+    pub scope_missing: Option<String>,
     pub ttl: Option<String>,
     pub lease: Option<String>,
     pub on_in_flight: Option<String>,
@@ -88,6 +89,7 @@ pub struct RawIdempotency {
 pub struct RawQuota {
     pub key: Option<RawKey>,
     pub scope: Option<String>,
+    pub scope_missing: Option<String>,
     pub limit: i64,
     pub per: String,
     pub burst: Option<i64>,
@@ -107,6 +109,8 @@ pub struct RawSerial {
 pub struct RawSingleFlight {
     pub key: Option<RawKey>,
     pub scope: Option<String>,
+    pub scope_missing: Option<String>,
     pub methods: Option<Vec<String>>,
     pub max_body: Option<String>,
+    pub vary: Option<Vec<String>>,
 }

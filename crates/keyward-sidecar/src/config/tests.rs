@@ -152,6 +152,18 @@ fn every_error_names_the_field_and_the_value() {
             format!("{SERVER}[telemetry]\notlp_endpoint = \"collector:4317\"\n"),
             "telemetry.otlp_endpoint: \"collector:4317\"",
         ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.idempotency]\nscope_missing = \"allow\"\n"
+            ),
+            "routes[0].idempotency.scope_missing: \"allow\" is not \"anonymous\" or \"reject\"",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.single_flight]\nvary = [\"Accept\", \"bad header\"]\n"
+            ),
+            "routes[0].single_flight.vary: \"bad header\" is not a header name",
+        ),
     ];
     for (toml, expected) in cases {
         let errors = errors(&toml);

@@ -32,6 +32,19 @@ pub(crate) trait LayerSettings: Clone {
     fn route_changed(&mut self, _common: &mut Common) {}
 }
 
+/// What a layer whose keys belong to a principal does with a request that carries none
+/// (no `Authorization` header, say).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScopeMissing {
+    /// The request is coordinated in one scope shared by every anonymous caller, apart
+    /// from every principal (the default).
+    #[default]
+    Anonymous,
+    /// The request is refused with 400: on routes where callers must authenticate, one
+    /// shared anonymous scope would let anonymous callers meet each other's keys.
+    Reject,
+}
+
 /// The settings every layer has.
 #[derive(Clone)]
 pub(crate) struct Common {
@@ -43,6 +56,7 @@ pub(crate) struct Common {
     namespace: Option<Arc<str>>,
     /// Whose keys these are; `None`: shared by every caller.
     pub(crate) scope: Option<KeySpec>,
+    pub(crate) scope_missing: ScopeMissing,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: LayerMetrics,
 }
@@ -56,6 +70,7 @@ impl Common {
             route,
             namespace: None,
             scope,
+            scope_missing: ScopeMissing::Anonymous,
             on_store_error: OnStoreError::Closed,
         }
     }
@@ -115,6 +130,20 @@ impl<K, X: LayerSettings> Config<K, X> {
         };
         let key = self.own.accept_key(key, &self.key_name, req)?;
         let scope = Scope::of_request(self.common.scope.as_ref(), req)?;
+        if scope == Scope::Anonymous && self.common.scope_missing == ScopeMissing::Reject {
+            let spec = self
+                .common
+                .scope
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            return Err(KeyError::Invalid {
+                spec,
+                reason: "the request carries no principal, and this route refuses anonymous \
+                         requests (scope_missing = reject)"
+                    .to_owned(),
+            });
+        }
         let scoped = ScopedKey::new(
             X::KIND.storage_prefix(),
             &self.common.storage_route,
@@ -396,6 +425,15 @@ macro_rules! common_layer_methods {
         pub fn unscoped(self) -> Self {
             Self {
                 core: self.core.with(|common, _| common.scope = None),
+            }
+        }
+
+        /// What a request without a principal gets (default
+        /// [`ScopeMissing::Anonymous`](crate::ScopeMissing): one scope shared by all
+        /// anonymous callers); [`ScopeMissing::Reject`](crate::ScopeMissing) answers 400.
+        pub fn scope_missing(self, policy: $crate::ScopeMissing) -> Self {
+            Self {
+                core: self.core.with(|common, _| common.scope_missing = policy),
             }
         }
     };
