@@ -39,5 +39,5 @@ pub use extract::{
 };
 pub use fencing::FencingToken;
 pub use idempotency_key::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_LEN, parse_idempotency_key};
-pub use key::{Key, KeyHash, Scope, ScopedKey};
+pub use key::{Key, KeyHash, KeyHashSecretSet, Scope, ScopedKey, set_key_hash_secret};
 pub use problem::Problem;
