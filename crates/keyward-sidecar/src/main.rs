@@ -5,6 +5,7 @@ mod admin;
 mod app;
 mod config;
 mod hotkeys;
+mod ingress;
 mod keys;
 mod metrics;
 mod prometheus;
@@ -267,10 +268,15 @@ async fn serve(config: Config) -> ExitCode {
         }
     }
     tracing::info!(service = %config.telemetry.service_name, listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
+    let deadlines = server::ClientDeadlines {
+        header_read: config.server.header_read_timeout,
+        body_read: config.server.body_read_timeout,
+        idle_write: config.server.idle_write_timeout,
+    };
     let drained = server::serve(
         listener,
         app,
-        config.server.header_read_timeout,
+        deadlines,
         config.server.shutdown_grace,
         server::shutdown_signal(),
     )
