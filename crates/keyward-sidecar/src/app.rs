@@ -93,8 +93,9 @@ impl App {
         let mut req = match self.inner.ingress.admit(req, peer) {
             Ok(req) => req,
             Err(refused) => {
-                tracing::info!(route = "-", method = %method, status = refused.status().as_u16(), "request refused at ingress");
-                return refused;
+                let res = refused.into_response();
+                tracing::info!(route = "-", method = %method, status = res.status().as_u16(), "request refused at ingress");
+                return res;
             }
         };
         let (route_name, service) = match self.route_for(&mut req) {

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode};
-use keyward_core::canon::canonical_path;
+use keyward_core::canon::{PathError, canonical_path};
 use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::{ClientIp, PeerAddr, Problem};
@@ -47,7 +47,7 @@ impl Ingress {
         &self,
         mut req: Request<Body>,
         peer: SocketAddr,
-    ) -> Result<Request<Body>, Response<Body>> {
+    ) -> Result<Request<Body>, Refused> {
         canonicalize(&mut req)?;
         let headers = req.headers_mut();
         let trailers = accepts_trailers(headers);
@@ -94,22 +94,38 @@ impl Ingress {
     }
 }
 
+/// A request ingress does not let in.
+#[derive(Debug)]
+pub struct Refused {
+    error: PathError,
+    protocol: Protocol,
+}
+
+impl Refused {
+    /// The 400 problem (or gRPC status) the client gets.
+    pub fn into_response(self) -> Response<Body> {
+        Problem::new(
+            StatusCode::BAD_REQUEST,
+            types::PATH_INVALID,
+            "Ambiguous request path",
+        )
+        .detail(self.error.to_string())
+        .into_response_for(self.protocol)
+        .map(Body::from)
+    }
+}
+
 /// Rewrites the request's path to its canonical form (the query is kept as sent).
-fn canonicalize(req: &mut Request<Body>) -> Result<(), Response<Body>> {
+fn canonicalize(req: &mut Request<Body>) -> Result<(), Refused> {
     let path = req.uri().path();
     let canonical = match canonical_path(path) {
         Ok(canonical) if canonical == path => return Ok(()),
         Ok(canonical) => canonical.into_owned(),
-        Err(err) => {
-            let problem = Problem::new(
-                StatusCode::BAD_REQUEST,
-                types::PATH_INVALID,
-                "Ambiguous request path",
-            )
-            .detail(err.to_string());
-            return Err(problem
-                .into_response_for(Protocol::of(req.headers()))
-                .map(Body::from));
+        Err(error) => {
+            return Err(Refused {
+                error,
+                protocol: Protocol::of(req.headers()),
+            });
         }
     };
     let with_query = match req.uri().query() {
@@ -344,7 +360,8 @@ mod tests {
                 Request::get("/a%2Fb").body(Body::empty()).unwrap(),
                 peer("127.0.0.1"),
             )
-            .unwrap_err();
+            .unwrap_err()
+            .into_response();
         assert_eq!(refused.status(), StatusCode::BAD_REQUEST);
     }
 
