@@ -31,8 +31,8 @@ pub enum PathError {
     /// `\` or `%5C`.
     #[error("the path contains a backslash, which some upstreams treat as a slash")]
     Backslash,
-    /// `%00`.
-    #[error("the path contains an encoded NUL (%00)")]
+    /// A NUL byte, raw or `%00`.
+    #[error("the path contains a NUL byte (%00)")]
     Nul,
     /// `%` not followed by two hex digits.
     #[error("the path contains a '%' that is not followed by two hex digits")]
@@ -146,21 +146,23 @@ fn decode_segment(raw: &str) -> Result<Vec<u8>, PathError> {
             b'%' => {
                 let byte = escape_at(bytes, i).ok_or(PathError::BadEscape)?;
                 i += 3;
-                match byte {
-                    b'/' => return Err(PathError::EncodedSlash),
-                    0 => return Err(PathError::Nul),
-                    byte => byte,
+                if byte == b'/' {
+                    return Err(PathError::EncodedSlash);
                 }
+                byte
             }
             byte => {
                 i += 1;
                 byte
             }
         };
-        if byte == b'\\' {
-            return Err(PathError::Backslash);
+        // Raw or encoded alike: a raw NUL would otherwise come out as `%00`, which is
+        // refused, and the canonical form would not be canonical (found by fuzz/canon).
+        match byte {
+            b'\\' => return Err(PathError::Backslash),
+            0 => return Err(PathError::Nul),
+            byte => out.push(byte),
         }
-        out.push(byte);
     }
     Ok(out)
 }
@@ -266,6 +268,7 @@ mod tests {
             ("/a%5cb", PathError::Backslash),
             ("/a\\b", PathError::Backslash),
             ("/a%00", PathError::Nul),
+            ("/a\0", PathError::Nul),
             ("/a%", PathError::BadEscape),
             ("/a%4", PathError::BadEscape),
             ("/a%zz", PathError::BadEscape),
@@ -274,6 +277,16 @@ mod tests {
         ] {
             assert_eq!(canonical_path(path), Err(err), "{path}");
         }
+    }
+
+    /// Found by `fuzz/` (canon) within seconds: a raw NUL byte was kept and came out as
+    /// `%00`, which the second pass refused, so the canonical form was not canonical.
+    #[test]
+    fn a_raw_nul_is_refused_like_an_encoded_one() {
+        let input = include_bytes!("../tests/fuzz-regressions/canon-raw-nul");
+        let input = std::str::from_utf8(input).unwrap();
+        let path = input.split_once('?').map_or(input, |(path, _)| path);
+        assert_eq!(canonical_path(path), Err(PathError::Nul));
     }
 
     #[test]
