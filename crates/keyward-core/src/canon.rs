@@ -59,6 +59,10 @@ pub fn canonical_path(path: &str) -> Result<Cow<'_, str>, PathError> {
     let Some(rest) = path.strip_prefix('/') else {
         return Err(PathError::NotAbsolute);
     };
+    // Nearly every path is canonical already: check that without allocating.
+    if rest.is_empty() || rest.split('/').all(is_canonical_segment) {
+        return Ok(Cow::Borrowed(path));
+    }
     let mut segments: Vec<Vec<u8>> = Vec::new();
     for raw in rest.split('/') {
         let decoded = decode_segment(raw)?;
@@ -135,6 +139,10 @@ pub fn form_decode(input: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+fn is_canonical_segment(segment: &str) -> bool {
+    !matches!(segment, "" | "." | "..") && segment.bytes().all(is_path_safe)
 }
 
 fn decode_segment(raw: &str) -> Result<Vec<u8>, PathError> {
@@ -313,6 +321,18 @@ mod tests {
                 prop_assert!(once.parse::<http::uri::PathAndQuery>().is_ok(), "{}", once);
                 prop_assert!(!once.contains("//") && !once.contains("/./"));
                 prop_assert!(once.len() == 1 || !once.ends_with('/'));
+            }
+        }
+
+        /// The allocation-free check agrees with the full canonicalization.
+        #[test]
+        fn the_fast_path_changes_nothing(path in "/[a-z0-9%./!;:@-]{0,20}") {
+            let canonical = canonical_path(&path);
+            if let Ok(Cow::Borrowed(same)) = &canonical {
+                prop_assert_eq!(*same, path.as_str());
+            }
+            if let Ok(Cow::Owned(changed)) = &canonical {
+                prop_assert_ne!(changed, &path);
             }
         }
 
