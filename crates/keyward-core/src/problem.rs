@@ -48,6 +48,11 @@ pub mod types {
     pub const UPSTREAM_TIMEOUT: &str = "https://keyward.dev/problems/upstream-timeout";
     /// 503: the coordination store did not answer and the route fails closed.
     pub const STORE_UNAVAILABLE: &str = "https://keyward.dev/problems/store-unavailable";
+    /// 400: (sidecar) the request path has no single meaning to upstreams (an encoded
+    /// slash, a backslash, `%00`, a broken escape); see [`crate::canon`].
+    pub const PATH_INVALID: &str = "https://keyward.dev/problems/request-path-invalid";
+    /// 408: (sidecar) the client sent no part of its body for `body_read_timeout`.
+    pub const BODY_TIMEOUT: &str = "https://keyward.dev/problems/request-body-timeout";
 }
 
 /// A problem response under construction.

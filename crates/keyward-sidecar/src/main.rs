@@ -6,6 +6,7 @@ mod app;
 mod config;
 mod explain;
 mod hotkeys;
+mod ingress;
 mod keys;
 mod metrics;
 mod prometheus;
@@ -64,11 +65,30 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print the key_hash that logs, spans, /hotkeys and /keys show for a raw key, keyed
+    /// with KEYWARD_KEY_HASH_SECRET (the serving sidecar's must be the same).
+    Hash {
+        /// The raw key as the layer sees it: a header value, `203.0.113.7`, `2001:db8::/64`.
+        key: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Hash { key } => match keys::secret_from_env() {
+            Some(secret) => {
+                println!("{}", keyward_core::KeyHash::keyed(&secret, key.as_bytes()));
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "keyward: {} is not set: without it every sidecar hashes keys with a random secret of its own; set the same value for the sidecar and for `keyward hash`, or look the key up with GET /keys/ROUTE/KEY on the admin listener",
+                    keys::SECRET_ENV
+                );
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
         Command::Check { config } => match Config::load(&config) {
             Ok(config) => {
                 println!("{}", summary(&config));
@@ -87,6 +107,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            let secret = match keys::install_key_hash_secret() {
+                Ok(source) => source,
+                Err(err) => {
+                    eprintln!("keyward: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -97,7 +124,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let code = runtime.block_on(serve(config));
+            let code = runtime.block_on(serve(config, secret));
             // A telemetry flush that outlived its bound must not hold up the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             code
@@ -175,7 +202,7 @@ fn init_logging(
         .init();
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
     let metrics = Metrics::default();
     let telemetry = match Telemetry::start(&config.telemetry, &metrics) {
         Ok(telemetry) => telemetry,
@@ -187,6 +214,12 @@ async fn serve(config: Config) -> ExitCode {
     init_logging(config.telemetry.log_format, &metrics, telemetry.tracer());
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, "exporting traces and metrics over OTLP/gRPC");
+    }
+    if secret == keys::SecretSource::Random {
+        tracing::info!(
+            "key hashes are keyed with a random secret of this process; set {} to make them stable and computable with `keyward hash`",
+            keys::SECRET_ENV
+        );
     }
     let meter = telemetry.meter();
     let (app, ready, keys) = match &config.store.backend {
@@ -263,10 +296,15 @@ async fn serve(config: Config) -> ExitCode {
         }
     }
     tracing::info!(service = %config.telemetry.service_name, listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
+    let deadlines = server::ClientDeadlines {
+        header_read: config.server.header_read_timeout,
+        body_read: config.server.body_read_timeout,
+        idle_write: config.server.idle_write_timeout,
+    };
     let drained = server::serve(
         listener,
         app,
-        config.server.header_read_timeout,
+        deadlines,
         config.server.shutdown_grace,
         server::shutdown_signal(),
     )

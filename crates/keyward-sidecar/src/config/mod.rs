@@ -2,8 +2,11 @@
 //! into a [`Config`] whose every value is usable. Every problem found is reported with the
 //! field's path and the bad value, all at once.
 
+mod cidr;
 mod raw;
 pub mod units;
+
+pub use cidr::Cidr;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -41,6 +44,12 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// Longest gap between two parts of a request body (nginx `client_body_timeout`).
+    pub body_read_timeout: Duration,
+    /// Longest a response write may wait for the client to read (nginx `send_timeout`).
+    pub idle_write_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the client for `peer_ip` keys.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// How the sidecar talks to its upstream.
@@ -431,6 +440,22 @@ impl Checker {
                 UpstreamProtocol::Http1
             }
         };
+        let trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, text)| match text.parse::<Cidr>() {
+                Ok(cidr) => Some(cidr),
+                Err(err) => {
+                    self.fail(
+                        &format!("server.trusted_proxies[{i}]"),
+                        format!("{text:?} {err}"),
+                    );
+                    None
+                }
+            })
+            .collect();
         let admin = match raw.admin.as_deref() {
             Some("off") => None,
             Some(text) => self.socket("server.admin", text),
@@ -456,6 +481,17 @@ impl Checker {
                 raw.header_read_timeout.as_deref(),
                 Duration::from_secs(10),
             ),
+            body_read_timeout: self.duration(
+                "server.body_read_timeout",
+                raw.body_read_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            idle_write_timeout: self.duration(
+                "server.idle_write_timeout",
+                raw.idle_write_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            trusted_proxies,
         }
     }
 
@@ -577,6 +613,14 @@ impl Checker {
         } else if let Err(err) = keyward_core::PathTemplate::new(&raw.path) {
             // Checked first: matchit panics on too many parameters instead of failing.
             self.fail(&format!("{field}.path"), err.to_string());
+        } else if let Some(reason) = non_canonical(&raw.path) {
+            self.fail(
+                &format!("{field}.path"),
+                format!(
+                    "{:?} is not a canonical path ({reason}): requests are routed on their canonical form, so this route would never match",
+                    raw.path
+                ),
+            );
         } else if let Err(err) = paths.insert(raw.path.as_str(), ()) {
             // The same path twice is fine when the methods differ; the router groups them.
             if !matches!(err, matchit::InsertError::Conflict { ref with } if *with == raw.path) {
@@ -734,6 +778,31 @@ impl Checker {
                 Some(names) => self.header_names(&f("vary"), names),
             },
         }
+    }
+}
+
+/// Why a route template is not canonical, if it is not: every `{param}` stands for one
+/// canonical segment (`p`), the rest must already be in canonical form.
+fn non_canonical(template: &str) -> Option<String> {
+    let mut probe = String::with_capacity(template.len());
+    let mut depth = 0usize;
+    for c in template.chars() {
+        match c {
+            '{' => {
+                if depth == 0 {
+                    probe.push('p');
+                }
+                depth += 1;
+            }
+            '}' => depth = depth.saturating_sub(1),
+            c if depth == 0 => probe.push(c),
+            _ => {}
+        }
+    }
+    match keyward_core::canon::canonical_path(&probe) {
+        Ok(canonical) if canonical == probe => None,
+        Ok(canonical) => Some(format!("its canonical form is {canonical:?}")),
+        Err(err) => Some(err.to_string()),
     }
 }
 

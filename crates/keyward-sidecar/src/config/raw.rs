@@ -25,6 +25,9 @@ pub struct RawServer {
     pub request_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub idle_write_timeout: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
