@@ -28,6 +28,11 @@ pub(crate) trait LayerSettings: Clone {
         Ok(key)
     }
 
+    /// Whether telemetry names the key by the hash of the extractor's key rather than of
+    /// the key [`LayerSettings::accept_key`] made of it (single flight adds the authority
+    /// and `vary` headers, which operators neither configure nor want split by).
+    const NAMES_KEY_AS_EXTRACTED: bool = false;
+
     /// Called after the route name changed, for settings rendered from it.
     fn route_changed(&mut self, _common: &mut Common) {}
 }
@@ -128,6 +133,7 @@ impl<K, X: LayerSettings> Config<K, X> {
         let Some(key) = self.key.extract(req)? else {
             return Ok(None);
         };
+        let extracted = X::NAMES_KEY_AS_EXTRACTED.then(|| key.clone());
         let key = self.own.accept_key(key, &self.key_name, req)?;
         let scope = Scope::of_request(self.common.scope.as_ref(), req)?;
         if scope == Scope::Anonymous && self.common.scope_missing == ScopeMissing::Reject {
@@ -144,12 +150,11 @@ impl<K, X: LayerSettings> Config<K, X> {
                     .to_owned(),
             });
         }
-        let scoped = ScopedKey::new(
-            X::KIND.storage_prefix(),
-            &self.common.storage_route,
-            scope,
-            key.clone(),
-        );
+        let (prefix, route) = (X::KIND.storage_prefix(), &self.common.storage_route);
+        let scoped = match extracted {
+            Some(extracted) => ScopedKey::with_hash(prefix, route, scope, &key, extracted.hash()),
+            None => ScopedKey::new(prefix, route, scope, key.clone()),
+        };
         Ok(Some((scoped, key)))
     }
 

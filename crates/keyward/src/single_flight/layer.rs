@@ -45,6 +45,7 @@ pub(crate) struct SingleFlightSettings {
 
 impl LayerSettings for SingleFlightSettings {
     const KIND: LayerKind = LayerKind::SingleFlight;
+    const NAMES_KEY_AS_EXTRACTED: bool = true;
 
     /// Requests share a response only if they ask for the same representation of the
     /// same resource: the authority and the `vary` headers join whatever the extractor
