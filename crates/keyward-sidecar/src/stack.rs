@@ -65,13 +65,16 @@ pub fn build<St: Store>(
         stack = boxed(layer.layer(stack));
     }
     if let Some(serial) = &route.serial {
-        let layer = PerKeySerialLayer::new(store.clone())
+        let mut layer = PerKeySerialLayer::new(store.clone())
             .route(route.name.as_str())
             .meter(meter)
             .key(serial.key.clone())
             .max_wait(serial.max_wait)
             .max_queue(serial.max_queue)
             .on_store_error(store_config.on_error);
+        if let Some(max_hold) = serial.max_hold {
+            layer = layer.max_hold(max_hold);
+        }
         stack = boxed(layer.layer(stack));
     }
     if let Some(idem) = &route.idempotency {

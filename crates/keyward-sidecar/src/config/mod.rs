@@ -21,6 +21,11 @@ use keyward::defaults::{
     DEFAULT_SERIAL_MAX_WAIT, DEFAULT_SINGLE_FLIGHT_MAX_BODY,
 };
 use keyward::idempotency::OnInFlight;
+
+/// How long a serial holder keeps its key at most, unless a route says otherwise: like
+/// nginx's 60 s between reads, long past any normal write, short enough that a client
+/// that never reads its response cannot hold an account for as long as TCP stays up.
+pub const DEFAULT_SERIAL_MAX_HOLD: Duration = Duration::from_secs(60);
 use keyward::{KeySpec, OnStoreError, ScopeMissing};
 
 use raw::{RawConfig, RawKey, RawRoute};
@@ -150,6 +155,8 @@ pub struct SerialConfig {
     pub key: KeySpec,
     pub max_wait: Duration,
     pub max_queue: usize,
+    /// Longest a request keeps the key; `None` (`"off"`): until its response is over.
+    pub max_hold: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -754,6 +761,10 @@ impl Checker {
                 DEFAULT_SERIAL_MAX_WAIT,
             ),
             max_queue,
+            max_hold: match raw.max_hold.as_deref() {
+                Some("off") => None,
+                other => Some(self.duration(&f("max_hold"), other, DEFAULT_SERIAL_MAX_HOLD)),
+            },
         }
     }
 

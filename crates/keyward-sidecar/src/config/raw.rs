@@ -105,6 +105,7 @@ pub struct RawSerial {
     pub key: Option<RawKey>,
     pub max_wait: Option<String>,
     pub max_queue: Option<i64>,
+    pub max_hold: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
