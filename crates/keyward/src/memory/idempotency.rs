@@ -10,10 +10,8 @@
 //! Expiry decisions use tokio's clock (so `tokio::time::pause()` drives them in tests);
 //! moka's own expiry only reclaims memory, a little after the logical expiry.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use keyward_core::store::{
@@ -27,17 +25,13 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-
-const SHARDS: usize = 64;
+use crate::sharded::ShardedTable;
 
 pub(super) struct IdempotencyTable {
-    in_flight: Box<[Mutex<ClaimMap>]>,
-    hasher: RandomState,
+    in_flight: ShardedTable<Claim>,
     completed: Cache<Arc<str>, Arc<CompletedRecord>>,
     next_token: AtomicU64,
 }
-
-type ClaimMap = HashMap<Arc<str>, Claim>;
 
 struct Claim {
     token: FencingToken,
@@ -76,20 +70,10 @@ impl IdempotencyTable {
             .expire_after(CompletedExpiry)
             .build();
         IdempotencyTable {
-            in_flight: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            in_flight: ShardedTable::new(),
             completed,
             next_token: AtomicU64::new(1),
         }
-    }
-
-    fn shard(&self, key: &str) -> MutexGuard<'_, ClaimMap> {
-        let index = (self.hasher.hash_one(key) as usize) % SHARDS;
-        // A panic while holding this lock cannot leave a map half-updated (every critical
-        // section is a single insert/remove), so a poisoned lock is safe to reuse.
-        self.in_flight[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn completed_outcome(
@@ -116,8 +100,9 @@ impl IdempotencyTable {
         if let Some(outcome) = self.completed_outcome(storage_key, fingerprint, now) {
             return outcome;
         }
-        let mut shard = self.shard(storage_key);
-        if let Some(claim) = shard.get(storage_key) {
+        let probe = self.in_flight.probe(storage_key);
+        let mut shard = self.in_flight.lock(&probe);
+        if let Some(claim) = shard.get(&probe) {
             if claim.expires_at > now {
                 return if claim.fingerprint == *fingerprint {
                     ClaimOutcome::InFlight {
@@ -141,7 +126,7 @@ impl IdempotencyTable {
             expires_at: now + lease,
             settled: Arc::new(Notify::new()),
         };
-        if let Some(expired) = shard.insert(key.shared_storage_key(), claim) {
+        if let Some(expired) = shard.insert(probe.slot(key.shared_storage_key()), claim) {
             // Waiters on the expired holder re-check and find the new claim.
             expired.settled.notify_waiters();
         }
@@ -157,10 +142,9 @@ impl IdempotencyTable {
         ttl: Duration,
     ) -> Completion {
         let storage_key = key.storage_key();
-        let mut shard = self.shard(storage_key);
-        let holds_key = shard
-            .get(storage_key)
-            .is_some_and(|claim| claim.token == token);
+        let probe = self.in_flight.probe(storage_key);
+        let mut shard = self.in_flight.lock(&probe);
+        let holds_key = shard.get(&probe).is_some_and(|claim| claim.token == token);
         if !holds_key {
             return Completion::Fenced;
         }
@@ -172,7 +156,7 @@ impl IdempotencyTable {
         };
         self.completed
             .insert(key.shared_storage_key(), Arc::new(record));
-        if let Some(claim) = shard.remove(storage_key) {
+        if let Some(claim) = shard.remove(&probe) {
             drop(shard);
             claim.settled.notify_waiters();
         }
@@ -180,9 +164,10 @@ impl IdempotencyTable {
     }
 
     fn release(&self, key: &str, token: FencingToken) {
-        let mut shard = self.shard(key);
-        if shard.get(key).is_some_and(|claim| claim.token == token) {
-            if let Some(claim) = shard.remove(key) {
+        let probe = self.in_flight.probe(key);
+        let mut shard = self.in_flight.lock(&probe);
+        if shard.get(&probe).is_some_and(|claim| claim.token == token) {
+            if let Some(claim) = shard.remove(&probe) {
                 drop(shard);
                 claim.settled.notify_waiters();
             }
@@ -190,8 +175,9 @@ impl IdempotencyTable {
     }
 
     fn renew(&self, key: &str, token: FencingToken, lease: Duration) -> bool {
-        let mut shard = self.shard(key);
-        match shard.get_mut(key) {
+        let probe = self.in_flight.probe(key);
+        let mut shard = self.in_flight.lock(&probe);
+        match shard.get_mut(&probe) {
             Some(claim) if claim.token == token => {
                 claim.expires_at = Instant::now() + lease;
                 true
@@ -202,8 +188,9 @@ impl IdempotencyTable {
 
     /// The holder's notifier and time left on its lease, if `holder` still holds `key`.
     fn holder_state(&self, key: &str, holder: FencingToken) -> Option<(Arc<Notify>, Duration)> {
-        let shard = self.shard(key);
-        let claim = shard.get(key).filter(|claim| claim.token == holder)?;
+        let probe = self.in_flight.probe(key);
+        let shard = self.in_flight.lock(&probe);
+        let claim = shard.get(&probe).filter(|claim| claim.token == holder)?;
         let left = claim.expires_at.saturating_duration_since(Instant::now());
         Some((claim.settled.clone(), left))
     }
@@ -235,8 +222,9 @@ impl IdempotencyTable {
                 expires_in: record.expires_at - now,
             };
         }
-        let shard = self.shard(key);
-        match shard.get(key).filter(|claim| claim.expires_at > now) {
+        let probe = self.in_flight.probe(key);
+        let shard = self.in_flight.lock(&probe);
+        match shard.get(&probe).filter(|claim| claim.expires_at > now) {
             Some(claim) => RecordState::InFlight {
                 holder: claim.token,
                 lease_left: claim.expires_at - now,
@@ -248,10 +236,7 @@ impl IdempotencyTable {
 
     #[cfg(test)]
     fn in_flight_len(&self) -> usize {
-        self.in_flight
-            .iter()
-            .map(|shard| shard.lock().map(|map| map.len()).unwrap_or(0))
-            .sum()
+        self.in_flight.len()
     }
 }
 

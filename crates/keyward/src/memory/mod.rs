@@ -48,8 +48,8 @@ impl MemoryStore {
     /// A builder to set the limits.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
-            max_response_bytes: 256 * 1024 * 1024,
-            max_quota_keys: 1 << 20,
+            max_response_bytes: crate::defaults::DEFAULT_MEMORY_MAX_RESPONSE_BYTES,
+            max_quota_keys: crate::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS,
         }
     }
 }

@@ -9,22 +9,19 @@
 //! Tokens come from one counter for the whole table: strictly increasing per key even
 //! across the key's entry being removed and created again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use keyward_core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore, StoreError};
 use keyward_core::{FencingToken, ScopedKey};
 use tokio::sync::oneshot;
 
 use super::MemoryStore;
-
-const SHARDS: usize = 64;
-
-type Shard = Mutex<HashMap<Arc<str>, KeyQueue>>;
+use crate::sharded::ShardedTable;
 
 pub(super) struct SerialTable {
-    shards: Box<[Shard]>,
+    queues: ShardedTable<KeyQueue>,
     next_token: AtomicU64,
     next_waiter: AtomicU64,
 }
@@ -49,36 +46,13 @@ enum Entered {
     QueueFull,
 }
 
-fn hex_value(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        b'a'..=b'f' => c - b'a' + 10,
-        _ => 0,
-    }
-}
-
 impl SerialTable {
     pub(super) fn new() -> Self {
         SerialTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            queues: ShardedTable::new(),
             next_token: AtomicU64::new(1),
             next_waiter: AtomicU64::new(1),
         }
-    }
-
-    fn shard(&self, key: &ScopedKey) -> MutexGuard<'_, HashMap<Arc<str>, KeyQueue>> {
-        // The key hash is already computed (a SHA-256 prefix, in hex): its first byte picks
-        // the shard without hashing the key once more.
-        let hex = key.key_hash();
-        let hex = hex.as_str().as_bytes();
-        let byte =
-            hex.first().map_or(0, |&c| hex_value(c)) << 4 | hex.get(1).map_or(0, |&c| hex_value(c));
-        let index = usize::from(byte) % SHARDS;
-        // Every critical section leaves the map consistent before it can panic (there is
-        // nothing in them that panics), so a poisoned lock is safe to reuse.
-        self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn issue_token(&self) -> FencingToken {
@@ -87,9 +61,10 @@ impl SerialTable {
 
     /// Takes the key if it is free, else queues behind its holder, else refuses.
     fn enter(&self, key: &ScopedKey, max_queue: usize) -> Entered {
-        let mut shard = self.shard(key);
-        let queue = match shard.entry(key.shared_storage_key()) {
-            std::collections::hash_map::Entry::Vacant(vacant) => {
+        let slot = self.queues.slot(key.shared_storage_key());
+        let mut shard = self.queues.lock(&slot.probe());
+        let queue = match shard.entry(slot) {
+            Entry::Vacant(vacant) => {
                 let token = self.issue_token();
                 vacant.insert(KeyQueue {
                     holder: token,
@@ -97,7 +72,7 @@ impl SerialTable {
                 });
                 return Entered::Acquired(token);
             }
-            std::collections::hash_map::Entry::Occupied(occupied) => occupied.into_mut(),
+            Entry::Occupied(occupied) => occupied.into_mut(),
         };
         if queue.waiters.len() >= max_queue {
             return Entered::QueueFull;
@@ -113,9 +88,10 @@ impl SerialTable {
 
     /// Hands the key from `token` to the first waiter, or frees it if nobody waits.
     fn release(&self, key: &ScopedKey, token: FencingToken) {
-        let mut shard = self.shard(key);
+        let probe = self.queues.probe(key.storage_key());
+        let mut shard = self.queues.lock(&probe);
         // Remove first: the uncontended release is then a single map operation.
-        let Some((shared_key, mut queue)) = shard.remove_entry(key.storage_key()) else {
+        let Some((shared_key, mut queue)) = shard.remove_entry(&probe) else {
             return;
         };
         if queue.holder != token {
@@ -144,8 +120,9 @@ impl SerialTable {
         id: u64,
         grant: &mut oneshot::Receiver<FencingToken>,
     ) -> Option<FencingToken> {
-        let mut shard = self.shard(key);
-        if let Some(queue) = shard.get_mut(key.storage_key()) {
+        let probe = self.queues.probe(key.storage_key());
+        let mut shard = self.queues.lock(&probe);
+        if let Some(queue) = shard.get_mut(&probe) {
             if let Some(position) = queue.waiters.iter().position(|w| w.id == id) {
                 queue.waiters.remove(position);
                 return None;
@@ -158,16 +135,15 @@ impl SerialTable {
     }
 
     fn keys_in_use(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| shard.lock().map(|map| map.len()).unwrap_or(0))
-            .sum()
+        self.queues.len()
     }
 
     #[cfg(test)]
     fn waiting(&self, key: &ScopedKey) -> usize {
-        self.shard(key)
-            .get(key.storage_key())
+        let probe = self.queues.probe(key.storage_key());
+        self.queues
+            .lock(&probe)
+            .get(&probe)
             .map_or(0, |queue| queue.waiters.len())
     }
 }

@@ -16,10 +16,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-use crate::single_flight::keymap::ShardedMap;
+use crate::sharded::ShardedTable;
 
 pub(super) struct FlightLeads {
-    leads: ShardedMap<Lead>,
+    leads: ShardedTable<Lead>,
     next_token: AtomicU64,
 }
 
@@ -41,15 +41,15 @@ impl Lead {
 impl FlightLeads {
     pub(super) fn new() -> Self {
         FlightLeads {
-            leads: ShardedMap::new(),
+            leads: ShardedTable::new(),
             next_token: AtomicU64::new(1),
         }
     }
 
     fn lead(&self, key: &ScopedKey, lease: Duration) -> FlightRole {
         let now = Instant::now();
-        let key = self.leads.key(key.shared_storage_key());
-        let mut shard = self.leads.shard(&key);
+        let key = self.leads.slot(key.shared_storage_key());
+        let mut shard = self.leads.lock(&key.probe());
         let new_lead = || Lead {
             token: FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed)),
             expires_at: now + lease,
@@ -73,11 +73,13 @@ impl FlightLeads {
     }
 
     fn land(&self, key: &ScopedKey, token: FencingToken, landing: Landing) {
-        let key = self.leads.key(key.shared_storage_key());
-        let mut shard = self.leads.shard(&key);
-        let lead = match shard.entry(key) {
-            Entry::Occupied(entry) if entry.get().token == token => entry.remove(),
-            _ => return,
+        let probe = self.leads.probe(key.storage_key());
+        let mut shard = self.leads.lock(&probe);
+        if shard.get(&probe).is_none_or(|lead| lead.token != token) {
+            return;
+        }
+        let Some(lead) = shard.remove(&probe) else {
+            return;
         };
         drop(shard);
         lead.land(landing);
@@ -86,9 +88,9 @@ impl FlightLeads {
     async fn wait(&self, key: &ScopedKey, max: Duration) -> Option<Landing> {
         let now = Instant::now();
         let (mut receiver, deadline) = {
-            let key = self.leads.key(key.shared_storage_key());
-            let mut shard = self.leads.shard(&key);
-            let lead = shard.get_mut(&key)?;
+            let probe = self.leads.probe(key.storage_key());
+            let mut shard = self.leads.lock(&probe);
+            let lead = shard.get_mut(&probe)?;
             if lead.expires_at <= now {
                 // Its leader died without landing; the next `lead` takes over.
                 return Some(Landing::Failed);

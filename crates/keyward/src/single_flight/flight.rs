@@ -27,7 +27,7 @@ use keyward_core::store::StoredResponse;
 use tokio::sync::Notify;
 use tracing::Span;
 
-use super::keymap::{HashedKey, ShardedMap};
+use crate::sharded::{ShardedTable, SlotKey};
 
 /// The shared work of a flight, and the span of the request that started it: whoever
 /// drives the work polls it inside that span.
@@ -52,6 +52,10 @@ pub(crate) enum Shared {
     Response(Arc<StoredResponse>),
     /// The response was larger than `max_body` and went to the driver only.
     TooLarge,
+    /// The response says it is not for other requests (`Cache-Control: private` or
+    /// `no-store`, or it varies on something the key does not hold): every waiter makes
+    /// its own call.
+    Private,
     /// The inner call failed (error, panic, body error) or the remote leader failed.
     Failed,
     /// The store failed and the route fails closed.
@@ -80,7 +84,7 @@ pub(crate) enum Own {
 /// The in-process flights of one `SingleFlight` service and its clones. An entry lives
 /// from the moment its leader joins until the flight ends or its last waiter leaves.
 pub(crate) struct FlightTable {
-    flights: ShardedMap<Arc<Flight>>,
+    flights: ShardedTable<Arc<Flight>>,
     next_id: AtomicU64,
 }
 
@@ -110,7 +114,7 @@ struct State {
 /// an unfinished flight cancels it.
 pub(crate) struct Seat {
     table: Arc<FlightTable>,
-    key: HashedKey,
+    key: SlotKey,
     flight: Arc<Flight>,
     leader: bool,
 }
@@ -146,15 +150,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl FlightTable {
     pub(crate) fn new() -> Self {
         FlightTable {
-            flights: ShardedMap::new(),
+            flights: ShardedTable::new(),
             next_id: AtomicU64::new(1),
         }
     }
 
     /// Joins the flight in progress under `key`, or starts one.
     pub(crate) fn join(self: &Arc<Self>, key: Arc<str>) -> Joined {
-        let key = self.flights.key(key);
-        let mut shard = self.flights.shard(&key);
+        let key = self.flights.slot(key);
+        let mut shard = self.flights.lock(&key.probe());
         let (flight, leader) = match shard.entry(key.clone()) {
             // Entries are removed (under this lock) as their flight ends, so a flight
             // found here is live.
@@ -193,11 +197,12 @@ impl FlightTable {
         self.flights.len()
     }
 
-    fn remove_if_current(&self, key: &HashedKey, flight: &Flight) -> Option<Arc<Flight>> {
-        let mut shard = self.flights.shard(key);
+    fn remove_if_current(&self, key: &SlotKey, flight: &Flight) -> Option<Arc<Flight>> {
+        let probe = key.probe();
+        let mut shard = self.flights.lock(&probe);
         // Two probes rather than `entry`, which would need an owned key (an Arc clone).
-        if shard.get(key).is_some_and(|entry| entry.id == flight.id) {
-            shard.remove(key)
+        if shard.get(&probe).is_some_and(|entry| entry.id == flight.id) {
+            shard.remove(&probe)
         } else {
             None
         }
@@ -316,7 +321,8 @@ impl Drop for Seat {
         }
         // Possibly the last waiter of an unfinished flight: decide under the table lock
         // so that no request joins the flight while it is being cancelled.
-        let mut shard = self.table.flights.shard(&self.key);
+        let probe = self.key.probe();
+        let mut shard = self.table.flights.lock(&probe);
         let mut state = lock(&self.flight.state);
         state.waiters -= 1;
         if self.leader {
@@ -336,9 +342,9 @@ impl Drop for Seat {
         let work = state.work.take();
         drop(state);
         let removed = shard
-            .get(&self.key)
+            .get(&probe)
             .is_some_and(|entry| entry.id == self.flight.id)
-            .then(|| shard.remove(&self.key));
+            .then(|| shard.remove(&probe));
         drop(shard);
         drop(removed);
         // Cancels the inner call, outside every lock: its destructors may do anything.

@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use http::header::SET_COOKIE;
-use http::{Request, Response};
+use bytes::Bytes;
+use http::header::{CACHE_CONTROL, HeaderName, VARY};
+use http::{HeaderMap, Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use keyward_core::store::{
     FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
 };
@@ -17,6 +16,7 @@ use tower_service::Service;
 
 use super::flight::{Landed, Own, Shared};
 use super::layer::LeaderFailure;
+use crate::pipeline::{Buffered, buffer_response, shareable_headers};
 use crate::telemetry::LayerMetrics;
 
 /// Rounds of "lead, or wait for a remote leader that then fails" before the work makes
@@ -32,6 +32,8 @@ pub(crate) struct WorkSettings<St> {
     pub(crate) key: ScopedKey,
     pub(crate) lease: std::time::Duration,
     pub(crate) max_body: usize,
+    /// The request headers the key holds: a response varying on any other is not shared.
+    pub(crate) keyed_on: Vec<HeaderName>,
     pub(crate) on_leader_failure: LeaderFailure,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: LayerMetrics,
@@ -54,17 +56,17 @@ where
         Coordinated::Alone { store_error } => (None, store_error),
         Coordinated::Landed(landed) => return landed,
     };
-    let mut landed = call_and_buffer(svc, req, settings.max_body).await;
+    let mut landed = call_and_buffer(svc, req, settings.max_body, &settings.keyed_on).await;
     landed.store_error |= store_error;
     if let Some(mut lead) = lead {
         let landing = match &landed.shared {
             Shared::Response(response) => Landing::Response(response.clone()),
-            Shared::TooLarge => Landing::TooLarge,
+            // Remote followers then make their own call, as for a private response.
+            Shared::TooLarge | Shared::Private => Landing::TooLarge,
             Shared::Failed | Shared::StoreUnavailable => Landing::Failed,
         };
-        let started = std::time::Instant::now();
-        let published = lead.publish(landing).await;
-        settings.metrics.store_call(STORE_OP_PUBLISH, started);
+        let publish = lead.publish(landing);
+        let published = settings.metrics.timed(STORE_OP_PUBLISH, publish).await;
         if let Err(error) = published {
             tracing::warn!(%error, "single flight: publishing the landing failed");
             landed.store_error = true;
@@ -94,9 +96,8 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
         })
     };
     for _ in 0..MAX_REMOTE_ROUNDS {
-        let started = std::time::Instant::now();
-        let role = settings.store.lead(&settings.key, settings.lease).await;
-        settings.metrics.store_call(STORE_OP_LEAD, started);
+        let lead = settings.store.lead(&settings.key, settings.lease);
+        let role = settings.metrics.timed(STORE_OP_LEAD, lead).await;
         let role = match role {
             Ok(role) => role,
             Err(error) => return store_failed(settings, &error),
@@ -189,112 +190,128 @@ where
 
 /// Makes the inner call and reads the body up to `max_body`: what followers can copy,
 /// and the driver's own response (with the leader's extensions).
-async fn call_and_buffer<S, B, RB>(mut svc: S, req: Request<B>, max_body: usize) -> Landed
+async fn call_and_buffer<S, B, RB>(
+    mut svc: S,
+    req: Request<B>,
+    max_body: usize,
+    keyed_on: &[HeaderName],
+) -> Landed
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Send + 'static,
     RB: Body<Data = Bytes> + Unpin + Send + 'static,
     RB::Error: Send + 'static,
 {
-    let failed = |own| Landed {
-        shared: Shared::Failed,
+    let landed = |shared, own| Landed {
+        shared,
         own,
         store_error: false,
     };
     let response = match svc.call(req).await {
         Ok(response) => response,
-        Err(error) => return failed(own::<RB, S::Error>(Err(error))),
+        Err(error) => return landed(Shared::Failed, own::<RB, S::Error>(Err(error))),
     };
-    let (parts, mut body) = response.into_parts();
-    let too_large = |parts, prefix, rest| Landed {
-        shared: Shared::TooLarge,
-        own: own::<RB, S::Error>(Ok(Response::from_parts(
+    let (parts, body, trailers) = match buffer_response(response, max_body).await {
+        Buffered::Complete {
             parts,
-            KeywardBody::prefixed(prefix, None, rest),
-        ))),
-        store_error: false,
-    };
-    if body.size_hint().lower() > max_body as u64 {
-        return too_large(parts, Bytes::new(), body);
-    }
-    let mut chunks = Chunks::default();
-    let mut trailers: Option<http::HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(error) => {
-                let body = KeywardBody::prefixed(chunks.into_bytes(), Some(error), body);
-                return failed(own::<RB, S::Error>(Ok(Response::from_parts(parts, body))));
-            }
-        };
-        match frame.into_data() {
-            Ok(data) => {
-                chunks.push(data);
-                if chunks.len > max_body {
-                    return too_large(parts, chunks.into_bytes(), body);
-                }
-            }
-            Err(frame) => {
-                if let Ok(more) = frame.into_trailers() {
-                    trailers.get_or_insert_with(Default::default).extend(more);
-                }
-            }
+            body,
+            trailers,
+        } => (parts, body, trailers),
+        Buffered::TooLarge(response) => {
+            return landed(Shared::TooLarge, own::<RB, S::Error>(Ok(response)));
         }
+        Buffered::Failed(response) => {
+            return landed(Shared::Failed, own::<RB, S::Error>(Ok(response)));
+        }
+    };
+    if !shareable(&parts.headers, keyed_on) {
+        let response = Response::from_parts(parts, KeywardBody::full_with_trailers(body, trailers));
+        return landed(Shared::Private, own::<RB, S::Error>(Ok(response)));
     }
-    let bytes = chunks.into_bytes();
-    let mut headers = parts.headers.clone();
-    // A cookie set for the leader's client is not the followers' to keep.
-    headers.remove(SET_COOKIE);
     let shared = Arc::new(StoredResponse {
         status: parts.status,
-        headers,
-        body: bytes.clone(),
+        // The leader's cookies and credentials are not the followers' to keep.
+        headers: shareable_headers(&parts.headers, |_| true),
+        body: body.clone(),
         trailers: trailers.clone(),
     });
-    Landed {
-        shared: Shared::Response(shared),
-        own: own::<RB, S::Error>(Ok(Response::from_parts(
-            parts,
-            KeywardBody::full_with_trailers(bytes, trailers),
-        ))),
-        store_error: false,
-    }
+    let own = own::<RB, S::Error>(Ok(Response::from_parts(
+        parts,
+        KeywardBody::full_with_trailers(body, trailers),
+    )));
+    landed(Shared::Response(shared), own)
 }
 
-/// Body chunks read so far; one chunk (the common case) is kept without a copy or an
-/// allocation.
-#[derive(Default)]
-struct Chunks {
-    first: Option<Bytes>,
-    more: Vec<Bytes>,
-    len: usize,
+/// Whether a response may be copied to requests other than the one that got it: not if
+/// it says it is private (`Cache-Control: private` or `no-store`), nor if it varies on a
+/// request header the key does not hold (`Vary: *`, or a header outside `keyed_on`).
+fn shareable(headers: &HeaderMap, keyed_on: &[HeaderName]) -> bool {
+    let directives = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|value| value.to_str().ok())
+            .collect::<Option<Vec<&str>>>()
+    };
+    let Some(cache_control) = directives(CACHE_CONTROL) else {
+        return false;
+    };
+    let private = cache_control
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(|directive| directive.split('=').next().unwrap_or_default().trim())
+        .any(|name| name.eq_ignore_ascii_case("private") || name.eq_ignore_ascii_case("no-store"));
+    let Some(vary) = directives(VARY) else {
+        return false;
+    };
+    let varies_elsewhere = vary
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .any(|name| match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) => !keyed_on.contains(&name),
+            // `*`, or not a header name at all.
+            Err(_) => true,
+        });
+    !private && !varies_elsewhere
 }
 
-impl Chunks {
-    fn push(&mut self, data: Bytes) {
-        if data.is_empty() {
-            return;
-        }
-        self.len += data.len();
-        if self.first.is_none() {
-            self.first = Some(data);
-        } else {
-            self.more.push(data);
-        }
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                )
+            })
+            .collect()
     }
 
-    fn into_bytes(self) -> Bytes {
-        let Some(first) = self.first else {
-            return Bytes::new();
-        };
-        if self.more.is_empty() {
-            return first;
+    #[test]
+    fn private_or_foreign_varying_responses_are_not_shared() {
+        let keyed_on = [http::header::ACCEPT, http::header::HOST];
+        assert!(shareable(&headers(&[]), &keyed_on));
+        assert!(shareable(
+            &headers(&[("cache-control", "public, max-age=60")]),
+            &keyed_on
+        ));
+        assert!(shareable(&headers(&[("vary", "Accept, host")]), &keyed_on));
+        for unshared in [
+            ("cache-control", "max-age=0, Private"),
+            ("cache-control", "private=\"set-cookie\""),
+            ("cache-control", "no-store"),
+            ("vary", "*"),
+            ("vary", "Accept, Origin"),
+            ("vary", "Cookie"),
+        ] {
+            assert!(!shareable(&headers(&[unshared]), &keyed_on), "{unshared:?}");
         }
-        let mut out = BytesMut::with_capacity(self.len);
-        out.extend_from_slice(&first);
-        for chunk in self.more {
-            out.extend_from_slice(&chunk);
-        }
-        out.freeze()
     }
 }
