@@ -65,6 +65,9 @@ pub(crate) struct SlotOwner {
 /// Two rebuilds of the cluster connection are at least this far apart: a storm of errors
 /// during a failover costs one rebuild per period, not one per request.
 const MIN_REBUILD_GAP: Duration = Duration::from_millis(250);
+/// Longest a rebuild may take (connect to the seeds, read the slots, connect to every
+/// node: each step bounded by the connect timeout, at least 1 s).
+const REBUILD_BOUND: Duration = Duration::from_secs(10);
 /// Backoff between two attempts of a script that provably did not run.
 const FIRST_BACKOFF: Duration = Duration::from_millis(5);
 const MAX_BACKOFF: Duration = Duration::from_millis(100);
@@ -259,13 +262,19 @@ impl Cluster {
         let cluster = self.clone();
         self.runtime.spawn(async move {
             let _one = cluster.connecting.lock().await;
-            match cluster.client.get_async_connection().await {
-                Ok(conn) => {
+            // Bounded, so that a rebuild that never ends cannot stop all later ones.
+            let rebuilt =
+                tokio::time::timeout(REBUILD_BOUND, cluster.client.get_async_connection()).await;
+            match rebuilt {
+                Ok(Ok(conn)) => {
                     tracing::debug!("keyward redis cluster: connection rebuilt from the seeds");
                     cluster.set(Current { conn, slots: None });
                 }
-                Err(error) => {
+                Ok(Err(error)) => {
                     tracing::debug!(%error, "keyward redis cluster: rebuild failed; the next error tries again");
+                }
+                Err(_elapsed) => {
+                    tracing::debug!("keyward redis cluster: rebuild timed out; the next error tries again");
                 }
             }
             cluster.rebuilding.store(false, Ordering::Release);
