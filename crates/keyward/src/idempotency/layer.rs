@@ -247,10 +247,12 @@ impl<St: IdempotencyStore, K> IdempotencyLayer<St, K> {
     where
         K: KeyExtractor<B>,
     {
-        let scoped = self.core.config.scoped_key(req);
-        let Some((key, _)) = scoped.map_err(|error| InspectError::Key(error.to_string()))? else {
+        let config = &self.core.config;
+        let found = config.find_key(req);
+        let Some(found) = found.map_err(|error| InspectError::Key(error.to_string()))? else {
             return Ok(None);
         };
+        let key = config.scoped(&found, false);
         let state = self.core.store.inspect(&key).await?;
         Ok(Some((key, state)))
     }

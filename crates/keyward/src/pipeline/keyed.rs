@@ -119,14 +119,19 @@ impl<K: Clone, X: Clone> Clone for Config<K, X> {
     }
 }
 
+/// A request's key, checked and with its scope, before it becomes a [`ScopedKey`].
+pub(crate) struct Found {
+    /// The key as the layer accepted it (what the store coordinates).
+    pub(crate) key: Key,
+    /// The extractor's key, where telemetry names the key by it.
+    extracted: Option<Key>,
+    scope: Scope,
+}
+
 impl<K, X: LayerSettings> Config<K, X> {
     /// The key `req` is coordinated under, `None` without a key, or why its key (or
     /// principal) cannot be used: the message names the spec, never the raw value.
-    /// With the scoped key comes the raw key it was built from (per-key settings look it up).
-    pub(crate) fn scoped_key<B>(
-        &self,
-        req: &Request<B>,
-    ) -> Result<Option<(ScopedKey, Key)>, KeyError>
+    pub(crate) fn find_key<B>(&self, req: &Request<B>) -> Result<Option<Found>, KeyError>
     where
         K: KeyExtractor<B>,
     {
@@ -150,12 +155,24 @@ impl<K, X: LayerSettings> Config<K, X> {
                     .to_owned(),
             });
         }
+        Ok(Some(Found {
+            key,
+            extracted,
+            scope,
+        }))
+    }
+
+    /// The scoped key of `found`. Its telemetry hash is computed now only when `traced`
+    /// and the layer names keys by the extractor's key (a SHA-256 per request is a large
+    /// share of a layer's cost); otherwise on first use, from the key itself.
+    pub(crate) fn scoped(&self, found: &Found, traced: bool) -> ScopedKey {
         let (prefix, route) = (X::KIND.storage_prefix(), &self.common.storage_route);
-        let scoped = match extracted {
-            Some(extracted) => ScopedKey::with_hash(prefix, route, scope, &key, extracted.hash()),
-            None => ScopedKey::new(prefix, route, scope, key.clone()),
-        };
-        Ok(Some((scoped, key)))
+        match &found.extracted {
+            Some(extracted) if traced => {
+                ScopedKey::with_hash(prefix, route, found.scope, &found.key, extracted.hash())
+            }
+            _ => ScopedKey::new(prefix, route, found.scope, found.key.clone()),
+        }
     }
 
     /// A decision span for this layer's route.
@@ -340,7 +357,7 @@ impl<S: Clone, St, K, X: LayerSettings> KeyedService<S, St, K, X> {
         K: KeyExtractor<B>,
     {
         let protocol = Protocol::of(req.headers());
-        let (key, raw) = match self.config.scoped_key(&req) {
+        let found = match self.config.find_key(&req) {
             Ok(Some(found)) => found,
             Ok(None) => {
                 let inner = self.take_ready();
@@ -349,11 +366,14 @@ impl<S: Clone, St, K, X: LayerSettings> KeyedService<S, St, K, X> {
             Err(error) => return Prepared::Invalid { error, protocol },
         };
         let span = self.config.span();
-        if !span.is_disabled() {
+        let traced = !span.is_disabled();
+        let key = self.config.scoped(&found, traced);
+        if traced {
             // Computed only for a span that records it: a SHA-256 per request is a
             // large share of a layer's cost.
             span.record(FIELD_KEY_HASH, key.key_hash().as_str());
         }
+        let raw = found.key;
         Prepared::Keyed(Keyed {
             inner: self.take_ready(),
             req,

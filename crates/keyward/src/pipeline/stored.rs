@@ -31,6 +31,12 @@ pub(crate) fn shareable_headers(
     headers: &HeaderMap,
     allow: impl Fn(&HeaderName) -> bool,
 ) -> HeaderMap {
+    let shared = |name: &HeaderName| allow(name) && !NEVER_SHARED.contains(name);
+    // The common case, nothing to drop: a clone keeps the map's hashes, where building a
+    // new one would hash every name again.
+    if !headers.contains_key(header::CONNECTION) && headers.keys().all(shared) {
+        return headers.clone();
+    }
     let named_by_connection: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -40,7 +46,7 @@ pub(crate) fn shareable_headers(
         .collect();
     let mut out = HeaderMap::with_capacity(headers.len());
     for (name, value) in headers {
-        if allow(name) && !NEVER_SHARED.contains(name) && !named_by_connection.contains(name) {
+        if shared(name) && !named_by_connection.contains(name) {
             out.append(name.clone(), value.clone());
         }
     }

@@ -8,7 +8,7 @@ use keyward_core::{Key, KeyError, KeySpec};
 use tower_layer::Layer;
 
 use super::flight::FlightTable;
-use super::service::SingleFlightService;
+use super::service::{SingleFlightService, keyed_on};
 use crate::defaults::{DEFAULT_SINGLE_FLIGHT_LEASE, DEFAULT_SINGLE_FLIGHT_MAX_BODY};
 use crate::pipeline::{KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer};
 
@@ -60,7 +60,9 @@ impl LayerSettings for SingleFlightSettings {
             .unwrap_or_default();
         let mut spelled = String::with_capacity(key.as_str().len() + authority.len() + 32);
         push_part(&mut spelled, key.as_str().as_bytes());
-        push_part(&mut spelled, authority.to_ascii_lowercase().as_bytes());
+        // The authority without case: `Host: A.example` is `a.example`.
+        let _ = write!(spelled, "{}:", authority.len());
+        spelled.extend(authority.chars().map(|c| c.to_ascii_lowercase()));
         for name in &self.vary {
             let values = req.headers().get_all(name);
             // How many values, then each: an absent header and an empty one differ.
@@ -196,6 +198,7 @@ impl<S, St: Clone, K> Layer<S> for SingleFlightLayer<St, K> {
 
     fn layer(&self, inner: S) -> Self::Service {
         SingleFlightService {
+            keyed_on: keyed_on(&self.core.config),
             core: self.core.service(inner),
             table: Arc::new(FlightTable::new()),
         }

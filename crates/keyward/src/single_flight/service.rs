@@ -33,6 +33,8 @@ const MAX_ELECTIONS: usize = 8;
 pub struct SingleFlightService<S, St, K = KeySpec> {
     pub(crate) core: KeyedService<S, St, K, SingleFlightSettings>,
     pub(crate) table: Arc<FlightTable>,
+    /// The request headers every key holds (see [`keyed_on`]), worked out once.
+    pub(crate) keyed_on: Arc<[http::HeaderName]>,
 }
 
 /// The old name of [`SingleFlightService`].
@@ -52,6 +54,7 @@ impl<S: Clone, St: Clone, K> Clone for SingleFlightService<S, St, K> {
         SingleFlightService {
             core: self.core.clone(),
             table: self.table.clone(),
+            keyed_on: self.keyed_on.clone(),
         }
     }
 }
@@ -104,6 +107,7 @@ where
             config: self.core.config.clone(),
             store: self.core.store.clone(),
             table: self.table.clone(),
+            keyed_on: self.keyed_on.clone(),
             protocol,
         };
         let future = flight.coalesce(inner, req, key);
@@ -113,13 +117,13 @@ where
 
 /// The request headers a flight's key holds: the `vary` list, the authority, and the
 /// header the scope is taken from.
-fn keyed_on<K>(config: &Config<K, SingleFlightSettings>) -> Vec<http::HeaderName> {
+pub(crate) fn keyed_on<K>(config: &Config<K, SingleFlightSettings>) -> Arc<[http::HeaderName]> {
     let mut keyed_on = config.own.vary.clone();
     keyed_on.push(http::header::HOST);
     if let Some(KeySpec::Header(scope)) = &config.common.scope {
         keyed_on.push(scope.clone());
     }
-    keyed_on
+    keyed_on.into()
 }
 
 /// Records `outcome` on the current (decision) span and counts it.
@@ -165,6 +169,7 @@ struct Flight<St, K> {
     config: Arc<Config<K, SingleFlightSettings>>,
     store: St,
     table: Arc<FlightTable>,
+    keyed_on: Arc<[http::HeaderName]>,
     /// How rejections are rendered for this request.
     protocol: Protocol,
 }
@@ -190,6 +195,7 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
             config,
             store,
             table,
+            keyed_on,
             protocol,
         } = self;
         let metrics = &config.common.metrics;
@@ -209,7 +215,7 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                         key,
                         lease: own.lease,
                         max_body: own.max_body,
-                        keyed_on: keyed_on(&config),
+                        keyed_on,
                         on_leader_failure: own.on_leader_failure,
                         on_store_error: config.common.on_store_error,
                         metrics: metrics.clone(),

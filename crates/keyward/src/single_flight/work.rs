@@ -33,7 +33,7 @@ pub(crate) struct WorkSettings<St> {
     pub(crate) lease: std::time::Duration,
     pub(crate) max_body: usize,
     /// The request headers the key holds: a response varying on any other is not shared.
-    pub(crate) keyed_on: Vec<HeaderName>,
+    pub(crate) keyed_on: Arc<[HeaderName]>,
     pub(crate) on_leader_failure: LeaderFailure,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: LayerMetrics,
