@@ -63,7 +63,10 @@ pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
 #[cfg(feature = "redis")]
 pub use keyward_redis::{BuildError as RedisBuildError, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
-pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{
+    DEFAULT_MAX_CLAIMS, DEFAULT_MAX_QUOTA_KEYS, DEFAULT_MAX_RESPONSE_BYTES,
+    DEFAULT_MAX_SERIAL_KEYS, MemoryStore, MemoryStoreBuilder, TableSize, TableSizes,
+};
 pub use quota::QuotaLayer;
 pub use serial::{PerKeySerial, PerKeySerialLayer};
 pub use single_flight::{LeaderFailure, SingleFlightLayer};

@@ -48,6 +48,12 @@ impl Probe<'_> {
 }
 
 impl SlotKey {
+    /// The key itself, shared (the completed-record table tells a current entry from a
+    /// replaced one by `Arc::ptr_eq`).
+    pub(crate) fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+
     /// The borrowed form of this key, for look-ups.
     pub(crate) fn probe(&self) -> Probe<'_> {
         Probe {
@@ -154,6 +160,10 @@ impl<V, X> Shard<V, X> {
         self.map.get(probe as &dyn Lookup)
     }
 
+    pub(crate) fn get_key_value(&self, probe: &Probe<'_>) -> Option<(&SlotKey, &V)> {
+        self.map.get_key_value(probe as &dyn Lookup)
+    }
+
     pub(crate) fn get_mut(&mut self, probe: &Probe<'_>) -> Option<&mut V> {
         self.map.get_mut(probe as &dyn Lookup)
     }
@@ -227,6 +237,11 @@ impl<V, X> ShardedTable<V, X> {
         // The map uses the low bits for buckets and the top 7 for tags: shard by others.
         let index = ((probe.hash >> 40) as usize) % SHARDS;
         lock(&self.shards[index])
+    }
+
+    /// Shard `index` (modulo [`SHARDS`]), locked: for work that visits shards in turn.
+    pub(crate) fn shard_at(&self, index: usize) -> MutexGuard<'_, Shard<V, X>> {
+        lock(&self.shards[index % SHARDS])
     }
 
     /// Every shard in turn, locked one at a time (sweeps, counts).

@@ -74,6 +74,10 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub on_error: OnStoreError,
     pub max_response_bytes: u64,
+    /// Memory only: bounds of the tables of live keys (see `keyward::MemoryStoreBuilder`).
+    pub max_quota_keys: usize,
+    pub max_claims: usize,
+    pub max_serial_keys: usize,
     /// Redis only: how long a crashed serial holder keeps its key (renewed every third
     /// of it while the holder's process lives).
     pub serial_lease: Duration,
@@ -471,6 +475,21 @@ impl Checker {
                 raw.max_response_bytes.as_deref(),
                 256 << 20,
             ),
+            max_quota_keys: self.entries(
+                "store.max_quota_keys",
+                raw.max_quota_keys,
+                keyward::DEFAULT_MAX_QUOTA_KEYS,
+            ),
+            max_claims: self.entries(
+                "store.max_claims",
+                raw.max_claims,
+                keyward::DEFAULT_MAX_CLAIMS,
+            ),
+            max_serial_keys: self.entries(
+                "store.max_serial_keys",
+                raw.max_serial_keys,
+                keyward::DEFAULT_MAX_SERIAL_KEYS,
+            ),
             serial_lease: self.duration(
                 "store.serial_lease",
                 raw.serial_lease.as_deref(),
@@ -594,6 +613,19 @@ impl Checker {
             max_body: self.size_usize(&f("max_body"), raw.max_body.as_deref(), 1 << 20),
             max_response: self.size_usize(&f("max_response"), raw.max_response.as_deref(), 1 << 20),
             store_server_errors: raw.store_server_errors.unwrap_or(false),
+        }
+    }
+
+    /// A bound on a table's entries: a whole number of at least 1.
+    fn entries(&mut self, field: &str, value: Option<i64>, default: usize) -> usize {
+        match value.map(usize::try_from) {
+            None => default,
+            Some(Ok(n)) if n >= 1 => n,
+            Some(_) => {
+                let shown = value.unwrap_or_default();
+                self.fail(field, format!("{shown} must be 1 or more"));
+                default
+            }
         }
     }
 

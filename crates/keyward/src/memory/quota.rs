@@ -38,6 +38,12 @@ pub(super) const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// A full shard is swept at most this often.
 pub(super) const FULL_SWEEP_GAP: Duration = Duration::from_millis(10);
 
+/// Heap bytes of one quota key besides its text, counted high: the map slot (key, hash,
+/// TAT, control byte) at the map's lowest load (7/16), the key's `Arc` counts and 16
+/// bytes of allocator overhead.
+pub(super) const KEY_OVERHEAD: usize =
+    (std::mem::size_of::<crate::sharded::SlotKey>() + 8 + 1) * 16 / 7 + 16 + 16;
+
 pub(super) struct QuotaTable {
     tats: ShardedTable<u64, Sweep>,
     epoch: Instant,
@@ -118,6 +124,25 @@ impl QuotaTable {
                 before - shard.map.len()
             })
             .sum()
+    }
+
+    /// Keys held and their accounted bytes: per key its text and [`KEY_OVERHEAD`].
+    pub(super) fn size(&self) -> (usize, u64) {
+        let mut entries = 0;
+        let mut bytes = 0;
+        for shard in self.tats.each_shard() {
+            entries += shard.map.len();
+            bytes += shard
+                .map
+                .keys()
+                .map(|slot| (slot.key().len() + KEY_OVERHEAD) as u64)
+                .sum::<u64>();
+        }
+        (entries, bytes)
+    }
+
+    pub(super) fn max_keys(&self) -> usize {
+        self.shard_capacity * SHARDS
     }
 
     pub(super) fn len(&self) -> usize {
