@@ -88,14 +88,24 @@ fn heap() -> (usize, usize) {
     (stats.curr_bytes, stats.curr_blocks)
 }
 
-fn report(what: &str, count: usize, before: (usize, usize), after: (usize, usize), payload: usize) {
+/// One line: heap bytes and blocks per entry, what the store accounts per entry, and
+/// the goal (`goal(payload)` bytes per entry).
+fn report(
+    what: &str,
+    count: usize,
+    (before, after): ((usize, usize), (usize, usize)),
+    accounted: u64,
+    payload: usize,
+    goal: f64,
+) {
     let bytes = after.0.saturating_sub(before.0) as f64 / count as f64;
     let blocks = after.1.saturating_sub(before.1) as f64 / count as f64;
+    let verdict = if bytes <= goal { "met" } else { "NOT met" };
     println!(
-        "{what:<44} {bytes:>8.0} B {blocks:>5.1} blocks  payload {payload} B  \
-         ({:.2}x payload + {:.0} B)",
-        bytes / payload as f64,
-        bytes - payload as f64
+        "{what:<40} {bytes:>6.0} B in {blocks:>4.1} blocks (+{:.0} B allocator headers), \
+         accounted {:.0} B, payload {payload} B; goal <= {goal:.0} B: {verdict}",
+        blocks * 16.0,
+        accounted as f64 / count as f64,
     );
 }
 
@@ -140,7 +150,11 @@ async fn records(what: &str, respond: fn() -> Response<Full<Bytes>>) {
             .iter()
             .map(|(n, v)| n.len() + v.len())
             .sum::<usize>();
-    report(what, RECORDS, before, after, payload);
+    let sizes = store.table_sizes().idempotency_records;
+    assert_eq!(sizes.entries, RECORDS + 1);
+    let accounted = sizes.bytes * RECORDS as u64 / (RECORDS as u64 + 1);
+    let goal = 1.3 * payload as f64 + 200.0;
+    report(what, RECORDS, (before, after), accounted, payload, goal);
     keep_for_profile(store);
 }
 
@@ -168,7 +182,15 @@ fn quota_keys() {
     }
     let after = heap();
     assert_eq!(store.quota_entry_count(), QUOTA_KEYS);
-    report("quota key", QUOTA_KEYS, before, after, payload);
+    let accounted = store.table_sizes().quota_keys.bytes;
+    report(
+        "quota key",
+        QUOTA_KEYS,
+        (before, after),
+        accounted,
+        payload,
+        100.0,
+    );
     keep_for_profile(store);
 }
 
@@ -189,7 +211,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    println!("heap held per entry ({RECORDS} records, {QUOTA_KEYS} quota keys):");
+    println!("heap held per entry ({RECORDS} records, {QUOTA_KEYS} quota keys; dhat):");
     rt.block_on(records(
         "idempotency record, handler-built answer",
         built_response,

@@ -37,6 +37,11 @@ pub(crate) struct Probe<'a> {
 }
 
 impl Probe<'_> {
+    /// The key's hash under the table's keys (the quota table keys its own maps by it).
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
+
     /// The owned key to insert under; `key` is the string this probe was made from.
     pub(crate) fn slot(&self, key: Arc<str>) -> SlotKey {
         debug_assert_eq!(&*key, self.key, "a slot is made from its probe's key");

@@ -193,7 +193,7 @@ pub struct MemoryStoreBuilder {
 impl MemoryStoreBuilder {
     /// Upper bound on the heap bytes of completed idempotent responses kept for replay
     /// (default 256 MiB). Each record is accounted by what it holds: its body, header
-    /// names and values, key and fingerprint, and about 300 bytes of table overhead, so
+    /// names and values (6 bytes more each), key, and 307 bytes of record and table overhead, so
     /// this bounds memory, not just payload. The oldest records are evicted first when it
     /// is reached. In-flight claims are never evicted (see [`Self::max_claims`]).
     pub fn max_response_bytes(mut self, bytes: u64) -> Self {
@@ -201,8 +201,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// Upper bound on quota keys held at once (default 2^20; each about 100 bytes plus
-    /// the key's length, see README "Memory"). Idle keys are dropped; while the table is
+    /// Upper bound on quota keys held at once (default 2^20; each 57 bytes, whatever the
+    /// key's length: the table keeps a 128-bit digest of the key, not the key). Idle keys are dropped; while the table is
     /// full of active keys, new keys get a store error and the layer's `on_store_error`
     /// applies. Rounded up to a multiple of 64 (the table's shards).
     pub fn max_quota_keys(mut self, keys: usize) -> Self {
@@ -210,8 +210,8 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// Upper bound on idempotency keys in flight at once (default 2^16; each about 250
-    /// bytes plus the key's length). Claims are never evicted: while the table is full,
+    /// Upper bound on idempotency keys in flight at once (default 2^16; each 299 bytes
+    /// plus the key's length: 2^16 claims of 64-byte keys are 23 MiB). Claims are never evicted: while the table is full,
     /// a request with a new key gets a store error (with the layer's default
     /// `on_store_error`, 503 with `Retry-After`), and replays and requests for keys in
     /// flight are answered as usual. Rounded up to a multiple of 64.
@@ -220,8 +220,9 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// Upper bound on keys `PerKeySerialLayer` holds at once (default 2^16; each about
-    /// 200 bytes plus the key's length, and about 170 bytes per waiter). Held keys are
+    /// Upper bound on keys `PerKeySerialLayer` holds at once (default 2^16; each 180
+    /// bytes plus the key's length, and 160 bytes per waiter, at most the route's
+    /// `max_queue` per key). Held keys are
     /// never evicted: while the table is full, a request for a key nobody holds gets a
     /// store error (503 with `Retry-After` by default). Rounded up to a multiple of 64.
     pub fn max_serial_keys(mut self, keys: usize) -> Self {
@@ -239,5 +240,25 @@ impl MemoryStoreBuilder {
                 single_flight: FlightLeads::new(),
             }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The per-entry sizes README "Memory" and the builder's docs state.
+    #[test]
+    fn documented_per_entry_bytes_match_the_accounting() {
+        let record = completed::Record::weight(0, 0);
+        let claim = idempotency::CLAIM_OVERHEAD;
+        let quota = quota::KEY_BYTES;
+        let serial = serial::KEY_OVERHEAD;
+        let waiter = serial::WAITER_BYTES;
+        let lead = single_flight::LEAD_OVERHEAD;
+        assert_eq!(
+            (record, claim, quota, serial, waiter, lead),
+            (307, 299, 57, 180, 160, 162)
+        );
     }
 }
