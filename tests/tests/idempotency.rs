@@ -865,3 +865,89 @@ async fn a_store_outage_longer_than_the_lease_releases_the_key() {
     assert!(!retry.replayed);
     assert_eq!(upstream.calls(), 2);
 }
+
+/// Once the handler has answered, the answer is stored even if the client leaves while
+/// the response body is still being read (hyper drops the request future): the retry
+/// replays it, and the handler ran once.
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_while_the_response_is_read_does_not_release_the_key() {
+    use futures::Stream;
+    use http_body::Frame;
+    use std::pin::Pin;
+
+    type Chunks = Pin<Box<dyn Stream<Item = Result<Frame<bytes::Bytes>, Infallible>> + Send>>;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let body_gate = Arc::new(tokio::sync::Notify::new());
+    let store = keyward::MemoryStore::new();
+    let svc = ServiceBuilder::new().layer(layer(&store)).service_fn({
+        let (calls, body_gate) = (calls.clone(), body_gate.clone());
+        move |_req: http::Request<TestBody>| {
+            let (calls, body_gate) = (calls.clone(), body_gate.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let chunks: Chunks = Box::pin(futures::stream::once(async move {
+                    body_gate.notified().await;
+                    Ok(Frame::data(bytes::Bytes::from_static(b"paid")))
+                }));
+                let body = http_body_util::StreamBody::new(chunks);
+                Ok::<_, Infallible>(http::Response::builder().status(201).body(body).unwrap())
+            }
+        }
+    });
+    let mut first = Box::pin(svc.clone().oneshot(post("/pay", Some("k"), None, "1")));
+    for _ in 0..100 {
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        if calls.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the handler answered");
+    // The client goes away while the layer reads the body, which then arrives.
+    drop(first);
+    body_gate.notify_one();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = svc
+        .clone()
+        .oneshot(post("/pay", Some("k"), None, "1"))
+        .await;
+    let retry = seen(retry.unwrap()).await;
+    assert!(
+        retry.replayed,
+        "the answer was stored although its client left"
+    );
+    assert_eq!(retry.body, "paid");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "the retry did not run again"
+    );
+}
+
+/// The same while the store is failing to take the record: the completion retries go on
+/// after the client left, and the record lands.
+#[tokio::test(start_paused = true)]
+async fn a_client_gone_during_completion_retries_does_not_release_the_key() {
+    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(3));
+    let store = FlakyCompletion {
+        inner: keyward::MemoryStore::new(),
+        fail: fail.clone(),
+    };
+    let upstream = Upstream::new(StatusCode::CREATED);
+    let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
+    let mut first = Box::pin(send(&svc, post("/pay", Some("k"), None, "1")));
+    for _ in 0..100 {
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        if fail.load(Ordering::SeqCst) < 3 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(fail.load(Ordering::SeqCst) < 3, "a completion failed");
+    drop(first);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(fail.load(Ordering::SeqCst), 0, "the retries went on");
+    let retry = send(&svc, post("/pay", Some("k"), None, "1")).await;
+    assert!(retry.replayed, "the record landed after the client left");
+    assert_eq!(upstream.calls(), 1);
+}

@@ -15,7 +15,7 @@
 //! - [`KeywardBody`]: the response body every layer returns.
 //! - [`grpc`]: gRPC requests get their rejections as gRPC statuses (the mapping table).
 //! - [`gcra`]: quotas and the GCRA decision; [`ratelimit`]: the IETF RateLimit headers.
-//! - [`telemetry`]: span, field and outcome names from the behaviour contract.
+//! - [`telemetry`]: span, field, metric and outcome names (stable: dashboards use them).
 #![forbid(unsafe_code)]
 
 mod body;

@@ -1,4 +1,4 @@
-//! Span, field, metric and outcome names from the behaviour contract. Dashboards depend on
+//! Span, field, metric and outcome names. They are stable: dashboards and alerts depend on
 //! these exact strings.
 
 /// Span of an `IdempotencyLayer` decision.

@@ -48,28 +48,29 @@
 //! records the leader's trace id as `keyward.leader_trace_id`.
 #![forbid(unsafe_code)]
 
+pub mod defaults;
 pub mod idempotency;
 #[cfg(feature = "memory")]
 mod memory;
+mod pipeline;
 pub mod quota;
 pub mod serial;
 mod sharded;
 pub mod single_flight;
 mod telemetry;
 
-pub use idempotency::{IdempotencyLayer, OnInFlight};
+pub use idempotency::{IdempotencyLayer, IdempotencyService, OnInFlight};
 pub use keyward_core::store::OnStoreError;
 pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
 #[cfg(feature = "redis")]
 pub use keyward_redis::{BuildError as RedisBuildError, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
-pub use memory::{
-    DEFAULT_MAX_CLAIMS, DEFAULT_MAX_QUOTA_KEYS, DEFAULT_MAX_RESPONSE_BYTES,
-    DEFAULT_MAX_SERIAL_KEYS, MemoryStore, MemoryStoreBuilder, TableSize, TableSizes,
-};
-pub use quota::QuotaLayer;
-pub use serial::{PerKeySerial, PerKeySerialLayer};
-pub use single_flight::{LeaderFailure, SingleFlightLayer};
+pub use memory::{MemoryStore, MemoryStoreBuilder, TableSize, TableSizes};
+pub use quota::{QuotaLayer, QuotaService};
+#[allow(deprecated)]
+pub use serial::PerKeySerial;
+pub use serial::{PerKeySerialLayer, PerKeySerialService};
+pub use single_flight::{LeaderFailure, SingleFlightLayer, SingleFlightService};
 
 /// The core types, re-exported.
 pub use keyward_core as core;

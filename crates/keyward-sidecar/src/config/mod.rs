@@ -12,6 +12,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::{Method, Uri};
+use keyward::defaults::{
+    DEFAULT_IDEMPOTENCY_LEASE, DEFAULT_IDEMPOTENCY_MAX_BODY, DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
+    DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MEMORY_MAX_RESPONSE_BYTES, DEFAULT_SERIAL_MAX_QUEUE,
+    DEFAULT_SERIAL_MAX_WAIT, DEFAULT_SINGLE_FLIGHT_MAX_BODY,
+};
 use keyward::idempotency::OnInFlight;
 use keyward::{KeySpec, OnStoreError};
 
@@ -473,22 +478,22 @@ impl Checker {
             max_response_bytes: self.size(
                 "store.max_response_bytes",
                 raw.max_response_bytes.as_deref(),
-                256 << 20,
+                DEFAULT_MEMORY_MAX_RESPONSE_BYTES,
             ),
             max_quota_keys: self.entries(
                 "store.max_quota_keys",
                 raw.max_quota_keys,
-                keyward::DEFAULT_MAX_QUOTA_KEYS,
+                keyward::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS,
             ),
             max_claims: self.entries(
                 "store.max_claims",
                 raw.max_claims,
-                keyward::DEFAULT_MAX_CLAIMS,
+                keyward::defaults::DEFAULT_MEMORY_MAX_CLAIMS,
             ),
             max_serial_keys: self.entries(
                 "store.max_serial_keys",
                 raw.max_serial_keys,
-                keyward::DEFAULT_MAX_SERIAL_KEYS,
+                keyward::defaults::DEFAULT_MEMORY_MAX_SERIAL_KEYS,
             ),
             serial_lease: self.duration(
                 "store.serial_lease",
@@ -607,11 +612,19 @@ impl Checker {
             key: self.key(&f("key"), raw.key.as_ref(), "header:Idempotency-Key"),
             required: raw.required.unwrap_or(false),
             scope: self.scope(&f("scope"), raw.scope.as_deref()),
-            ttl: self.duration(&f("ttl"), raw.ttl.as_deref(), Duration::from_secs(86_400)),
-            lease: self.duration(&f("lease"), raw.lease.as_deref(), Duration::from_secs(30)),
+            ttl: self.duration(&f("ttl"), raw.ttl.as_deref(), DEFAULT_IDEMPOTENCY_TTL),
+            lease: self.duration(&f("lease"), raw.lease.as_deref(), DEFAULT_IDEMPOTENCY_LEASE),
             on_in_flight,
-            max_body: self.size_usize(&f("max_body"), raw.max_body.as_deref(), 1 << 20),
-            max_response: self.size_usize(&f("max_response"), raw.max_response.as_deref(), 1 << 20),
+            max_body: self.size_usize(
+                &f("max_body"),
+                raw.max_body.as_deref(),
+                DEFAULT_IDEMPOTENCY_MAX_BODY,
+            ),
+            max_response: self.size_usize(
+                &f("max_response"),
+                raw.max_response.as_deref(),
+                DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
+            ),
             store_server_errors: raw.store_server_errors.unwrap_or(false),
         }
     }
@@ -675,12 +688,12 @@ impl Checker {
     fn serial(&mut self, field: &str, raw: &raw::RawSerial) -> SerialConfig {
         let f = |name: &str| format!("{field}.{name}");
         let max_queue = match raw.max_queue {
-            None => 64,
+            None => DEFAULT_SERIAL_MAX_QUEUE,
             Some(n) => match usize::try_from(n) {
                 Ok(n) => n,
                 Err(_) => {
                     self.fail(&f("max_queue"), format!("{n} must be zero or more"));
-                    64
+                    DEFAULT_SERIAL_MAX_QUEUE
                 }
             },
         };
@@ -689,7 +702,7 @@ impl Checker {
             max_wait: self.duration(
                 &f("max_wait"),
                 raw.max_wait.as_deref(),
-                Duration::from_secs(5),
+                DEFAULT_SERIAL_MAX_WAIT,
             ),
             max_queue,
         }
@@ -705,7 +718,11 @@ impl Checker {
             key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
             scope: self.scope(&f("scope"), raw.scope.as_deref()),
             methods,
-            max_body: self.size_usize(&f("max_body"), raw.max_body.as_deref(), 8 << 20),
+            max_body: self.size_usize(
+                &f("max_body"),
+                raw.max_body.as_deref(),
+                DEFAULT_SINGLE_FLIGHT_MAX_BODY,
+            ),
         }
     }
 }

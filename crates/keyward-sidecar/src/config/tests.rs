@@ -215,11 +215,17 @@ fn store_serial_lease_defaults_to_10s_and_is_configurable() {
 #[test]
 fn memory_table_bounds_default_to_the_store_defaults_and_are_configurable() {
     let config = Config::from_toml(SERVER).unwrap();
-    assert_eq!(config.store.max_quota_keys, keyward::DEFAULT_MAX_QUOTA_KEYS);
-    assert_eq!(config.store.max_claims, keyward::DEFAULT_MAX_CLAIMS);
+    assert_eq!(
+        config.store.max_quota_keys,
+        keyward::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS
+    );
+    assert_eq!(
+        config.store.max_claims,
+        keyward::defaults::DEFAULT_MEMORY_MAX_CLAIMS
+    );
     assert_eq!(
         config.store.max_serial_keys,
-        keyward::DEFAULT_MAX_SERIAL_KEYS
+        keyward::defaults::DEFAULT_MEMORY_MAX_SERIAL_KEYS
     );
     let config = Config::from_toml(&format!(
         "{SERVER}[store]\nmax_quota_keys = 5000\nmax_claims = 100\nmax_serial_keys = 200\n"

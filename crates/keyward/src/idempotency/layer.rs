@@ -1,16 +1,17 @@
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, Request};
-use keyward_core::store::{IdempotencyStore, OnStoreError, RecordState, StoreError};
-use keyward_core::telemetry::LAYER_IDEMPOTENCY;
-use keyward_core::{Key, KeyExtractor, KeySpec, Scope, ScopedKey, parse_idempotency_key};
-use opentelemetry::metrics::Meter;
+use keyward_core::store::{IdempotencyStore, RecordState, StoreError};
+use keyward_core::{Key, KeyError, KeyExtractor, KeySpec, ScopedKey, parse_idempotency_key};
 use tower_layer::Layer;
 
 use super::service::IdempotencyService;
-use crate::telemetry::LayerMetrics;
+use crate::defaults::{
+    DEFAULT_IDEMPOTENCY_LEASE, DEFAULT_IDEMPOTENCY_MAX_BODY, DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
+    DEFAULT_IDEMPOTENCY_TTL,
+};
+use crate::pipeline::{KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer};
 
 /// What a duplicate does while the first request with its key is still running.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,44 +34,9 @@ pub enum ReplayHeaders {
     Only(Vec<HeaderName>),
 }
 
+/// What only the idempotency layer has.
 #[derive(Clone)]
-pub(crate) struct Config<K> {
-    pub(crate) key: K,
-    pub(crate) key_name: String,
-    pub(crate) settings: Settings,
-}
-
-/// Short layer name in stored keys: `idem:{route}:{scope}:{key}`.
-const LAYER: &str = "idem";
-
-impl<K> Config<K> {
-    /// The key `req` is coordinated under, `None` without a key, or what is wrong with
-    /// it (naming the spec, never the raw key).
-    pub(crate) fn scoped_key<B>(&self, req: &Request<B>) -> Result<Option<ScopedKey>, String>
-    where
-        K: KeyExtractor<B>,
-    {
-        let Some(raw) = self.key.extract(req).map_err(|err| err.to_string())? else {
-            return Ok(None);
-        };
-        let key = parse_idempotency_key(raw.as_str())
-            .map_err(|err| format!("{} ({})", err, self.key_name))?;
-        let settings = &self.settings;
-        let scope =
-            Scope::of_request(settings.scope.as_ref(), req).map_err(|err| err.to_string())?;
-        Ok(Some(ScopedKey::new(
-            LAYER,
-            &settings.route,
-            scope,
-            Key::from(key),
-        )))
-    }
-}
-
-#[derive(Clone)]
-pub(crate) struct Settings {
-    pub(crate) route: Arc<str>,
-    pub(crate) scope: Option<KeySpec>,
+pub(crate) struct IdempotencySettings {
     pub(crate) required: bool,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
@@ -80,16 +46,28 @@ pub(crate) struct Settings {
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) replay_headers: ReplayHeaders,
     pub(crate) store_server_errors: bool,
-    pub(crate) on_store_error: OnStoreError,
-    pub(crate) metrics: LayerMetrics,
+}
+
+impl LayerSettings for IdempotencySettings {
+    const KIND: LayerKind = LayerKind::Idempotency;
+
+    /// Whatever the extractor, the value must be a valid `Idempotency-Key`: an
+    /// sf-string or a bare token of 1..=255 visible ASCII characters.
+    fn accept_key(&self, key: Key, key_name: &str) -> Result<Key, KeyError> {
+        parse_idempotency_key(key.as_str())
+            .map(Key::from)
+            .map_err(|error| KeyError::Invalid {
+                spec: key_name.to_owned(),
+                reason: error.to_string(),
+            })
+    }
 }
 
 /// Applies [`IdempotencyService`]: a retried request with the same `Idempotency-Key`
 /// takes effect once and gets the first response replayed. See the [module
 /// docs](crate::idempotency) for the full behaviour.
 pub struct IdempotencyLayer<St, K = KeySpec> {
-    pub(crate) store: St,
-    pub(crate) config: Arc<Config<K>>,
+    pub(crate) core: KeyedLayer<St, K, IdempotencySettings>,
 }
 
 /// The `Idempotency-Key` header.
@@ -98,172 +76,127 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 impl<St> IdempotencyLayer<St> {
-    /// A layer on `store` with the contract's defaults: key from `Idempotency-Key`,
-    /// scoped by `Authorization`, not required, TTL 24 h, lease 30 s, duplicates in flight
-    /// rejected with 409, request bodies up to 1 MiB, responses stored up to 1 MiB.
+    /// A layer on `store` with the defaults: key from `Idempotency-Key`, scoped by
+    /// `Authorization`, not required, TTL 24 h ([`DEFAULT_IDEMPOTENCY_TTL`]), lease 30 s,
+    /// duplicates in flight rejected with 409, request bodies up to 1 MiB, responses
+    /// stored up to 1 MiB, failing closed (503) when the store fails.
     pub fn new(store: St) -> Self {
-        let route: Arc<str> = "default".into();
+        let own = IdempotencySettings {
+            required: false,
+            ttl: DEFAULT_IDEMPOTENCY_TTL,
+            lease: DEFAULT_IDEMPOTENCY_LEASE,
+            on_in_flight: OnInFlight::Reject,
+            max_body: DEFAULT_IDEMPOTENCY_MAX_BODY,
+            max_response: DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
+            fingerprint_headers: Vec::new(),
+            replay_headers: ReplayHeaders::AllSafe,
+            store_server_errors: false,
+        };
+        let key = KeySpec::Header(IDEMPOTENCY_KEY);
+        let scope = Some(KeySpec::Header(http::header::AUTHORIZATION));
         IdempotencyLayer {
-            store,
-            config: Arc::new(Config {
-                key: KeySpec::Header(IDEMPOTENCY_KEY),
-                key_name: "header:idempotency-key".to_owned(),
-                settings: Settings {
-                    metrics: LayerMetrics::new(LAYER_IDEMPOTENCY, &route, None),
-                    route,
-                    scope: Some(KeySpec::Header(http::header::AUTHORIZATION)),
-                    required: false,
-                    ttl: Duration::from_secs(24 * 60 * 60),
-                    lease: Duration::from_secs(30),
-                    on_in_flight: OnInFlight::Reject,
-                    max_body: 1024 * 1024,
-                    max_response: 1024 * 1024,
-                    fingerprint_headers: Vec::new(),
-                    replay_headers: ReplayHeaders::AllSafe,
-                    store_server_errors: false,
-                    on_store_error: OnStoreError::Closed,
-                },
-            }),
+            core: KeyedLayer::new(store, key, scope, own),
         }
     }
 }
 
 impl<St, K: Clone> IdempotencyLayer<St, K> {
-    fn with(mut self, change: impl FnOnce(&mut Settings)) -> Self {
-        change(&mut Arc::make_mut(&mut self.config).settings);
-        self
+    common_layer_methods!(scoped);
+
+    fn with(self, change: impl FnOnce(&mut IdempotencySettings)) -> Self {
+        IdempotencyLayer {
+            core: self.core.with(|_, own| change(own)),
+        }
     }
 
     /// Takes the key from another [`KeySpec`] than `header:Idempotency-Key`. The value
     /// must still be a valid key (1..=255 visible ASCII characters, or an sf-string).
     pub fn key(self, spec: KeySpec) -> IdempotencyLayer<St, KeySpec> {
-        let name = spec.to_string();
-        self.key_extractor_named(spec, name)
+        let name = spec.to_string().into();
+        IdempotencyLayer {
+            core: self.core.with_key(spec, name),
+        }
     }
 
     /// Takes the key with any [`KeyExtractor`](keyward_core::KeyExtractor), such as a
     /// closure. The value must still be a valid key.
     pub fn key_extractor<K2>(self, extractor: K2) -> IdempotencyLayer<St, K2> {
-        self.key_extractor_named(extractor, "custom key extractor".to_owned())
-    }
-
-    fn key_extractor_named<K2>(self, key: K2, key_name: String) -> IdempotencyLayer<St, K2> {
-        let config = Config {
-            key,
-            key_name,
-            settings: self.config.settings.clone(),
-        };
         IdempotencyLayer {
-            store: self.store,
-            config: Arc::new(config),
+            core: self.core.with_key(extractor, "custom key extractor".into()),
         }
-    }
-
-    /// The route name used in stored keys and telemetry (default `"default"`). Give every
-    /// route its own name so that keys of different routes never collide.
-    pub fn route(self, name: impl Into<Arc<str>>) -> Self {
-        let name = name.into();
-        self.with(|c| {
-            c.metrics = c.metrics.for_route(&name);
-            c.route = name;
-        })
-    }
-
-    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
-    /// (which must be installed before the layer is built to take effect).
-    pub fn meter(self, meter: &Meter) -> Self {
-        self.with(|c| c.metrics = LayerMetrics::new(LAYER_IDEMPOTENCY, &c.route, Some(meter)))
-    }
-
-    /// Whose keys these are: responses are only replayed to requests with the same
-    /// principal (default `header:Authorization`).
-    pub fn scope(self, principal: KeySpec) -> Self {
-        self.with(|c| c.scope = Some(principal))
-    }
-
-    /// Shares keys between all callers of the route (`scope = "none"`). Only for routes
-    /// whose keys are unguessable and not secret-bearing.
-    pub fn unscoped(self) -> Self {
-        self.with(|c| c.scope = None)
     }
 
     /// Requests without a key get 400 (default: they pass through uncoordinated).
     pub fn required(self, required: bool) -> Self {
-        self.with(|c| c.required = required)
+        self.with(|own| own.required = required)
     }
 
     /// How long a completed response is replayed (default 24 h).
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|c| c.ttl = ttl)
+        self.with(|own| own.ttl = ttl)
     }
 
     /// How long a claim lasts without renewal (default 30 s). It is renewed every third of
     /// the lease while the handler runs, so it only runs out when the process dies or
     /// stalls.
     pub fn lease(self, lease: Duration) -> Self {
-        self.with(|c| c.lease = lease.max(Duration::from_millis(3)))
+        self.with(|own| own.lease = lease.max(Duration::from_millis(3)))
     }
 
     /// What a duplicate does while the first is in flight (default [`OnInFlight::Reject`]).
     pub fn on_in_flight(self, policy: OnInFlight) -> Self {
-        self.with(|c| c.on_in_flight = policy)
+        self.with(|own| own.on_in_flight = policy)
     }
 
     /// Largest request body, in bytes (default 1 MiB); larger ones get 413 before
     /// anything is claimed.
     pub fn max_body(self, bytes: usize) -> Self {
-        self.with(|c| c.max_body = bytes)
+        self.with(|own| own.max_body = bytes)
     }
 
     /// Largest response body stored for replay (default 1 MiB); a larger response is
     /// passed through and the key released.
     pub fn max_response(self, bytes: usize) -> Self {
-        self.with(|c| c.max_response = bytes)
+        self.with(|own| own.max_response = bytes)
     }
 
     /// Request headers that are part of the fingerprint besides method, path, query and
     /// body (e.g. `Content-Type`).
     pub fn fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
-        self.with(|c| c.fingerprint_headers = headers)
+        self.with(|own| own.fingerprint_headers = headers)
     }
 
     /// Which response headers are stored for replay.
     pub fn replay_headers(self, policy: ReplayHeaders) -> Self {
-        self.with(|c| c.replay_headers = policy)
+        self.with(|own| own.replay_headers = policy)
     }
 
     /// Store 5xx, 408, 425 and 429 responses too, instead of releasing the key so the
     /// client may retry (default: release).
     pub fn store_server_errors(self, store: bool) -> Self {
-        self.with(|c| c.store_server_errors = store)
-    }
-
-    /// What to do when the store fails (default [`OnStoreError::Closed`]: 503).
-    pub fn on_store_error(self, policy: OnStoreError) -> Self {
-        self.with(|c| c.on_store_error = policy)
+        self.with(|own| own.store_server_errors = store)
     }
 }
 
 impl<St: Clone, K> Clone for IdempotencyLayer<St, K> {
     fn clone(&self) -> Self {
         IdempotencyLayer {
-            store: self.store.clone(),
-            config: self.config.clone(),
+            core: self.core.clone(),
         }
     }
 }
 
 impl<St, K> fmt::Debug for IdempotencyLayer<St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyLayer")
-            .field("route", &self.config.settings.route)
-            .field("key", &self.config.key_name)
-            .field("required", &self.config.settings.required)
-            .field("ttl", &self.config.settings.ttl)
-            .field("lease", &self.config.settings.lease)
-            .field("on_in_flight", &self.config.settings.on_in_flight)
-            .finish_non_exhaustive()
+        let config = &self.core.config;
+        debug_layer("IdempotencyLayer", config, f, |out| {
+            let own = &config.own;
+            out.field("required", &own.required)
+                .field("ttl", &own.ttl)
+                .field("lease", &own.lease)
+                .field("on_in_flight", &own.on_in_flight);
+        })
     }
 }
 
@@ -303,10 +236,11 @@ impl<St: IdempotencyStore, K> IdempotencyLayer<St, K> {
     where
         K: KeyExtractor<B>,
     {
-        let Some(key) = self.config.scoped_key(req).map_err(InspectError::Key)? else {
+        let scoped = self.core.config.scoped_key(req);
+        let Some((key, _)) = scoped.map_err(|error| InspectError::Key(error.to_string()))? else {
             return Ok(None);
         };
-        let state = self.store.inspect(&key).await?;
+        let state = self.core.store.inspect(&key).await?;
         Ok(Some((key, state)))
     }
 }
@@ -316,9 +250,7 @@ impl<S, St: Clone, K> Layer<S> for IdempotencyLayer<St, K> {
 
     fn layer(&self, inner: S) -> Self::Service {
         IdempotencyService {
-            inner,
-            store: self.store.clone(),
-            config: self.config.clone(),
+            core: self.core.service(inner),
         }
     }
 }

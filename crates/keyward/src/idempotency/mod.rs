@@ -80,14 +80,14 @@
 //! # }
 //! ```
 
+mod attempt;
 mod claim;
-mod future;
 mod layer;
 mod request;
 mod response;
 mod service;
 
-pub use future::ResponseFuture;
+pub use crate::pipeline::{Boxed as Coordinated, ResponseFuture};
 pub use layer::{
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, IdempotencyLayer, InspectError, OnInFlight, ReplayHeaders,
 };

@@ -1,34 +1,15 @@
 //! Which responses are stored, which of their headers, and how a replay looks.
 
-use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName};
-use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use bytes::Bytes;
+use http::header;
+use http::{HeaderMap, Response, StatusCode};
 use http_body::Body;
-use http_body_util::BodyExt;
 use keyward_core::KeywardBody;
 use keyward_core::grpc::{self, Code, Protocol};
 use keyward_core::store::StoredResponse;
 
 use super::layer::{IDEMPOTENT_REPLAYED, ReplayHeaders};
-
-/// Headers that are never stored or replayed: credentials and cookies (a replay must not
-/// hand out a session), `Date` (a replay is not the original message) and hop-by-hop
-/// headers (they describe a connection, not the response).
-const NEVER_STORED: [HeaderName; 12] = [
-    header::SET_COOKIE,
-    header::AUTHORIZATION,
-    header::PROXY_AUTHORIZATION,
-    header::PROXY_AUTHENTICATE,
-    header::DATE,
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    // Recomputed from the stored body on replay.
-    header::CONTENT_LENGTH,
-];
+use crate::pipeline::{render_stored, shareable_headers};
 
 /// Whether a response of this status frees the key instead of being stored: server
 /// errors and "try again" statuses mean the effect may not have happened, so the client
@@ -58,85 +39,17 @@ pub(crate) fn grpc_releases_key(
     grpc::status_of(headers, trailers).is_none_or(Code::is_transient)
 }
 
-/// The headers of `headers` that may be stored under `policy`.
+/// The headers of `headers` that may be stored under `policy`: never the
+/// [`NEVER_SHARED`](crate::pipeline::NEVER_SHARED) ones, nor `Content-Length` (recomputed
+/// from the stored body on replay).
 pub(crate) fn storable_headers(headers: &HeaderMap, policy: &ReplayHeaders) -> HeaderMap {
-    let named_by_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let allowed = match policy {
-            ReplayHeaders::AllSafe => true,
-            ReplayHeaders::Only(list) => list.contains(name),
-        };
-        if allowed && !NEVER_STORED.contains(name) && !named_by_connection.contains(name) {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
-/// A response read for storing.
-pub(crate) enum Buffered<B: Body> {
-    /// The whole response, within the cap.
-    Complete {
-        parts: http::response::Parts,
-        body: Bytes,
-        trailers: Option<HeaderMap>,
-    },
-    /// Over the cap or failed while reading: passed through as it is, not stored.
-    PassThrough(Response<KeywardBody<B>>),
-}
-
-/// Reads `res` to its end if it fits in `max` bytes.
-pub(crate) async fn buffer_response<B>(res: Response<B>, max: usize) -> Buffered<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    let (parts, mut body) = res.into_parts();
-    if body.size_hint().lower() > max as u64 {
-        return Buffered::PassThrough(Response::from_parts(parts, KeywardBody::inner(body)));
-    }
-    let mut data = BytesMut::new();
-    let mut trailers = None;
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(chunk) => {
-                    data.extend_from_slice(&chunk);
-                    if data.len() > max {
-                        let prefix = data.freeze();
-                        return Buffered::PassThrough(Response::from_parts(
-                            parts,
-                            KeywardBody::prefixed(prefix, None, body),
-                        ));
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(map) = frame.into_trailers() {
-                        trailers.get_or_insert_with(HeaderMap::new).extend(map);
-                    }
-                }
-            },
-            Some(Err(err)) => {
-                let prefix = data.freeze();
-                return Buffered::PassThrough(Response::from_parts(
-                    parts,
-                    KeywardBody::prefixed(prefix, Some(err), body),
-                ));
+    shareable_headers(headers, |name| {
+        name != header::CONTENT_LENGTH
+            && match policy {
+                ReplayHeaders::AllSafe => true,
+                ReplayHeaders::Only(list) => list.contains(name),
             }
-        }
-    }
-    Buffered::Complete {
-        parts,
-        body: data.freeze(),
-        trailers,
-    }
+    })
 }
 
 /// The response sent to the first caller after its response was read for storing.
@@ -150,15 +63,7 @@ pub(crate) fn original<B: Body>(
 
 /// A replay of `stored`, marked `Idempotent-Replayed: true`.
 pub(crate) fn replay<B: Body>(stored: &StoredResponse) -> Response<KeywardBody<B>> {
-    let mut res = Response::new(KeywardBody::full_with_trailers(
-        stored.body.clone(),
-        stored.trailers.clone(),
-    ));
-    *res.status_mut() = stored.status;
-    *res.headers_mut() = stored.headers.clone();
-    res.headers_mut()
-        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
-    res
+    render_stored(stored, IDEMPOTENT_REPLAYED)
 }
 
 #[cfg(test)]
@@ -166,15 +71,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn never_stores_cookies_credentials_date_or_hop_by_hop() {
+    fn stores_neither_never_shared_headers_nor_content_length() {
         let mut headers = HeaderMap::new();
         for (name, value) in [
             ("set-cookie", "session=1"),
-            ("authorization", "Bearer x"),
-            ("date", "Mon, 23 Nov 2026 00:00:00 GMT"),
-            ("connection", "x-private"),
-            ("x-private", "hop"),
-            ("transfer-encoding", "chunked"),
             ("content-length", "3"),
             ("content-type", "application/json"),
             ("location", "/payments/1"),
@@ -184,6 +84,7 @@ mod tests {
         let kept = storable_headers(&headers, &ReplayHeaders::AllSafe);
         let names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-type", "location"]);
+        // An allow-list cannot bring a never-shared header back.
         let only = ReplayHeaders::Only(vec![header::LOCATION, header::SET_COOKIE]);
         let kept = storable_headers(&headers, &only);
         let names: Vec<&str> = kept.keys().map(|k| k.as_str()).collect();

@@ -1,52 +1,32 @@
 use std::fmt;
-use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
-use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
-use keyward_core::store::{
-    ClaimOutcome, Completion, IdempotencyStore, OnStoreError, StoreError, StoredResponse,
-};
-use keyward_core::telemetry::{
-    FIELD_FENCING_TOKEN, FIELD_KEY_HASH, IdempotencyOutcome, STORE_OP_CLAIM, STORE_OP_COMPLETE,
-    STORE_OP_RELEASE,
-};
-use keyward_core::{KeyExtractor, KeywardBody, Problem, ScopedKey};
-use tokio::time::Instant;
+use keyward_core::store::IdempotencyStore;
+use keyward_core::telemetry::IdempotencyOutcome;
+use keyward_core::{KeyExtractor, KeywardBody, Problem};
 use tower_service::Service;
 use tracing::{Instrument, Span};
 
-use super::claim::{ClaimGuard, with_renewal};
-use super::future::ResponseFuture;
-use super::layer::{Config, OnInFlight, ReplayHeaders, Settings};
-use super::request::{BodyRejection, fingerprint, read_body};
-use super::response::{
-    Buffered, buffer_response, grpc_releases_key, original, releases_key, replay, storable_headers,
-};
+use super::attempt::Attempt;
+use super::layer::IdempotencySettings;
+use crate::pipeline::{Boxed, Keyed, KeyedService, Prepared, ResponseFuture};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Longest a completed response waits for a failing store to take its record.
-const COMPLETE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Makes retried requests idempotent; built by
 /// [`IdempotencyLayer`](super::IdempotencyLayer).
 pub struct IdempotencyService<S, St, K> {
-    pub(crate) inner: S,
-    pub(crate) store: St,
-    pub(crate) config: Arc<Config<K>>,
+    pub(crate) core: KeyedService<S, St, K, IdempotencySettings>,
 }
 
 impl<S: Clone, St: Clone, K> Clone for IdempotencyService<S, St, K> {
     fn clone(&self) -> Self {
         IdempotencyService {
-            inner: self.inner.clone(),
-            store: self.store.clone(),
-            config: self.config.clone(),
+            core: self.core.clone(),
         }
     }
 }
@@ -54,8 +34,8 @@ impl<S: Clone, St: Clone, K> Clone for IdempotencyService<S, St, K> {
 impl<S: fmt::Debug, St, K> fmt::Debug for IdempotencyService<S, St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdempotencyService")
-            .field("inner", &self.inner)
-            .field("route", &self.config.settings.route)
+            .field("inner", &self.core.inner)
+            .field("route", &self.core.config.common.route)
             .finish_non_exhaustive()
     }
 }
@@ -75,31 +55,30 @@ where
 {
     type Response = Response<KeywardBody<ResB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+    type Future = ResponseFuture<S::Future, Boxed<ResB, S::Error>, ResB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.core.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The clone may not be ready; the instance poll_ready was called on is.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let settings = &self.config.settings;
-        let span = tracing::info_span!(
-            "keyward.idempotency",
-            keyward.route = %settings.route,
-            keyward.key_hash = tracing::field::Empty,
-            keyward.outcome = tracing::field::Empty,
-            keyward.wait_seconds = tracing::field::Empty,
-            keyward.fencing_token = tracing::field::Empty,
-        );
-
-        let protocol = Protocol::of(req.headers());
-        let key = match self.config.scoped_key(&req) {
-            Ok(Some(key)) => key,
-            Ok(None) if settings.required => {
-                record(settings, &span, IdempotencyOutcome::MissingKey);
+        let Keyed {
+            inner,
+            req,
+            key,
+            span,
+            protocol,
+            ..
+        } = match self.core.prepare(req) {
+            Prepared::Keyed(keyed) => keyed,
+            Prepared::NoKey { mut inner, req } => {
+                let config = &self.core.config;
+                let span = config.span();
+                self.record(&span, IdempotencyOutcome::MissingKey);
+                if !config.own.required {
+                    let _entered = span.enter();
+                    return ResponseFuture::pass_through(inner.call(req));
+                }
                 let problem = Problem::new(
                     StatusCode::BAD_REQUEST,
                     types::IDEMPOTENCY_KEY_MISSING,
@@ -107,32 +86,25 @@ where
                 )
                 .detail(format!(
                     "this route requires a key from {}",
-                    self.config.key_name
+                    config.key_name
                 ));
-                return ResponseFuture::ready(problem.into_keyward_response(protocol));
+                let protocol = keyward_core::grpc::Protocol::of(req.headers());
+                return ResponseFuture::answered(problem.into_keyward_response(protocol));
             }
-            Ok(None) => {
-                record(settings, &span, IdempotencyOutcome::MissingKey);
-                let _entered = span.enter();
-                return ResponseFuture::pass_through(inner.call(req));
-            }
-            Err(reason) => {
-                record(settings, &span, IdempotencyOutcome::InvalidKey);
+            Prepared::Invalid { error, protocol } => {
+                self.record(&self.core.config.span(), IdempotencyOutcome::InvalidKey);
                 let problem = Problem::new(
                     StatusCode::BAD_REQUEST,
                     types::IDEMPOTENCY_KEY_INVALID,
                     "Invalid Idempotency-Key",
                 )
-                .detail(reason);
-                return ResponseFuture::ready(problem.into_keyward_response(protocol));
+                .detail(error.to_string());
+                return ResponseFuture::answered(problem.into_keyward_response(protocol));
             }
         };
-        if !span.is_disabled() {
-            span.record(FIELD_KEY_HASH, key.key_hash().as_str());
-        }
         let attempt = Attempt {
-            store: self.store.clone(),
-            config: self.config.clone(),
+            store: self.core.store.clone(),
+            config: self.core.config.clone(),
             key,
             span: span.clone(),
             protocol,
@@ -141,317 +113,12 @@ where
     }
 }
 
-fn record(settings: &Settings, span: &Span, outcome: IdempotencyOutcome) {
-    settings.metrics.decided(span, outcome.as_str());
-}
-
-/// One coordinated request: everything the boxed future needs.
-struct Attempt<St, K> {
-    store: St,
-    config: Arc<Config<K>>,
-    key: ScopedKey,
-    span: Span,
-    /// How rejections are rendered for this request.
-    protocol: Protocol,
-}
-
-/// What running the handler produced.
-enum Ran<ResB: Body> {
-    /// Read to its end and storable.
-    Complete {
-        parts: http::response::Parts,
-        body: Bytes,
-        trailers: Option<http::HeaderMap>,
-    },
-    /// Not to be stored (status, size or body error): the key is released.
-    Released(Response<KeywardBody<ResB>>),
-}
-
-impl<St, K> Attempt<St, K>
-where
-    St: IdempotencyStore,
-{
-    fn settings(&self) -> &Settings {
-        &self.config.settings
+impl<S, St, K> IdempotencyService<S, St, K> {
+    fn record(&self, span: &Span, outcome: IdempotencyOutcome) {
+        self.core
+            .config
+            .common
+            .metrics
+            .decided(span, outcome.as_str());
     }
-
-    fn record(&self, outcome: IdempotencyOutcome) {
-        record(self.settings(), &self.span, outcome);
-    }
-
-    async fn run<S, B, ResB>(
-        self,
-        mut inner: S,
-        req: Request<B>,
-    ) -> Result<Response<KeywardBody<ResB>>, S::Error>
-    where
-        S: Service<Request<B>, Response = Response<ResB>>,
-        B: Body + From<Bytes>,
-        B::Error: Into<BoxError>,
-        ResB: Body<Data = Bytes> + Unpin,
-    {
-        let settings = self.settings();
-        let (parts, body) = req.into_parts();
-        let body = match read_body(&parts, body, settings.max_body).await {
-            Ok(body) => body,
-            Err(BodyRejection::TooLarge) => {
-                let problem = Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    types::BODY_TOO_LARGE,
-                    "Request body too large",
-                )
-                .detail(format!(
-                    "idempotent requests on this route are limited to {} bytes",
-                    settings.max_body
-                ));
-                return Ok(problem.into_keyward_response(self.protocol));
-            }
-            Err(BodyRejection::Unreadable(error)) => {
-                tracing::debug!(%error, "request body could not be read");
-                let problem = Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    types::BODY_UNREADABLE,
-                    "Request body unreadable",
-                );
-                return Ok(problem.into_keyward_response(self.protocol));
-            }
-        };
-        let fingerprint = fingerprint(&parts, &settings.fingerprint_headers, &body);
-
-        let token = match self.claim(&fingerprint).await {
-            Ok(Claim::Token(token)) => token,
-            Ok(Claim::Answer(res)) => return Ok(*res),
-            Err(error) => {
-                self.record(IdempotencyOutcome::StoreError);
-                tracing::warn!(%error, "idempotency store failed");
-                return match settings.on_store_error {
-                    OnStoreError::Closed => Ok(store_unavailable(self.protocol)),
-                    OnStoreError::Open => {
-                        let req = Request::from_parts(parts, B::from(body));
-                        let res = Box::pin(inner.call(req)).await;
-                        res.map(|res| res.map(KeywardBody::inner))
-                    }
-                };
-            }
-        };
-        self.span.record(FIELD_FENCING_TOKEN, token.get());
-
-        let req = Request::from_parts(parts, B::from(body));
-        // Boxed on its own: the first execution is the rare path, and keeping its state
-        // out of this future keeps replays (the common path) small and cheap to move.
-        Box::pin(self.execute(inner, req, token, &fingerprint)).await
-    }
-
-    /// Runs the handler as the key's holder, then stores or releases.
-    async fn execute<S, B, ResB>(
-        &self,
-        mut inner: S,
-        mut req: Request<B>,
-        token: keyward_core::FencingToken,
-        fingerprint: &keyward_core::store::Fingerprint,
-    ) -> Result<Response<KeywardBody<ResB>>, S::Error>
-    where
-        S: Service<Request<B>, Response = Response<ResB>>,
-        ResB: Body<Data = Bytes> + Unpin,
-    {
-        let settings = self.settings();
-        let guard = ClaimGuard::new(self.store.clone(), self.key.clone(), token);
-        req.extensions_mut().insert(token);
-        let max_response = settings.max_response;
-        let store_server_errors = settings.store_server_errors;
-        let work = async move {
-            let res = inner.call(req).await?;
-            if releases_key(res.status(), store_server_errors) {
-                return Ok(Ran::Released(res.map(KeywardBody::inner)));
-            }
-            Ok(match buffer_response(res, max_response).await {
-                Buffered::Complete {
-                    parts,
-                    body,
-                    trailers,
-                } if grpc_releases_key(&parts.headers, trailers.as_ref(), store_server_errors) => {
-                    Ran::Released(original(parts, body, trailers))
-                }
-                Buffered::Complete {
-                    parts,
-                    body,
-                    trailers,
-                } => Ran::Complete {
-                    parts,
-                    body,
-                    trailers,
-                },
-                Buffered::PassThrough(res) => Ran::Released(res),
-            })
-        };
-        let ran = with_renewal(work, &self.store, &self.key, token, settings.lease).await;
-
-        let response = match ran {
-            Err(error) => {
-                // The inner service failed without a response (a transport error or a
-                // timeout upstream): whether the effect happened is unknown.
-                self.release(token).await;
-                self.record(IdempotencyOutcome::Ambiguous);
-                Err(error)
-            }
-            Ok(Ran::Released(res)) => {
-                self.release(token).await;
-                self.record(IdempotencyOutcome::Released);
-                Ok(res)
-            }
-            Ok(Ran::Complete {
-                parts,
-                body,
-                trailers,
-            }) => {
-                let stored = StoredResponse {
-                    status: parts.status,
-                    headers: storable_headers(&parts.headers, &settings.replay_headers),
-                    body: body.clone(),
-                    // Trailers carry the response's own metadata (gRPC's status and
-                    // message): kept whatever the replay allow-list says, but never the
-                    // never-stored headers.
-                    trailers: trailers
-                        .as_ref()
-                        .map(|t| storable_headers(t, &ReplayHeaders::AllSafe)),
-                };
-                self.complete(token, fingerprint, stored).await;
-                Ok(original(parts, body, trailers))
-            }
-        };
-        guard.disarm();
-        response
-    }
-
-    /// Claims the key, waiting for an in-flight holder if the route says so. Either the
-    /// caller now holds the key, or the request is answered here (replay, 409, 422).
-    async fn claim<ResB: Body>(
-        &self,
-        fingerprint: &keyward_core::store::Fingerprint,
-    ) -> Result<Claim<ResB>, StoreError> {
-        let settings = self.settings();
-        let started = Instant::now();
-        let deadline = match settings.on_in_flight {
-            OnInFlight::Wait(wait) => Some(started + wait),
-            OnInFlight::Reject => None,
-        };
-        let mut waited = false;
-        loop {
-            let call = std::time::Instant::now();
-            let outcome = self
-                .store
-                .claim(&self.key, fingerprint, settings.lease)
-                .await;
-            settings.metrics.store_call(STORE_OP_CLAIM, call);
-            let outcome = outcome?;
-            if waited {
-                let waited = started.elapsed().as_secs_f64();
-                settings.metrics.waited(&self.span, waited);
-            }
-            match outcome {
-                ClaimOutcome::Claimed(token) => return Ok(Claim::Token(token)),
-                ClaimOutcome::Completed(stored) => {
-                    self.record(IdempotencyOutcome::Replayed);
-                    return Ok(Claim::Answer(Box::new(replay(&stored))));
-                }
-                ClaimOutcome::Mismatch => {
-                    self.record(IdempotencyOutcome::Mismatch);
-                    let problem = Problem::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        types::IDEMPOTENCY_KEY_REUSED,
-                        "Idempotency-Key reused with a different request",
-                    )
-                    .detail("this key was first used with a different method, path, query or body");
-                    return Ok(Claim::Answer(Box::new(
-                        problem.into_keyward_response(self.protocol),
-                    )));
-                }
-                ClaimOutcome::InFlight { holder, .. } => {
-                    let now = Instant::now();
-                    if let Some(deadline) = deadline.filter(|deadline| *deadline > now) {
-                        // Boxed: waiting is rare, and its timer would bloat every request.
-                        Box::pin(self.store.wait_settled(&self.key, holder, deadline - now))
-                            .await?;
-                        waited = true;
-                        continue;
-                    }
-                    self.record(IdempotencyOutcome::InFlight);
-                    let problem = Problem::new(
-                        StatusCode::CONFLICT,
-                        types::IDEMPOTENCY_IN_FLIGHT,
-                        "Request with this Idempotency-Key in flight",
-                    )
-                    .detail("a request with this key is still being processed; retry later")
-                    .retry_after(Duration::from_secs(1));
-                    return Ok(Claim::Answer(Box::new(
-                        problem.into_keyward_response(self.protocol),
-                    )));
-                }
-            }
-        }
-    }
-
-    /// Stores the response. A store error here is retried (with backoff, for up to the
-    /// lease, at most [`COMPLETE_RETRY_MAX`]) before giving up: the handler already ran
-    /// and its answer goes back to the client, so a record that is not stored means the
-    /// next retry of the key runs it a second time. Store errors are usually short (a
-    /// reconnect, a restarting Redis), the claim is still ours for a lease, and completing
-    /// is fenced by the token, so retrying cannot overwrite a successor's record.
-    async fn complete(
-        &self,
-        token: keyward_core::FencingToken,
-        fingerprint: &keyward_core::store::Fingerprint,
-        stored: StoredResponse,
-    ) {
-        let settings = self.settings();
-        let deadline = Instant::now() + settings.lease.min(COMPLETE_RETRY_MAX);
-        let mut backoff = Duration::from_millis(10);
-        loop {
-            let call = std::time::Instant::now();
-            let result = self
-                .store
-                .complete(&self.key, token, fingerprint, stored.clone(), settings.ttl)
-                .await;
-            settings.metrics.store_call(STORE_OP_COMPLETE, call);
-            match result {
-                Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
-                Ok(Completion::Fenced) => {
-                    // Our lease ran out and another request took the key over: storing now
-                    // would overwrite its result. Downstream fencing decides which write wins.
-                    tracing::warn!(
-                        "idempotency lease expired before completion; response not stored"
-                    );
-                    return self.record(IdempotencyOutcome::Executed);
-                }
-                Err(error) if Instant::now() + backoff < deadline => {
-                    tracing::debug!(%error, "idempotency store failed to store the response; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
-                    self.record(IdempotencyOutcome::StoreError);
-                    return self.release(token).await;
-                }
-            }
-        }
-    }
-
-    async fn release(&self, token: keyward_core::FencingToken) {
-        let call = std::time::Instant::now();
-        let released = self.store.release(&self.key, token).await;
-        self.settings().metrics.store_call(STORE_OP_RELEASE, call);
-        if let Err(error) = released {
-            tracing::warn!(%error, "idempotency release failed; the key frees when its lease ends");
-        }
-    }
-}
-
-enum Claim<ResB: Body> {
-    Token(keyward_core::FencingToken),
-    Answer(Box<Response<KeywardBody<ResB>>>),
-}
-
-fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {
-    Problem::store_unavailable().into_keyward_response(protocol)
 }

@@ -41,15 +41,6 @@ struct Inner {
     single_flight: FlightLeads,
 }
 
-/// Default of [`MemoryStoreBuilder::max_response_bytes`]: 256 MiB.
-pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 256 << 20;
-/// Default of [`MemoryStoreBuilder::max_quota_keys`]: 2^20.
-pub const DEFAULT_MAX_QUOTA_KEYS: usize = 1 << 20;
-/// Default of [`MemoryStoreBuilder::max_claims`]: 2^16.
-pub const DEFAULT_MAX_CLAIMS: usize = 1 << 16;
-/// Default of [`MemoryStoreBuilder::max_serial_keys`]: 2^16.
-pub const DEFAULT_MAX_SERIAL_KEYS: usize = 1 << 16;
-
 impl MemoryStore {
     /// A store with default limits (256 MiB of stored responses).
     pub fn new() -> Self {
@@ -59,10 +50,10 @@ impl MemoryStore {
     /// A builder to set the limits.
     pub fn builder() -> MemoryStoreBuilder {
         MemoryStoreBuilder {
-            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
-            max_quota_keys: DEFAULT_MAX_QUOTA_KEYS,
-            max_claims: DEFAULT_MAX_CLAIMS,
-            max_serial_keys: DEFAULT_MAX_SERIAL_KEYS,
+            max_response_bytes: crate::defaults::DEFAULT_MEMORY_MAX_RESPONSE_BYTES,
+            max_quota_keys: crate::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS,
+            max_claims: crate::defaults::DEFAULT_MEMORY_MAX_CLAIMS,
+            max_serial_keys: crate::defaults::DEFAULT_MEMORY_MAX_SERIAL_KEYS,
         }
     }
 

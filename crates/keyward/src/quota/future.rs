@@ -11,13 +11,12 @@ use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::ratelimit::{RATELIMIT, RATELIMIT_POLICY, format_ratelimit, to_header_value};
 use keyward_core::store::{OnStoreError, StoreError};
-use keyward_core::telemetry::{QuotaOutcome, STORE_OP_CHECK};
+use keyward_core::telemetry::QuotaOutcome;
 use keyward_core::{KeywardBody, Problem};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::service::into_body;
-use crate::telemetry::LayerMetrics;
+use crate::telemetry::{LayerMetrics, StoreCall};
 
 /// What the future needs to turn the store's answer into a response.
 pub(crate) struct Decide {
@@ -28,23 +27,23 @@ pub(crate) struct Decide {
     pub(crate) shadow: bool,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: LayerMetrics,
-    /// When the store call started.
-    pub(crate) started: std::time::Instant,
+    /// The store call, timed until it answers.
+    pub(crate) timer: Option<StoreCall>,
     pub(crate) protocol: Protocol,
     pub(crate) span: tracing::Span,
 }
 
 pin_project! {
-    /// Response future of [`QuotaService`](super::QuotaService): waits for the store's
-    /// decision, then answers 429 or calls the inner service and adds the RateLimit
-    /// headers. No allocation of its own.
-    pub struct ResponseFuture<CF, S, Req>
+    /// The coordinated part of [`QuotaService`](super::QuotaService)'s response future:
+    /// waits for the store's decision, then answers 429 or calls the inner service and
+    /// adds the RateLimit headers. No allocation of its own.
+    pub struct Coordinated<CF, S, Req>
     where
         S: Service<Req>,
     {
         #[pin]
         state: State<CF, S, Req>,
-        decide: Option<Decide>,
+        decide: Decide,
         headers: Option<(HeaderValue, HeaderValue)>,
     }
 }
@@ -55,42 +54,24 @@ pin_project! {
     where
         S: Service<Req>,
     {
-        // Answered without the store or the inner service.
-        Ready { response: Option<Response<Bytes>> },
         // Waiting for the store's decision; the ready inner service and the request wait
         // with it.
         Checking { #[pin] check: CF, pending: Option<(S, Req)> },
         // The inner service runs.
         Calling { #[pin] future: S::Future },
+        // Rejected by the decision (or polled after completion: `None`).
+        Answered { response: Option<Response<Bytes>> },
     }
 }
 
-impl<CF, S: Service<Req>, Req> ResponseFuture<CF, S, Req> {
-    pub(crate) fn ready(response: Response<Bytes>) -> Self {
-        ResponseFuture {
-            state: State::Ready {
-                response: Some(response),
-            },
-            decide: None,
-            headers: None,
-        }
-    }
-
-    pub(crate) fn pass_through(future: S::Future) -> Self {
-        ResponseFuture {
-            state: State::Calling { future },
-            decide: None,
-            headers: None,
-        }
-    }
-
-    pub(crate) fn checking(check: CF, inner: S, req: Req, decide: Decide) -> Self {
-        ResponseFuture {
+impl<CF, S: Service<Req>, Req> Coordinated<CF, S, Req> {
+    pub(crate) fn new(check: CF, inner: S, req: Req, decide: Decide) -> Self {
+        Coordinated {
             state: State::Checking {
                 check,
                 pending: Some((inner, req)),
             },
-            decide: Some(decide),
+            decide,
             headers: None,
         }
     }
@@ -169,7 +150,7 @@ fn reset_seconds(decision: &QuotaDecision) -> u64 {
     reset.as_secs() + u64::from(reset.subsec_nanos() > 0)
 }
 
-impl<CF, S, Req, ResB> Future for ResponseFuture<CF, S, Req>
+impl<CF, S, Req, ResB> Future for Coordinated<CF, S, Req>
 where
     CF: Future<Output = Result<QuotaDecision, StoreError>>,
     S: Service<Req, Response = Response<ResB>>,
@@ -181,12 +162,13 @@ where
         let mut this = self.project();
         // The store call, the decision's log lines and the inner call all run inside the
         // decision's span.
-        let _entered = this.decide.as_ref().map(|d| d.span.enter());
+        let decide = &mut *this.decide;
+        let _entered = decide.span.enter();
         loop {
             let next = match this.state.as_mut().project() {
-                StateProj::Ready { response } => {
+                StateProj::Answered { response } => {
                     return match response.take() {
-                        Some(response) => Poll::Ready(Ok(into_body(response))),
+                        Some(response) => Poll::Ready(Ok(response.map(KeywardBody::full))),
                         None => Poll::Pending,
                     };
                 }
@@ -203,10 +185,9 @@ where
                 }
                 StateProj::Checking { check, pending } => {
                     let result = ready!(check.poll(cx));
-                    let Some(decide) = this.decide.as_ref() else {
-                        return Poll::Pending;
-                    };
-                    decide.metrics.store_call(STORE_OP_CHECK, decide.started);
+                    if let Some(timer) = decide.timer.take() {
+                        decide.metrics.store_call_done(timer);
+                    }
                     let next = match &result {
                         Ok(decision) => decide.decided(decision),
                         Err(error) => decide.failed(error),
@@ -218,11 +199,11 @@ where
                                 future: inner.call(req),
                             }
                         }
-                        (Next::Answer(response), _) => State::Ready {
+                        (Next::Answer(response), _) => State::Answered {
                             response: Some(response),
                         },
                         // Polled again after the request was handed on: cannot happen.
-                        (Next::Call(_), None) => State::Ready { response: None },
+                        (Next::Call(_), None) => State::Answered { response: None },
                     }
                 }
             };
@@ -231,8 +212,8 @@ where
     }
 }
 
-impl<CF, S: Service<Req>, Req> fmt::Debug for ResponseFuture<CF, S, Req> {
+impl<CF, S: Service<Req>, Req> fmt::Debug for Coordinated<CF, S, Req> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+        f.debug_struct("quota::Coordinated").finish_non_exhaustive()
     }
 }

@@ -5,14 +5,13 @@ use std::sync::Arc;
 use http::{HeaderValue, Request};
 use keyward_core::gcra::Quota;
 use keyward_core::ratelimit::{format_policy, to_header_value};
-use keyward_core::store::OnStoreError;
-use keyward_core::telemetry::LAYER_QUOTA;
 use keyward_core::{Key, KeySpec};
-use opentelemetry::metrics::Meter;
 use tower_layer::Layer;
 
 use super::service::QuotaService;
-use crate::telemetry::LayerMetrics;
+use crate::pipeline::{
+    Common, KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer,
+};
 
 /// How many quota units a request takes; implemented by [`UnitCost`] (1 per request) and
 /// by every closure `Fn(&Request<B>) -> u32`.
@@ -58,47 +57,37 @@ impl Policy {
     }
 }
 
+/// What only the quota layer has.
 #[derive(Clone)]
-pub(crate) struct Config<K, C> {
-    pub(crate) key: K,
-    pub(crate) key_name: Arc<str>,
+pub(crate) struct QuotaSettings<C> {
     pub(crate) cost: C,
-    pub(crate) settings: Settings,
-}
-
-#[derive(Clone)]
-pub(crate) struct Settings {
-    pub(crate) route: Arc<str>,
-    /// The route part of stored keys: the route, plus the policy name when one is set,
-    /// so that stacked quotas on one route (per second and per day) keep separate state.
-    pub(crate) storage_route: Arc<str>,
+    /// The name in the RateLimit headers (`None`: the route name).
+    pub(crate) name: Arc<str>,
     pub(crate) policy_name: Option<Arc<str>>,
-    pub(crate) scope: Option<KeySpec>,
     pub(crate) default: Policy,
     pub(crate) table: HashMap<Key, Policy>,
     pub(crate) overrides: Option<OverrideFn>,
     pub(crate) shadow: bool,
-    pub(crate) on_store_error: OnStoreError,
-    pub(crate) metrics: LayerMetrics,
 }
 
-impl Settings {
-    /// The name in the RateLimit headers.
-    pub(crate) fn name(&self) -> &Arc<str> {
-        self.policy_name.as_ref().unwrap_or(&self.route)
-    }
+impl<C: Clone> LayerSettings for QuotaSettings<C> {
+    const KIND: LayerKind = LayerKind::Quota;
 
-    /// Renders the policy headers and the stored keys' route again after the route or
-    /// the policy name changed.
-    fn render(&mut self) {
-        self.storage_route = match &self.policy_name {
-            Some(policy) => format!("{}/{policy}", self.route).into(),
-            None => self.route.clone(),
-        };
-        let name = self.name().clone();
-        self.default = Policy::new(&name, self.default.quota);
+    fn route_changed(&mut self, common: &mut Common) {
+        self.render(common);
+    }
+}
+
+impl<C> QuotaSettings<C> {
+    /// Renders the policy headers again after the route or the policy name changed.
+    fn render(&mut self, common: &Common) {
+        self.name = self
+            .policy_name
+            .clone()
+            .unwrap_or_else(|| common.route.clone());
+        self.default = Policy::new(&self.name, self.default.quota);
         for policy in self.table.values_mut() {
-            *policy = Policy::new(&name, policy.quota);
+            *policy = Policy::new(&self.name, policy.quota);
         }
     }
 
@@ -112,7 +101,7 @@ impl Settings {
             if quota == self.default.quota {
                 return self.default.clone();
             }
-            return Policy::new(self.name(), quota);
+            return Policy::new(&self.name, quota);
         }
         self.default.clone()
     }
@@ -121,8 +110,7 @@ impl Settings {
 /// Applies [`QuotaService`]: per-key GCRA quotas with the IETF RateLimit headers. See the
 /// [module docs](crate::quota) for the full behaviour.
 pub struct QuotaLayer<St, K = KeySpec, C = UnitCost> {
-    pub(crate) store: St,
-    pub(crate) config: Arc<Config<K, C>>,
+    pub(crate) core: KeyedLayer<St, K, QuotaSettings<C>>,
 }
 
 impl<St> QuotaLayer<St> {
@@ -130,117 +118,79 @@ impl<St> QuotaLayer<St> {
     /// route and policy name `"default"`, unscoped, 1 unit per request, enforcing (not
     /// shadow), failing closed (503) when the store fails.
     pub fn new(store: St, quota: Quota) -> Self {
-        let route: Arc<str> = "default".into();
-        let metrics = LayerMetrics::new(LAYER_QUOTA, &route, None);
+        let name: Arc<str> = Arc::from("default");
+        let own = QuotaSettings {
+            cost: UnitCost,
+            default: Policy::new(&name, quota),
+            name,
+            policy_name: None,
+            table: HashMap::new(),
+            overrides: None,
+            shadow: false,
+        };
         QuotaLayer {
-            store,
-            config: Arc::new(Config {
-                key: KeySpec::PeerIp,
-                key_name: "peer_ip".into(),
-                cost: UnitCost,
-                settings: Settings {
-                    default: Policy::new(&route, quota),
-                    storage_route: route.clone(),
-                    route,
-                    policy_name: None,
-                    scope: None,
-                    table: HashMap::new(),
-                    overrides: None,
-                    shadow: false,
-                    on_store_error: OnStoreError::Closed,
-                    metrics,
-                },
-            }),
+            core: KeyedLayer::new(store, KeySpec::PeerIp, None, own),
         }
     }
 }
 
 impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
-    fn with(mut self, change: impl FnOnce(&mut Settings)) -> Self {
-        change(&mut Arc::make_mut(&mut self.config).settings);
-        self
-    }
-
-    fn rebuild<K2, C2>(self, key: K2, key_name: Arc<str>, cost: C2) -> QuotaLayer<St, K2, C2> {
-        QuotaLayer {
-            store: self.store,
-            config: Arc::new(Config {
-                key,
-                key_name,
-                cost,
-                settings: self.config.settings.clone(),
-            }),
-        }
-    }
+    common_layer_methods!(scoped);
 
     /// Takes the key from a [`KeySpec`] (default `peer_ip`), e.g. `header:X-Api-Key`.
     pub fn key(self, spec: KeySpec) -> QuotaLayer<St, KeySpec, C> {
         let name = spec.to_string().into();
-        let cost = self.config.cost.clone();
-        self.rebuild(spec, name, cost)
+        QuotaLayer {
+            core: self.core.with_key(spec, name),
+        }
     }
 
     /// Takes the key with any [`KeyExtractor`](keyward_core::KeyExtractor), such as a
     /// closure.
     pub fn key_extractor<K2>(self, extractor: K2) -> QuotaLayer<St, K2, C> {
-        let cost = self.config.cost.clone();
-        self.rebuild(extractor, "custom key extractor".into(), cost)
+        QuotaLayer {
+            core: self.core.with_key(extractor, "custom key extractor".into()),
+        }
     }
 
     /// How many units each request takes (default 1), e.g. from a header or the method.
-    pub fn cost<C2>(self, cost: C2) -> QuotaLayer<St, K, C2> {
-        let key = self.config.key.clone();
-        let name = self.config.key_name.clone();
-        self.rebuild(key, name, cost)
+    pub fn cost<C2: Clone>(self, cost: C2) -> QuotaLayer<St, K, C2> {
+        QuotaLayer {
+            core: self.core.map_own(|own| QuotaSettings {
+                cost,
+                name: own.name,
+                policy_name: own.policy_name,
+                default: own.default,
+                table: own.table,
+                overrides: own.overrides,
+                shadow: own.shadow,
+            }),
+        }
     }
 
-    /// The route name in stored keys and telemetry (default `"default"`); also the policy
-    /// name in the headers unless [`QuotaLayer::policy_name`] sets one.
-    pub fn route(self, name: impl Into<Arc<str>>) -> Self {
-        let name = name.into();
-        self.with(|s| {
-            s.metrics = s.metrics.for_route(&name);
-            s.route = name;
-            s.render();
-        })
-    }
-
-    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
-    /// (which must be installed before the layer is built to take effect).
-    pub fn meter(self, meter: &Meter) -> Self {
-        self.with(|s| s.metrics = LayerMetrics::new(LAYER_QUOTA, &s.route, Some(meter)))
-    }
-
-    /// The `NAME` of `RateLimit-Policy: "NAME";q=..;w=..` and `RateLimit: "NAME";..`.
-    /// Characters other than printable ASCII are sent as `?`. Also part of the stored
-    /// keys: two quota layers on one route (say per second and per day) need different
-    /// policy names, and renaming a policy starts its keys afresh.
+    /// The `NAME` of `RateLimit-Policy: "NAME";q=..;w=..` and `RateLimit: "NAME";..`
+    /// (default: the route name). Characters other than printable ASCII are sent as `?`.
+    /// Also part of the stored keys: two quota layers on one route (say per second and
+    /// per day) need different policy names, and renaming a policy starts its keys
+    /// afresh.
     pub fn policy_name(self, name: impl Into<Arc<str>>) -> Self {
         let name = name.into();
-        self.with(|s| {
-            s.policy_name = Some(name);
-            s.render();
-        })
-    }
-
-    /// Quotas per principal and key: the stored key includes a hash of the principal
-    /// taken with `spec` (e.g. `header:Authorization`). Default: unscoped, because a
-    /// quota scoped by a header the client chooses can be dodged by varying that header.
-    pub fn scope(self, spec: KeySpec) -> Self {
-        self.with(|s| s.scope = Some(spec))
-    }
-
-    /// One quota per key, whoever sends it (the default).
-    pub fn unscoped(self) -> Self {
-        self.with(|s| s.scope = None)
+        let core = self.core.with(|common, own| {
+            common.set_namespace(name.clone());
+            own.policy_name = Some(name);
+            own.render(common);
+        });
+        QuotaLayer { core }
     }
 
     /// Gives `key` its own quota instead of the default.
     pub fn override_key(self, key: impl Into<Key>, quota: Quota) -> Self {
         let key = key.into();
-        self.with(|s| {
-            s.table.insert(key, Policy::new(s.name(), quota));
-        })
+        let core = self.core.with(|_, own| {
+            let policy = Policy::new(&own.name, quota);
+            own.table.insert(key, policy);
+        });
+        QuotaLayer { core }
     }
 
     /// Computes per-key quotas: `Some(quota)` replaces the default for that key. Checked
@@ -250,42 +200,38 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
         F: Fn(&Key) -> Option<Quota> + Send + Sync + 'static,
     {
         let overrides: OverrideFn = Arc::new(overrides);
-        self.with(|s| s.overrides = Some(overrides))
+        QuotaLayer {
+            core: self.core.with(|_, own| own.overrides = Some(overrides)),
+        }
     }
 
     /// Shadow mode: requests over the quota are let through (outcome `shadow_limited`,
     /// with the RateLimit headers), to measure a quota before enforcing it.
     pub fn shadow(self, shadow: bool) -> Self {
-        self.with(|s| s.shadow = shadow)
-    }
-
-    /// What to do when the store fails (default [`OnStoreError::Closed`]: 503).
-    pub fn on_store_error(self, policy: OnStoreError) -> Self {
-        self.with(|s| s.on_store_error = policy)
+        QuotaLayer {
+            core: self.core.with(|_, own| own.shadow = shadow),
+        }
     }
 }
 
 impl<St: Clone, K, C> Clone for QuotaLayer<St, K, C> {
     fn clone(&self) -> Self {
         QuotaLayer {
-            store: self.store.clone(),
-            config: self.config.clone(),
+            core: self.core.clone(),
         }
     }
 }
 
 impl<St, K, C> fmt::Debug for QuotaLayer<St, K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let settings = &self.config.settings;
-        f.debug_struct("QuotaLayer")
-            .field("route", &settings.route)
-            .field("policy_name", settings.name())
-            .field("key", &self.config.key_name)
-            .field("quota", &settings.default.quota)
-            .field("overrides", &settings.table.len())
-            .field("shadow", &settings.shadow)
-            .field("on_store_error", &settings.on_store_error)
-            .finish_non_exhaustive()
+        let config = &self.core.config;
+        debug_layer("QuotaLayer", config, f, |out| {
+            let own = &config.own;
+            out.field("policy_name", &own.name)
+                .field("quota", &own.default.quota)
+                .field("overrides", &own.table.len())
+                .field("shadow", &own.shadow);
+        })
     }
 }
 
@@ -294,9 +240,7 @@ impl<S, St: Clone, K, C> Layer<S> for QuotaLayer<St, K, C> {
 
     fn layer(&self, inner: S) -> Self::Service {
         QuotaService {
-            inner,
-            store: self.store.clone(),
-            config: self.config.clone(),
+            core: self.core.service(inner),
         }
     }
 }

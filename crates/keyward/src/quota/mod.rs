@@ -9,7 +9,7 @@
 //!   `RateLimit-Policy: "NAME";q=LIMIT;w=WINDOW_SECONDS` and
 //!   `RateLimit: "NAME";r=REMAINING;t=SECONDS_TO_RESET` (NAME = the policy name, by
 //!   default the route name; `t` = seconds until the key's bucket is full again,
-//!   rounded up, as the behaviour contract says; draft -10 and later describe `t` as an
+//!   rounded up, as keyward has always sent it; draft -10 and later describe `t` as an
 //!   "effective window", which for GCRA would be the time to the next unit instead).
 //! - **limited**: 429 `application/problem+json`, type
 //!   [`QUOTA_EXCEEDED`](keyward_core::problem::types::QUOTA_EXCEEDED), the same two
@@ -65,6 +65,7 @@ mod future;
 mod layer;
 mod service;
 
-pub use future::ResponseFuture;
+pub use crate::pipeline::ResponseFuture;
+pub use future::Coordinated;
 pub use layer::{Cost, QuotaLayer, UnitCost};
 pub use service::QuotaService;

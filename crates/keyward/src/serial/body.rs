@@ -51,6 +51,13 @@ impl<B, St: SerialStore> PermitBody<B, St> {
     }
 }
 
+/// The body of a request that was not coordinated: it holds no key.
+impl<B, St: SerialStore> From<B> for PermitBody<B, St> {
+    fn from(inner: B) -> Self {
+        PermitBody { inner, guard: None }
+    }
+}
+
 impl<B: Body, St: SerialStore> Body for PermitBody<B, St> {
     type Data = B::Data;
     type Error = B::Error;

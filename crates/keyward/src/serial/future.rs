@@ -13,23 +13,25 @@ use keyward_core::store::{
     AcquireOutcome, OnStoreError, SerialLimits, SerialPermit, SerialStore, StoreError,
 };
 use keyward_core::telemetry::{FIELD_FENCING_TOKEN, SerialOutcome};
-use keyward_core::{FencingToken, KeywardBody, Problem, ScopedKey};
+use keyward_core::{FencingToken, KeywardBody, Problem};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
 use tracing::Span;
 
 use super::body::{PermitBody, PermitGuard};
-use super::layer::Config;
+use super::layer::SerialSettings;
 use super::{FENCING_TOKEN_HEADER, remove_fencing_header};
+use crate::pipeline::{Config, Keyed};
 use crate::telemetry::LayerMetrics;
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<AcquireOutcome, StoreError>> + Send>>;
 
 pin_project! {
-    /// Response future of [`PerKeySerial`](super::PerKeySerial): waits for the key's turn,
-    /// then runs the inner service and moves the key into the response body.
-    pub struct ResponseFuture<S, St, ReqBody>
+    /// The coordinated part of [`PerKeySerialService`](super::PerKeySerialService)'s
+    /// response future: waits for the key's turn, then runs the inner service and moves
+    /// the key into the response body.
+    pub struct Coordinated<S, St, ReqBody>
     where
         S: Service<Request<ReqBody>>,
         St: SerialStore,
@@ -75,39 +77,24 @@ struct Waiting<S, St, ReqBody> {
     queued_at: Option<Instant>,
 }
 
-impl<S, St, ReqBody> ResponseFuture<S, St, ReqBody>
+impl<S, St, ReqBody> Coordinated<S, St, ReqBody>
 where
     S: Service<Request<ReqBody>>,
     St: SerialStore,
 {
-    pub(crate) fn uncoordinated(future: S::Future) -> Self {
-        ResponseFuture {
-            state: State::Calling {
-                future,
-                guard: None,
-            },
-            span: Span::none(),
-        }
-    }
-
-    pub(crate) fn rejected(problem: Problem, protocol: Protocol) -> Self {
-        ResponseFuture {
-            state: State::Rejected {
-                response: Some(problem.into_response_for(protocol)),
-            },
-            span: Span::none(),
-        }
-    }
-
-    pub(crate) fn acquiring(
-        inner: S,
-        req: Request<ReqBody>,
+    pub(crate) fn new<K>(
+        keyed: Keyed<S, ReqBody>,
         store: St,
-        key: ScopedKey,
-        config: &Config,
-        span: Span,
+        config: &Config<K, SerialSettings>,
     ) -> Self {
-        let limits = config.limits;
+        let Keyed {
+            inner,
+            req,
+            key,
+            span,
+            ..
+        } = keyed;
+        let limits = config.own.limits;
         let acquiring_store = store.clone();
         let acquire: AcquireFuture =
             Box::pin(async move { acquiring_store.acquire(&key, limits).await });
@@ -116,11 +103,11 @@ where
             req,
             store,
             limits,
-            on_store_error: config.on_store_error,
-            metrics: config.metrics.clone(),
+            on_store_error: config.common.on_store_error,
+            metrics: config.common.metrics.clone(),
             queued_at: None,
         };
-        ResponseFuture {
+        Coordinated {
             state: State::Acquiring {
                 acquire,
                 waiting: Some(waiting),
@@ -130,7 +117,7 @@ where
     }
 }
 
-impl<S, St, ReqBody, ResBody> Future for ResponseFuture<S, St, ReqBody>
+impl<S, St, ReqBody, ResBody> Future for Coordinated<S, St, ReqBody>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     St: SerialStore,
@@ -283,7 +270,7 @@ fn forward_token<B>(req: &mut Request<B>, token: FencingToken) {
     req.extensions_mut().insert(token);
 }
 
-impl<S, St, ReqBody> fmt::Debug for ResponseFuture<S, St, ReqBody>
+impl<S, St, ReqBody> fmt::Debug for Coordinated<S, St, ReqBody>
 where
     S: Service<Request<ReqBody>>,
     St: SerialStore,
@@ -294,7 +281,7 @@ where
             State::Acquiring { .. } => "acquiring",
             State::Calling { .. } => "calling",
         };
-        f.debug_struct("ResponseFuture")
+        f.debug_struct("serial::Coordinated")
             .field("state", &state)
             .finish_non_exhaustive()
     }

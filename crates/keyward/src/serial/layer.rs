@@ -1,133 +1,111 @@
 use std::fmt;
-use std::sync::Arc;
-use std::time::Duration;
 
 use keyward_core::KeySpec;
-use keyward_core::store::{OnStoreError, SerialLimits};
-use keyward_core::telemetry::LAYER_SERIAL;
-use opentelemetry::metrics::Meter;
+use keyward_core::store::SerialLimits;
 use tower_layer::Layer;
 
-use super::PerKeySerial;
-use crate::telemetry::LayerMetrics;
+use super::PerKeySerialService;
+use crate::defaults::{DEFAULT_SERIAL_MAX_QUEUE, DEFAULT_SERIAL_MAX_WAIT};
+use crate::pipeline::{KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer};
 
 /// Runs at most one request per key at a time, in arrival order. See the [module
 /// docs](crate::serial) for the behaviour and an example.
 pub struct PerKeySerialLayer<St, K = KeySpec> {
-    store: St,
-    key: Arc<K>,
-    config: Config,
+    pub(crate) core: KeyedLayer<St, K, SerialSettings>,
 }
 
-/// Settings shared by the layer, its services and their futures.
+/// What only the serial layer has.
 #[derive(Clone, Debug)]
-pub(crate) struct Config {
-    pub(crate) route: Arc<str>,
+pub(crate) struct SerialSettings {
     pub(crate) limits: SerialLimits,
-    pub(crate) on_store_error: OnStoreError,
-    pub(crate) metrics: LayerMetrics,
+}
+
+impl LayerSettings for SerialSettings {
+    const KIND: LayerKind = LayerKind::Serial;
 }
 
 impl<St> PerKeySerialLayer<St> {
     /// A layer coordinating through `store`, with route `"default"`, key `method_uri`,
-    /// `max_wait` 5 s and `max_queue` 64. Most routes want another key, e.g. a resource
-    /// id: `.key("path:id".parse::<KeySpec>()?)`.
+    /// `max_wait` 5 s and `max_queue` 64, failing closed (503) when the store fails.
+    /// Most routes want another key, e.g. a resource id:
+    /// `.key("path:id".parse::<KeySpec>()?)`. Keys are never scoped by principal: the
+    /// point is mutual exclusion on a resource, which must hold whoever calls.
     pub fn new(store: St) -> Self {
-        let route: Arc<str> = Arc::from("default");
-        PerKeySerialLayer {
-            store,
-            key: Arc::new(KeySpec::MethodUri),
-            config: Config {
-                metrics: LayerMetrics::new(LAYER_SERIAL, &route, None),
-                route,
-                limits: SerialLimits {
-                    max_wait: Duration::from_secs(5),
-                    max_queue: 64,
-                },
-                on_store_error: OnStoreError::default(),
+        let own = SerialSettings {
+            limits: SerialLimits {
+                max_wait: DEFAULT_SERIAL_MAX_WAIT,
+                max_queue: DEFAULT_SERIAL_MAX_QUEUE,
             },
+        };
+        PerKeySerialLayer {
+            core: KeyedLayer::new(store, KeySpec::MethodUri, None, own),
         }
     }
 }
 
-impl<St, K> PerKeySerialLayer<St, K> {
-    /// The route name: part of every stored key, and of telemetry.
-    pub fn route(mut self, route: impl Into<Arc<str>>) -> Self {
-        self.config.route = route.into();
-        self.config.metrics = self.config.metrics.for_route(&self.config.route);
-        self
-    }
+impl<St, K: Clone> PerKeySerialLayer<St, K> {
+    common_layer_methods!();
 
-    /// Records metrics with `meter` instead of `opentelemetry::global::meter("keyward")`
-    /// (which must be installed before the layer is built to take effect).
-    pub fn meter(mut self, meter: &Meter) -> Self {
-        self.config.metrics = LayerMetrics::new(LAYER_SERIAL, &self.config.route, Some(meter));
-        self
-    }
-
-    /// How the key is taken from a request: a [`KeySpec`] or any
-    /// [`KeyExtractor`](keyward_core::KeyExtractor). Requests without a key pass through
-    /// uncoordinated.
-    pub fn key<K2>(self, key: K2) -> PerKeySerialLayer<St, K2> {
+    fn with(self, change: impl FnOnce(&mut SerialSettings)) -> Self {
         PerKeySerialLayer {
-            store: self.store,
-            key: Arc::new(key),
-            config: self.config,
+            core: self.core.with(|_, own| change(own)),
+        }
+    }
+
+    /// How the key is taken from a request: a [`KeySpec`] (default `method_uri`).
+    /// Requests without a key pass through uncoordinated.
+    pub fn key(self, spec: KeySpec) -> PerKeySerialLayer<St, KeySpec> {
+        let name = spec.to_string().into();
+        PerKeySerialLayer {
+            core: self.core.with_key(spec, name),
+        }
+    }
+
+    /// Takes the key with any [`KeyExtractor`](keyward_core::KeyExtractor), such as a
+    /// closure.
+    pub fn key_extractor<K2>(self, extractor: K2) -> PerKeySerialLayer<St, K2> {
+        PerKeySerialLayer {
+            core: self.core.with_key(extractor, "custom key extractor".into()),
         }
     }
 
     /// Longest wait for the key's turn; past it the request gets 503
     /// `serial-wait-timeout`. Default 5 s.
-    pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.config.limits.max_wait = max_wait;
-        self
+    pub fn max_wait(self, max_wait: std::time::Duration) -> Self {
+        self.with(|own| own.limits.max_wait = max_wait)
     }
 
     /// Most requests waiting for one key (the one inside the service not counted); one
     /// more gets 503 `serial-queue-full` at once. Default 64; 0 means never wait.
-    pub fn max_queue(mut self, max_queue: usize) -> Self {
-        self.config.limits.max_queue = max_queue;
-        self
-    }
-
-    /// What to do when the store fails: 503 (`Closed`, the default) or let the request
-    /// through uncoordinated (`Open`).
-    pub fn on_store_error(mut self, policy: OnStoreError) -> Self {
-        self.config.on_store_error = policy;
-        self
+    pub fn max_queue(self, max_queue: usize) -> Self {
+        self.with(|own| own.limits.max_queue = max_queue)
     }
 }
 
 impl<St: Clone, K> Clone for PerKeySerialLayer<St, K> {
     fn clone(&self) -> Self {
         PerKeySerialLayer {
-            store: self.store.clone(),
-            key: self.key.clone(),
-            config: self.config.clone(),
+            core: self.core.clone(),
         }
     }
 }
 
 impl<St, K> fmt::Debug for PerKeySerialLayer<St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PerKeySerialLayer")
-            .field("route", &self.config.route)
-            .field("max_wait", &self.config.limits.max_wait)
-            .field("max_queue", &self.config.limits.max_queue)
-            .field("on_store_error", &self.config.on_store_error)
-            .finish_non_exhaustive()
+        let config = &self.core.config;
+        debug_layer("PerKeySerialLayer", config, f, |out| {
+            out.field("max_wait", &config.own.limits.max_wait)
+                .field("max_queue", &config.own.limits.max_queue);
+        })
     }
 }
 
 impl<S, St: Clone, K> Layer<S> for PerKeySerialLayer<St, K> {
-    type Service = PerKeySerial<S, St, K>;
+    type Service = PerKeySerialService<S, St, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        PerKeySerial::new(
-            inner,
-            self.store.clone(),
-            self.key.clone(),
-            self.config.clone(),
-        )
+        PerKeySerialService {
+            core: self.core.service(inner),
+        }
     }
 }

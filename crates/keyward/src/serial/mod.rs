@@ -73,10 +73,13 @@ mod future;
 mod layer;
 mod service;
 
+pub use crate::pipeline::ResponseFuture;
 pub use body::PermitBody;
-pub use future::ResponseFuture;
+pub use future::Coordinated;
 pub use layer::PerKeySerialLayer;
+#[allow(deprecated)]
 pub use service::PerKeySerial;
+pub use service::PerKeySerialService;
 
 use http::HeaderName;
 use http::Request;

@@ -31,7 +31,7 @@
 //! - **Coalescing is not exactly-once.** A request arriving just as a flight lands may
 //!   start the next flight; use `IdempotencyLayer` where running twice matters.
 //! - **Memory.** The table of flights holds an entry only while its flight is in
-//!   progress ([`SingleFlight::flights_in_progress`]).
+//!   progress ([`SingleFlightService::flights_in_progress`]).
 //!
 //! Requests with a method that is not configured, or without a key, pass through. A key
 //! that cannot be used is answered 400 `key-invalid`. The inner service's body must be
@@ -81,14 +81,17 @@
 //! ```
 
 mod flight;
-mod future;
 mod layer;
 mod service;
 mod work;
 
-pub use future::ResponseFuture;
-pub use layer::{DEFAULT_LEASE, DEFAULT_MAX_BODY, LeaderFailure, SingleFlightLayer};
+pub use crate::pipeline::{Boxed as Coordinated, ResponseFuture};
+#[allow(deprecated)]
+pub use layer::DEFAULT_LEASE;
+pub use layer::{DEFAULT_MAX_BODY, LeaderFailure, SingleFlightLayer};
+#[allow(deprecated)]
 pub use service::SingleFlight;
+pub use service::SingleFlightService;
 
 /// Header on a follower's copy of the leader's response: `Keyward-Coalesced: true`.
 pub const COALESCED: http::HeaderName = http::HeaderName::from_static("keyward-coalesced");

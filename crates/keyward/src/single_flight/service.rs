@@ -1,27 +1,26 @@
 use std::fmt;
 use std::future::poll_fn;
-use std::mem;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::header::HeaderValue;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body::Body;
 use keyward_core::grpc::Protocol;
 use keyward_core::problem::{Problem, types};
 use keyward_core::store::{SingleFlightStore, StoredResponse};
 use keyward_core::telemetry::SingleFlightOutcome;
-use keyward_core::{KeyExtractor, KeySpec, KeywardBody, Scope, ScopedKey};
+use keyward_core::{KeyExtractor, KeySpec, KeywardBody, ScopedKey};
 use tokio::time::Instant;
 use tower_service::Service;
-use tracing::Span;
+use tracing::{Instrument, Span};
 
 use super::COALESCED;
 use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
-use super::future::ResponseFuture;
-use super::layer::{Config, LeaderFailure};
+use super::layer::{LeaderFailure, SingleFlightSettings};
 use super::work::{OwnResult, WorkSettings, flight_work};
+use crate::pipeline::{Boxed, Config, Keyed, KeyedService, ResponseFuture, render_stored};
 use crate::telemetry::LayerMetrics;
 
 /// Elections a follower sits through before it gives up with 502.
@@ -29,13 +28,16 @@ const MAX_ELECTIONS: usize = 8;
 
 /// The service made by [`SingleFlightLayer`](super::SingleFlightLayer). Clones share one
 /// table of flights.
-pub struct SingleFlight<S, St, K = KeySpec> {
-    pub(crate) inner: S,
-    pub(crate) config: Arc<Config<St, K>>,
+pub struct SingleFlightService<S, St, K = KeySpec> {
+    pub(crate) core: KeyedService<S, St, K, SingleFlightSettings>,
     pub(crate) table: Arc<FlightTable>,
 }
 
-impl<S, St, K> SingleFlight<S, St, K> {
+/// The old name of [`SingleFlightService`].
+#[deprecated(note = "renamed to `SingleFlightService`, like the other layers' services")]
+pub type SingleFlight<S, St, K = KeySpec> = SingleFlightService<S, St, K>;
+
+impl<S, St, K> SingleFlightService<S, St, K> {
     /// Flights in progress in this process (entries of the coalescing table). Zero once
     /// all requests are answered or gone: the table never outgrows in-flight work.
     pub fn flights_in_progress(&self) -> usize {
@@ -43,27 +45,26 @@ impl<S, St, K> SingleFlight<S, St, K> {
     }
 }
 
-impl<S: Clone, St, K> Clone for SingleFlight<S, St, K> {
+impl<S: Clone, St: Clone, K> Clone for SingleFlightService<S, St, K> {
     fn clone(&self) -> Self {
-        SingleFlight {
-            inner: self.inner.clone(),
-            config: self.config.clone(),
+        SingleFlightService {
+            core: self.core.clone(),
             table: self.table.clone(),
         }
     }
 }
 
-impl<S: fmt::Debug, St, K> fmt::Debug for SingleFlight<S, St, K> {
+impl<S: fmt::Debug, St, K> fmt::Debug for SingleFlightService<S, St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SingleFlight")
-            .field("inner", &self.inner)
-            .field("route", &self.config.route)
+        f.debug_struct("SingleFlightService")
+            .field("inner", &self.core.inner)
+            .field("route", &self.core.config.common.route)
             .field("flights_in_progress", &self.table.len())
             .finish_non_exhaustive()
     }
 }
 
-impl<S, St, K, B, RB> Service<Request<B>> for SingleFlight<S, St, K>
+impl<S, St, K, B, RB> Service<Request<B>> for SingleFlightService<S, St, K>
 where
     S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send + 'static,
@@ -76,40 +77,35 @@ where
 {
     type Response = Response<KeywardBody<RB>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, RB, S::Error>;
+    type Future = ResponseFuture<S::Future, Boxed<RB, S::Error>, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.core.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = mem::replace(&mut self.inner, clone);
-        let config = &self.config;
-        if !config.methods.contains(req.method()) {
-            return ResponseFuture::passthrough(inner.call(req));
+        if !self.core.config.own.methods.contains(req.method()) {
+            return ResponseFuture::pass_through(self.core.take_ready().call(req));
         }
-        let protocol = Protocol::of(req.headers());
-        let key = match config.key.extract(&req) {
-            Ok(Some(key)) => key,
-            Ok(None) => return ResponseFuture::passthrough(inner.call(req)),
-            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error), protocol),
+        let Keyed {
+            inner,
+            req,
+            key,
+            span,
+            protocol,
+            ..
+        } = match self.core.prepare(req).keyed() {
+            Ok(keyed) => keyed,
+            Err(answered_or_passed) => return answered_or_passed,
         };
-        let scope = match Scope::of_request(config.scope.as_ref(), &req) {
-            Ok(scope) => scope,
-            Err(error) => return ResponseFuture::problem(Problem::key_invalid(&error), protocol),
+        let flight = Flight {
+            config: self.core.config.clone(),
+            store: self.core.store.clone(),
+            table: self.table.clone(),
+            protocol,
         };
-        let key = ScopedKey::new("flight", &config.route, scope, key);
-        let span = tracing::info_span!(
-            "keyward.single_flight",
-            keyward.route = %config.route,
-            keyward.key_hash = %key.key_hash(),
-            keyward.outcome = tracing::field::Empty,
-            keyward.wait_seconds = tracing::field::Empty,
-            keyward.leader_trace_id = tracing::field::Empty,
-        );
-        let future = coalesce(config.clone(), self.table.clone(), inner, req, key);
-        ResponseFuture::coalesced(Box::pin(future), span)
+        let future = flight.coalesce(inner, req, key);
+        ResponseFuture::coordinated(Box::pin(future.instrument(span)))
     }
 }
 
@@ -148,99 +144,101 @@ fn mark_coalesced<RB>(response: &mut Response<RB>) {
 
 /// A follower's copy of the leader's response.
 fn copy<RB: Body>(stored: &StoredResponse) -> Response<KeywardBody<RB>> {
-    let body = KeywardBody::full_with_trailers(stored.body.clone(), stored.trailers.clone());
-    let mut response = Response::new(body);
-    *response.status_mut() = stored.status;
-    // Sized up front: inserting into a plain clone would grow and rehash it.
-    let mut headers = HeaderMap::with_capacity(stored.headers.len() + 1);
-    headers.extend(
-        stored
-            .headers
-            .iter()
-            .map(|(name, value)| (name.clone(), value.clone())),
-    );
-    headers.insert(COALESCED, HeaderValue::from_static("true"));
-    *response.headers_mut() = headers;
-    response
+    render_stored(stored, COALESCED)
 }
 
-/// One request's way through single flight: lead or follow, and on leader failure
-/// follow the policy.
-async fn coalesce<S, B, RB, St, K>(
-    config: Arc<Config<St, K>>,
+/// What one coalesced request needs besides itself.
+struct Flight<St, K> {
+    config: Arc<Config<K, SingleFlightSettings>>,
+    store: St,
     table: Arc<FlightTable>,
-    mut svc: S,
-    req: Request<B>,
-    key: ScopedKey,
-) -> Result<Response<KeywardBody<RB>>, S::Error>
-where
-    S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    B: Send + 'static,
-    RB: Body<Data = Bytes> + Unpin + Send + 'static,
-    RB::Error: Send + 'static,
-    St: SingleFlightStore,
-{
-    let protocol = Protocol::of(req.headers());
-    let mut started = None;
-    let mut ready = true;
-    for _ in 0..MAX_ELECTIONS {
-        if !ready {
-            // Readiness first: a leader must hold its work before its first await, or
-            // followers joining meanwhile would wait on a flight nobody drives.
-            poll_fn(|cx| svc.poll_ready(cx)).await?;
-        }
-        match table.join(key.shared_storage_key()) {
-            Joined::Leader(seat) => {
-                let settings = WorkSettings {
-                    store: config.store.clone(),
-                    key,
-                    lease: config.lease,
-                    max_body: config.max_body,
-                    on_leader_failure: config.on_leader_failure,
-                    on_store_error: config.on_store_error,
-                    metrics: config.metrics.clone(),
-                };
-                seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                return leader_response(&config.metrics, seat.run().await, protocol);
+    /// How rejections are rendered for this request.
+    protocol: Protocol,
+}
+
+impl<St: SingleFlightStore, K> Flight<St, K> {
+    /// One request's way through single flight: lead or follow, and on leader failure
+    /// follow the policy.
+    async fn coalesce<S, B, RB>(
+        self,
+        mut svc: S,
+        req: Request<B>,
+        key: ScopedKey,
+    ) -> Result<Response<KeywardBody<RB>>, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<RB>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Send + 'static,
+        B: Send + 'static,
+        RB: Body<Data = Bytes> + Unpin + Send + 'static,
+        RB::Error: Send + 'static,
+    {
+        let Flight {
+            config,
+            store,
+            table,
+            protocol,
+        } = self;
+        let metrics = &config.common.metrics;
+        let own = &config.own;
+        let mut started = None;
+        let mut ready = true;
+        for _ in 0..MAX_ELECTIONS {
+            if !ready {
+                // Readiness first: a leader must hold its work before its first await, or
+                // followers joining meanwhile would wait on a flight nobody drives.
+                poll_fn(|cx| svc.poll_ready(cx)).await?;
             }
-            Joined::Follower(seat) => {
-                // Give the readiness reserved for this request back while it waits: it
-                // may never call the inner service.
-                svc = svc.clone();
-                ready = false;
-                // Measured even with the span disabled: the wait histogram needs it.
-                started.get_or_insert_with(Instant::now);
-                let outcome = seat.run().await;
-                #[cfg(feature = "opentelemetry")]
-                if let Some(leader) = seat.leader_span() {
-                    crate::telemetry::link_to_leader(&leader);
+            match table.join(key.shared_storage_key()) {
+                Joined::Leader(seat) => {
+                    let settings = WorkSettings {
+                        store: store.clone(),
+                        key,
+                        lease: own.lease,
+                        max_body: own.max_body,
+                        on_leader_failure: own.on_leader_failure,
+                        on_store_error: config.common.on_store_error,
+                        metrics: metrics.clone(),
+                    };
+                    seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
+                    return leader_response(metrics, seat.run().await, protocol);
                 }
-                drop(seat);
-                if let Some(started) = started {
-                    let waited = started.elapsed().as_secs_f64();
-                    config.metrics.waited(&Span::current(), waited);
-                }
-                let metrics = &config.metrics;
-                let policy = config.on_leader_failure;
-                match follower_next::<RB, S::Error>(metrics, outcome, policy, protocol) {
-                    Next::Respond(response) => return Ok(response),
-                    Next::Elect => continue,
-                    Next::CallInner => {
-                        tracing::debug!("single flight: response over max_body, calling inner");
-                        poll_fn(|cx| svc.poll_ready(cx)).await?;
-                        record(metrics, SingleFlightOutcome::Leader);
-                        // Boxed: every follower's future would otherwise reserve room
-                        // for an inner future it almost never runs.
-                        let response = Box::pin(svc.call(req)).await?;
-                        return Ok(response.map(KeywardBody::inner));
+                Joined::Follower(seat) => {
+                    // Give the readiness reserved for this request back while it waits: it
+                    // may never call the inner service.
+                    svc = svc.clone();
+                    ready = false;
+                    // Measured even with the span disabled: the wait histogram needs it.
+                    started.get_or_insert_with(Instant::now);
+                    let outcome = seat.run().await;
+                    #[cfg(feature = "opentelemetry")]
+                    if let Some(leader) = seat.leader_span() {
+                        crate::telemetry::link_to_leader(&leader);
+                    }
+                    drop(seat);
+                    if let Some(started) = started {
+                        let waited = started.elapsed().as_secs_f64();
+                        metrics.waited(&Span::current(), waited);
+                    }
+                    let policy = own.on_leader_failure;
+                    match follower_next::<RB, S::Error>(metrics, outcome, policy, protocol) {
+                        Next::Respond(response) => return Ok(response),
+                        Next::Elect => continue,
+                        Next::CallInner => {
+                            tracing::debug!("single flight: response over max_body, calling inner");
+                            poll_fn(|cx| svc.poll_ready(cx)).await?;
+                            record(metrics, SingleFlightOutcome::Leader);
+                            // Boxed: every follower's future would otherwise reserve room
+                            // for an inner future it almost never runs.
+                            let response = Box::pin(svc.call(req)).await?;
+                            return Ok(response.map(KeywardBody::inner));
+                        }
                     }
                 }
             }
         }
+        Ok(leader_failed(metrics, protocol))
     }
-    Ok(leader_failed(&config.metrics, protocol))
 }
 
 /// The leader's answer: its own response or error (it drove the work), or a copy of a

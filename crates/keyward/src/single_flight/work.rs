@@ -3,11 +3,9 @@
 
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
-use http::header::SET_COOKIE;
+use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use keyward_core::store::{
     FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
 };
@@ -17,6 +15,7 @@ use tower_service::Service;
 
 use super::flight::{Landed, Own, Shared};
 use super::layer::LeaderFailure;
+use crate::pipeline::{Buffered, buffer_response, shareable_headers};
 use crate::telemetry::LayerMetrics;
 
 /// Rounds of "lead, or wait for a remote leader that then fails" before the work makes
@@ -62,9 +61,8 @@ where
             Shared::TooLarge => Landing::TooLarge,
             Shared::Failed | Shared::StoreUnavailable => Landing::Failed,
         };
-        let started = std::time::Instant::now();
-        let published = lead.publish(landing).await;
-        settings.metrics.store_call(STORE_OP_PUBLISH, started);
+        let publish = lead.publish(landing);
+        let published = settings.metrics.timed(STORE_OP_PUBLISH, publish).await;
         if let Err(error) = published {
             tracing::warn!(%error, "single flight: publishing the landing failed");
             landed.store_error = true;
@@ -94,9 +92,8 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
         })
     };
     for _ in 0..MAX_REMOTE_ROUNDS {
-        let started = std::time::Instant::now();
-        let role = settings.store.lead(&settings.key, settings.lease).await;
-        settings.metrics.store_call(STORE_OP_LEAD, started);
+        let lead = settings.store.lead(&settings.key, settings.lease);
+        let role = settings.metrics.timed(STORE_OP_LEAD, lead).await;
         let role = match role {
             Ok(role) => role,
             Err(error) => return store_failed(settings, &error),
@@ -196,105 +193,38 @@ where
     RB: Body<Data = Bytes> + Unpin + Send + 'static,
     RB::Error: Send + 'static,
 {
-    let failed = |own| Landed {
-        shared: Shared::Failed,
+    let landed = |shared, own| Landed {
+        shared,
         own,
         store_error: false,
     };
     let response = match svc.call(req).await {
         Ok(response) => response,
-        Err(error) => return failed(own::<RB, S::Error>(Err(error))),
+        Err(error) => return landed(Shared::Failed, own::<RB, S::Error>(Err(error))),
     };
-    let (parts, mut body) = response.into_parts();
-    let too_large = |parts, prefix, rest| Landed {
-        shared: Shared::TooLarge,
-        own: own::<RB, S::Error>(Ok(Response::from_parts(
+    let (parts, body, trailers) = match buffer_response(response, max_body).await {
+        Buffered::Complete {
             parts,
-            KeywardBody::prefixed(prefix, None, rest),
-        ))),
-        store_error: false,
-    };
-    if body.size_hint().lower() > max_body as u64 {
-        return too_large(parts, Bytes::new(), body);
-    }
-    let mut chunks = Chunks::default();
-    let mut trailers: Option<http::HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
-            Err(error) => {
-                let body = KeywardBody::prefixed(chunks.into_bytes(), Some(error), body);
-                return failed(own::<RB, S::Error>(Ok(Response::from_parts(parts, body))));
-            }
-        };
-        match frame.into_data() {
-            Ok(data) => {
-                chunks.push(data);
-                if chunks.len > max_body {
-                    return too_large(parts, chunks.into_bytes(), body);
-                }
-            }
-            Err(frame) => {
-                if let Ok(more) = frame.into_trailers() {
-                    trailers.get_or_insert_with(Default::default).extend(more);
-                }
-            }
+            body,
+            trailers,
+        } => (parts, body, trailers),
+        Buffered::TooLarge(response) => {
+            return landed(Shared::TooLarge, own::<RB, S::Error>(Ok(response)));
         }
-    }
-    let bytes = chunks.into_bytes();
-    let mut headers = parts.headers.clone();
-    // A cookie set for the leader's client is not the followers' to keep.
-    headers.remove(SET_COOKIE);
+        Buffered::Failed(response) => {
+            return landed(Shared::Failed, own::<RB, S::Error>(Ok(response)));
+        }
+    };
     let shared = Arc::new(StoredResponse {
         status: parts.status,
-        headers,
-        body: bytes.clone(),
+        // The leader's cookies and credentials are not the followers' to keep.
+        headers: shareable_headers(&parts.headers, |_| true),
+        body: body.clone(),
         trailers: trailers.clone(),
     });
-    Landed {
-        shared: Shared::Response(shared),
-        own: own::<RB, S::Error>(Ok(Response::from_parts(
-            parts,
-            KeywardBody::full_with_trailers(bytes, trailers),
-        ))),
-        store_error: false,
-    }
-}
-
-/// Body chunks read so far; one chunk (the common case) is kept without a copy or an
-/// allocation.
-#[derive(Default)]
-struct Chunks {
-    first: Option<Bytes>,
-    more: Vec<Bytes>,
-    len: usize,
-}
-
-impl Chunks {
-    fn push(&mut self, data: Bytes) {
-        if data.is_empty() {
-            return;
-        }
-        self.len += data.len();
-        if self.first.is_none() {
-            self.first = Some(data);
-        } else {
-            self.more.push(data);
-        }
-    }
-
-    fn into_bytes(self) -> Bytes {
-        let Some(first) = self.first else {
-            return Bytes::new();
-        };
-        if self.more.is_empty() {
-            return first;
-        }
-        let mut out = BytesMut::with_capacity(self.len);
-        out.extend_from_slice(&first);
-        for chunk in self.more {
-            out.extend_from_slice(&chunk);
-        }
-        out.freeze()
-    }
+    let own = own::<RB, S::Error>(Ok(Response::from_parts(
+        parts,
+        KeywardBody::full_with_trailers(body, trailers),
+    )));
+    landed(Shared::Response(shared), own)
 }

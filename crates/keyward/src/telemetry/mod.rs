@@ -8,6 +8,7 @@
 //! few reference-count updates and, where store latency is measured, two clock reads.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -110,13 +111,37 @@ impl LayerMetrics {
         self.0.waits.record(seconds, &self.0.labels);
     }
 
-    /// Records one store call `op` that started at `started`.
-    pub(crate) fn store_call(&self, op: &'static str, started: Instant) {
+    /// Starts timing one store call `op`; [`LayerMetrics::store_call_done`] records it.
+    pub(crate) fn store_call(&self, op: &'static str) -> StoreCall {
+        StoreCall {
+            op,
+            started: Instant::now(),
+        }
+    }
+
+    /// Records a store call started with [`LayerMetrics::store_call`].
+    pub(crate) fn store_call_done(&self, call: StoreCall) {
         self.0.store.record(
-            started.elapsed().as_secs_f64(),
-            &[KeyValue::new(ATTR_OP, op)],
+            call.started.elapsed().as_secs_f64(),
+            &[KeyValue::new(ATTR_OP, call.op)],
         );
     }
+
+    /// Awaits the store call `op` and records its latency.
+    pub(crate) async fn timed<F: Future>(&self, op: &'static str, call: F) -> F::Output {
+        let timer = self.store_call(op);
+        let output = call.await;
+        self.store_call_done(timer);
+        output
+    }
+}
+
+/// A store call being timed. Store latency is wall-clock time (`std::time::Instant`),
+/// kept here so that the layers' own logic uses tokio's clock only.
+#[derive(Debug)]
+pub(crate) struct StoreCall {
+    op: &'static str,
+    started: Instant,
 }
 
 impl fmt::Debug for LayerMetrics {
