@@ -174,13 +174,27 @@ impl<V, X> Shard<V, X> {
     }
 
     pub(crate) fn remove(&mut self, probe: &Probe<'_>) -> Option<V> {
-        self.map.remove(probe as &dyn Lookup)
+        let removed = self.map.remove(probe as &dyn Lookup);
+        self.shrink_if_sparse();
+        removed
     }
 
     /// Removes and returns the entry with its key, so it can be put back without
     /// allocating a new key.
     pub(crate) fn remove_entry(&mut self, probe: &Probe<'_>) -> Option<(SlotKey, V)> {
-        self.map.remove_entry(probe as &dyn Lookup)
+        let removed = self.map.remove_entry(probe as &dyn Lookup);
+        self.shrink_if_sparse();
+        removed
+    }
+
+    /// A map that grew in a burst keeps its capacity after the burst; give most of it
+    /// back once it is under a quarter full. Halving only when a quarter is used keeps
+    /// the rehash amortized: the map must shed half its entries again before the next.
+    fn shrink_if_sparse(&mut self) {
+        let (len, capacity) = (self.map.len(), self.map.capacity());
+        if capacity > 64 && len * 4 < capacity {
+            self.map.shrink_to(len * 2);
+        }
     }
 
     pub(crate) fn insert(&mut self, key: SlotKey, value: V) -> Option<V> {
@@ -291,6 +305,24 @@ mod tests {
         let (slot, value) = table.lock(&again).remove_entry(&again).unwrap();
         assert_eq!((slot.probe().key, value), ("flight:r:-:GET /a", 1));
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn a_map_gives_its_memory_back_after_a_burst() {
+        let table: ShardedTable<u32> = ShardedTable::new();
+        let keys: Vec<Arc<str>> = (0..20_000).map(|i| Arc::from(format!("k{i}"))).collect();
+        for key in &keys {
+            let probe = table.probe(key);
+            table.lock(&probe).insert(probe.slot(key.clone()), 1);
+        }
+        let grown: usize = table.each_shard().map(|s| s.map.capacity()).sum();
+        assert!(grown >= 20_000);
+        for key in &keys {
+            let probe = table.probe(key);
+            table.lock(&probe).remove(&probe);
+        }
+        let after: usize = table.each_shard().map(|s| s.map.capacity()).sum();
+        assert!(after <= SHARDS * 64 * 2, "{after} slots kept of {grown}");
     }
 
     #[test]
