@@ -7,7 +7,7 @@ mod support;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::StatusCode;
 use support::{HttpClient, Sidecar, client, send};
