@@ -160,7 +160,7 @@ async fn idempotency_flood_at_16mib_stays_within_the_bound() {
     idempotency_flood("16MiB", 16 << 20, 15_000).await;
 }
 
-/// A small bound that the flood exceeds ~6 times over in records (~450 accounted bytes
+/// A small bound that the flood exceeds ~7 times over in records (~520 accounted bytes
 /// each): completed records are evicted and RSS stays near the bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_flood_past_a_small_bound_evicts_and_stays_within_it() {

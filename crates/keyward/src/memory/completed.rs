@@ -49,6 +49,9 @@ pub(super) const ENTRY_OVERHEAD: usize = (size_of::<SlotKey>() + size_of::<Box<R
     + 24
     + 4 * 16;
 
+/// A stale key's share besides its text: its queue slot, `Arc` counts and block header.
+const STALE_KEY_OVERHEAD: usize = size_of::<Arc<str>>() + 16 + 16;
+
 /// A stored response, owned compactly.
 pub(super) struct Record {
     fingerprint: Fingerprint,
@@ -122,8 +125,11 @@ impl Record {
     }
 
     /// What a record with a blob of `blob_len` bytes under a key of `key_len` bytes holds.
+    /// The key is counted twice: a record that expired or was replaced leaves its key in
+    /// the order queue until the queue is next compacted, at the shard's next sweep once
+    /// stale keys outnumber live records (plus 16), so each record answers for one.
     pub(super) fn weight(blob_len: usize, key_len: usize) -> usize {
-        size_of::<Record>() + blob_len + key_len + ENTRY_OVERHEAD
+        size_of::<Record>() + blob_len + key_len + ENTRY_OVERHEAD + key_len + STALE_KEY_OVERHEAD
     }
 
     pub(super) fn fingerprint(&self) -> &Fingerprint {
@@ -317,6 +323,7 @@ impl CompletedTable {
         // Stale keys are skipped by eviction, but would otherwise pile up behind live
         // ones (and keep their strings) when records expire rather than get evicted.
         if shard.extra.keys.len() > shard.map.len() * 2 + 16 {
+            // Over one stale key per live record (plus 16): `Record::weight` counts one.
             let mut keys = std::mem::take(&mut shard.extra.keys);
             keys.retain(|key| {
                 let probe = self.table.probe(key);

@@ -184,7 +184,8 @@ pub struct MemoryStoreBuilder {
 impl MemoryStoreBuilder {
     /// Upper bound on the heap bytes of completed idempotent responses kept for replay
     /// (default 256 MiB). Each record is accounted by what it holds: its body, header
-    /// names and values (6 bytes more each), key, and 307 bytes of record and table overhead, so
+    /// names and values (6 bytes more each), key (counted twice: once more for the
+    /// eviction queue), and 355 bytes of record and table overhead, so
     /// this bounds memory, not just payload. The oldest records are evicted first when it
     /// is reached. In-flight claims are never evicted (see [`Self::max_claims`]).
     pub fn max_response_bytes(mut self, bytes: u64) -> Self {
@@ -249,7 +250,7 @@ mod tests {
         let lead = single_flight::LEAD_OVERHEAD;
         assert_eq!(
             (record, claim, quota, serial, waiter, lead),
-            (307, 299, 57, 180, 160, 162)
+            (355, 299, 57, 180, 160, 162)
         );
     }
 }
