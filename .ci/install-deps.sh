@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs beyond the Rust toolchain: redis-server and redis-cli
 # (Redis tests, incl. a 3-node cluster) and the openssl command (the TLS test makes a
-# self-signed certificate). Idempotent: installs nothing that is already there. The Redis
+# self-signed certificate) and curl (the README's "Try the sidecar" lines, run by the
+# try_sidecar test). Idempotent: installs nothing that is already there. The Redis
 # tests start their own servers on free loopback ports; no system service is needed.
 set -euo pipefail
 
@@ -9,6 +10,7 @@ missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
 
 if [ "${#missing[@]}" -gt 0 ]; then
     SUDO=""

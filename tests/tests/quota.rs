@@ -193,7 +193,8 @@ async fn costs_take_several_units() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "ratelimit"), Some(r#""bulk";r=0;t=10"#));
 
-    // More than the burst: never allowed, so no Retry-After.
+    // More than the burst: never allowed, so no Retry-After, and a problem type of its
+    // own that says no wait helps (issue 13: it used to read as an ordinary 429).
     let res = svc
         .ready()
         .await
@@ -203,7 +204,7 @@ async fn costs_take_several_units() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(header(&res, "retry-after"), None);
-    assert_eq!(problem_type(res).await, types::QUOTA_EXCEEDED);
+    assert_eq!(problem_type(res).await, types::QUOTA_COST_OVER_BURST);
 }
 
 #[tokio::test(start_paused = true)]
@@ -641,4 +642,52 @@ proptest::proptest! {
             }
         });
     }
+}
+
+/// Issue 13: a scoped route that receives no principal put every anonymous caller in one
+/// shared scope, silently. That stays the default (and documented); `scope_missing =
+/// reject` refuses such requests with 400 instead.
+#[tokio::test(start_paused = true)]
+async fn a_scoped_route_can_refuse_requests_without_a_principal() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let scoped = |layer: QuotaLayer<MemoryStore, KeySpec>| {
+        layer
+            .key(api_key())
+            .scope(KeySpec::parse("header:authorization").unwrap())
+    };
+    let anonymous =
+        scoped(QuotaLayer::new(MemoryStore::new(), quota(1, 60))).layer(counting(calls.clone()));
+    let strict = scoped(QuotaLayer::new(MemoryStore::new(), quota(1, 60)))
+        .scope_missing(keyward::ScopeMissing::Reject)
+        .layer(counting(calls.clone()));
+
+    // By default anonymous callers share one scope: the second one is over the quota.
+    assert_eq!(
+        anonymous.clone().oneshot(req("k")).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let res = anonymous.clone().oneshot(req("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+
+    let res = strict.clone().oneshot(req("k")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(problem_type(res).await, types::KEY_INVALID);
+    let mut authenticated = req("k");
+    authenticated
+        .headers_mut()
+        .insert("authorization", "Bearer alice".parse().unwrap());
+    assert_eq!(
+        strict
+            .clone()
+            .oneshot(authenticated)
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "refused requests never reach the service"
+    );
 }

@@ -185,6 +185,43 @@ async fn an_unread_body_keeps_the_key_and_dropping_it_releases() {
     assert_eq!(store.serial_keys_in_use(), 0);
 }
 
+/// Issue 13: a client that never reads its response held the key for as long as its
+/// connection lived. With `max_hold` the key goes to the next request after that long,
+/// with a higher fencing token; the stale holder's late release changes nothing.
+#[tokio::test(start_paused = true)]
+async fn max_hold_takes_the_key_from_a_holder_that_never_finishes() {
+    let store = MemoryStore::new();
+    let svc = layer(store.clone())
+        .max_hold(Duration::from_secs(1))
+        .layer(service_fn(echo_token));
+    let stuck: Res = svc.clone().oneshot(req("a")).await.unwrap();
+    let start = Instant::now();
+    let next: Res = svc.clone().oneshot(req("a")).await.unwrap();
+    assert_eq!(
+        start.elapsed(),
+        Duration::from_secs(1),
+        "let in at max_hold"
+    );
+    assert_eq!(next.status(), StatusCode::OK);
+    let stale: u64 = body_text(stuck).await.parse().unwrap();
+    let third = Box::pin(svc.clone().oneshot(req("a")));
+    // The stale holder's body is over (and released): the key is still `next`'s.
+    let mut third = third;
+    assert!(
+        poll!(&mut third).is_pending(),
+        "the new holder keeps the key"
+    );
+    let token: u64 = body_text(next).await.parse().unwrap();
+    assert!(token > stale, "the next holder's token is higher");
+    assert_eq!(third.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(store.serial_keys_in_use(), 0);
+}
+
+async fn body_text(res: Res) -> String {
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
 #[tokio::test(start_paused = true)]
 async fn reading_the_body_to_its_end_releases_before_the_body_is_dropped() {
     let store = MemoryStore::new();

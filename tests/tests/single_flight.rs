@@ -114,7 +114,10 @@ fn ok(body: &'static str) -> Result<Response<Body>, &'static str> {
 
 fn no_leftover_lead(store: &MemoryStore, route: &str, uri_key: &str) -> impl Future<Output = bool> {
     let store = store.clone();
-    let key = ScopedKey::new("flight", route, Scope::Anonymous, Key::from(uri_key));
+    // The key as the layer spells it for a request without `Host`, `Accept`,
+    // `Accept-Encoding` or `Range`: each part length-prefixed, each vary header counted.
+    let spelled = format!("{}:{uri_key}0:0;0;0;", uri_key.len());
+    let key = ScopedKey::new("flight", route, Scope::Anonymous, Key::from(spelled));
     async move {
         let role = store.lead(&key, Duration::from_secs(1)).await.unwrap();
         let free = matches!(role, FlightRole::Leader(_));
@@ -647,4 +650,137 @@ async fn random_cancellations_on_many_threads_leave_no_flight_behind() {
         let _ = releaser.await;
         assert_eq!(svc.flights_in_progress(), 0, "round {round}");
     }
+}
+
+async fn until_calls(upstream: &Upstream, n: usize) {
+    for _ in 0..1000 {
+        if upstream.calls() >= n {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("the upstream saw {} calls, not {n}", upstream.calls());
+}
+
+fn get_with(uri: &str, headers: &[(&str, &str)]) -> Request<()> {
+    let mut request = Request::get(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.body(()).unwrap()
+}
+
+/// Found in review (issue 13): two concurrent GETs for the same path on different
+/// hosts got one upstream call and the same body. The authority and the headers that
+/// select a representation are part of the key.
+#[tokio::test]
+async fn other_hosts_or_representations_never_share_a_response() {
+    let upstream = Upstream::new();
+    let bodies = [
+        "host a gzip",
+        "host b gzip",
+        "host a br",
+        "host a gzip range",
+    ];
+    let svc = SingleFlightLayer::new(MemoryStore::new())
+        .layer(upstream.gated(move |n| ok(bodies[n - 1])));
+    let requests = [
+        [
+            ("host", "a.example"),
+            ("accept-encoding", "gzip"),
+            ("x", ""),
+        ],
+        [
+            ("host", "b.example"),
+            ("accept-encoding", "gzip"),
+            ("x", ""),
+        ],
+        [("host", "a.example"), ("accept-encoding", "br"), ("x", "")],
+        [
+            ("host", "a.example"),
+            ("accept-encoding", "gzip"),
+            ("range", "bytes=0-1"),
+        ],
+        // The same as the first: it follows it (`Host` compared without case).
+        [
+            ("host", "A.example"),
+            ("accept-encoding", "gzip"),
+            ("x", ""),
+        ],
+    ];
+    let mut tasks = Vec::new();
+    for (i, headers) in requests.iter().enumerate() {
+        tasks.push(spawn_joined(svc.clone().oneshot(get_with("/catalog/x", headers))).await);
+        until_calls(&upstream, (i + 1).min(4)).await;
+    }
+    upstream.release.notify_waiters();
+    let mut seen = Vec::new();
+    for task in tasks {
+        let response = task.await.unwrap().unwrap();
+        let was_coalesced = coalesced(&response);
+        seen.push((body_of(response).await, was_coalesced));
+    }
+    assert_eq!(upstream.calls(), 4);
+    for (i, body) in bodies.iter().enumerate() {
+        assert_eq!(seen[i], (Bytes::from(*body), false), "request {i}");
+    }
+    assert_eq!(seen[4], (Bytes::from("host a gzip"), true));
+}
+
+/// A response that says it is not for others (`Cache-Control: private` or `no-store`,
+/// `Vary` on a header outside the key) is not copied: each follower makes its own call.
+#[tokio::test]
+async fn private_responses_are_not_copied_to_followers() {
+    for (name, value) in [
+        ("cache-control", "private, max-age=60"),
+        ("cache-control", "no-store"),
+        ("vary", "Origin"),
+        ("vary", "*"),
+    ] {
+        let upstream = Upstream::new();
+        let svc = SingleFlightLayer::new(MemoryStore::new()).layer(upstream.gated(move |n| {
+            let mut response = Response::new(full(["first", "second"][n - 1]));
+            response.headers_mut().insert(name, value.parse().unwrap());
+            Ok(response)
+        }));
+        let leader = spawn_joined(svc.clone().oneshot(get("/me"))).await;
+        let follower = spawn_joined(svc.clone().oneshot(get("/me"))).await;
+        until_calls(&upstream, 1).await;
+        upstream.release.notify_one();
+        until_calls(&upstream, 2).await;
+        upstream.release.notify_one();
+        let leader = leader.await.unwrap().unwrap();
+        let follower = follower.await.unwrap().unwrap();
+        assert!(!coalesced(&follower), "{name}: {value}");
+        assert_eq!(body_of(leader).await, "first");
+        assert_eq!(body_of(follower).await, "second", "{name}: {value}");
+        assert_eq!(upstream.calls(), 2);
+    }
+}
+
+/// A follower that takes over the work of a leader that left gets that response, but
+/// never the leader's cookies or credentials (issue 13).
+#[tokio::test]
+async fn a_follower_driving_a_departed_leaders_work_never_gets_its_cookies() {
+    let upstream = Upstream::new();
+    let svc = SingleFlightLayer::new(MemoryStore::new()).layer(upstream.gated(|_| {
+        let mut response = Response::new(full("fresh"));
+        let headers = response.headers_mut();
+        headers.insert("set-cookie", "session=leader".parse().unwrap());
+        headers.insert("authorization", "Bearer leader".parse().unwrap());
+        headers.insert("cache-control", "max-age=5".parse().unwrap());
+        Ok(response)
+    }));
+    let leader = spawn_joined(svc.clone().oneshot(get("/x"))).await;
+    let follower = spawn_joined(svc.clone().oneshot(get("/x"))).await;
+    leader.abort();
+    assert!(leader.await.unwrap_err().is_cancelled());
+    upstream.release.notify_one();
+    let response = follower.await.unwrap().unwrap();
+    assert!(coalesced(&response));
+    assert!(response.headers().get("set-cookie").is_none());
+    assert!(response.headers().get("authorization").is_none());
+    assert_eq!(response.headers()["cache-control"], "max-age=5");
+    assert_eq!(body_of(response).await, "fresh");
+    assert_eq!(upstream.calls(), 1);
 }

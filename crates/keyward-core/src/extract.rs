@@ -9,6 +9,7 @@ use http::Request;
 use http::header::HeaderName;
 
 use crate::Key;
+use crate::canon::{canonical_path, canonical_query, form_decode};
 
 /// Takes the coordination key from a request.
 ///
@@ -202,15 +203,27 @@ impl crate::Scope {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
+/// The client's address as a trusted proxy reported it (`X-Forwarded-For`, `Forwarded`),
+/// as a request extension. `peer_ip` prefers it to [`PeerAddr`]. Insert it only for
+/// requests whose connection comes from a proxy you trust (the sidecar's
+/// `trusted_proxies`): anyone else can write any address into those headers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientIp(pub IpAddr);
+
+/// How many leading bits of an IPv6 address `peer_ip` keys on by default: one /64 is
+/// one subnet, usually one host or one customer, who can choose among 2^64 addresses.
+pub const DEFAULT_IPV6_PREFIX: u8 = 64;
+
 /// A built-in key extractor, parsed from the spec strings the sidecar config uses.
 ///
 /// | spec | key |
 /// |---|---|
 /// | `header:NAME` | the header's value (absent: no key; several values: invalid) |
 /// | `path:PARAM` | a route parameter |
-/// | `query:NAME` | a query parameter, percent-decoded |
-/// | `peer_ip` | the client IP ([`PeerAddr`] or `SocketAddr` extension) |
-/// | `method_uri` | method, path and the query with its pairs sorted |
+/// | `query:NAME` | a query parameter, form-decoded (`+` is a space); sent twice: invalid |
+/// | `peer_ip` | the client IP ([`ClientIp`], else [`PeerAddr`] or `SocketAddr` extension); IPv6 cut to its /64 |
+/// | `peer_ip/N` | the same, IPv6 cut to its first N bits (1..=128; 128 keys on the whole address) |
+/// | `method_uri` | method, [canonical path](crate::canon) and the canonical query, pairs sorted |
 /// | a list | all of the above joined: a composite key |
 ///
 /// ```
@@ -235,8 +248,13 @@ pub enum KeySpec {
     },
     /// `query:NAME`
     Query(String),
-    /// `peer_ip`
+    /// `peer_ip`: IPv6 addresses cut to their [`DEFAULT_IPV6_PREFIX`].
     PeerIp,
+    /// `peer_ip/N`: IPv6 addresses cut to their first `ipv6_prefix` bits.
+    PeerIpPrefix {
+        /// Leading bits of an IPv6 address that make the key (1..=128).
+        ipv6_prefix: u8,
+    },
     /// `method_uri`
     MethodUri,
     /// A composite key made of every part.
@@ -263,6 +281,14 @@ impl KeySpec {
             Some(("query", name)) if !name.is_empty() => Ok(KeySpec::Query(name.to_owned())),
             Some(("query", _)) => Err(bad("expected a query parameter name like query:page")),
             None if spec == "peer_ip" => Ok(KeySpec::PeerIp),
+            None if spec.starts_with("peer_ip/") => match spec["peer_ip/".len()..].parse::<u8>() {
+                Ok(bits) if (1..=128).contains(&bits) => {
+                    Ok(KeySpec::PeerIpPrefix { ipv6_prefix: bits })
+                }
+                _ => Err(bad(
+                    "expected an IPv6 prefix length from 1 to 128, like peer_ip/56",
+                )),
+            },
             None if spec == "method_uri" => Ok(KeySpec::MethodUri),
             _ => Err(SpecError::Unknown(spec.to_owned())),
         }
@@ -314,13 +340,18 @@ impl KeySpec {
                         param: param.clone(),
                     });
                 };
+                let path = canonical_path(req.uri().path()).map_err(|err| KeyError::Invalid {
+                    spec: self.to_string(),
+                    reason: err.to_string(),
+                })?;
                 Ok(template
-                    .params(req.uri().path())
+                    .params(&path)
                     .and_then(|params| params.get(param).map(str::to_owned)))
             }
-            KeySpec::Query(name) => Ok(query_value(req.uri().query().unwrap_or(""), name)),
-            KeySpec::PeerIp => Ok(peer_ip(req).map(|ip| ip.to_string())),
-            KeySpec::MethodUri => Ok(Some(method_uri(req))),
+            KeySpec::Query(name) => query_value(req.uri().query().unwrap_or(""), name),
+            KeySpec::PeerIp => Ok(peer_ip(req, DEFAULT_IPV6_PREFIX)),
+            KeySpec::PeerIpPrefix { ipv6_prefix } => Ok(peer_ip(req, *ipv6_prefix)),
+            KeySpec::MethodUri => method_uri(req).map(Some),
             KeySpec::Composite(parts) => {
                 // Each part is length-prefixed so that ("a:b", "c") and ("a", "b:c") differ.
                 let mut out = String::new();
@@ -356,6 +387,7 @@ impl fmt::Display for KeySpec {
             KeySpec::Path { param, .. } => write!(f, "path:{param}"),
             KeySpec::Query(name) => write!(f, "query:{name}"),
             KeySpec::PeerIp => f.write_str("peer_ip"),
+            KeySpec::PeerIpPrefix { ipv6_prefix } => write!(f, "peer_ip/{ipv6_prefix}"),
             KeySpec::MethodUri => f.write_str("method_uri"),
             KeySpec::Composite(parts) => {
                 for (i, part) in parts.iter().enumerate() {
@@ -400,80 +432,66 @@ fn header_value<B>(name: &HeaderName, req: &Request<B>) -> Result<Option<String>
     Ok(Some(value.trim().to_owned()))
 }
 
-fn peer_ip<B>(req: &Request<B>) -> Option<IpAddr> {
+/// The client address of `req` as a key: IPv4 whole, IPv6 (not IPv4-mapped) cut to
+/// its first `ipv6_prefix` bits and written as a network (`2001:db8::/64`).
+fn peer_ip<B>(req: &Request<B>, ipv6_prefix: u8) -> Option<String> {
     let extensions = req.extensions();
-    extensions
-        .get::<PeerAddr>()
-        .map(|peer| peer.0.ip())
-        .or_else(|| extensions.get::<SocketAddr>().map(SocketAddr::ip))
-}
-
-fn method_uri<B>(req: &Request<B>) -> String {
-    let (method, path) = (req.method().as_str(), req.uri().path());
-    let query = req.uri().query().unwrap_or("");
-    let mut out = String::with_capacity(method.len() + path.len() + query.len() + 2);
-    out.push_str(method);
-    out.push(' ');
-    out.push_str(path);
-    let pairs = || query.split('&').filter(|pair| !pair.is_empty());
-    // Most queries are empty or already sorted: sort (and allocate) only when needed.
-    if pairs().is_sorted() {
-        push_pairs(&mut out, pairs());
-    } else {
-        let mut sorted: Vec<&str> = pairs().collect();
-        sorted.sort_unstable();
-        push_pairs(&mut out, sorted.into_iter());
-    }
-    out
-}
-
-fn push_pairs<'a>(out: &mut String, pairs: impl Iterator<Item = &'a str>) {
-    for (i, pair) in pairs.enumerate() {
-        out.push(if i == 0 { '?' } else { '&' });
-        out.push_str(pair);
-    }
-}
-
-fn query_value(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key).as_deref() == Some(name))
-            .then(|| percent_decode(value))
-            .flatten()
+    let ip = extensions
+        .get::<ClientIp>()
+        .map(|client| client.0)
+        .or_else(|| extensions.get::<PeerAddr>().map(|peer| peer.0.ip()))
+        .or_else(|| extensions.get::<SocketAddr>().map(SocketAddr::ip))?;
+    Some(match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) if ipv6_prefix >= 128 => v6.to_string(),
+        IpAddr::V6(v6) => {
+            let bits = u32::from(ipv6_prefix.max(1));
+            let mask = u128::MAX << (128 - bits);
+            let network = std::net::Ipv6Addr::from(u128::from(v6) & mask);
+            format!("{network}/{bits}")
+        }
     })
 }
 
-/// Decodes `application/x-www-form-urlencoded` text; `None` if it is not UTF-8 after
-/// decoding.
-fn percent_decode(input: &str) -> Option<String> {
-    let bytes = input.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len()
-                && hex(bytes[i + 1]).is_some()
-                && hex(bytes[i + 2]).is_some() =>
-            {
-                let (hi, lo) = (hex(bytes[i + 1])?, hex(bytes[i + 2])?);
-                out.push(hi << 4 | lo);
-                i += 2;
-            }
-            byte => out.push(byte),
-        }
-        i += 1;
+fn method_uri<B>(req: &Request<B>) -> Result<String, KeyError> {
+    let method = req.method().as_str();
+    let path = canonical_path(req.uri().path()).map_err(|err| KeyError::Invalid {
+        spec: "method_uri".to_owned(),
+        reason: err.to_string(),
+    })?;
+    let query = canonical_query(req.uri().query().unwrap_or(""));
+    let mut out = String::with_capacity(method.len() + path.len() + query.len() + 2);
+    out.push_str(method);
+    out.push(' ');
+    out.push_str(&path);
+    if !query.is_empty() {
+        out.push('?');
+        out.push_str(&query);
     }
-    String::from_utf8(out).ok()
+    Ok(out)
 }
 
-fn hex(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'a'..=b'f' => Some(byte - b'a' + 10),
-        b'A'..=b'F' => Some(byte - b'A' + 10),
-        _ => None,
+/// The value of query parameter `name`; names are compared decoded. A parameter sent
+/// twice is refused: upstreams disagree on which one counts (first, last, a list).
+fn query_value(query: &str, name: &str) -> Result<Option<String>, KeyError> {
+    let invalid = |reason: &str| KeyError::Invalid {
+        spec: format!("query:{name}"),
+        reason: reason.to_owned(),
+    };
+    let mut found = None;
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if form_decode(key) != name.as_bytes() {
+            continue;
+        }
+        if found.is_some() {
+            return Err(invalid("the parameter is sent more than once"));
+        }
+        let value = String::from_utf8(form_decode(value))
+            .map_err(|_| invalid("the value is not UTF-8 once decoded"))?;
+        found = Some(value);
     }
+    Ok(found)
 }
 
 #[cfg(test)]
@@ -597,10 +615,67 @@ mod tests {
     }
 
     #[test]
-    fn percent_decoding_is_lenient_on_stray_percent() {
-        assert_eq!(percent_decode("a%2Fb+c").as_deref(), Some("a/b c"));
-        assert_eq!(percent_decode("100%").as_deref(), Some("100%"));
-        assert_eq!(percent_decode("%zz").as_deref(), Some("%zz"));
-        assert_eq!(percent_decode("%ff"), None);
+    fn query_values_are_form_decoded_and_repeats_refused() {
+        let spec = KeySpec::parse("query:q").unwrap();
+        let value = |uri: &str| spec.extract(&get(uri));
+        assert_eq!(value("/?q=a%2Fb+c").unwrap(), Some(Key::from("a/b c")));
+        assert_eq!(value("/?q=100%").unwrap(), Some(Key::from("100%")));
+        assert_eq!(value("/?q=a+b").unwrap(), value("/?q=a%20b").unwrap());
+        assert_eq!(value("/?%71=1").unwrap(), Some(Key::from("1")));
+        for bad in ["/?q=%ff", "/?q=1&q=2", "/?q=1&%71=1", "/?q&q"] {
+            assert!(matches!(value(bad), Err(KeyError::Invalid { .. })), "{bad}");
+        }
+    }
+
+    #[test]
+    fn path_and_method_uri_keys_use_the_canonical_path() {
+        let template = PathTemplate::new("/accounts/{id}").unwrap();
+        let spec = KeySpec::parse("path:id").unwrap().with_template(&template);
+        for spelling in ["/accounts/42", "/accounts/%34%32", "//accounts/./42/"] {
+            assert_eq!(spec.extract(&get(spelling)).unwrap(), Some(Key::from("42")));
+            assert_eq!(
+                KeySpec::MethodUri.extract(&get(spelling)).unwrap(),
+                Some(Key::from("GET /accounts/42"))
+            );
+        }
+        assert!(matches!(
+            spec.extract(&get("/accounts/4%2F2")),
+            Err(KeyError::Invalid { .. })
+        ));
+        assert_eq!(
+            KeySpec::MethodUri.extract(&get("/x?b=%32&a=1")).unwrap(),
+            KeySpec::MethodUri.extract(&get("/x?a=1&b=2")).unwrap()
+        );
+    }
+
+    #[test]
+    fn peer_ip_prefers_the_vouched_client_and_cuts_ipv6_to_its_prefix() {
+        let mut req = get("/");
+        req.extensions_mut()
+            .insert(PeerAddr("[2001:db8:0:1::7]:9".parse().unwrap()));
+        assert_eq!(
+            KeySpec::PeerIp.extract(&req).unwrap(),
+            Some(Key::from("2001:db8:0:1::/64"))
+        );
+        let full = KeySpec::parse("peer_ip/128").unwrap();
+        assert_eq!(
+            full.extract(&req).unwrap(),
+            Some(Key::from("2001:db8:0:1::7"))
+        );
+        let wide = KeySpec::parse("peer_ip/48").unwrap();
+        assert_eq!(
+            wide.extract(&req).unwrap(),
+            Some(Key::from("2001:db8::/48"))
+        );
+        assert_eq!(wide.to_string(), "peer_ip/48");
+        req.extensions_mut()
+            .insert(ClientIp("::ffff:192.0.2.1".parse().unwrap()));
+        assert_eq!(
+            KeySpec::PeerIp.extract(&req).unwrap(),
+            Some(Key::from("192.0.2.1"))
+        );
+        for bad in ["peer_ip/0", "peer_ip/129", "peer_ip/x"] {
+            assert!(KeySpec::parse(bad).is_err(), "{bad}");
+        }
     }
 }

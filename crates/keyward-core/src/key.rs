@@ -22,9 +22,10 @@ impl Key {
         &self.0
     }
 
-    /// The telemetry-safe hash of this key.
+    /// The telemetry-safe hash of this key: keyed with the process's
+    /// [`set_key_hash_secret`] if one is set.
     pub fn hash(&self) -> KeyHash {
-        KeyHash::of(self.as_str().as_bytes())
+        KeyHash::for_telemetry(self.as_str().as_bytes())
     }
 }
 
@@ -47,7 +48,10 @@ impl From<String> for Key {
 }
 
 /// The first 16 hex digits of the SHA-256 of a key: what spans, logs and metrics carry in
-/// place of the raw key (`keyward.key_hash`).
+/// place of the raw key (`keyward.key_hash`). Once a process has called
+/// [`set_key_hash_secret`] (the sidecar does at start-up), every key hash that leaves
+/// it ([`Key::hash`], [`ScopedKey::key_hash`]) is [`KeyHash::keyed`] with that secret, so
+/// guessable keys (IP addresses, tenant ids) cannot be recovered by hashing guesses.
 ///
 /// ```
 /// use keyward_core::Key;
@@ -81,6 +85,15 @@ impl KeyHash {
         Self::of(&input)
     }
 
+    /// The hash telemetry shows for `bytes`: [`KeyHash::keyed`] with the process's
+    /// [`set_key_hash_secret`], or [`KeyHash::of`] if none is set.
+    pub fn for_telemetry(bytes: &[u8]) -> Self {
+        match KEY_HASH_SECRET.get() {
+            Some(secret) => Self::keyed(secret, bytes),
+            None => Self::of(bytes),
+        }
+    }
+
     /// The 16 lowercase hex digits.
     pub fn as_str(&self) -> &str {
         // The array only ever holds bytes from `HEX`.
@@ -89,6 +102,26 @@ impl KeyHash {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+static KEY_HASH_SECRET: OnceLock<Box<[u8]>> = OnceLock::new();
+
+/// [`set_key_hash_secret`] was called before, with another secret.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the key hash secret of this process is already set to another value")]
+pub struct KeyHashSecretSet;
+
+/// Sets the secret every key hash that leaves this process is keyed with (see
+/// [`KeyHash`]). Once per process: hashes must not change while it runs. Setting the
+/// same secret again is a no-op; another one is an error. Storage keys and principal
+/// scopes do not depend on it, so processes with different secrets still coordinate.
+pub fn set_key_hash_secret(secret: &[u8]) -> Result<(), KeyHashSecretSet> {
+    let set = KEY_HASH_SECRET.get_or_init(|| secret.into());
+    if **set == *secret {
+        Ok(())
+    } else {
+        Err(KeyHashSecretSet)
+    }
+}
 
 impl fmt::Display for KeyHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -135,7 +168,9 @@ impl Scope {
 
 /// A key with everything that decides which requests it coordinates: the layer, the route
 /// and the principal's scope. Its [`ScopedKey::storage_key`] is
-/// `{layer}:{route}:{scope}:{key}`.
+/// `{layer}:{route}:{scope}:{key}`, where a `:` or `%` inside the layer or route name is
+/// written `%3A` / `%25`: no two (layer, route, scope, key) share a storage key, whatever
+/// the route is called (the scope never holds a `:`, and the key comes last).
 ///
 /// ```
 /// use keyward_core::{Key, Scope, ScopedKey};
@@ -154,6 +189,8 @@ pub struct ScopedKey {
     layer_end: usize,
     route_end: usize,
     key_start: usize,
+    /// The route as given, when the storage key had to escape it.
+    escaped_route: Option<Arc<str>>,
 }
 
 impl PartialEq for ScopedKey {
@@ -190,20 +227,26 @@ impl ScopedKey {
     ) -> Self {
         // Built by hand: this runs on every keyed request, and `format!` costs several
         // times more than the copies.
-        let parts = [layer, route, scope.as_str(), key.as_str()];
-        let mut storage_key = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
-        for (i, part) in parts.iter().enumerate() {
-            if i > 0 {
-                storage_key.push(':');
-            }
-            storage_key.push_str(part);
-        }
+        let (scope, key_str) = (scope.as_str(), key.as_str());
+        let mut storage_key =
+            String::with_capacity(layer.len() + route.len() + scope.len() + key_str.len() + 3);
+        push_escaped(&mut storage_key, layer);
+        let layer_end = storage_key.len();
+        storage_key.push(':');
+        push_escaped(&mut storage_key, route);
+        let route_end = storage_key.len();
+        storage_key.push(':');
+        storage_key.push_str(scope);
+        storage_key.push(':');
+        storage_key.push_str(key_str);
+        let escaped_route = (route_end - layer_end - 1 != route.len()).then(|| route.into());
         ScopedKey {
-            key_start: storage_key.len() - key.as_str().len(),
+            key_start: storage_key.len() - key_str.len(),
             storage_key: storage_key.into(),
             key_hash,
-            layer_end: layer.len(),
-            route_end: layer.len() + 1 + route.len(),
+            layer_end,
+            route_end,
+            escaped_route,
         }
     }
 
@@ -221,7 +264,7 @@ impl ScopedKey {
     pub fn key_hash(&self) -> KeyHash {
         *self.key_hash.get_or_init(|| {
             let raw = self.storage_key.get(self.key_start..).unwrap_or_default();
-            KeyHash::of(raw.as_bytes())
+            KeyHash::for_telemetry(raw.as_bytes())
         })
     }
 
@@ -239,9 +282,27 @@ impl ScopedKey {
     /// The route this key was built for; stores may show it in clear (it is configuration,
     /// not request data).
     pub fn route(&self) -> &str {
+        if let Some(route) = &self.escaped_route {
+            return route;
+        }
         self.storage_key
             .get(self.layer_end + 1..self.route_end)
             .unwrap_or_default()
+    }
+}
+
+/// `part` with `%` and `:` percent-encoded, so that it cannot end early.
+fn push_escaped(out: &mut String, part: &str) {
+    if !part.contains([':', '%']) {
+        out.push_str(part);
+        return;
+    }
+    for c in part.chars() {
+        match c {
+            ':' => out.push_str("%3A"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
     }
 }
 
@@ -263,5 +324,46 @@ mod tests {
         let with = ScopedKey::with_hash("idem", "r:1", Scope::of(b"p"), &Key::from("a:b"), keyed);
         assert_eq!(with.key_hash(), keyed);
         assert_eq!(key, with, "equality is the storage key's");
+    }
+
+    #[test]
+    fn route_names_with_colons_never_share_a_storage_key() {
+        let key = |route: &str, scope: Scope, raw: &str| {
+            ScopedKey::new("idem", route, scope, Key::from(raw))
+        };
+        // Before escaping, each pair had one storage key: `idem:r:-:-:k`, `idem:r:anon:x:k`.
+        let pairs = [
+            (
+                key("r:-", Scope::Unscoped, "k"),
+                key("r", Scope::Unscoped, "-:k"),
+            ),
+            (
+                key("r:anon", Scope::Unscoped, "k"),
+                key("r", Scope::Anonymous, "-:k"),
+            ),
+            (
+                key("r:anon:x", Scope::Unscoped, "k"),
+                key("r", Scope::Anonymous, "x:-:k"),
+            ),
+            (
+                key("a%3Ab", Scope::Unscoped, "k"),
+                key("a:b", Scope::Unscoped, "k"),
+            ),
+        ];
+        for (a, b) in &pairs {
+            assert_ne!(
+                a.storage_key(),
+                b.storage_key(),
+                "{} / {}",
+                a.route(),
+                b.route()
+            );
+        }
+        let odd = key("pay:v2%", Scope::Unscoped, "k");
+        assert_eq!(odd.storage_key(), "idem:pay%3Av2%25:-:k");
+        assert_eq!((odd.layer(), odd.route()), ("idem", "pay:v2%"));
+        let plain = key("payments", Scope::Unscoped, "a:b");
+        assert_eq!(plain.storage_key(), "idem:payments:-:a:b");
+        assert_eq!(plain.route(), "payments");
     }
 }

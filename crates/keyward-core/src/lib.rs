@@ -8,7 +8,8 @@
 //!
 //! - [`Key`], [`KeyHash`], [`ScopedKey`]: what is coordinated, and how it is named in
 //!   storage and in telemetry (raw keys never appear in telemetry, only [`KeyHash`]).
-//! - [`KeyExtractor`], [`KeySpec`]: how a key is taken from a request.
+//! - [`KeyExtractor`], [`KeySpec`]: how a key is taken from a request; [`canon`]: the one
+//!   spelling of a path and query that routes and keys see.
 //! - [`store`]: the store traits each layer needs, shaped so that a remote store (Redis)
 //!   answers each decision in one round trip.
 //! - [`Problem`]: RFC 9457 `application/problem+json` rejections with stable `type` values.
@@ -19,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+pub mod canon;
 mod extract;
 mod fencing;
 pub mod gcra;
@@ -31,8 +33,11 @@ pub mod store;
 pub mod telemetry;
 
 pub use body::KeywardBody;
-pub use extract::{KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate, PeerAddr, SpecError};
+pub use extract::{
+    ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate,
+    PeerAddr, SpecError,
+};
 pub use fencing::FencingToken;
 pub use idempotency_key::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_LEN, parse_idempotency_key};
-pub use key::{Key, KeyHash, Scope, ScopedKey};
+pub use key::{Key, KeyHash, KeyHashSecretSet, Scope, ScopedKey, set_key_hash_secret};
 pub use problem::Problem;

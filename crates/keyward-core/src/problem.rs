@@ -32,6 +32,9 @@ pub mod types {
     pub const BODY_UNREADABLE: &str = "https://keyward.dev/problems/request-body-unreadable";
     /// 429: the key's quota is used up.
     pub const QUOTA_EXCEEDED: &str = "https://keyward.dev/problems/quota-exceeded";
+    /// 429: the request alone costs more than the quota's burst, so it can never pass;
+    /// no `Retry-After`, and retrying the same request is pointless.
+    pub const QUOTA_COST_OVER_BURST: &str = "https://keyward.dev/problems/quota-cost-over-burst";
     /// 503: waited longer than `max_wait` for the key's turn.
     pub const SERIAL_TIMEOUT: &str = "https://keyward.dev/problems/serial-wait-timeout";
     /// 503: more than `max_queue` requests already wait for this key.
@@ -45,6 +48,11 @@ pub mod types {
     pub const UPSTREAM_TIMEOUT: &str = "https://keyward.dev/problems/upstream-timeout";
     /// 503: the coordination store did not answer and the route fails closed.
     pub const STORE_UNAVAILABLE: &str = "https://keyward.dev/problems/store-unavailable";
+    /// 400: (sidecar) the request path has no single meaning to upstreams (an encoded
+    /// slash, a backslash, `%00`, a broken escape); see [`crate::canon`].
+    pub const PATH_INVALID: &str = "https://keyward.dev/problems/request-path-invalid";
+    /// 408: (sidecar) the client sent no part of its body for `body_read_timeout`.
+    pub const BODY_TIMEOUT: &str = "https://keyward.dev/problems/request-body-timeout";
 }
 
 /// A problem response under construction.

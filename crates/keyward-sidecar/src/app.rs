@@ -7,13 +7,14 @@ use std::time::Instant;
 
 use axum::body::Body;
 use http::{Method, Request, Response};
+use keyward_core::PathParams;
 use keyward_core::grpc::Protocol;
-use keyward_core::{PathParams, PeerAddr};
 use opentelemetry::metrics::Meter;
 use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::ingress::Ingress;
 use crate::metrics::{REQUEST_SPAN, outcomes_of};
 use crate::proxy::Upstream;
 use crate::stack::{self, Stack, Store};
@@ -34,6 +35,7 @@ struct Inner {
     router: matchit::Router<Vec<usize>>,
     routes: Vec<Route>,
     passthrough: Stack,
+    ingress: Ingress,
 }
 
 impl App {
@@ -75,16 +77,27 @@ impl App {
                 router,
                 routes,
                 passthrough: stack::boxed_upstream(upstream),
+                ingress: Ingress {
+                    trusted_proxies: config.server.trusted_proxies.clone(),
+                },
             }),
         })
     }
 
-    /// Serves one request from `peer`.
-    pub async fn handle(&self, mut req: Request<Body>, peer: SocketAddr) -> Response<Body> {
+    /// Serves one request from `peer`: admitted by [ingress](crate::ingress) (canonical
+    /// path, keyward's and hop-by-hop headers removed), routed on the canonical path.
+    pub async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
-        req.extensions_mut().insert(PeerAddr(peer));
         let method = req.method().clone();
         let protocol = Protocol::of(req.headers());
+        let mut req = match self.inner.ingress.admit(req, peer) {
+            Ok(req) => req,
+            Err(refused) => {
+                let res = refused.into_response();
+                tracing::info!(route = "-", method = %method, status = res.status().as_u16(), "request refused at ingress");
+                return res;
+            }
+        };
         let (route_name, service) = match self.route_for(&mut req) {
             Some(route) => (route.name.as_str(), route.service.clone()),
             None => ("-", self.inner.passthrough.clone()),

@@ -24,6 +24,50 @@ use serde_json::{Value, json};
 use crate::config::Config;
 use crate::stack;
 
+/// The environment variable that holds the deployment's key hash secret.
+pub const SECRET_ENV: &str = "KEYWARD_KEY_HASH_SECRET";
+
+/// Where this process's key hash secret came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretSource {
+    /// `KEYWARD_KEY_HASH_SECRET`: hashes are stable across restarts and instances that
+    /// share it, and `keyward hash` computes them.
+    Env,
+    /// Random at start-up: hashes mean something only within this process's lifetime
+    /// (map a key through `GET /keys/...` on this instance).
+    Random,
+}
+
+/// The deployment's secret from the environment, if set (and not empty).
+pub fn secret_from_env() -> Option<Vec<u8>> {
+    std::env::var_os(SECRET_ENV)
+        .map(|value| value.into_encoded_bytes())
+        .filter(|value| !value.is_empty())
+}
+
+/// Keys every key hash that leaves this process (logs, spans, metrics, `/hotkeys`,
+/// `/keys`) with the deployment's secret, or with 32 random bytes if none is set: a
+/// SHA-256 prefix of a guessable key (an IP, a tenant id) is reversed by hashing guesses.
+pub fn install_key_hash_secret() -> Result<SecretSource, String> {
+    let (secret, source) = match secret_from_env() {
+        Some(secret) => (secret, SecretSource::Env),
+        None => (random_secret()?, SecretSource::Random),
+    };
+    keyward_core::set_key_hash_secret(&secret).map_err(|err| err.to_string())?;
+    Ok(source)
+}
+
+fn random_secret() -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut secret = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut secret))
+        .map_err(|err| {
+            format!("cannot read /dev/urandom for a key hash secret ({err}); set {SECRET_ENV}")
+        })?;
+    Ok(secret)
+}
+
 type Found = Result<Option<(ScopedKey, RecordState)>, InspectError>;
 type Inspect = dyn Fn(Request<()>) -> Pin<Box<dyn Future<Output = Found> + Send>> + Send + Sync;
 

@@ -4,7 +4,9 @@
 mod admin;
 mod app;
 mod config;
+mod explain;
 mod hotkeys;
+mod ingress;
 mod keys;
 mod metrics;
 mod prometheus;
@@ -32,10 +34,15 @@ const EXIT_BAD_CONFIG: u8 = 64;
 /// Longest wait for the telemetry still buffered to be sent at exit.
 const TELEMETRY_FLUSH: std::time::Duration = std::time::Duration::from_secs(3);
 
+/// Where the config file format is described, for every `--help`.
+const CONFIG_HELP: &str = "Config file format: docs/config.md \
+(https://github.com/keyward/keyward/blob/main/docs/config.md); \
+examples: examples/sidecar/*.toml";
+
 /// One coordinator per key: idempotent retries, per-key serial execution, per-key quotas
 /// and request coalescing in front of any HTTP upstream.
 #[derive(Parser)]
-#[command(name = "keyward", version, about, long_about = None)]
+#[command(name = "keyward", version, about, long_about = None, after_help = CONFIG_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -44,22 +51,44 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy (and the admin listener) with the routes of a config file.
+    #[command(after_help = CONFIG_HELP)]
     Serve {
-        /// The TOML config file.
+        /// The TOML config file (format: docs/config.md).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Check a config file: exit 0 if it is usable, 64 with every problem named if not.
+    /// Check a config file: exit 0 and explain each route's stack in one line, or exit 64
+    /// naming every problem.
+    #[command(after_help = CONFIG_HELP)]
     Check {
-        /// The TOML config file.
+        /// The TOML config file (format: docs/config.md).
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+    },
+    /// Print the key_hash that logs, spans, /hotkeys and /keys show for a raw key, keyed
+    /// with KEYWARD_KEY_HASH_SECRET (the serving sidecar's must be the same).
+    Hash {
+        /// The raw key as the layer sees it: a header value, `203.0.113.7`, `2001:db8::/64`.
+        key: String,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Hash { key } => match keys::secret_from_env() {
+            Some(secret) => {
+                println!("{}", keyward_core::KeyHash::keyed(&secret, key.as_bytes()));
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!(
+                    "keyward: {} is not set: without it every sidecar hashes keys with a random secret of its own; set the same value for the sidecar and for `keyward hash`, or look the key up with GET /keys/ROUTE/KEY on the admin listener",
+                    keys::SECRET_ENV
+                );
+                ExitCode::from(EXIT_BAD_CONFIG)
+            }
+        },
         Command::Check { config } => match Config::load(&config) {
             Ok(config) => {
                 println!("{}", summary(&config));
@@ -78,6 +107,13 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_BAD_CONFIG);
                 }
             };
+            let secret = match keys::install_key_hash_secret() {
+                Ok(source) => source,
+                Err(err) => {
+                    eprintln!("keyward: {err}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -88,7 +124,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let code = runtime.block_on(serve(config));
+            let code = runtime.block_on(serve(config, secret));
             // A telemetry flush that outlived its bound must not hold up the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             code
@@ -116,21 +152,8 @@ fn summary(config: &Config) -> String {
         config.routes.len()
     );
     for route in &config.routes {
-        let layers: Vec<&str> = [
-            route.quota.as_ref().map(|_| "quota"),
-            route.idempotency.as_ref().map(|_| "idempotency"),
-            route.serial.as_ref().map(|_| "serial"),
-            route.single_flight.as_ref().map(|_| "single_flight"),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        out.push_str(&format!(
-            "\n  {} {}: {}",
-            route.name,
-            route.path,
-            layers.join(" -> ")
-        ));
+        out.push_str("\n  ");
+        out.push_str(&explain::route(route));
     }
     out
 }
@@ -179,7 +202,7 @@ fn init_logging(
         .init();
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
     let metrics = Metrics::default();
     let telemetry = match Telemetry::start(&config.telemetry, &metrics) {
         Ok(telemetry) => telemetry,
@@ -191,6 +214,12 @@ async fn serve(config: Config) -> ExitCode {
     init_logging(config.telemetry.log_format, &metrics, telemetry.tracer());
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, "exporting traces and metrics over OTLP/gRPC");
+    }
+    if secret == keys::SecretSource::Random {
+        tracing::info!(
+            "key hashes are keyed with a random secret of this process; set {} to make them stable and computable with `keyward hash`",
+            keys::SECRET_ENV
+        );
     }
     let meter = telemetry.meter();
     let (app, ready, keys) = match &config.store.backend {
@@ -270,10 +299,15 @@ async fn serve(config: Config) -> ExitCode {
         }
     }
     tracing::info!(service = %config.telemetry.service_name, listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
+    let deadlines = server::ClientDeadlines {
+        header_read: config.server.header_read_timeout,
+        body_read: config.server.body_read_timeout,
+        idle_write: config.server.idle_write_timeout,
+    };
     let drained = server::serve(
         listener,
         app,
-        config.server.header_read_timeout,
+        deadlines,
         config.server.shutdown_grace,
         server::shutdown_signal(),
     )

@@ -1,5 +1,6 @@
 //! The upstream: a pooled HTTP/1.1 or h2c client that forwards a request as a reverse
-//! proxy does (hop-by-hop headers removed, `X-Forwarded-For` and `Forwarded` appended) and
+//! proxy does (`X-Forwarded-For` and `Forwarded` appended; what the client sent was
+//! sanitized at [ingress](crate::ingress), before any layer ran) and
 //! fails with a [`ProxyError`] when no response arrives, so that layers see "outcome
 //! unknown" rather than a response. Response trailers (gRPC's `grpc-status`) pass through.
 
@@ -10,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::Body as _;
 use http_body_util::BodyExt;
@@ -23,6 +24,7 @@ use keyward_core::{PeerAddr, Problem};
 use tower::Service;
 
 use crate::config::UpstreamProtocol;
+use crate::ingress::{AcceptsTrailers, remove_hop_by_hop};
 
 /// No response from the upstream.
 #[derive(Debug, thiserror::Error)]
@@ -130,9 +132,9 @@ impl Service<Request<Body>> for Upstream {
         Box::pin(async move {
             parts.uri = uri?;
             let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
-            // Only h2c forwards `TE: trailers`; HTTP/1 requests skip the header scan.
-            let forward_te = protocol == UpstreamProtocol::H2c && accepts_trailers(&parts.headers);
-            remove_hop_by_hop(&mut parts.headers);
+            // Only h2c forwards `TE: trailers` (ingress removed the client's own).
+            let forward_te = protocol == UpstreamProtocol::H2c
+                && parts.extensions.get::<AcceptsTrailers>().is_some();
             append_forwarded(&mut parts.headers, peer);
             parts.headers.extend(trace_context);
             parts.version = match protocol {
@@ -175,41 +177,6 @@ impl Service<Request<Body>> for Upstream {
     }
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-];
-
-/// Whether the client said it accepts trailers (`TE: trailers`, as gRPC clients do).
-fn accepts_trailers(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-}
-
-/// Removes the headers that describe one connection, including those `Connection` names.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
-}
-
 /// Appends the client to `X-Forwarded-For` and `Forwarded` (RFC 7239).
 pub fn append_forwarded(headers: &mut HeaderMap, peer: Option<SocketAddr>) {
     let Some(peer) = peer else { return };
@@ -227,8 +194,10 @@ pub fn append_forwarded(headers: &mut HeaderMap, peer: Option<SocketAddr>) {
         ip.to_string()
     };
     let mut element = format!("for={node};proto=http");
+    // The client writes Host: only a plain authority goes into the quoted string, so no
+    // quote, backslash, `,` or `;` can end the element and start another one.
     if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
-        if host.bytes().all(|b| b.is_ascii_graphic()) {
+        if is_plain_authority(host) {
             element.push_str(&format!(";host=\"{host}\""));
         }
     }
@@ -237,23 +206,19 @@ pub fn append_forwarded(headers: &mut HeaderMap, peer: Option<SocketAddr>) {
     }
 }
 
+/// A host name or address with an optional port: letters, digits, `-`, `.`, `_`, `:`,
+/// and `[` `]` around an IPv6 address.
+fn is_plain_authority(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 255
+        && host.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':' | b'[' | b']')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut headers = HeaderMap::new();
-        headers.insert("connection", "close, x-secret".parse().unwrap());
-        headers.insert("x-secret", "1".parse().unwrap());
-        headers.insert("transfer-encoding", "chunked".parse().unwrap());
-        headers.insert("x-kept", "1".parse().unwrap());
-        remove_hop_by_hop(&mut headers);
-        assert_eq!(
-            headers.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
-            ["x-kept"]
-        );
-    }
 
     #[test]
     fn forwarded_headers_are_appended() {
@@ -269,5 +234,29 @@ mod tests {
         let mut v6 = HeaderMap::new();
         append_forwarded(&mut v6, Some("[::1]:5000".parse().unwrap()));
         assert_eq!(v6["forwarded"], "for=\"[::1]\";proto=http");
+    }
+
+    #[test]
+    fn a_host_that_is_not_a_plain_authority_is_left_out_of_forwarded() {
+        for host in [
+            "a\",for=6.6.6.6;host=\"b",
+            "a\\\"b",
+            "a,b",
+            "a;b",
+            "a b",
+            "",
+        ] {
+            let mut headers = HeaderMap::new();
+            headers.insert("host", HeaderValue::from_str(host).unwrap());
+            append_forwarded(&mut headers, Some("127.0.0.1:5000".parse().unwrap()));
+            assert_eq!(headers["forwarded"], "for=127.0.0.1;proto=http", "{host}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("host", "[::1]:8080".parse().unwrap());
+        append_forwarded(&mut headers, Some("127.0.0.1:5000".parse().unwrap()));
+        assert_eq!(
+            headers["forwarded"],
+            "for=127.0.0.1;proto=http;host=\"[::1]:8080\""
+        );
     }
 }

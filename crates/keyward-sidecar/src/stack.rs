@@ -55,6 +55,8 @@ pub fn build<St: Store>(
             .key(flight.key.clone())
             .methods(flight.methods.iter().cloned())
             .max_body(flight.max_body)
+            .vary(flight.vary.iter().cloned())
+            .scope_missing(flight.scope_missing)
             .on_store_error(store_config.on_error);
         layer = match &flight.scope {
             Some(scope) => layer.scope(scope.clone()),
@@ -63,13 +65,16 @@ pub fn build<St: Store>(
         stack = boxed(layer.layer(stack));
     }
     if let Some(serial) = &route.serial {
-        let layer = PerKeySerialLayer::new(store.clone())
+        let mut layer = PerKeySerialLayer::new(store.clone())
             .route(route.name.as_str())
             .meter(meter)
             .key(serial.key.clone())
             .max_wait(serial.max_wait)
             .max_queue(serial.max_queue)
             .on_store_error(store_config.on_error);
+        if let Some(max_hold) = serial.max_hold {
+            layer = layer.max_hold(max_hold);
+        }
         stack = boxed(layer.layer(stack));
     }
     if let Some(idem) = &route.idempotency {
@@ -82,6 +87,7 @@ pub fn build<St: Store>(
             .meter(meter)
             .key(quota.key.clone())
             .shadow(quota.shadow)
+            .scope_missing(quota.scope_missing)
             .on_store_error(store_config.on_error);
         if let Some(scope) = &quota.scope {
             layer = layer.scope(scope.clone());
@@ -111,6 +117,7 @@ pub fn idempotency_layer<St: IdempotencyStore>(
         .max_body(idem.max_body)
         .max_response(idem.max_response)
         .store_server_errors(idem.store_server_errors)
+        .scope_missing(idem.scope_missing)
         .on_store_error(store_config.on_error);
     match &idem.scope {
         Some(scope) => layer.scope(scope.clone()),

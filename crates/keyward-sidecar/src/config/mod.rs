@@ -2,8 +2,11 @@
 //! into a [`Config`] whose every value is usable. Every problem found is reported with the
 //! field's path and the bad value, all at once.
 
+mod cidr;
 mod raw;
 pub mod units;
+
+pub use cidr::Cidr;
 
 use std::collections::HashSet;
 use std::fmt;
@@ -18,7 +21,12 @@ use keyward::defaults::{
     DEFAULT_SERIAL_MAX_WAIT, DEFAULT_SINGLE_FLIGHT_MAX_BODY,
 };
 use keyward::idempotency::OnInFlight;
-use keyward::{KeySpec, OnStoreError};
+
+/// How long a serial holder keeps its key at most, unless a route says otherwise: like
+/// nginx's 60 s between reads, long past any normal write, short enough that a client
+/// that never reads its response cannot hold an account for as long as TCP stays up.
+pub const DEFAULT_SERIAL_MAX_HOLD: Duration = Duration::from_secs(60);
+use keyward::{KeySpec, OnStoreError, ScopeMissing};
 
 use raw::{RawConfig, RawKey, RawRoute};
 use units::{parse_duration, parse_size};
@@ -41,6 +49,12 @@ pub struct ServerConfig {
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
+    /// Longest gap between two parts of a request body (nginx `client_body_timeout`).
+    pub body_read_timeout: Duration,
+    /// Longest a response write may wait for the client to read (nginx `send_timeout`).
+    pub idle_write_timeout: Duration,
+    /// Peers whose `X-Forwarded-For` / `Forwarded` name the client for `peer_ip` keys.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// How the sidecar talks to its upstream.
@@ -118,6 +132,8 @@ pub struct IdempotencyConfig {
     pub key: KeySpec,
     pub required: bool,
     pub scope: Option<KeySpec>,
+    /// What a request without a principal gets.
+    pub scope_missing: ScopeMissing,
     pub ttl: Duration,
     pub lease: Duration,
     pub on_in_flight: OnInFlight,
@@ -130,6 +146,8 @@ pub struct IdempotencyConfig {
 pub struct QuotaConfig {
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
+    /// What a request without a principal gets.
+    pub scope_missing: ScopeMissing,
     pub quota: keyward_core::gcra::Quota,
     pub shadow: bool,
 }
@@ -141,14 +159,20 @@ pub struct SerialConfig {
     pub key: KeySpec,
     pub max_wait: Duration,
     pub max_queue: usize,
+    /// Longest a request keeps the key; `None` (`"off"`): until its response is over.
+    pub max_hold: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
 pub struct SingleFlightConfig {
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
+    /// What a request without a principal gets.
+    pub scope_missing: ScopeMissing,
     pub methods: Vec<Method>,
     pub max_body: usize,
+    /// Request headers whose values must match for requests to share a response.
+    pub vary: Vec<http::HeaderName>,
 }
 
 /// One problem in a configuration: the field's path and what is wrong with its value.
@@ -310,6 +334,33 @@ impl Checker {
         }
     }
 
+    fn header_names(&mut self, field: &str, names: &[String]) -> Vec<http::HeaderName> {
+        names
+            .iter()
+            .filter_map(|name| match http::HeaderName::from_bytes(name.as_bytes()) {
+                Ok(name) => Some(name),
+                Err(_) => {
+                    self.fail(field, format!("{name:?} is not a header name"));
+                    None
+                }
+            })
+            .collect()
+    }
+
+    fn scope_missing(&mut self, field: &str, value: Option<&str>) -> ScopeMissing {
+        match value {
+            None | Some("anonymous") => ScopeMissing::Anonymous,
+            Some("reject") => ScopeMissing::Reject,
+            Some(other) => {
+                self.fail(
+                    field,
+                    format!("{other:?} is not \"anonymous\" or \"reject\""),
+                );
+                ScopeMissing::Anonymous
+            }
+        }
+    }
+
     fn methods(&mut self, field: &str, values: &[String]) -> Vec<Method> {
         values
             .iter()
@@ -400,6 +451,22 @@ impl Checker {
                 UpstreamProtocol::Http1
             }
         };
+        let trusted_proxies = raw
+            .trusted_proxies
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, text)| match text.parse::<Cidr>() {
+                Ok(cidr) => Some(cidr),
+                Err(err) => {
+                    self.fail(
+                        &format!("server.trusted_proxies[{i}]"),
+                        format!("{text:?} {err}"),
+                    );
+                    None
+                }
+            })
+            .collect();
         let admin = match raw.admin.as_deref() {
             Some("off") => None,
             Some(text) => self.socket("server.admin", text),
@@ -425,6 +492,17 @@ impl Checker {
                 raw.header_read_timeout.as_deref(),
                 Duration::from_secs(10),
             ),
+            body_read_timeout: self.duration(
+                "server.body_read_timeout",
+                raw.body_read_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            idle_write_timeout: self.duration(
+                "server.idle_write_timeout",
+                raw.idle_write_timeout.as_deref(),
+                Duration::from_secs(60),
+            ),
+            trusted_proxies,
         }
     }
 
@@ -561,6 +639,14 @@ impl Checker {
         } else if let Err(err) = keyward_core::PathTemplate::new(&raw.path) {
             // Checked first: matchit panics on too many parameters instead of failing.
             self.fail(&format!("{field}.path"), err.to_string());
+        } else if let Some(reason) = non_canonical(&raw.path) {
+            self.fail(
+                &format!("{field}.path"),
+                format!(
+                    "{:?} is not a canonical path ({reason}): requests are routed on their canonical form, so this route would never match",
+                    raw.path
+                ),
+            );
         } else if let Err(err) = paths.insert(raw.path.as_str(), ()) {
             // The same path twice is fine when the methods differ; the router groups them.
             if !matches!(err, matchit::InsertError::Conflict { ref with } if *with == raw.path) {
@@ -612,6 +698,7 @@ impl Checker {
             key: self.key(&f("key"), raw.key.as_ref(), "header:Idempotency-Key"),
             required: raw.required.unwrap_or(false),
             scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             ttl: self.duration(&f("ttl"), raw.ttl.as_deref(), DEFAULT_IDEMPOTENCY_TTL),
             lease: self.duration(&f("lease"), raw.lease.as_deref(), DEFAULT_IDEMPOTENCY_LEASE),
             on_in_flight,
@@ -680,6 +767,7 @@ impl Checker {
                 None => None,
                 Some(s) => self.scope(&f("scope"), Some(s)),
             },
+            scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             quota,
             shadow: raw.shadow.unwrap_or(false),
         }
@@ -705,6 +793,10 @@ impl Checker {
                 DEFAULT_SERIAL_MAX_WAIT,
             ),
             max_queue,
+            max_hold: match raw.max_hold.as_deref() {
+                Some("off") => None,
+                other => Some(self.duration(&f("max_hold"), other, DEFAULT_SERIAL_MAX_HOLD)),
+            },
         }
     }
 
@@ -717,13 +809,43 @@ impl Checker {
         SingleFlightConfig {
             key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
             scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             methods,
             max_body: self.size_usize(
                 &f("max_body"),
                 raw.max_body.as_deref(),
                 DEFAULT_SINGLE_FLIGHT_MAX_BODY,
             ),
+            vary: match &raw.vary {
+                None => keyward::single_flight::DEFAULT_VARY.to_vec(),
+                Some(names) => self.header_names(&f("vary"), names),
+            },
         }
+    }
+}
+
+/// Why a route template is not canonical, if it is not: every `{param}` stands for one
+/// canonical segment (`p`), the rest must already be in canonical form.
+fn non_canonical(template: &str) -> Option<String> {
+    let mut probe = String::with_capacity(template.len());
+    let mut depth = 0usize;
+    for c in template.chars() {
+        match c {
+            '{' => {
+                if depth == 0 {
+                    probe.push('p');
+                }
+                depth += 1;
+            }
+            '}' => depth = depth.saturating_sub(1),
+            c if depth == 0 => probe.push(c),
+            _ => {}
+        }
+    }
+    match keyward_core::canon::canonical_path(&probe) {
+        Ok(canonical) if canonical == probe => None,
+        Ok(canonical) => Some(format!("its canonical form is {canonical:?}")),
+        Err(err) => Some(err.to_string()),
     }
 }
 

@@ -25,6 +25,9 @@ pub struct RawServer {
     pub request_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
+    pub body_read_timeout: Option<String>,
+    pub idle_write_timeout: Option<String>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -77,6 +80,7 @@ pub struct RawIdempotency {
     pub key: Option<RawKey>,
     pub required: Option<bool>,
     pub scope: Option<String>,
+    pub scope_missing: Option<String>,
     pub ttl: Option<String>,
     pub lease: Option<String>,
     pub on_in_flight: Option<String>,
@@ -91,6 +95,7 @@ pub struct RawIdempotency {
 pub struct RawQuota {
     pub key: Option<RawKey>,
     pub scope: Option<String>,
+    pub scope_missing: Option<String>,
     pub limit: i64,
     pub per: String,
     pub burst: Option<i64>,
@@ -103,6 +108,7 @@ pub struct RawSerial {
     pub key: Option<RawKey>,
     pub max_wait: Option<String>,
     pub max_queue: Option<i64>,
+    pub max_hold: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,6 +116,8 @@ pub struct RawSerial {
 pub struct RawSingleFlight {
     pub key: Option<RawKey>,
     pub scope: Option<String>,
+    pub scope_missing: Option<String>,
     pub methods: Option<Vec<String>>,
     pub max_body: Option<String>,
+    pub vary: Option<Vec<String>>,
 }

@@ -152,6 +152,18 @@ fn every_error_names_the_field_and_the_value() {
             format!("{SERVER}[telemetry]\notlp_endpoint = \"collector:4317\"\n"),
             "telemetry.otlp_endpoint: \"collector:4317\"",
         ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.idempotency]\nscope_missing = \"allow\"\n"
+            ),
+            "routes[0].idempotency.scope_missing: \"allow\" is not \"anonymous\" or \"reject\"",
+        ),
+        (
+            format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.single_flight]\nvary = [\"Accept\", \"bad header\"]\n"
+            ),
+            "routes[0].single_flight.vary: \"bad header\" is not a header name",
+        ),
     ];
     for (toml, expected) in cases {
         let errors = errors(&toml);
@@ -252,4 +264,59 @@ fn memory_table_bounds_default_to_the_store_defaults_and_are_configurable() {
             .any(|e| e.contains("store.max_serial_keys: -3 must be 1 or more")),
         "{errs:?}"
     );
+}
+
+#[test]
+fn ingress_settings_default_like_a_production_proxy_and_are_checked() {
+    let config = Config::from_toml(SERVER).unwrap();
+    assert_eq!(config.server.body_read_timeout, Duration::from_secs(60));
+    assert_eq!(config.server.idle_write_timeout, Duration::from_secs(60));
+    assert!(config.server.trusted_proxies.is_empty());
+    let text = format!(
+        "{SERVER}body_read_timeout = \"5s\"\nidle_write_timeout = \"2s\"\ntrusted_proxies = [\"10.0.0.0/8\", \"::1\"]\n"
+    );
+    let config = Config::from_toml(&text).unwrap();
+    assert_eq!(config.server.body_read_timeout, Duration::from_secs(5));
+    assert_eq!(config.server.idle_write_timeout, Duration::from_secs(2));
+    assert_eq!(config.server.trusted_proxies.len(), 2);
+    let bad = format!("{SERVER}trusted_proxies = [\"10.0.0.0/8\", \"10.0.0.0/40\", \"proxy\"]\n");
+    let err = Config::from_toml(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("server.trusted_proxies[1]: \"10.0.0.0/40\""),
+        "{err}"
+    );
+    assert!(
+        err.contains("server.trusted_proxies[2]: \"proxy\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn route_paths_must_be_canonical() {
+    for (path, ok) in [
+        ("/payments/{id}", true),
+        ("/files/{*rest}", true),
+        ("/", true),
+        ("/a:b/{id}/x", true),
+        ("/payments/", false),
+        ("/a//b", false),
+        ("/a/./b", false),
+        ("/a/../b", false),
+        ("/a%2Fb", false),
+        ("/caf%c3%a9", false),
+        ("/a b", false),
+    ] {
+        let text = format!("{SERVER}[[routes]]\nname = \"r\"\npath = \"{path}\"\n");
+        match Config::from_toml(&text) {
+            Ok(_) => assert!(ok, "{path} accepted"),
+            Err(err) => {
+                assert!(!ok, "{path}: {err}");
+                let err = err.to_string();
+                assert!(
+                    err.contains("routes[0].path") && err.contains("canonical"),
+                    "{err}"
+                );
+            }
+        }
+    }
 }

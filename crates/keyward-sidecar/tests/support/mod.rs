@@ -27,10 +27,13 @@ pub struct Seen {
     pub headers: Mutex<Vec<HeaderMap>>,
     pub in_flight: Mutex<HashMap<String, usize>>,
     pub max_in_flight: Mutex<HashMap<String, usize>>,
+    /// Requests inside the handler right now and at most, over all paths.
+    pub total_in_flight: AtomicUsize,
+    pub max_total_in_flight: AtomicUsize,
 }
 
 /// A counting upstream: answers `{method} {path} hit={n}`; `?delay_ms=N` makes it slow;
-/// `?status=N` sets the status.
+/// `?status=N` sets the status; `?size=N` answers N bytes of `x` instead.
 pub struct Upstream {
     pub addr: SocketAddr,
     pub seen: Arc<Seen>,
@@ -61,16 +64,26 @@ async fn upstream_handler(State(seen): State<Arc<Seen>>, req: Request) -> impl I
         let m = max.entry(path.clone()).or_default();
         *m = (*m).max(*now);
     }
+    let total = seen.total_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    seen.max_total_in_flight.fetch_max(total, Ordering::SeqCst);
     if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     *seen.in_flight.lock().unwrap().get_mut(&path).unwrap() -= 1;
+    seen.total_in_flight.fetch_sub(1, Ordering::SeqCst);
     let status = query
         .get("status")
         .and_then(|v| v.parse().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    let body = req.into_body().collect().await.unwrap().to_bytes();
+    // A client whose body stream the sidecar cut off: answer, do not panic.
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => Bytes::from_static(b"<body failed>"),
+    };
+    if let Some(size) = query.get("size").and_then(|v| v.parse::<usize>().ok()) {
+        return (status, [("set-cookie", format!("s={n}"))], "x".repeat(size));
+    }
     (
         status,
         [("set-cookie", format!("s={n}"))],
@@ -175,8 +188,14 @@ impl Sidecar {
         for _ in 0..3 {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            // `server_lines` may set its own request_timeout (TOML refuses a key twice).
+            let request_timeout = if server_lines.contains("request_timeout") {
+                ""
+            } else {
+                "request_timeout = \"2s\"\n"
+            };
             let config = format!(
-                "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\nrequest_timeout = \"2s\"\nshutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
+                "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\n{request_timeout}shutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
             );
             let dir = tempdir::Dir::new("sidecar");
             let path = dir.path().join("keyward.toml");

@@ -53,7 +53,7 @@ impl LayerSettings for IdempotencySettings {
 
     /// Whatever the extractor, the value must be a valid `Idempotency-Key`: an
     /// sf-string or a bare token of 1..=255 visible ASCII characters.
-    fn accept_key(&self, key: Key, key_name: &str) -> Result<Key, KeyError> {
+    fn accept_key<B>(&self, key: Key, key_name: &str, _req: &Request<B>) -> Result<Key, KeyError> {
         parse_idempotency_key(key.as_str())
             .map(Key::from)
             .map_err(|error| KeyError::Invalid {

@@ -22,13 +22,32 @@ pub(crate) trait LayerSettings: Clone {
     /// Which layer these settings are for.
     const KIND: LayerKind;
 
-    /// Checks a key the extractor found, before it is scoped (default: any key).
-    fn accept_key(&self, key: Key, _key_name: &str) -> Result<Key, KeyError> {
+    /// Checks (or completes) a key the extractor found in `req`, before it is scoped
+    /// (default: any key, as it is).
+    fn accept_key<B>(&self, key: Key, _key_name: &str, _req: &Request<B>) -> Result<Key, KeyError> {
         Ok(key)
     }
 
+    /// Whether telemetry names the key by the hash of the extractor's key rather than of
+    /// the key [`LayerSettings::accept_key`] made of it (single flight adds the authority
+    /// and `vary` headers, which operators neither configure nor want split by).
+    const NAMES_KEY_AS_EXTRACTED: bool = false;
+
     /// Called after the route name changed, for settings rendered from it.
     fn route_changed(&mut self, _common: &mut Common) {}
+}
+
+/// What a layer whose keys belong to a principal does with a request that carries none
+/// (no `Authorization` header, say).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ScopeMissing {
+    /// The request is coordinated in one scope shared by every anonymous caller, apart
+    /// from every principal (the default).
+    #[default]
+    Anonymous,
+    /// The request is refused with 400: on routes where callers must authenticate, one
+    /// shared anonymous scope would let anonymous callers meet each other's keys.
+    Reject,
 }
 
 /// The settings every layer has.
@@ -42,6 +61,7 @@ pub(crate) struct Common {
     namespace: Option<Arc<str>>,
     /// Whose keys these are; `None`: shared by every caller.
     pub(crate) scope: Option<KeySpec>,
+    pub(crate) scope_missing: ScopeMissing,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: LayerMetrics,
 }
@@ -55,6 +75,7 @@ impl Common {
             route,
             namespace: None,
             scope,
+            scope_missing: ScopeMissing::Anonymous,
             on_store_error: OnStoreError::Closed,
         }
     }
@@ -112,14 +133,28 @@ impl<K, X: LayerSettings> Config<K, X> {
         let Some(key) = self.key.extract(req)? else {
             return Ok(None);
         };
-        let key = self.own.accept_key(key, &self.key_name)?;
+        let extracted = X::NAMES_KEY_AS_EXTRACTED.then(|| key.clone());
+        let key = self.own.accept_key(key, &self.key_name, req)?;
         let scope = Scope::of_request(self.common.scope.as_ref(), req)?;
-        let scoped = ScopedKey::new(
-            X::KIND.storage_prefix(),
-            &self.common.storage_route,
-            scope,
-            key.clone(),
-        );
+        if scope == Scope::Anonymous && self.common.scope_missing == ScopeMissing::Reject {
+            let spec = self
+                .common
+                .scope
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            return Err(KeyError::Invalid {
+                spec,
+                reason: "the request carries no principal, and this route refuses anonymous \
+                         requests (scope_missing = reject)"
+                    .to_owned(),
+            });
+        }
+        let (prefix, route) = (X::KIND.storage_prefix(), &self.common.storage_route);
+        let scoped = match extracted {
+            Some(extracted) => ScopedKey::with_hash(prefix, route, scope, &key, extracted.hash()),
+            None => ScopedKey::new(prefix, route, scope, key.clone()),
+        };
         Ok(Some((scoped, key)))
     }
 
@@ -395,6 +430,15 @@ macro_rules! common_layer_methods {
         pub fn unscoped(self) -> Self {
             Self {
                 core: self.core.with(|common, _| common.scope = None),
+            }
+        }
+
+        /// What a request without a principal gets (default
+        /// [`ScopeMissing::Anonymous`](crate::ScopeMissing): one scope shared by all
+        /// anonymous callers); [`ScopeMissing::Reject`](crate::ScopeMissing) answers 400.
+        pub fn scope_missing(self, policy: $crate::ScopeMissing) -> Self {
+            Self {
+                core: self.core.with(|common, _| common.scope_missing = policy),
             }
         }
     };

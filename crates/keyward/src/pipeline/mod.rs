@@ -23,6 +23,7 @@ mod stored;
 
 pub(crate) use buffer::{Buffered, buffer_response};
 pub use future::{Boxed, ResponseFuture};
+pub use keyed::ScopeMissing;
 pub(crate) use keyed::{
     Common, Config, Keyed, KeyedLayer, KeyedService, LayerSettings, Prepared, common_layer_methods,
     debug_layer,

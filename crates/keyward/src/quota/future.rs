@@ -105,28 +105,33 @@ impl Decide {
         }
         self.record(QuotaOutcome::Limited);
         let (policy, rate) = headers;
-        let problem = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            types::QUOTA_EXCEEDED,
-            "Quota exceeded",
-        )
-        .header(RATELIMIT_POLICY, policy)
-        .header(RATELIMIT, rate);
         let problem = match decision.retry_after() {
-            Some(after) => problem
-                .detail(format!(
-                    "the quota of {} per {}s for this key is used up",
-                    self.quota.limit(),
-                    self.quota.window_seconds()
-                ))
-                .retry_after(after),
+            Some(after) => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                types::QUOTA_EXCEEDED,
+                "Quota exceeded",
+            )
+            .detail(format!(
+                "the quota of {} per {}s for this key is used up",
+                self.quota.limit(),
+                self.quota.window_seconds()
+            ))
+            .retry_after(after),
             // No wait helps: the request alone is larger than a full bucket.
-            None => problem.detail(format!(
-                "this request costs {} units, more than the {} this quota allows at once",
+            None => Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                types::QUOTA_COST_OVER_BURST,
+                "Request costs more than the quota allows at once",
+            )
+            .detail(format!(
+                "this request costs {} units, more than the {} this quota allows at once; \
+                 it can never pass, so do not retry it unchanged",
                 self.cost,
                 self.quota.burst()
             )),
-        };
+        }
+        .header(RATELIMIT_POLICY, policy)
+        .header(RATELIMIT, rate);
         Next::Answer(problem.into_response_for(self.protocol))
     }
 

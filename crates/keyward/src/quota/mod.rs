@@ -14,7 +14,9 @@
 //! - **limited**: 429 `application/problem+json`, type
 //!   [`QUOTA_EXCEEDED`](keyward_core::problem::types::QUOTA_EXCEEDED), the same two
 //!   headers and `Retry-After` (whole seconds, rounded up, at least 1). A request whose
-//!   cost exceeds the burst can never pass: it gets 429 without `Retry-After`.
+//!   cost exceeds the burst can never pass: it gets 429
+//!   [`QUOTA_COST_OVER_BURST`](keyward_core::problem::types::QUOTA_COST_OVER_BURST)
+//!   without `Retry-After`.
 //! - **shadow** ([`QuotaLayer::shadow`]): would-be rejections go through, outcome
 //!   `shadow_limited`, headers still added.
 //! - no key: passed through, not counted, no headers; an unusable key: 400

@@ -2,27 +2,56 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use std::time::Duration;
+
 use http_body::{Body, Frame, SizeHint};
 use keyward_core::store::{SerialPermit, SerialStore};
 use pin_project_lite::pin_project;
+use tokio::task::AbortHandle;
+use tracing::{Instrument, Span};
 
 /// Holds a key until dropped: releases the permit without blocking.
 pub(crate) struct PermitGuard<St: SerialStore> {
     store: St,
     permit: Option<SerialPermit>,
+    /// The timer that takes the key away after `max_hold`, if the route has one.
+    expiry: Option<AbortHandle>,
 }
 
 impl<St: SerialStore> PermitGuard<St> {
-    pub(crate) fn new(store: St, permit: SerialPermit) -> Self {
+    /// Holds `permit`; with `max_hold`, for at most that long: a holder that is still
+    /// at it then (a client that never reads its response, a handler that hangs) loses
+    /// the key to the next request, whose higher fencing token lets the resource refuse
+    /// the stale holder's writes.
+    pub(crate) fn new(store: St, permit: SerialPermit, max_hold: Option<Duration>) -> Self {
+        let expiry = max_hold.map(|max_hold| {
+            let (store, permit) = (store.clone(), permit.clone());
+            let expire = async move {
+                tokio::time::sleep(max_hold).await;
+                tracing::warn!(
+                    max_hold = ?max_hold,
+                    fencing_token = permit.token().get(),
+                    "serial: the holder kept its key past max_hold; the key is released"
+                );
+                store.release_detached(permit);
+            };
+            tokio::spawn(expire.instrument(Span::current())).abort_handle()
+        });
         PermitGuard {
             store,
             permit: Some(permit),
+            expiry,
         }
     }
 }
 
 impl<St: SerialStore> Drop for PermitGuard<St> {
     fn drop(&mut self) {
+        if let Some(expiry) = self.expiry.take() {
+            expiry.abort();
+        }
+        // After an expiry this release is stale: the store ignores a token that no
+        // longer holds the key.
         if let Some(permit) = self.permit.take() {
             self.store.release_detached(permit);
         }
@@ -138,7 +167,7 @@ mod tests {
     fn guarded<B>(body: B, store: &CountingStore) -> PermitBody<B, CountingStore> {
         let key = ScopedKey::new("serial", "r", Scope::Unscoped, Key::from("k"));
         let permit = SerialPermit::new(key, FencingToken(1));
-        PermitBody::new(body, Some(PermitGuard::new(store.clone(), permit)))
+        PermitBody::new(body, Some(PermitGuard::new(store.clone(), permit, None)))
     }
 
     type Chunk = Result<Frame<Bytes>, std::io::Error>;

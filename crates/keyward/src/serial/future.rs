@@ -70,6 +70,7 @@ struct Waiting<S, St, ReqBody> {
     req: Request<ReqBody>,
     store: St,
     limits: SerialLimits,
+    max_hold: Option<Duration>,
     on_store_error: OnStoreError,
     metrics: LayerMetrics,
     /// When the first poll found the key busy; `None` while it never had to wait, which
@@ -103,6 +104,7 @@ where
             req,
             store,
             limits,
+            max_hold: config.own.max_hold,
             on_store_error: config.common.on_store_error,
             metrics: config.common.metrics.clone(),
             queued_at: None,
@@ -180,6 +182,7 @@ where
         mut req,
         store,
         limits,
+        max_hold,
         on_store_error,
         metrics,
         queued_at,
@@ -200,7 +203,7 @@ where
         },
         None => {
             // Should `call` panic, unwinding drops the guard and so releases the key.
-            let guard = permit.map(|permit| PermitGuard::new(store, permit));
+            let guard = permit.map(|permit| PermitGuard::new(store, permit, max_hold));
             State::Calling {
                 future: inner.call(req),
                 guard,

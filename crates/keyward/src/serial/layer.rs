@@ -18,6 +18,8 @@ pub struct PerKeySerialLayer<St, K = KeySpec> {
 #[derive(Clone, Debug)]
 pub(crate) struct SerialSettings {
     pub(crate) limits: SerialLimits,
+    /// Longest a holder keeps the key (`None`: until its response is over).
+    pub(crate) max_hold: Option<std::time::Duration>,
 }
 
 impl LayerSettings for SerialSettings {
@@ -36,6 +38,7 @@ impl<St> PerKeySerialLayer<St> {
                 max_wait: DEFAULT_SERIAL_MAX_WAIT,
                 max_queue: DEFAULT_SERIAL_MAX_QUEUE,
             },
+            max_hold: None,
         };
         PerKeySerialLayer {
             core: KeyedLayer::new(store, KeySpec::MethodUri, None, own),
@@ -75,6 +78,16 @@ impl<St, K: Clone> PerKeySerialLayer<St, K> {
         self.with(|own| own.limits.max_wait = max_wait)
     }
 
+    /// Longest a request keeps the key (default: until its response body ends or is
+    /// dropped, however long that takes). After it the key goes to the next request even
+    /// if this one is still running or its client still has not read the response: a
+    /// client that never reads cannot hold a key for as long as its connection lives.
+    /// Mutual exclusion then rests on the fencing token: the next holder's is higher, and
+    /// a resource that refuses lower tokens refuses the stale holder's writes.
+    pub fn max_hold(self, max_hold: std::time::Duration) -> Self {
+        self.with(|own| own.max_hold = Some(max_hold))
+    }
+
     /// Most requests waiting for one key (the one inside the service not counted); one
     /// more gets 503 `serial-queue-full` at once. Default 64; 0 means never wait.
     pub fn max_queue(self, max_queue: usize) -> Self {
@@ -95,7 +108,8 @@ impl<St, K> fmt::Debug for PerKeySerialLayer<St, K> {
         let config = &self.core.config;
         debug_layer("PerKeySerialLayer", config, f, |out| {
             out.field("max_wait", &config.own.limits.max_wait)
-                .field("max_queue", &config.own.limits.max_queue);
+                .field("max_queue", &config.own.limits.max_queue)
+                .field("max_hold", &config.own.max_hold);
         })
     }
 }

@@ -52,6 +52,10 @@ pub(crate) enum Shared {
     Response(Arc<StoredResponse>),
     /// The response was larger than `max_body` and went to the driver only.
     TooLarge,
+    /// The response says it is not for other requests (`Cache-Control: private` or
+    /// `no-store`, or it varies on something the key does not hold): every waiter makes
+    /// its own call.
+    Private,
     /// The inner call failed (error, panic, body error) or the remote leader failed.
     Failed,
     /// The store failed and the route fails closed.

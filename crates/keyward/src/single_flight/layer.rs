@@ -1,9 +1,10 @@
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Method;
-use keyward_core::KeySpec;
+use http::header::{ACCEPT, ACCEPT_ENCODING, HOST, HeaderName, RANGE};
+use http::{Method, Request};
+use keyward_core::{Key, KeyError, KeySpec};
 use tower_layer::Layer;
 
 use super::flight::FlightTable;
@@ -35,6 +36,8 @@ pub struct SingleFlightLayer<St, K = KeySpec> {
 #[derive(Clone)]
 pub(crate) struct SingleFlightSettings {
     pub(crate) methods: Vec<Method>,
+    /// Request headers whose values are part of every key, besides the authority.
+    pub(crate) vary: Vec<HeaderName>,
     pub(crate) max_body: usize,
     pub(crate) lease: Duration,
     pub(crate) on_leader_failure: LeaderFailure,
@@ -42,7 +45,43 @@ pub(crate) struct SingleFlightSettings {
 
 impl LayerSettings for SingleFlightSettings {
     const KIND: LayerKind = LayerKind::SingleFlight;
+    const NAMES_KEY_AS_EXTRACTED: bool = true;
+
+    /// Requests share a response only if they ask for the same representation of the
+    /// same resource: the authority and the `vary` headers join whatever the extractor
+    /// found, each part length-prefixed so that no two different requests spell the same
+    /// key.
+    fn accept_key<B>(&self, key: Key, _key_name: &str, req: &Request<B>) -> Result<Key, KeyError> {
+        let authority = req
+            .uri()
+            .authority()
+            .map(|authority| authority.as_str())
+            .or_else(|| req.headers().get(HOST).and_then(|host| host.to_str().ok()))
+            .unwrap_or_default();
+        let mut spelled = String::with_capacity(key.as_str().len() + authority.len() + 32);
+        push_part(&mut spelled, key.as_str().as_bytes());
+        push_part(&mut spelled, authority.to_ascii_lowercase().as_bytes());
+        for name in &self.vary {
+            let values = req.headers().get_all(name);
+            // How many values, then each: an absent header and an empty one differ.
+            let _ = write!(spelled, "{};", values.iter().count());
+            for value in values {
+                push_part(&mut spelled, value.as_bytes());
+            }
+        }
+        Ok(Key::from(spelled))
+    }
 }
+
+/// Appends `part` as `{len}:{part}` (`len` in bytes, so the part's end is known
+/// whatever it contains; bytes that are not UTF-8 are replaced, the length kept).
+fn push_part(out: &mut String, part: &[u8]) {
+    let _ = write!(out, "{}:{}", part.len(), String::from_utf8_lossy(part));
+}
+
+/// The request headers that select a representation, part of every single-flight key
+/// by default: `Accept`, `Accept-Encoding` and `Range`.
+pub const DEFAULT_VARY: [HeaderName; 3] = [ACCEPT, ACCEPT_ENCODING, RANGE];
 
 /// Default `max_body`: 8 MiB (also [`DEFAULT_SINGLE_FLIGHT_MAX_BODY`]).
 pub const DEFAULT_MAX_BODY: usize = DEFAULT_SINGLE_FLIGHT_MAX_BODY;
@@ -58,6 +97,7 @@ impl<St> SingleFlightLayer<St> {
     pub fn new(store: St) -> Self {
         let own = SingleFlightSettings {
             methods: vec![Method::GET, Method::HEAD],
+            vary: DEFAULT_VARY.to_vec(),
             max_body: DEFAULT_SINGLE_FLIGHT_MAX_BODY,
             lease: DEFAULT_SINGLE_FLIGHT_LEASE,
             on_leader_failure: LeaderFailure::default(),
@@ -93,6 +133,14 @@ impl<St, K: Clone> SingleFlightLayer<St, K> {
         SingleFlightLayer {
             core: self.core.with_key(extractor, "custom key extractor".into()),
         }
+    }
+
+    /// Request headers whose values must match for two requests to share a response
+    /// (default [`DEFAULT_VARY`]: `Accept`, `Accept-Encoding`, `Range`), on top of the key
+    /// and the authority (`Host`), which always must.
+    pub fn vary(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
+        let vary = headers.into_iter().collect();
+        self.with(|own| own.vary = vary)
     }
 
     /// The methods that coalesce (default GET and HEAD); other requests pass through.
@@ -135,6 +183,7 @@ impl<St, K> fmt::Debug for SingleFlightLayer<St, K> {
             let own = &config.own;
             out.field("scope", &config.common.scope)
                 .field("methods", &own.methods)
+                .field("vary", &own.vary)
                 .field("max_body", &own.max_body)
                 .field("lease", &own.lease)
                 .field("on_leader_failure", &own.on_leader_failure);

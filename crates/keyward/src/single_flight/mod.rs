@@ -2,12 +2,17 @@
 //!
 //! [`SingleFlightLayer`] keys every GET and HEAD request (by default by method, path and
 //! sorted query, scoped by the `Authorization` header so that two principals never share
-//! a response). While a request with a key is in flight, later requests with the same
-//! key do not reach the inner service: they wait and receive a copy of the leader's
-//! response (status, headers except `Set-Cookie`, body and trailers) with the header
-//! `Keyward-Coalesced: true`. Response extensions are not copied (they need not be
-//! `Clone`). Once the flight ends, the next request starts a new one: this is
-//! coalescing, not caching.
+//! a response). The authority (`Host`) and the request headers that select a
+//! representation ([`SingleFlightLayer::vary`], default `Accept`, `Accept-Encoding`,
+//! `Range`) are part of every key, whatever the extractor. While a request with a key is
+//! in flight, later requests with the same key do not reach the inner service: they wait
+//! and receive a copy of the leader's response (status, headers, body and trailers) with
+//! the header `Keyward-Coalesced: true`. A copy never carries the headers no response
+//! shares (`Set-Cookie`, `Authorization`, `Proxy-Authenticate`, `Date`, hop-by-hop).
+//! A response that is not for others (`Cache-Control: private` or `no-store`, `Vary: *`
+//! or `Vary` on a header outside the key) is not copied: followers make their own call.
+//! Response extensions are not copied (they need not be `Clone`). Once the flight ends,
+//! the next request starts a new one: this is coalescing, not caching.
 //!
 //! - **Leader cancelled.** The shared work is polled by whoever waits for it, not by a
 //!   spawned task: if the leader's client goes away, a follower takes over polling and
@@ -88,7 +93,7 @@ mod work;
 pub use crate::pipeline::{Boxed as Coordinated, ResponseFuture};
 #[allow(deprecated)]
 pub use layer::DEFAULT_LEASE;
-pub use layer::{DEFAULT_MAX_BODY, LeaderFailure, SingleFlightLayer};
+pub use layer::{DEFAULT_MAX_BODY, DEFAULT_VARY, LeaderFailure, SingleFlightLayer};
 #[allow(deprecated)]
 pub use service::SingleFlight;
 pub use service::SingleFlightService;

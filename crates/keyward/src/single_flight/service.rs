@@ -20,7 +20,9 @@ use super::COALESCED;
 use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
 use super::layer::{LeaderFailure, SingleFlightSettings};
 use super::work::{OwnResult, WorkSettings, flight_work};
-use crate::pipeline::{Boxed, Config, Keyed, KeyedService, ResponseFuture, render_stored};
+use crate::pipeline::{
+    Boxed, Config, Keyed, KeyedService, ResponseFuture, render_stored, shareable_headers,
+};
 use crate::telemetry::LayerMetrics;
 
 /// Elections a follower sits through before it gives up with 502.
@@ -107,6 +109,17 @@ where
         let future = flight.coalesce(inner, req, key);
         ResponseFuture::coordinated(Box::pin(future.instrument(span)))
     }
+}
+
+/// The request headers a flight's key holds: the `vary` list, the authority, and the
+/// header the scope is taken from.
+fn keyed_on<K>(config: &Config<K, SingleFlightSettings>) -> Vec<http::HeaderName> {
+    let mut keyed_on = config.own.vary.clone();
+    keyed_on.push(http::header::HOST);
+    if let Some(KeySpec::Header(scope)) = &config.common.scope {
+        keyed_on.push(scope.clone());
+    }
+    keyed_on
 }
 
 /// Records `outcome` on the current (decision) span and counts it.
@@ -196,6 +209,7 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                         key,
                         lease: own.lease,
                         max_body: own.max_body,
+                        keyed_on: keyed_on(&config),
                         on_leader_failure: own.on_leader_failure,
                         on_store_error: config.common.on_store_error,
                         metrics: metrics.clone(),
@@ -263,7 +277,7 @@ fn leader_response<RB: Body + 'static, E: 'static>(
         (Own::None, Shared::StoreUnavailable) => {
             return Ok(store_unavailable(metrics, protocol));
         }
-        (Own::None, Shared::Failed | Shared::TooLarge) => {
+        (Own::None, Shared::Failed | Shared::TooLarge | Shared::Private) => {
             return Ok(leader_failed(metrics, protocol));
         }
     };
@@ -296,10 +310,13 @@ fn follower_next<RB: Body + 'static, E: 'static>(
 ) -> Next<RB> {
     if let Own::Typed(own) = outcome.own {
         // This follower drove the leader's work to its end after the leader left: the
-        // (possibly streaming) response is its own.
+        // (possibly streaming) response is its own, unless it was not for others; and
+        // like any copy it never carries the leader's cookies or credentials.
         if let Ok(own) = own.downcast::<OwnResult<RB, E>>() {
-            if let Ok(mut response) = *own {
+            if let (Ok(mut response), false) = (*own, matches!(outcome.shared, Shared::Private)) {
                 record(metrics, SingleFlightOutcome::Follower);
+                let headers = shareable_headers(response.headers(), |_| true);
+                *response.headers_mut() = headers;
                 mark_coalesced(&mut response);
                 return Next::Respond(response);
             }
@@ -310,7 +327,7 @@ fn follower_next<RB: Body + 'static, E: 'static>(
             record(metrics, SingleFlightOutcome::Follower);
             Next::Respond(copy(&stored))
         }
-        Shared::TooLarge => Next::CallInner,
+        Shared::TooLarge | Shared::Private => Next::CallInner,
         Shared::StoreUnavailable => Next::Respond(store_unavailable(metrics, protocol)),
         Shared::Failed if policy == LeaderFailure::BadGateway => {
             Next::Respond(leader_failed(metrics, protocol))

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::header::{CACHE_CONTROL, HeaderName, VARY};
+use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use keyward_core::store::{
     FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
@@ -31,6 +32,8 @@ pub(crate) struct WorkSettings<St> {
     pub(crate) key: ScopedKey,
     pub(crate) lease: std::time::Duration,
     pub(crate) max_body: usize,
+    /// The request headers the key holds: a response varying on any other is not shared.
+    pub(crate) keyed_on: Vec<HeaderName>,
     pub(crate) on_leader_failure: LeaderFailure,
     pub(crate) on_store_error: OnStoreError,
     pub(crate) metrics: LayerMetrics,
@@ -53,12 +56,13 @@ where
         Coordinated::Alone { store_error } => (None, store_error),
         Coordinated::Landed(landed) => return landed,
     };
-    let mut landed = call_and_buffer(svc, req, settings.max_body).await;
+    let mut landed = call_and_buffer(svc, req, settings.max_body, &settings.keyed_on).await;
     landed.store_error |= store_error;
     if let Some(mut lead) = lead {
         let landing = match &landed.shared {
             Shared::Response(response) => Landing::Response(response.clone()),
-            Shared::TooLarge => Landing::TooLarge,
+            // Remote followers then make their own call, as for a private response.
+            Shared::TooLarge | Shared::Private => Landing::TooLarge,
             Shared::Failed | Shared::StoreUnavailable => Landing::Failed,
         };
         let publish = lead.publish(landing);
@@ -186,7 +190,12 @@ where
 
 /// Makes the inner call and reads the body up to `max_body`: what followers can copy,
 /// and the driver's own response (with the leader's extensions).
-async fn call_and_buffer<S, B, RB>(mut svc: S, req: Request<B>, max_body: usize) -> Landed
+async fn call_and_buffer<S, B, RB>(
+    mut svc: S,
+    req: Request<B>,
+    max_body: usize,
+    keyed_on: &[HeaderName],
+) -> Landed
 where
     S: Service<Request<B>, Response = Response<RB>>,
     S::Error: Send + 'static,
@@ -215,6 +224,10 @@ where
             return landed(Shared::Failed, own::<RB, S::Error>(Ok(response)));
         }
     };
+    if !shareable(&parts.headers, keyed_on) {
+        let response = Response::from_parts(parts, KeywardBody::full_with_trailers(body, trailers));
+        return landed(Shared::Private, own::<RB, S::Error>(Ok(response)));
+    }
     let shared = Arc::new(StoredResponse {
         status: parts.status,
         // The leader's cookies and credentials are not the followers' to keep.
@@ -227,4 +240,78 @@ where
         KeywardBody::full_with_trailers(body, trailers),
     )));
     landed(Shared::Response(shared), own)
+}
+
+/// Whether a response may be copied to requests other than the one that got it: not if
+/// it says it is private (`Cache-Control: private` or `no-store`), nor if it varies on a
+/// request header the key does not hold (`Vary: *`, or a header outside `keyed_on`).
+fn shareable(headers: &HeaderMap, keyed_on: &[HeaderName]) -> bool {
+    let directives = |name| {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|value| value.to_str().ok())
+            .collect::<Option<Vec<&str>>>()
+    };
+    let Some(cache_control) = directives(CACHE_CONTROL) else {
+        return false;
+    };
+    let private = cache_control
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(|directive| directive.split('=').next().unwrap_or_default().trim())
+        .any(|name| name.eq_ignore_ascii_case("private") || name.eq_ignore_ascii_case("no-store"));
+    let Some(vary) = directives(VARY) else {
+        return false;
+    };
+    let varies_elsewhere = vary
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .any(|name| match HeaderName::from_bytes(name.as_bytes()) {
+            Ok(name) => !keyed_on.contains(&name),
+            // `*`, or not a header name at all.
+            Err(_) => true,
+        });
+    !private && !varies_elsewhere
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn private_or_foreign_varying_responses_are_not_shared() {
+        let keyed_on = [http::header::ACCEPT, http::header::HOST];
+        assert!(shareable(&headers(&[]), &keyed_on));
+        assert!(shareable(
+            &headers(&[("cache-control", "public, max-age=60")]),
+            &keyed_on
+        ));
+        assert!(shareable(&headers(&[("vary", "Accept, host")]), &keyed_on));
+        for unshared in [
+            ("cache-control", "max-age=0, Private"),
+            ("cache-control", "private=\"set-cookie\""),
+            ("cache-control", "no-store"),
+            ("vary", "*"),
+            ("vary", "Accept, Origin"),
+            ("vary", "Cookie"),
+        ] {
+            assert!(!shareable(&headers(&[unshared]), &keyed_on), "{unshared:?}");
+        }
+    }
 }

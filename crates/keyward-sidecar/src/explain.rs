@@ -1,0 +1,230 @@
+//! What `keyward check` says about each route: one line naming what its stack will do to
+//! a request, layer by layer in the order they run (quota -> idempotency -> serial ->
+//! single_flight -> upstream), e.g.
+//!
+//! ```text
+//! payments POST /accounts/{id}/payments: quota 10/min per header:x-api-key (else 429) → idempotency (required, header:idempotency-key, scope header:authorization; replays for 24h; duplicate in flight: 409) → serial per path:id (FIFO; waits up to 10s, 64 queued, then 503) → upstream
+//! ```
+
+use std::time::Duration;
+
+use keyward::{KeySpec, OnInFlight};
+
+use crate::config::{
+    IdempotencyConfig, QuotaConfig, RouteConfig, SerialConfig, SingleFlightConfig,
+};
+
+/// The line for `route`.
+pub fn route(route: &RouteConfig) -> String {
+    let methods = match &route.methods {
+        None => "ANY".to_owned(),
+        Some(methods) => methods
+            .iter()
+            .map(|m| m.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    let steps: Vec<String> = [
+        route.quota.as_ref().map(quota),
+        route.idempotency.as_ref().map(idempotency),
+        route.serial.as_ref().map(serial),
+        route.single_flight.as_ref().map(single_flight),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let stack = if steps.is_empty() {
+        "proxied untouched → upstream".to_owned()
+    } else {
+        format!("{} → upstream", steps.join(" → "))
+    };
+    format!("{} {methods} {}: {stack}", route.name, route.path)
+}
+
+fn quota(quota: &QuotaConfig) -> String {
+    let q = &quota.quota;
+    let mut out = format!("quota {}/{}", q.limit(), per(q.per()));
+    if q.burst() != q.limit() {
+        out.push_str(&format!(" (burst {})", q.burst()));
+    }
+    out.push_str(&format!(" per {}", spec(&quota.key)));
+    if let Some(scope) = &quota.scope {
+        out.push_str(&format!(" scope {}", spec(scope)));
+    }
+    out.push_str(if quota.shadow {
+        " (shadow: counted, never rejected)"
+    } else {
+        " (else 429)"
+    });
+    out
+}
+
+fn idempotency(idem: &IdempotencyConfig) -> String {
+    let required = if idem.required {
+        "required"
+    } else {
+        "optional"
+    };
+    let scope = match &idem.scope {
+        Some(scope) => format!("scope {}", spec(scope)),
+        None => "unscoped".to_owned(),
+    };
+    let in_flight = match idem.on_in_flight {
+        OnInFlight::Reject => "409".to_owned(),
+        OnInFlight::Wait(wait) => format!("waits up to {}", duration(wait)),
+    };
+    format!(
+        "idempotency ({required}, {}, {scope}; replays for {}; duplicate in flight: {in_flight})",
+        spec(&idem.key),
+        duration(idem.ttl)
+    )
+}
+
+fn serial(serial: &SerialConfig) -> String {
+    format!(
+        "serial per {} (FIFO; waits up to {}, {} queued, then 503)",
+        spec(&serial.key),
+        duration(serial.max_wait),
+        serial.max_queue
+    )
+}
+
+fn single_flight(flight: &SingleFlightConfig) -> String {
+    let methods: Vec<&str> = flight.methods.iter().map(|m| m.as_str()).collect();
+    let scope = match &flight.scope {
+        Some(scope) => format!("scope {}", spec(scope)),
+        None => "unscoped".to_owned(),
+    };
+    format!(
+        "single flight for {} per {} ({scope}; concurrent duplicates share one call)",
+        methods.join(","),
+        spec(&flight.key)
+    )
+}
+
+/// A key spec as the config spells it (header names lower-case), composites in brackets.
+fn spec(spec: &KeySpec) -> String {
+    match spec {
+        KeySpec::Composite(_) => format!("[{spec}]"),
+        _ => spec.to_string(),
+    }
+}
+
+/// A quota's window: `min` for a minute, `s`, `h`, `day`, else the duration (`10s`).
+fn per(per: Duration) -> String {
+    match per.as_millis() {
+        1_000 => "s".to_owned(),
+        60_000 => "min".to_owned(),
+        3_600_000 => "h".to_owned(),
+        86_400_000 => "day".to_owned(),
+        _ => duration(per),
+    }
+}
+
+/// A duration in the largest unit the config syntax has that states it exactly.
+fn duration(d: Duration) -> String {
+    const DAY: u128 = 86_400_000;
+    let ms = d.as_millis();
+    // "24h" reads better than "1d"; "3d" better than "72h".
+    if ms > DAY && ms % DAY == 0 {
+        return format!("{}d", ms / DAY);
+    }
+    for (unit, size) in [("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+        if ms >= size && ms % size == 0 {
+            return format!("{}{unit}", ms / size);
+        }
+    }
+    format!("{ms}ms")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn lines(routes: &str) -> Vec<String> {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:8080\"\nupstream = \"http://127.0.0.1:9000\"\n{routes}"
+        );
+        let config = Config::from_toml(&text).unwrap();
+        config.routes.iter().map(route).collect()
+    }
+
+    #[test]
+    fn names_every_layer_in_the_order_it_runs() {
+        let got = lines(
+            r#"
+[[routes]]
+name = "payments"
+methods = ["POST"]
+path = "/accounts/{id}/payments"
+[routes.serial]
+key = "path:id"
+[routes.idempotency]
+required = true
+[routes.quota]
+key = "header:X-Api-Key"
+limit = 100
+per = "1m"
+"#,
+        );
+        assert_eq!(
+            got,
+            [
+                "payments POST /accounts/{id}/payments: quota 100/min per header:x-api-key (else 429) → idempotency (required, header:idempotency-key, scope header:authorization; replays for 24h; duplicate in flight: 409) → serial per path:id (FIFO; waits up to 5s, 64 queued, then 503) → upstream"
+            ]
+        );
+    }
+
+    #[test]
+    fn says_what_each_setting_changes() {
+        let got = lines(
+            r#"
+[[routes]]
+name = "hooks"
+path = "/hooks/{a}"
+[routes.idempotency]
+key = ["header:Webhook-Id", "path:a"]
+scope = "none"
+ttl = "72h"
+on_in_flight = "wait"
+wait = "1500ms"
+[routes.quota]
+limit = 5
+per = "10s"
+burst = 2
+shadow = true
+
+[[routes]]
+name = "catalog"
+methods = ["get", "head"]
+path = "/catalog/{*rest}"
+[routes.single_flight]
+scope = "none"
+
+[[routes]]
+name = "plain"
+path = "/plain"
+"#,
+        );
+        assert_eq!(
+            got,
+            [
+                "hooks ANY /hooks/{a}: quota 5/10s (burst 2) per peer_ip (shadow: counted, never rejected) → idempotency (optional, [header:webhook-id, path:a], unscoped; replays for 3d; duplicate in flight: waits up to 1500ms) → upstream",
+                "catalog GET,HEAD /catalog/{*rest}: single flight for GET,HEAD per method_uri (unscoped; concurrent duplicates share one call) → upstream",
+                "plain ANY /plain: proxied untouched → upstream",
+            ]
+        );
+    }
+
+    #[test]
+    fn durations_use_the_largest_exact_unit() {
+        assert_eq!(duration(Duration::from_millis(500)), "500ms");
+        assert_eq!(duration(Duration::from_secs(90)), "90s");
+        assert_eq!(duration(Duration::from_secs(120)), "2m");
+        assert_eq!(duration(Duration::from_secs(86_400)), "24h");
+        assert_eq!(duration(Duration::from_secs(7 * 86_400)), "7d");
+        assert_eq!(per(Duration::from_secs(60)), "min");
+        assert_eq!(per(Duration::from_secs(300)), "5m");
+    }
+}
