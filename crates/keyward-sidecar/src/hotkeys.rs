@@ -11,8 +11,13 @@
 //! Only the telemetry-safe [`keyward_core::KeyHash`] strings from the decision spans are
 //! stored, never raw keys. Routes are limited to [`MAX_ROUTES`] (they come from the
 //! config, so this is only a guard); decisions on further routes are not tracked.
+//!
+//! Memory: a key hash is 16 hex digits, kept inline ([`InlineKey`], no allocation per
+//! counter; anything longer is not a key hash and is not tracked), so a sketch is its
+//! two fixed-size arrays: [`SKETCH_BYTES`] per route, at most [`MAX_BYTES`] in all.
 
 use std::collections::{BTreeMap, HashMap};
+use std::mem::size_of;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -22,6 +27,76 @@ pub const CAPACITY: usize = 64;
 
 /// Routes tracked at most.
 pub const MAX_ROUTES: usize = 1024;
+
+/// Heap bytes of one route's sketch, counted high: the counters' vector, the index at its
+/// capacity (made with room for twice the counters, 256 buckets for 64, so that the
+/// tombstones a replacement leaves are cleaned by rehashing in place, never by growing),
+/// the sketch itself in the
+/// routes map's slot at that map's lowest load (7/16), and a route name of up to 64
+/// bytes.
+#[allow(
+    dead_code,
+    reason = "the size API for the metrics exporter, which is a later issue"
+)]
+pub const SKETCH_BYTES: usize = CAPACITY * size_of::<Counter>()
+    + 256 * (size_of::<(InlineKey, usize)>() + 1)
+    + (size_of::<(String, Sketch)>() + 1) * 16 / 7
+    + 64;
+
+/// Heap bytes of every sketch, at [`MAX_ROUTES`] routes.
+#[allow(
+    dead_code,
+    reason = "the size API for the metrics exporter, which is a later issue"
+)]
+pub const MAX_BYTES: usize = MAX_ROUTES * SKETCH_BYTES;
+
+/// A key hash of up to 16 bytes, stored inline.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct InlineKey {
+    len: u8,
+    bytes: [u8; 16],
+}
+
+impl InlineKey {
+    /// `None` for keys over 16 bytes (not a key hash).
+    fn new(key: &str) -> Option<InlineKey> {
+        let mut bytes = [0; 16];
+        bytes.get_mut(..key.len())?.copy_from_slice(key.as_bytes());
+        Some(InlineKey {
+            len: key.len() as u8,
+            bytes,
+        })
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ever made from a `&str`, cut at its end.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Debug for InlineKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One counter.
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    key: InlineKey,
+    count: u64,
+    error: u64,
+}
+
+impl Counter {
+    fn hot_key(&self) -> HotKey {
+        HotKey {
+            key_hash: self.key.as_str().to_owned(),
+            count: self.count,
+            error: self.error,
+        }
+    }
+}
 
 /// One tracked key of a route, as served by `/hotkeys`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -38,8 +113,8 @@ pub struct HotKey {
 #[derive(Debug)]
 pub struct Sketch {
     capacity: usize,
-    entries: Vec<HotKey>,
-    index: HashMap<String, usize>,
+    entries: Vec<Counter>,
+    index: HashMap<InlineKey, usize>,
 }
 
 impl Sketch {
@@ -49,24 +124,23 @@ impl Sketch {
         Sketch {
             capacity,
             entries: Vec::with_capacity(capacity),
-            index: HashMap::with_capacity(capacity),
+            index: HashMap::with_capacity(capacity * 2),
         }
     }
 
-    /// Counts one hit of `key_hash`.
+    /// Counts one hit of `key_hash` (ignored if it is over 16 bytes: not a key hash).
     pub fn observe(&mut self, key_hash: &str) {
-        if let Some(entry) = self
-            .index
-            .get(key_hash)
-            .and_then(|&i| self.entries.get_mut(i))
-        {
+        let Some(key) = InlineKey::new(key_hash) else {
+            return;
+        };
+        if let Some(entry) = self.index.get(&key).and_then(|&i| self.entries.get_mut(i)) {
             entry.count += 1;
             return;
         }
         if self.entries.len() < self.capacity {
-            self.index.insert(key_hash.to_owned(), self.entries.len());
-            self.entries.push(HotKey {
-                key_hash: key_hash.to_owned(),
+            self.index.insert(key, self.entries.len());
+            self.entries.push(Counter {
+                key,
                 count: 1,
                 error: 0,
             });
@@ -79,14 +153,14 @@ impl Sketch {
         let Some(entry) = self.entries.get_mut(slot) else {
             return;
         };
-        self.index.remove(&entry.key_hash);
+        self.index.remove(&entry.key);
         let min = entry.count;
-        *entry = HotKey {
-            key_hash: key_hash.to_owned(),
+        *entry = Counter {
+            key,
             count: min + 1,
             error: min,
         };
-        self.index.insert(key_hash.to_owned(), slot);
+        self.index.insert(key, slot);
     }
 
     /// Number of counters in use (never more than the capacity).
@@ -97,7 +171,7 @@ impl Sketch {
 
     /// The tracked keys by count, highest first (ties by hash, for stable output).
     pub fn top(&self) -> Vec<HotKey> {
-        let mut top = self.entries.clone();
+        let mut top: Vec<HotKey> = self.entries.iter().map(Counter::hot_key).collect();
         top.sort_by(|a, b| b.count.cmp(&a.count).then(a.key_hash.cmp(&b.key_hash)));
         top
     }
@@ -126,6 +200,18 @@ impl HotKeys {
             sketch.observe(key_hash);
             routes.insert(route.to_owned(), sketch);
         }
+    }
+
+    /// Routes tracked and counters in use, and the bytes they hold at most
+    /// ([`SKETCH_BYTES`] per route): for an exporter.
+    #[allow(
+        dead_code,
+        reason = "the size API for the metrics exporter, which is a later issue"
+    )]
+    pub fn size(&self) -> (usize, usize, usize) {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let counters = routes.values().map(|sketch| sketch.entries.len()).sum();
+        (routes.len(), counters, routes.len() * SKETCH_BYTES)
     }
 
     /// Every route's top keys, highest count first.
@@ -196,6 +282,31 @@ mod tests {
         let c = top.iter().find(|e| e.key_hash == "c").unwrap();
         assert_eq!((c.count, c.error), (2, 1));
         assert!(top.iter().all(|e| e.key_hash != "b"));
+    }
+
+    #[test]
+    fn a_sketch_holds_no_allocation_per_key_and_longer_strings_are_not_tracked() {
+        let mut sketch = Sketch::new(CAPACITY);
+        let index_capacity = sketch.index.capacity();
+        assert!(index_capacity < 256, "{index_capacity}");
+        // Every key new: each one replaces the minimum, the worst churn of the index.
+        for i in 0..20_000 {
+            sketch.observe(&format!("{i:016x}"));
+        }
+        assert_eq!(sketch.entries.capacity(), CAPACITY);
+        // `capacity` is entries plus room left, which tombstones lower until a rehash in
+        // place: it never exceeds the first one unless the table grew.
+        let now = sketch.index.capacity();
+        assert!(
+            now <= index_capacity,
+            "the index grew: {now} > {index_capacity}"
+        );
+        sketch.observe("this is no key hash at all");
+        assert!(sketch.top().iter().all(|e| e.key_hash.len() == 16));
+        let hot = HotKeys::default();
+        hot.observe("a", "0123456789abcdef");
+        assert_eq!(hot.size(), (1, 1, SKETCH_BYTES));
+        const { assert!(SKETCH_BYTES < 12 * 1024) };
     }
 
     #[test]

@@ -37,3 +37,7 @@ pub const DEFAULT_SINGLE_FLIGHT_LEASE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MEMORY_MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
 /// Quota keys a `MemoryStore` holds at once: 2^20.
 pub const DEFAULT_MEMORY_MAX_QUOTA_KEYS: usize = 1 << 20;
+/// Idempotency keys a `MemoryStore` holds in flight at once: 2^16.
+pub const DEFAULT_MEMORY_MAX_CLAIMS: usize = 1 << 16;
+/// Keys `PerKeySerialLayer` holds at once in a `MemoryStore`: 2^16.
+pub const DEFAULT_MEMORY_MAX_SERIAL_KEYS: usize = 1 << 16;

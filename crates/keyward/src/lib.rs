@@ -65,7 +65,7 @@ pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};
 #[cfg(feature = "redis")]
 pub use keyward_redis::{BuildError as RedisBuildError, RedisStore, RedisStoreBuilder};
 #[cfg(feature = "memory")]
-pub use memory::{MemoryStore, MemoryStoreBuilder};
+pub use memory::{MemoryStore, MemoryStoreBuilder, TableSize, TableSizes};
 pub use pipeline::ScopeMissing;
 pub use quota::{QuotaLayer, QuotaService};
 #[allow(deprecated)]

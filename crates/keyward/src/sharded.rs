@@ -37,6 +37,11 @@ pub(crate) struct Probe<'a> {
 }
 
 impl Probe<'_> {
+    /// The key's hash under the table's keys (the quota table keys its own maps by it).
+    pub(crate) fn hash(&self) -> u64 {
+        self.hash
+    }
+
     /// The owned key to insert under; `key` is the string this probe was made from.
     pub(crate) fn slot(&self, key: Arc<str>) -> SlotKey {
         debug_assert_eq!(&*key, self.key, "a slot is made from its probe's key");
@@ -48,6 +53,12 @@ impl Probe<'_> {
 }
 
 impl SlotKey {
+    /// The key itself, shared (the completed-record table tells a current entry from a
+    /// replaced one by `Arc::ptr_eq`).
+    pub(crate) fn key(&self) -> &Arc<str> {
+        &self.key
+    }
+
     /// The borrowed form of this key, for look-ups.
     pub(crate) fn probe(&self) -> Probe<'_> {
         Probe {
@@ -154,18 +165,36 @@ impl<V, X> Shard<V, X> {
         self.map.get(probe as &dyn Lookup)
     }
 
+    pub(crate) fn get_key_value(&self, probe: &Probe<'_>) -> Option<(&SlotKey, &V)> {
+        self.map.get_key_value(probe as &dyn Lookup)
+    }
+
     pub(crate) fn get_mut(&mut self, probe: &Probe<'_>) -> Option<&mut V> {
         self.map.get_mut(probe as &dyn Lookup)
     }
 
     pub(crate) fn remove(&mut self, probe: &Probe<'_>) -> Option<V> {
-        self.map.remove(probe as &dyn Lookup)
+        let removed = self.map.remove(probe as &dyn Lookup);
+        self.shrink_if_sparse();
+        removed
     }
 
     /// Removes and returns the entry with its key, so it can be put back without
     /// allocating a new key.
     pub(crate) fn remove_entry(&mut self, probe: &Probe<'_>) -> Option<(SlotKey, V)> {
-        self.map.remove_entry(probe as &dyn Lookup)
+        let removed = self.map.remove_entry(probe as &dyn Lookup);
+        self.shrink_if_sparse();
+        removed
+    }
+
+    /// A map that grew in a burst keeps its capacity after the burst; give most of it
+    /// back once it is under a quarter full. Halving only when a quarter is used keeps
+    /// the rehash amortized: the map must shed half its entries again before the next.
+    fn shrink_if_sparse(&mut self) {
+        let (len, capacity) = (self.map.len(), self.map.capacity());
+        if capacity > 64 && len * 4 < capacity {
+            self.map.shrink_to(len * 2);
+        }
     }
 
     pub(crate) fn insert(&mut self, key: SlotKey, value: V) -> Option<V> {
@@ -229,6 +258,11 @@ impl<V, X> ShardedTable<V, X> {
         lock(&self.shards[index])
     }
 
+    /// Shard `index` (modulo [`SHARDS`]), locked: for work that visits shards in turn.
+    pub(crate) fn shard_at(&self, index: usize) -> MutexGuard<'_, Shard<V, X>> {
+        lock(&self.shards[index % SHARDS])
+    }
+
     /// Every shard in turn, locked one at a time (sweeps, counts).
     pub(crate) fn each_shard(&self) -> impl Iterator<Item = MutexGuard<'_, Shard<V, X>>> {
         self.shards.iter().map(lock)
@@ -271,6 +305,24 @@ mod tests {
         let (slot, value) = table.lock(&again).remove_entry(&again).unwrap();
         assert_eq!((slot.probe().key, value), ("flight:r:-:GET /a", 1));
         assert_eq!(table.len(), 0);
+    }
+
+    #[test]
+    fn a_map_gives_its_memory_back_after_a_burst() {
+        let table: ShardedTable<u32> = ShardedTable::new();
+        let keys: Vec<Arc<str>> = (0..20_000).map(|i| Arc::from(format!("k{i}"))).collect();
+        for key in &keys {
+            let probe = table.probe(key);
+            table.lock(&probe).insert(probe.slot(key.clone()), 1);
+        }
+        let grown: usize = table.each_shard().map(|s| s.map.capacity()).sum();
+        assert!(grown >= 20_000);
+        for key in &keys {
+            let probe = table.probe(key);
+            table.lock(&probe).remove(&probe);
+        }
+        let after: usize = table.each_shard().map(|s| s.map.capacity()).sum();
+        assert!(after <= SHARDS * 64 * 2, "{after} slots kept of {grown}");
     }
 
     #[test]

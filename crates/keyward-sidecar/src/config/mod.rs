@@ -100,6 +100,10 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub on_error: OnStoreError,
     pub max_response_bytes: u64,
+    /// Memory only: bounds of the tables of live keys (see `keyward::MemoryStoreBuilder`).
+    pub max_quota_keys: usize,
+    pub max_claims: usize,
+    pub max_serial_keys: usize,
     /// Redis only: how long a crashed serial holder keeps its key (renewed every third
     /// of it while the holder's process lives).
     pub serial_lease: Duration,
@@ -550,6 +554,21 @@ impl Checker {
                 raw.max_response_bytes.as_deref(),
                 DEFAULT_MEMORY_MAX_RESPONSE_BYTES,
             ),
+            max_quota_keys: self.entries(
+                "store.max_quota_keys",
+                raw.max_quota_keys,
+                keyward::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS,
+            ),
+            max_claims: self.entries(
+                "store.max_claims",
+                raw.max_claims,
+                keyward::defaults::DEFAULT_MEMORY_MAX_CLAIMS,
+            ),
+            max_serial_keys: self.entries(
+                "store.max_serial_keys",
+                raw.max_serial_keys,
+                keyward::defaults::DEFAULT_MEMORY_MAX_SERIAL_KEYS,
+            ),
             serial_lease: self.duration(
                 "store.serial_lease",
                 raw.serial_lease.as_deref(),
@@ -731,6 +750,19 @@ impl Checker {
                 DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
             ),
             store_server_errors: raw.store_server_errors.unwrap_or(false),
+        }
+    }
+
+    /// A bound on a table's entries: a whole number of at least 1.
+    fn entries(&mut self, field: &str, value: Option<i64>, default: usize) -> usize {
+        match value.map(usize::try_from) {
+            None => default,
+            Some(Ok(n)) if n >= 1 => n,
+            Some(_) => {
+                let shown = value.unwrap_or_default();
+                self.fail(field, format!("{shown} must be 1 or more"));
+                default
+            }
         }
     }
 

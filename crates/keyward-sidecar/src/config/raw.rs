@@ -41,6 +41,9 @@ pub struct RawStore {
     pub timeout: Option<String>,
     pub on_error: Option<String>,
     pub max_response_bytes: Option<String>,
+    pub max_quota_keys: Option<i64>,
+    pub max_claims: Option<i64>,
+    pub max_serial_keys: Option<i64>,
     pub serial_lease: Option<String>,
     pub cluster: Option<bool>,
 }

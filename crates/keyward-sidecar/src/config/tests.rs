@@ -271,6 +271,48 @@ fn store_urls_are_a_clusters_seed_nodes() {
 }
 
 #[test]
+fn memory_table_bounds_default_to_the_store_defaults_and_are_configurable() {
+    let config = Config::from_toml(SERVER).unwrap();
+    assert_eq!(
+        config.store.max_quota_keys,
+        keyward::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS
+    );
+    assert_eq!(
+        config.store.max_claims,
+        keyward::defaults::DEFAULT_MEMORY_MAX_CLAIMS
+    );
+    assert_eq!(
+        config.store.max_serial_keys,
+        keyward::defaults::DEFAULT_MEMORY_MAX_SERIAL_KEYS
+    );
+    let config = Config::from_toml(&format!(
+        "{SERVER}[store]\nmax_quota_keys = 5000\nmax_claims = 100\nmax_serial_keys = 200\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        (
+            config.store.max_quota_keys,
+            config.store.max_claims,
+            config.store.max_serial_keys
+        ),
+        (5000, 100, 200)
+    );
+    let errs = errors(&format!(
+        "{SERVER}[store]\nmax_claims = 0\nmax_serial_keys = -3\n"
+    ));
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("store.max_claims: 0 must be 1 or more")),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.contains("store.max_serial_keys: -3 must be 1 or more")),
+        "{errs:?}"
+    );
+}
+
+#[test]
 fn ingress_settings_default_like_a_production_proxy_and_are_checked() {
     let config = Config::from_toml(SERVER).unwrap();
     assert_eq!(config.server.body_read_timeout, Duration::from_secs(60));

@@ -1,15 +1,17 @@
 //! Idempotency records in memory.
 //!
-//! Two tables, so that a claim can never be lost to cache eviction:
-//! - in-flight claims live in sharded maps; an entry exists only while its request runs
+//! Two tables, so that a claim can never be lost to eviction:
+//! - in-flight claims live in a sharded map; an entry exists only while its request runs
 //!   (or until a later claim takes over its expired lease), so their number is bounded by
-//!   concurrency, not by traffic;
-//! - completed responses live in a moka cache bounded in bytes, each expiring after its
-//!   TTL.
+//!   concurrency, not by traffic. It is bounded anyway (`max_claims`): when a shard is
+//!   full of live claims, a new key gets a store error (503 with `Retry-After` under the
+//!   layer's default `on_store_error`), never an evicted claim;
+//! - completed responses live in [`CompletedTable`], bounded in the bytes they really
+//!   hold, each expiring after its TTL.
 //!
-//! Expiry decisions use tokio's clock (so `tokio::time::pause()` drives them in tests);
-//! moka's own expiry only reclaims memory, a little after the logical expiry.
+//! Expiry decisions use tokio's clock (so `tokio::time::pause()` drives them in tests).
 
+use std::mem::size_of;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,105 +21,108 @@ use keyward_core::store::{
     StoredResponse,
 };
 use keyward_core::{FencingToken, ScopedKey};
-use moka::Expiry;
-use moka::sync::Cache;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::MemoryStore;
-use crate::sharded::ShardedTable;
+use super::completed::CompletedTable;
+use crate::sharded::{SHARDS, ShardedTable, SlotKey};
+
+/// Heap bytes of one claim besides its key text, counted high: the map slot at the map's
+/// lowest load (7/16), the key's `Arc` counts, the `Notify` in its `Arc`, and 16 bytes
+/// of allocator overhead for each of the key and the notifier.
+pub(super) const CLAIM_OVERHEAD: usize = (size_of::<SlotKey>() + size_of::<Claim>() + 1) * 16 / 7
+    + 16
+    + size_of::<Notify>()
+    + 16
+    + 2 * 16;
 
 pub(super) struct IdempotencyTable {
     in_flight: ShardedTable<Claim>,
-    completed: Cache<Arc<str>, Arc<CompletedRecord>>,
+    completed: CompletedTable,
+    /// Claims one shard may hold (`max_claims` split over the shards).
+    shard_claims: usize,
+    max_claims: usize,
     next_token: AtomicU64,
 }
 
-struct Claim {
+pub(super) struct Claim {
     token: FencingToken,
     fingerprint: Fingerprint,
     expires_at: Instant,
     settled: Arc<Notify>,
 }
 
-struct CompletedRecord {
-    fingerprint: Fingerprint,
-    response: Arc<StoredResponse>,
-    expires_at: Instant,
-    ttl: Duration,
-}
-
-struct CompletedExpiry;
-
-impl Expiry<Arc<str>, Arc<CompletedRecord>> for CompletedExpiry {
-    fn expire_after_create(
-        &self,
-        _key: &Arc<str>,
-        value: &Arc<CompletedRecord>,
-        _created_at: std::time::Instant,
-    ) -> Option<Duration> {
-        Some(value.ttl)
-    }
-}
-
 impl IdempotencyTable {
-    pub(super) fn new(max_response_bytes: u64) -> Self {
-        let completed = Cache::builder()
-            .max_capacity(max_response_bytes)
-            .weigher(|_key: &Arc<str>, record: &Arc<CompletedRecord>| {
-                u32::try_from(record.response.weight()).unwrap_or(u32::MAX)
-            })
-            .expire_after(CompletedExpiry)
-            .build();
+    pub(super) fn new(max_response_bytes: u64, max_claims: usize) -> Self {
         IdempotencyTable {
             in_flight: ShardedTable::new(),
-            completed,
+            completed: CompletedTable::new(max_response_bytes),
+            shard_claims: max_claims.div_ceil(SHARDS).max(1),
+            max_claims,
             next_token: AtomicU64::new(1),
         }
     }
 
-    fn completed_outcome(
-        &self,
-        key: &str,
-        fingerprint: &Fingerprint,
-        now: Instant,
-    ) -> Option<ClaimOutcome> {
-        let record = self.completed.get(key)?;
-        if record.expires_at <= now {
-            return None;
-        }
-        Some(if record.fingerprint == *fingerprint {
-            ClaimOutcome::Completed(record.response.clone())
-        } else {
-            ClaimOutcome::Mismatch
+    fn completed_outcome(&self, key: &str, fingerprint: &Fingerprint) -> Option<ClaimOutcome> {
+        self.completed.with(key, |record, _| {
+            if record.fingerprint() == fingerprint {
+                ClaimOutcome::Completed(Arc::new(record.response()))
+            } else {
+                ClaimOutcome::Mismatch
+            }
         })
     }
 
-    fn claim(&self, key: &ScopedKey, fingerprint: &Fingerprint, lease: Duration) -> ClaimOutcome {
+    fn claim(
+        &self,
+        key: &ScopedKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<ClaimOutcome, StoreError> {
         let now = Instant::now();
         let storage_key = key.storage_key();
-        // Replays are the hot path after the first request: answer them without a lock.
-        if let Some(outcome) = self.completed_outcome(storage_key, fingerprint, now) {
-            return outcome;
+        // Replays are the hot path after the first request: answered by one look-up.
+        if let Some(outcome) = self.completed_outcome(storage_key, fingerprint) {
+            return Ok(outcome);
         }
         let probe = self.in_flight.probe(storage_key);
         let mut shard = self.in_flight.lock(&probe);
         if let Some(claim) = shard.get(&probe) {
             if claim.expires_at > now {
-                return if claim.fingerprint == *fingerprint {
+                return Ok(if claim.fingerprint == *fingerprint {
                     ClaimOutcome::InFlight {
                         holder: claim.token,
                         lease_left: claim.expires_at - now,
                     }
                 } else {
                     ClaimOutcome::Mismatch
-                };
+                });
             }
         }
-        // The holder may have completed between the lock-free look-up and taking the lock;
+        // The holder may have completed between the first look-up and taking the lock;
         // completion writes the record before removing the claim, under this lock.
-        if let Some(outcome) = self.completed_outcome(storage_key, fingerprint, now) {
-            return outcome;
+        if let Some(outcome) = self.completed_outcome(storage_key, fingerprint) {
+            return Ok(outcome);
+        }
+        if shard.get(&probe).is_none() && shard.map.len() >= self.shard_claims {
+            // Claims whose holders stalled past their lease are taken over by the next
+            // claim of their key; when the shard is full, they give way to new keys.
+            shard.map.retain(|_, claim| {
+                let live = claim.expires_at > now;
+                if !live {
+                    claim.settled.notify_waiters();
+                }
+                live
+            });
+            if shard.map.len() >= self.shard_claims {
+                return Err(StoreError::Unavailable(format!(
+                    "idempotency claims table full: {} requests in flight in one shard \
+                     (max_claims {} / {SHARDS})",
+                    shard.map.len(),
+                    self.max_claims
+                )));
+            }
         }
         let token = FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed));
         let claim = Claim {
@@ -130,7 +135,7 @@ impl IdempotencyTable {
             // Waiters on the expired holder re-check and find the new claim.
             expired.settled.notify_waiters();
         }
-        ClaimOutcome::Claimed(token)
+        Ok(ClaimOutcome::Claimed(token))
     }
 
     fn complete(
@@ -148,18 +153,13 @@ impl IdempotencyTable {
         if !holds_key {
             return Completion::Fenced;
         }
-        let record = CompletedRecord {
-            fingerprint: *fingerprint,
-            response: Arc::new(response),
-            expires_at: Instant::now() + ttl,
-            ttl,
-        };
         self.completed
-            .insert(key.shared_storage_key(), Arc::new(record));
+            .insert(key.shared_storage_key(), *fingerprint, &response, ttl);
         if let Some(claim) = shard.remove(&probe) {
             drop(shard);
             claim.settled.notify_waiters();
         }
+        self.completed.evict_over_bound();
         Completion::Stored
     }
 
@@ -214,14 +214,17 @@ impl IdempotencyTable {
     }
 
     fn inspect(&self, key: &str) -> RecordState {
-        let now = Instant::now();
-        if let Some(record) = self.completed.get(key).filter(|r| r.expires_at > now) {
-            return RecordState::Completed {
-                status: record.response.status,
-                fingerprint: record.fingerprint,
-                expires_in: record.expires_at - now,
-            };
+        let completed = self
+            .completed
+            .with(key, |record, expires_in| RecordState::Completed {
+                status: record.status(),
+                fingerprint: *record.fingerprint(),
+                expires_in,
+            });
+        if let Some(state) = completed {
+            return state;
         }
+        let now = Instant::now();
         let probe = self.in_flight.probe(key);
         let shard = self.in_flight.lock(&probe);
         match shard.get(&probe).filter(|claim| claim.expires_at > now) {
@@ -232,6 +235,29 @@ impl IdempotencyTable {
             },
             None => RecordState::Absent,
         }
+    }
+
+    /// Claims held and their accounted bytes.
+    pub(super) fn claims_size(&self) -> (usize, u64) {
+        let mut entries = 0;
+        let mut bytes = 0;
+        for shard in self.in_flight.each_shard() {
+            entries += shard.map.len();
+            bytes += shard
+                .map
+                .keys()
+                .map(|slot| (slot.key().len() + CLAIM_OVERHEAD) as u64)
+                .sum::<u64>();
+        }
+        (entries, bytes)
+    }
+
+    pub(super) fn max_claims(&self) -> usize {
+        self.shard_claims * SHARDS
+    }
+
+    pub(super) fn completed(&self) -> &CompletedTable {
+        &self.completed
     }
 
     #[cfg(test)]
@@ -247,7 +273,7 @@ impl IdempotencyStore for MemoryStore {
         fingerprint: &Fingerprint,
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
-        Ok(self.inner.idempotency.claim(key, fingerprint, lease))
+        self.inner.idempotency.claim(key, fingerprint, lease)
     }
 
     async fn complete(
@@ -376,6 +402,43 @@ mod tests {
         assert!(matches!(
             store.claim(&key("a"), &fp("x"), LEASE).await.unwrap(),
             ClaimOutcome::InFlight { holder, .. } if holder == new
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_claims_table_refuses_new_keys_and_evicts_no_claim() {
+        let store = MemoryStore::builder().max_claims(SHARDS).build(); // one per shard
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for n in 0..1000 {
+            match store.claim(&key(&format!("k{n}")), &fp("x"), LEASE).await {
+                Ok(ClaimOutcome::Claimed(token)) => held.push((n, token)),
+                Err(StoreError::Unavailable(message)) => {
+                    assert!(message.contains("max_claims 64"), "{message}");
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(held.len(), SHARDS);
+        assert_eq!(refused, 1000 - SHARDS);
+        assert_eq!(store.table_sizes().idempotency_claims.entries, SHARDS);
+        // Held keys are still answered, and complete as usual.
+        let (n, token) = held[0];
+        assert!(matches!(
+            store.claim(&key(&format!("k{n}")), &fp("x"), LEASE).await,
+            Ok(ClaimOutcome::InFlight { holder, .. }) if holder == token
+        ));
+        let done = store
+            .complete(&key(&format!("k{n}")), token, &fp("x"), response("ok"), TTL)
+            .await
+            .unwrap();
+        assert_eq!(done, Completion::Stored);
+        // A lease that ran out gives way to a new key once its shard is full.
+        tokio::time::advance(LEASE).await;
+        assert!(matches!(
+            store.claim(&key("late"), &fp("x"), LEASE).await,
+            Ok(ClaimOutcome::Claimed(_))
         ));
     }
 

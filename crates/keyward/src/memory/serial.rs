@@ -8,9 +8,16 @@
 //!
 //! Tokens come from one counter for the whole table: strictly increasing per key even
 //! across the key's entry being removed and created again.
+//!
+//! Bounded anyway, since concurrency is what a flood raises: at most `max_serial_keys`
+//! keys held at once (split evenly over the shards), each with at most the route's
+//! `max_queue` waiters. A new key arriving at a full shard gets a store error (503 with
+//! `Retry-After` under the layer's default `on_store_error`); held keys are never
+//! evicted, and known keys still queue.
 
 use std::collections::VecDeque;
 use std::collections::hash_map::Entry;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use keyward_core::store::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore, StoreError};
@@ -18,10 +25,23 @@ use keyward_core::{FencingToken, ScopedKey};
 use tokio::sync::oneshot;
 
 use super::MemoryStore;
-use crate::sharded::ShardedTable;
+use crate::sharded::{SHARDS, ShardedTable, SlotKey};
+
+/// Heap bytes of one held key besides its key text and waiters, counted high: the map
+/// slot at the map's lowest load (7/16), the key's `Arc` counts and 16 bytes of
+/// allocator overhead for the key.
+pub(super) const KEY_OVERHEAD: usize =
+    (size_of::<SlotKey>() + size_of::<KeyQueue>() + 1) * 16 / 7 + 16 + 16;
+
+/// Heap bytes of one waiter: its queue slot (at the queue's lowest load, 1/2) and its
+/// oneshot channel (tokio's shared state, ~100 bytes, with allocator overhead).
+pub(super) const WAITER_BYTES: usize = size_of::<Waiter>() * 2 + 128;
 
 pub(super) struct SerialTable {
     queues: ShardedTable<KeyQueue>,
+    /// Keys one shard may hold (`max_serial_keys` split over the shards).
+    shard_keys: usize,
+    max_keys: usize,
     next_token: AtomicU64,
     next_waiter: AtomicU64,
 }
@@ -44,12 +64,16 @@ enum Entered {
         grant: oneshot::Receiver<FencingToken>,
     },
     QueueFull,
+    /// The key is not held and its shard is full of held keys.
+    TableFull,
 }
 
 impl SerialTable {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(max_keys: usize) -> Self {
         SerialTable {
             queues: ShardedTable::new(),
+            shard_keys: max_keys.div_ceil(SHARDS).max(1),
+            max_keys,
             next_token: AtomicU64::new(1),
             next_waiter: AtomicU64::new(1),
         }
@@ -63,6 +87,9 @@ impl SerialTable {
     fn enter(&self, key: &ScopedKey, max_queue: usize) -> Entered {
         let slot = self.queues.slot(key.shared_storage_key());
         let mut shard = self.queues.lock(&slot.probe());
+        if shard.map.len() >= self.shard_keys && shard.get(&slot.probe()).is_none() {
+            return Entered::TableFull;
+        }
         let queue = match shard.entry(slot) {
             Entry::Vacant(vacant) => {
                 let token = self.issue_token();
@@ -138,6 +165,27 @@ impl SerialTable {
         self.queues.len()
     }
 
+    /// Keys held, and the accounted bytes of the keys and their waiters.
+    pub(super) fn size(&self) -> (usize, u64) {
+        let mut entries = 0;
+        let mut bytes = 0;
+        for shard in self.queues.each_shard() {
+            entries += shard.map.len();
+            bytes += shard
+                .map
+                .iter()
+                .map(|(slot, queue)| {
+                    (slot.key().len() + KEY_OVERHEAD + queue.waiters.len() * WAITER_BYTES) as u64
+                })
+                .sum::<u64>();
+        }
+        (entries, bytes)
+    }
+
+    pub(super) fn max_keys(&self) -> usize {
+        self.shard_keys * SHARDS
+    }
+
     #[cfg(test)]
     fn waiting(&self, key: &ScopedKey) -> usize {
         let probe = self.queues.probe(key.storage_key());
@@ -191,6 +239,12 @@ impl SerialStore for MemoryStore {
                 )));
             }
             Entered::QueueFull => return Ok(AcquireOutcome::QueueFull),
+            Entered::TableFull => {
+                return Err(StoreError::Unavailable(format!(
+                    "serial table full: {} keys held in one shard (max_serial_keys {} / {SHARDS})",
+                    table.shard_keys, table.max_keys
+                )));
+            }
             Entered::Queued { id, grant } => (id, grant),
         };
         let mut waiter = QueuedWaiter {
@@ -263,6 +317,7 @@ mod tests {
     use std::pin::pin;
     use std::time::Duration;
 
+    use crate::sharded::SHARDS;
     use futures::FutureExt;
     use keyward_core::{Key, Scope};
     use tokio::time::Instant;
@@ -394,6 +449,41 @@ mod tests {
             "the stale release did not free the key"
         );
         store.release(second).await.unwrap();
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_refuses_new_keys_but_queues_on_held_ones() {
+        let store = MemoryStore::builder().max_serial_keys(SHARDS).build();
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for n in 0..1000 {
+            match store.acquire(&key(&format!("k{n}")), LIMITS).await {
+                Ok(AcquireOutcome::Acquired(permit)) => held.push(permit),
+                Err(StoreError::Unavailable(message)) => {
+                    assert!(message.contains("max_serial_keys 64"), "{message}");
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(held.len(), SHARDS);
+        assert_eq!(refused, 1000 - SHARDS);
+        let sizes = store.table_sizes().serial_keys;
+        assert_eq!((sizes.entries, sizes.max_entries), (SHARDS, Some(SHARDS)));
+        // A held key still queues its next request.
+        let first = held.remove(0);
+        let first_key = first.key().clone();
+        let mut next = pin!(store.acquire(&first_key, LIMITS));
+        assert!(next.as_mut().now_or_never().is_none());
+        store.release(first).await.unwrap();
+        let AcquireOutcome::Acquired(second) = next.await.unwrap() else {
+            panic!("handed over")
+        };
+        store.release(second).await.unwrap();
+        for permit in held {
+            store.release(permit).await.unwrap();
+        }
         assert_eq!(store.serial_keys_in_use(), 0);
     }
 

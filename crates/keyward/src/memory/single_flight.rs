@@ -18,6 +18,18 @@ use tokio::time::Instant;
 use super::MemoryStore;
 use crate::sharded::ShardedTable;
 
+/// Heap bytes of one flight besides its key text, counted high: the map slot at the
+/// map's lowest load (7/16), the key's `Arc` counts and 16 bytes of allocator overhead.
+pub(super) const LEAD_OVERHEAD: usize =
+    (std::mem::size_of::<crate::sharded::SlotKey>() + std::mem::size_of::<Lead>() + 1) * 16 / 7
+        + 16
+        + 16;
+
+/// Heap bytes of the watch channel made for a flight's first follower (tokio's shared
+/// state with the landing slot, allocator overhead included). Followers themselves wait
+/// in their own request futures, one receiver each, which is not counted here.
+pub(super) const WATCH_BYTES: usize = 256;
+
 pub(super) struct FlightLeads {
     leads: ShardedTable<Lead>,
     next_token: AtomicU64,
@@ -104,6 +116,29 @@ impl FlightLeads {
             // Timed out, or the lead was dropped without landing.
             Ok(Err(_)) | Err(_) => Some(Landing::Failed),
         }
+    }
+
+    /// Flights in progress and their accounted bytes: per flight its key text and
+    /// [`LEAD_OVERHEAD`], plus a watch channel once a follower waits.
+    pub(super) fn size(&self) -> (usize, u64) {
+        let mut entries = 0;
+        let mut bytes = 0;
+        for shard in self.leads.each_shard() {
+            entries += shard.map.len();
+            bytes += shard
+                .map
+                .iter()
+                .map(|(slot, lead)| {
+                    let channel = if lead.landing.is_some() {
+                        WATCH_BYTES
+                    } else {
+                        0
+                    };
+                    (slot.key().len() + LEAD_OVERHEAD + channel) as u64
+                })
+                .sum::<u64>();
+        }
+        (entries, bytes)
     }
 
     #[cfg(test)]
