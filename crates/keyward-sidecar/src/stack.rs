@@ -117,6 +117,7 @@ pub fn idempotency_layer<St: IdempotencyStore>(
         .max_body(idem.max_body)
         .max_response(idem.max_response)
         .store_server_errors(idem.store_server_errors)
+        .record_retry(idem.record_retry)
         .scope_missing(idem.scope_missing)
         .on_store_error(store_config.on_error);
     match &idem.scope {

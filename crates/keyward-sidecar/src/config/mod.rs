@@ -147,6 +147,8 @@ pub struct IdempotencyConfig {
     pub max_body: usize,
     pub max_response: usize,
     pub store_server_errors: bool,
+    /// How long a response whose record the store refuses is retried, holding the key.
+    pub record_retry: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -750,6 +752,11 @@ impl Checker {
                 DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
             ),
             store_server_errors: raw.store_server_errors.unwrap_or(false),
+            record_retry: self.duration(
+                &f("record_retry"),
+                raw.record_retry.as_deref(),
+                keyward::defaults::DEFAULT_IDEMPOTENCY_RECORD_RETRY,
+            ),
         }
     }
 

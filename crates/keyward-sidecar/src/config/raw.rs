@@ -90,6 +90,7 @@ pub struct RawIdempotency {
     pub max_body: Option<String>,
     pub max_response: Option<String>,
     pub store_server_errors: Option<bool>,
+    pub record_retry: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -160,6 +160,12 @@ fn every_error_names_the_field_and_the_value() {
         ),
         (
             format!(
+                "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.idempotency]\nrecord_retry = \"soon\"\n"
+            ),
+            "routes[0].idempotency.record_retry: \"soon\" is not a duration",
+        ),
+        (
+            format!(
                 "{SERVER}[[routes]]\nname = \"a\"\npath = \"/a\"\n[routes.single_flight]\nvary = [\"Accept\", \"bad header\"]\n"
             ),
             "routes[0].single_flight.vary: \"bad header\" is not a header name",
