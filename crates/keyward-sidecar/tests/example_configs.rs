@@ -7,7 +7,7 @@
 mod demo;
 mod support;
 
-use demo::{DemoUpstream, Served, example_config};
+use demo::{DemoUpstream, example_config};
 use keyward_tests::redis_kit::RedisServer;
 use serde_json::Value;
 use support::{HttpClient, Reply, client, send, send_concurrently};
@@ -49,7 +49,7 @@ fn every_example_config_has_a_check_here() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_layers_replays_a_retried_payment_with_a_fencing_token() {
     let upstream = DemoUpstream::start().await;
-    let sidecar = Served::start(&config("all-layers.toml"), upstream.addr, &[]).await;
+    let sidecar = demo::serve(&config("all-layers.toml"), upstream.addr, &[]).await;
     let http = client();
     let headers = [
         ("authorization", "Bearer sk_alice"),
@@ -77,7 +77,7 @@ async fn all_layers_replays_a_retried_payment_with_a_fencing_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_stampede_reaches_the_origin_once() {
     let upstream = DemoUpstream::start().await;
-    let sidecar = Served::start(&config("cache-stampede.toml"), upstream.addr, &[]).await;
+    let sidecar = demo::serve(&config("cache-stampede.toml"), upstream.addr, &[]).await;
     let http = client();
     let url = sidecar.url("/catalog/shoes?delay_ms=1000");
     let replies = send_concurrently(
@@ -110,8 +110,8 @@ async fn payments_redis_replays_a_retry_that_lands_on_another_sidecar() {
         format!("url = \"{}\"", redis.url()),
     )];
     let text = config("payments-redis.toml");
-    let one = Served::start(&text, upstream.addr, &url).await;
-    let two = Served::start(&text, upstream.addr, &url).await;
+    let one = demo::serve(&text, upstream.addr, &url).await;
+    let two = demo::serve(&text, upstream.addr, &url).await;
     let http = client();
     let headers = [
         ("authorization", "Bearer sk_alice"),
@@ -140,7 +140,7 @@ async fn payments_redis_replays_a_retry_that_lands_on_another_sidecar() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payments_charges_a_retried_payment_once() {
     let upstream = DemoUpstream::start().await;
-    let sidecar = Served::start(&config("payments.toml"), upstream.addr, &[]).await;
+    let sidecar = demo::serve(&config("payments.toml"), upstream.addr, &[]).await;
     let http = client();
     let headers = [
         ("authorization", "Bearer sk_alice"),
@@ -162,7 +162,7 @@ async fn payments_charges_a_retried_payment_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_tenant_quota_limits_one_tenant_not_the_others() {
     let upstream = DemoUpstream::start().await;
-    let sidecar = Served::start(&config("per-tenant-quota.toml"), upstream.addr, &[]).await;
+    let sidecar = demo::serve(&config("per-tenant-quota.toml"), upstream.addr, &[]).await;
     let http = client();
     let url = sidecar.url("/api/orders");
     let mut statuses = Vec::new();
@@ -189,7 +189,7 @@ async fn per_tenant_quota_limits_one_tenant_not_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_apply_a_redelivery_once_and_one_delivery_per_account_at_a_time() {
     let upstream = DemoUpstream::start().await;
-    let sidecar = Served::start(&config("webhooks.toml"), upstream.addr, &[]).await;
+    let sidecar = demo::serve(&config("webhooks.toml"), upstream.addr, &[]).await;
     let http = client();
     // The provider delivers evt_1 twice at once (a retry that overlaps the first try):
     // with on_in_flight = "wait", the duplicate waits and gets the first answer.

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use demo::{DemoUpstream, Served, example_config, require_tool};
+use demo::{DemoUpstream, example_config, require_tool};
 use serde_json::Value;
 
 /// The script's first line quoted by the README: everything from here on is in the README.
@@ -102,7 +102,7 @@ async fn the_readme_walkthrough_answers_as_documented() {
     require_tool("curl", "curl");
     let upstream = DemoUpstream::start().await;
     let config = std::fs::read_to_string(example_config("payments.toml")).unwrap();
-    let sidecar = Served::start(&config, upstream.addr, &[]).await;
+    let sidecar = demo::serve(&config, upstream.addr, &[]).await;
     let script = example_config("try.sh");
 
     let run = tokio::process::Command::new("bash")

@@ -5,12 +5,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
 use examples::upstream::Upstream;
 
-use crate::support::{binary, free_port, tempdir};
+use crate::support::Sidecar;
 
 /// The demo upstream, in this process; stopped on drop.
 pub struct DemoUpstream {
@@ -72,97 +71,43 @@ pub fn replace_once(text: &str, from: &str, to: &str) -> String {
 }
 
 /// A running `keyward serve` on an example config; killed on drop.
-pub struct Served {
-    child: Child,
-    pub addr: SocketAddr,
-    pub admin: SocketAddr,
-    _dir: tempdir::Dir,
-}
+pub type Served = Sidecar;
 
-impl Served {
-    /// Serves `text` (an example config with the README addresses) with its listen and
-    /// admin addresses on free ports and its upstream at `upstream`. `extra` rewrites
-    /// the text further (e.g. the Redis URL). A start that exits early (a port taken in
-    /// between) is retried on fresh ports, three times at most.
-    pub async fn start(text: &str, upstream: SocketAddr, extra: &[(&str, String)]) -> Served {
-        let mut exits = Vec::new();
-        for _ in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let mut config = replace_once(
-                text,
-                "upstream = \"http://127.0.0.1:9000\"",
-                &format!("upstream = \"http://{upstream}\""),
-            );
-            config = replace_once(
+/// Serves `text` (an example config with the README addresses) with its listen and
+/// admin addresses on free ports and its upstream at `upstream`. `extra` rewrites the
+/// text further (e.g. the Redis URL).
+pub async fn serve(text: &str, upstream: SocketAddr, extra: &[(&str, String)]) -> Served {
+    let config = |addr: SocketAddr, admin: SocketAddr| {
+        let mut config = replace_once(
+            text,
+            "upstream = \"http://127.0.0.1:9000\"",
+            &format!("upstream = \"http://{upstream}\""),
+        );
+        config = replace_once(
+            &config,
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"{addr}\""),
+        );
+        config = if config.contains("admin = \"127.0.0.1:9901\"") {
+            replace_once(
                 &config,
-                "listen = \"127.0.0.1:8080\"",
-                &format!("listen = \"{addr}\""),
-            );
-            config = if config.contains("admin = \"127.0.0.1:9901\"") {
-                replace_once(
-                    &config,
-                    "admin = \"127.0.0.1:9901\"",
-                    &format!("admin = \"{admin}\""),
-                )
-            } else {
-                // Without an admin line the default 127.0.0.1:9901 would be used.
-                replace_once(
-                    &config,
-                    "[server]\n",
-                    &format!("[server]\nadmin = \"{admin}\"\n"),
-                )
-            };
-            for (from, to) in extra {
-                config = replace_once(&config, from, to);
-            }
-            let dir = tempdir::Dir::new("demo");
-            let path = dir.path().join("keyward.toml");
-            std::fs::write(&path, &config).unwrap();
-            let child = Command::new(binary())
-                .args(["serve", "-c"])
-                .arg(&path)
-                .env("KEYWARD_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let mut served = Served {
-                child,
-                addr,
-                admin,
-                _dir: dir,
-            };
-            // Bounded wait for both listeners: 15 s, for a debug build on a busy machine.
-            for _ in 0..600 {
-                if let Some(status) = served.child.try_wait().unwrap() {
-                    exits.push(format!("{addr}/{admin}: {status}"));
-                    break;
-                }
-                if tokio::net::TcpStream::connect(addr).await.is_ok()
-                    && tokio::net::TcpStream::connect(admin).await.is_ok()
-                {
-                    return served;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
-            }
-            if exits.is_empty() {
-                panic!("keyward did not start listening on {addr} within 15 s");
-            }
+                "admin = \"127.0.0.1:9901\"",
+                &format!("admin = \"{admin}\""),
+            )
+        } else {
+            // Without an admin line the default 127.0.0.1:9901 would be used.
+            replace_once(
+                &config,
+                "[server]\n",
+                &format!("[server]\nadmin = \"{admin}\"\n"),
+            )
+        };
+        for (from, to) in extra {
+            config = replace_once(&config, from, to);
         }
-        panic!("keyward exited at start three times: {exits:?}");
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+        config
+    };
+    Sidecar::serve(config, |_| {}).await
 }
 
 /// Fails, naming the install command, when `tool` is not on PATH: a test that needs it

@@ -184,22 +184,34 @@ impl Sidecar {
         rest: &str,
         configure: impl Fn(&mut Command),
     ) -> Sidecar {
+        // `server_lines` may set its own request_timeout (TOML refuses a key twice).
+        let request_timeout = if server_lines.contains("request_timeout") {
+            ""
+        } else {
+            "request_timeout = \"2s\"\n"
+        };
+        let config = |addr: SocketAddr, admin: SocketAddr| {
+            format!(
+                "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\n{request_timeout}shutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
+            )
+        };
+        Self::serve(config, configure).await
+    }
+
+    /// Runs `keyward serve` on the config `config(listen, admin)` makes for two free
+    /// ports, and waits until both listeners accept. A start that exits early (a port
+    /// taken in between) is retried on fresh ports, three times at most.
+    pub async fn serve(
+        config: impl Fn(SocketAddr, SocketAddr) -> String,
+        configure: impl Fn(&mut Command),
+    ) -> Sidecar {
         let mut exits = Vec::new();
         for _ in 0..3 {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            // `server_lines` may set its own request_timeout (TOML refuses a key twice).
-            let request_timeout = if server_lines.contains("request_timeout") {
-                ""
-            } else {
-                "request_timeout = \"2s\"\n"
-            };
-            let config = format!(
-                "[server]\nlisten = \"{addr}\"\nupstream = \"http://{upstream}\"\nadmin = \"{admin}\"\n{request_timeout}shutdown_grace = \"5s\"\n{server_lines}\n\n{rest}"
-            );
             let dir = tempdir::Dir::new("sidecar");
             let path = dir.path().join("keyward.toml");
-            std::fs::write(&path, config).unwrap();
+            std::fs::write(&path, config(addr, admin)).unwrap();
             let mut command = Command::new(binary());
             command
                 .args(["serve", "-c"])
