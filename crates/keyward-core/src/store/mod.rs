@@ -2,7 +2,7 @@
 //!
 //! Every decision a layer makes is one method call, so that a remote store can answer it
 //! in one round trip (one Lua script on Redis). Implementations: `keyward::MemoryStore`
-//! (one process, moka) and `keyward::RedisStore` (many processes).
+//! (one process, bounded in-memory tables) and `keyward::RedisStore` (many processes).
 
 mod idempotency;
 mod quota;
