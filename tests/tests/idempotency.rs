@@ -756,6 +756,18 @@ struct FlakyCompletion {
     fail: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
+impl FlakyCompletion {
+    /// A memory store whose next `n` completions fail, and the counter of those left.
+    fn failing(n: usize) -> (Self, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(n));
+        let store = FlakyCompletion {
+            inner: keyward::MemoryStore::new(),
+            fail: fail.clone(),
+        };
+        (store, fail)
+    }
+}
+
 impl IdempotencyStore for FlakyCompletion {
     async fn claim(
         &self,
@@ -826,11 +838,7 @@ impl IdempotencyStore for FlakyCompletion {
 /// completion is now retried (for up to the lease) and the record lands.
 #[tokio::test(start_paused = true)]
 async fn a_store_error_while_completing_is_retried_and_the_record_lands() {
-    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(3));
-    let store = FlakyCompletion {
-        inner: keyward::MemoryStore::new(),
-        fail: fail.clone(),
-    };
+    let (store, fail) = FlakyCompletion::failing(3);
     let upstream = Upstream::new(StatusCode::CREATED);
     let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
     let first = send(&svc, post("/pay", Some("k"), None, "1")).await;
@@ -845,10 +853,7 @@ async fn a_store_error_while_completing_is_retried_and_the_record_lands() {
 /// still reaches the client; a retry then runs again, as documented).
 #[tokio::test(start_paused = true)]
 async fn a_store_outage_longer_than_the_lease_releases_the_key() {
-    let store = FlakyCompletion {
-        inner: keyward::MemoryStore::new(),
-        fail: std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1_000)),
-    };
+    let (store, _) = FlakyCompletion::failing(1_000);
     let upstream = Upstream::new(StatusCode::CREATED);
     let svc = service(
         layer(&store)
@@ -933,11 +938,7 @@ async fn a_client_gone_while_the_response_is_read_does_not_release_the_key() {
 /// after the client left, and the record lands.
 #[tokio::test(start_paused = true)]
 async fn a_client_gone_during_completion_retries_does_not_release_the_key() {
-    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(3));
-    let store = FlakyCompletion {
-        inner: keyward::MemoryStore::new(),
-        fail: fail.clone(),
-    };
+    let (store, fail) = FlakyCompletion::failing(3);
     let upstream = Upstream::new(StatusCode::CREATED);
     let svc = service(layer(&store).lease(Duration::from_secs(2)), &upstream);
     let mut first = Box::pin(send(&svc, post("/pay", Some("k"), None, "1")));
@@ -962,11 +963,7 @@ async fn a_client_gone_during_completion_retries_does_not_release_the_key() {
 /// running the request a second time, and replays once the record lands.
 #[tokio::test(start_paused = true)]
 async fn while_the_record_is_retried_past_the_lease_the_claim_is_kept() {
-    let fail = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
-    let store = FlakyCompletion {
-        inner: keyward::MemoryStore::new(),
-        fail: fail.clone(),
-    };
+    let (store, fail) = FlakyCompletion::failing(usize::MAX);
     let upstream = Upstream::new(StatusCode::CREATED);
     let svc = service(
         layer(&store)

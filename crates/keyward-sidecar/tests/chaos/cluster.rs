@@ -15,7 +15,7 @@ use keyward_tests::redis_kit::{ClusterOptions, ReplicatedCluster};
 
 use crate::client::{Clients, KeyPlan};
 use crate::fleet::{ChaosSidecar, StoreSetup};
-use crate::upstream::{ExecOutcome, FencedUpstream, lock};
+use crate::upstream::{FencedUpstream, lock};
 use crate::verdict::{Fault, FaultKind, Row, Scenario, Verdict, judge};
 
 const SIDECARS: usize = 3;
@@ -297,17 +297,7 @@ pub async fn scenario(seed: u64) -> Verdict {
     let run = started.elapsed();
 
     // Let abandoned upstream work end and every lease run out, then ask every key again.
-    for _ in 0..100 {
-        let busy = lock(&upstream.ledger)
-            .execs
-            .iter()
-            .any(|e| e.outcome == ExecOutcome::Running);
-        if !busy {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(CLUSTER_LEASE + Duration::from_millis(300)).await;
+    upstream.settle(CLUSTER_LEASE).await;
     let final_started = Instant::now();
     if tokio::time::timeout(RUN_LIMIT, clients.run(WORKERS, true))
         .await

@@ -36,7 +36,7 @@ use keyward_tests::redis_kit::RedisServer;
 use crate::client::{Clients, KeyPlan};
 use crate::fleet::{ChaosSidecar, LEASE};
 use crate::rng::Rng;
-use crate::upstream::{ExecOutcome, FencedUpstream, lock};
+use crate::upstream::{FencedUpstream, lock};
 use crate::verdict::{Fault, FaultKind, Scenario, Verdict, judge};
 
 const SIDECARS: usize = 3;
@@ -177,17 +177,7 @@ async fn scenario(name: &str, persistent: bool) -> Verdict {
     let run = started.elapsed();
 
     // Let abandoned upstream work end and every lease run out, then ask every key again.
-    for _ in 0..100 {
-        let busy = lock(&upstream.ledger)
-            .execs
-            .iter()
-            .any(|e| e.outcome == ExecOutcome::Running);
-        if !busy {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(LEASE + Duration::from_millis(300)).await;
+    upstream.settle(LEASE).await;
     let final_started = Instant::now();
     tokio::time::timeout(RUN_LIMIT, clients.run(WORKERS, true))
         .await

@@ -73,6 +73,22 @@ pub struct FencedUpstream {
 }
 
 impl FencedUpstream {
+    /// Waits (bounded: 10 s) until no call is running any more, then for `lease` and a
+    /// little more, so that every claim and lock of the run has lapsed.
+    pub async fn settle(&self, lease: Duration) {
+        for _ in 0..100 {
+            let busy = lock(&self.ledger)
+                .execs
+                .iter()
+                .any(|e| e.outcome == ExecOutcome::Running);
+            if !busy {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    }
+
     pub async fn start() -> FencedUpstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
