@@ -286,13 +286,7 @@ async fn a_dripped_body_gets_408_and_releases_the_serial_key() {
         .await
         .unwrap();
     // The dripping client holds the key once the upstream has begun reading its body.
-    for _ in 0..200 {
-        if upstream.hits() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(upstream.hits(), 1);
+    upstream.wait_for_hits(1).await;
     assert_key_freed(&sidecar, Duration::from_secs(5)).await;
     let mut answer = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
@@ -315,13 +309,7 @@ async fn a_client_that_never_reads_its_response_loses_the_connection_and_the_key
         )
         .await
         .unwrap();
-    for _ in 0..200 {
-        if upstream.hits() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(upstream.hits(), 1);
+    upstream.wait_for_hits(1).await;
     assert_key_freed(&sidecar, Duration::from_secs(6)).await;
     drop(stream);
 }

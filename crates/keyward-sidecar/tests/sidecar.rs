@@ -165,14 +165,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_0() {
             })
         })
         .collect();
-    // Bounded wait until all five are at the upstream.
-    for _ in 0..200 {
-        if upstream.hits() == 5 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(upstream.hits(), 5);
+    upstream.wait_for_hits(5).await;
     let status = sidecar.terminate().await;
     assert!(status.success(), "{status:?}");
     for request in requests {

@@ -106,6 +106,17 @@ impl Upstream {
     pub fn hits(&self) -> usize {
         self.seen.hits.load(Ordering::SeqCst)
     }
+
+    /// Waits (bounded: 2 s) until the upstream has seen `n` requests; fails if it has not.
+    pub async fn wait_for_hits(&self, n: usize) {
+        for _ in 0..200 {
+            if self.hits() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.hits(), n, "requests at the upstream");
+    }
 }
 
 pub fn binary() -> PathBuf {
