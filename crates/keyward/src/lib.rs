@@ -72,6 +72,7 @@ pub use quota::{QuotaLayer, QuotaService};
 pub use serial::PerKeySerial;
 pub use serial::{PerKeySerialLayer, PerKeySerialService};
 pub use single_flight::{LeaderFailure, SingleFlightLayer, SingleFlightService};
+pub use telemetry::{DecisionReporter, DecisionSink, ReportedDecision};
 
 /// The core types, re-exported.
 pub use keyward_core as core;

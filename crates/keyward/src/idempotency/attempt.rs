@@ -20,7 +20,9 @@ use keyward_core::{FencingToken, KeywardBody, Problem, ScopedKey};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tower_service::Service;
-use tracing::{Instrument, Span};
+use tracing::Instrument;
+
+use crate::pipeline::Trace;
 
 use super::claim::{ClaimGuard, with_renewal};
 use super::layer::{IdempotencySettings, OnInFlight, ReplayHeaders};
@@ -35,7 +37,7 @@ pub(crate) struct Attempt<St, K> {
     pub(crate) store: St,
     pub(crate) config: Arc<Config<K, IdempotencySettings>>,
     pub(crate) key: ScopedKey,
-    pub(crate) span: Span,
+    pub(crate) trace: Trace,
     /// How rejections are rendered for this request.
     pub(crate) protocol: Protocol,
 }
@@ -46,7 +48,7 @@ impl<St: Clone, K> Clone for Attempt<St, K> {
             store: self.store.clone(),
             config: self.config.clone(),
             key: self.key.clone(),
-            span: self.span.clone(),
+            trace: self.trace.clone(),
             protocol: self.protocol,
         }
     }
@@ -64,7 +66,7 @@ where
         self.config
             .common
             .metrics
-            .decided(&self.span, outcome.as_str());
+            .decided(&self.trace, outcome.as_str());
     }
 
     pub(crate) async fn run<S, B, ResB>(
@@ -124,7 +126,7 @@ where
                 };
             }
         };
-        self.span.record(FIELD_FENCING_TOKEN, token.get());
+        self.trace.span.record(FIELD_FENCING_TOKEN, token.get());
 
         let req = Request::from_parts(parts, B::from(body));
         // Boxed on its own: the first execution is the rare path, and keeping its state
@@ -175,7 +177,7 @@ where
         // task of their own; a client that leaves stops waiting, not the task.
         let (waiting, gone) = oneshot::channel::<()>();
         let finish = self.clone().finish(res, guard, token, *fingerprint, gone);
-        let finished = tokio::spawn(finish.instrument(self.span.clone())).await;
+        let finished = tokio::spawn(finish.instrument(self.trace.span.clone())).await;
         drop(waiting);
         match finished {
             Ok(response) => Ok(response),
@@ -276,7 +278,7 @@ where
             let claim = self.store.claim(&self.key, fingerprint, settings.lease);
             let outcome = metrics.timed(STORE_OP_CLAIM, claim).await?;
             if waited {
-                metrics.waited(&self.span, started.elapsed().as_secs_f64());
+                metrics.waited(&self.trace.span, started.elapsed().as_secs_f64());
             }
             match outcome {
                 ClaimOutcome::Claimed(token) => return Ok(Claim::Token(token)),

@@ -9,7 +9,10 @@ use keyward_core::store::IdempotencyStore;
 use keyward_core::telemetry::IdempotencyOutcome;
 use keyward_core::{KeyExtractor, KeywardBody, Problem};
 use tower_service::Service;
-use tracing::{Instrument, Span};
+use tracing::Instrument;
+
+use crate::DecisionReporter;
+use crate::pipeline::Trace;
 
 use super::attempt::Attempt;
 use super::layer::IdempotencySettings;
@@ -66,17 +69,18 @@ where
             inner,
             req,
             key,
-            span,
+            trace,
             protocol,
             ..
         } = match self.core.prepare(req) {
             Prepared::Keyed(keyed) => keyed,
             Prepared::NoKey { mut inner, req } => {
                 let config = &self.core.config;
-                let span = config.span();
-                self.record(&span, IdempotencyOutcome::MissingKey);
+                let reporter = req.extensions().get::<DecisionReporter>();
+                let trace = config.trace(config.span(), reporter, None);
+                self.record(&trace, IdempotencyOutcome::MissingKey);
                 if !config.own.required {
-                    let _entered = span.enter();
+                    let _entered = trace.span.enter();
                     return ResponseFuture::pass_through(inner.call(req));
                 }
                 let problem = Problem::new(
@@ -91,8 +95,14 @@ where
                 let protocol = keyward_core::grpc::Protocol::of(req.headers());
                 return ResponseFuture::answered(problem.into_keyward_response(protocol));
             }
-            Prepared::Invalid { error, protocol } => {
-                self.record(&self.core.config.span(), IdempotencyOutcome::InvalidKey);
+            Prepared::Invalid {
+                error,
+                protocol,
+                reporter,
+            } => {
+                let config = &self.core.config;
+                let trace = config.trace(config.span(), reporter.as_ref(), None);
+                self.record(&trace, IdempotencyOutcome::InvalidKey);
                 let problem = Problem::new(
                     StatusCode::BAD_REQUEST,
                     types::IDEMPOTENCY_KEY_INVALID,
@@ -106,19 +116,19 @@ where
             store: self.core.store.clone(),
             config: self.core.config.clone(),
             key,
-            span: span.clone(),
+            trace: trace.clone(),
             protocol,
         };
-        ResponseFuture::coordinated(Box::pin(attempt.run(inner, req).instrument(span)))
+        ResponseFuture::coordinated(Box::pin(attempt.run(inner, req).instrument(trace.span)))
     }
 }
 
 impl<S, St, K> IdempotencyService<S, St, K> {
-    fn record(&self, span: &Span, outcome: IdempotencyOutcome) {
+    fn record(&self, trace: &Trace, outcome: IdempotencyOutcome) {
         self.core
             .config
             .common
             .metrics
-            .decided(span, outcome.as_str());
+            .decided(trace, outcome.as_str());
     }
 }

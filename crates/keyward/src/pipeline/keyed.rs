@@ -9,13 +9,13 @@ use http_body::Body;
 use keyward_core::grpc::Protocol;
 use keyward_core::store::OnStoreError;
 use keyward_core::telemetry::FIELD_KEY_HASH;
-use keyward_core::{Key, KeyError, KeyExtractor, KeySpec, Problem, Scope, ScopedKey};
+use keyward_core::{Key, KeyError, KeyExtractor, KeyHash, KeySpec, Problem, Scope, ScopedKey};
 use opentelemetry::metrics::Meter;
 use tower_service::Service;
 use tracing::Span;
 
-use super::{LayerKind, ResponseFuture};
-use crate::telemetry::LayerMetrics;
+use super::{LayerKind, ResponseFuture, Trace};
+use crate::telemetry::{DecisionReporter, LayerMetrics};
 
 /// A layer's own settings: what the shared pipeline needs to know of them.
 pub(crate) trait LayerSettings: Clone {
@@ -179,6 +179,16 @@ impl<K, X: LayerSettings> Config<K, X> {
     pub(crate) fn span(&self) -> Span {
         X::KIND.span(&self.common.route)
     }
+
+    /// Where a decision of this layer goes: `span`, and `reporter` if the request has one.
+    pub(crate) fn trace(
+        &self,
+        span: Span,
+        reporter: Option<&DecisionReporter>,
+        key_hash: Option<KeyHash>,
+    ) -> Trace {
+        Trace::new(span, reporter, key_hash)
+    }
 }
 
 /// The builder state every layer wraps: the store and the shared configuration.
@@ -301,8 +311,9 @@ pub(crate) struct Keyed<S, B> {
     pub(crate) key: ScopedKey,
     /// The key as the extractor found it (and the layer accepted it), unscoped.
     pub(crate) raw: Key,
-    /// The decision span, with the key's hash recorded when the span is enabled.
-    pub(crate) span: Span,
+    /// The decision span (with the key's hash recorded when the span is enabled) and
+    /// the request's reporter.
+    pub(crate) trace: Trace,
     /// How rejections are rendered for this request.
     pub(crate) protocol: Protocol,
 }
@@ -314,7 +325,11 @@ pub(crate) enum Prepared<S, B> {
     /// It has no key: the layer passes it through, or rejects it where a key is required.
     NoKey { inner: S, req: Request<B> },
     /// Its key or principal cannot be used.
-    Invalid { error: KeyError, protocol: Protocol },
+    Invalid {
+        error: KeyError,
+        protocol: Protocol,
+        reporter: Option<DecisionReporter>,
+    },
 }
 
 impl<S, B> Prepared<S, B> {
@@ -332,7 +347,9 @@ impl<S, B> Prepared<S, B> {
             Prepared::NoKey { mut inner, req } => {
                 Err(ResponseFuture::pass_through(inner.call(req)))
             }
-            Prepared::Invalid { error, protocol } => {
+            Prepared::Invalid {
+                error, protocol, ..
+            } => {
                 let problem = Problem::key_invalid(&error);
                 Err(ResponseFuture::answered(
                     problem.into_keyward_response(protocol),
@@ -363,23 +380,33 @@ impl<S: Clone, St, K, X: LayerSettings> KeyedService<S, St, K, X> {
                 let inner = self.take_ready();
                 return Prepared::NoKey { inner, req };
             }
-            Err(error) => return Prepared::Invalid { error, protocol },
+            Err(error) => {
+                let reporter = req.extensions().get::<DecisionReporter>().cloned();
+                return Prepared::Invalid {
+                    error,
+                    protocol,
+                    reporter,
+                };
+            }
         };
         let span = self.config.span();
         let traced = !span.is_disabled();
-        let key = self.config.scoped(&found, traced);
-        if traced {
-            // Computed only for a span that records it: a SHA-256 per request is a
-            // large share of a layer's cost.
-            span.record(FIELD_KEY_HASH, key.key_hash().as_str());
+        let reporter = req.extensions().get::<DecisionReporter>();
+        let key = self.config.scoped(&found, traced || reporter.is_some());
+        // Computed only for a span or a reporter that records it: a SHA-256 per request
+        // is a large share of a layer's cost.
+        let key_hash = (traced || reporter.is_some()).then(|| key.key_hash());
+        if let (true, Some(hash)) = (traced, key_hash) {
+            span.record(FIELD_KEY_HASH, hash.as_str());
         }
+        let trace = self.config.trace(span, reporter, key_hash);
         let raw = found.key;
         Prepared::Keyed(Keyed {
             inner: self.take_ready(),
             req,
             key,
             raw,
-            span,
+            trace,
             protocol,
         })
     }

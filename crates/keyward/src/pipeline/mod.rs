@@ -20,6 +20,7 @@ mod future;
 mod keyed;
 mod kind;
 mod stored;
+mod trace;
 
 pub(crate) use buffer::{Buffered, buffer_response};
 pub use future::{Boxed, ResponseFuture};
@@ -30,3 +31,4 @@ pub(crate) use keyed::{
 };
 pub(crate) use kind::LayerKind;
 pub(crate) use stored::{render_stored, shareable_headers};
+pub(crate) use trace::Trace;

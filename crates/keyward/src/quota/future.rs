@@ -1,3 +1,4 @@
+use crate::pipeline::Trace;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -30,7 +31,7 @@ pub(crate) struct Decide {
     /// The store call, timed until it answers.
     pub(crate) timer: Option<StoreCall>,
     pub(crate) protocol: Protocol,
-    pub(crate) span: tracing::Span,
+    pub(crate) trace: Trace,
 }
 
 pin_project! {
@@ -85,7 +86,7 @@ enum Next {
 
 impl Decide {
     fn record(&self, outcome: QuotaOutcome) {
-        self.metrics.decided(&self.span, outcome.as_str());
+        self.metrics.decided(&self.trace, outcome.as_str());
     }
 
     fn decided(&self, decision: &QuotaDecision) -> Next {
@@ -168,7 +169,7 @@ where
         // The store call, the decision's log lines and the inner call all run inside the
         // decision's span.
         let decide = &mut *this.decide;
-        let _entered = decide.span.enter();
+        let _entered = decide.trace.span.enter();
         loop {
             let next = match this.state.as_mut().project() {
                 StateProj::Answered { response } => {

@@ -55,7 +55,7 @@ where
             req,
             key,
             raw,
-            span,
+            trace,
             protocol,
         } = match self.core.prepare(req).keyed() {
             Ok(keyed) => keyed,
@@ -69,7 +69,7 @@ where
         let metrics = config.common.metrics.clone();
         let timer = metrics.store_call(STORE_OP_CHECK);
         let check = {
-            let _entered = span.enter();
+            let _entered = trace.span.enter();
             self.core.store.check(&key, &policy.quota, cost)
         };
         let decide = Decide {
@@ -82,7 +82,7 @@ where
             metrics,
             timer: Some(timer),
             protocol,
-            span,
+            trace,
         };
         ResponseFuture::coordinated(Coordinated::new(check, inner, req, decide))
     }

@@ -1,3 +1,4 @@
+use crate::pipeline::Trace;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -17,7 +18,6 @@ use keyward_core::{FencingToken, KeywardBody, Problem};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower_service::Service;
-use tracing::Span;
 
 use super::body::{PermitBody, PermitGuard};
 use super::layer::SerialSettings;
@@ -38,7 +38,7 @@ pin_project! {
     {
         #[pin]
         state: State<S, St, ReqBody>,
-        span: Span,
+        trace: Trace,
     }
 }
 
@@ -92,7 +92,7 @@ where
             inner,
             req,
             key,
-            span,
+            trace,
             ..
         } = keyed;
         let limits = config.own.limits;
@@ -114,7 +114,7 @@ where
                 acquire,
                 waiting: Some(waiting),
             },
-            span,
+            trace,
         }
     }
 }
@@ -129,7 +129,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.span.enter();
+        let _entered = this.trace.span.enter();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Rejected { response } => {
@@ -150,7 +150,7 @@ where
                     let Some(waiting) = waiting.take() else {
                         return Poll::Pending;
                     };
-                    let next = decide(waiting, outcome, this.span);
+                    let next = decide(waiting, outcome, this.trace);
                     this.state.set(next);
                 }
                 StateProj::Calling { future, guard } => {
@@ -171,7 +171,7 @@ where
 fn decide<S, St, ReqBody>(
     waiting: Waiting<S, St, ReqBody>,
     outcome: Result<AcquireOutcome, StoreError>,
-    span: &Span,
+    trace: &Trace,
 ) -> State<S, St, ReqBody>
 where
     S: Service<Request<ReqBody>>,
@@ -188,11 +188,11 @@ where
         queued_at,
     } = waiting;
     let waited = queued_at.map_or(Duration::ZERO, |at| at.elapsed());
-    metrics.waited(span, waited.as_secs_f64());
+    metrics.waited(&trace.span, waited.as_secs_f64());
     let (outcome, rejection, permit) = classify(outcome, limits, on_store_error);
-    metrics.decided(span, outcome.as_str());
+    metrics.decided(trace, outcome.as_str());
     if let Some(permit) = &permit {
-        span.record(FIELD_FENCING_TOKEN, permit.token().get());
+        trace.span.record(FIELD_FENCING_TOKEN, permit.token().get());
         forward_token(&mut req, permit.token());
     } else {
         remove_fencing_header(&mut req);

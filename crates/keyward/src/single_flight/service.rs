@@ -16,6 +16,8 @@ use tokio::time::Instant;
 use tower_service::Service;
 use tracing::{Instrument, Span};
 
+use crate::pipeline::Trace;
+
 use super::COALESCED;
 use super::flight::{FlightTable, Joined, Outcome, Own, Shared, Work};
 use super::layer::{LeaderFailure, SingleFlightSettings};
@@ -96,7 +98,7 @@ where
             inner,
             req,
             key,
-            span,
+            trace,
             protocol,
             ..
         } = match self.core.prepare(req).keyed() {
@@ -109,7 +111,10 @@ where
             table: self.table.clone(),
             keyed_on: self.keyed_on.clone(),
             protocol,
+            span: trace.span.clone(),
+            trace,
         };
+        let span = flight.span.clone();
         let future = flight.coalesce(inner, req, key);
         ResponseFuture::coordinated(Box::pin(future.instrument(span)))
     }
@@ -126,16 +131,25 @@ pub(crate) fn keyed_on<K>(config: &Config<K, SingleFlightSettings>) -> Arc<[http
     keyed_on.into()
 }
 
-/// Records `outcome` on the current (decision) span and counts it.
-fn record(metrics: &LayerMetrics, outcome: SingleFlightOutcome) {
-    metrics.decided(&Span::current(), outcome.as_str());
+/// Where one request's decision is recorded: the layer's metrics and the request's
+/// trace.
+struct Recorder<'a> {
+    metrics: &'a LayerMetrics,
+    trace: &'a Trace,
+}
+
+impl Recorder<'_> {
+    /// Records `outcome` on the decision span and the report, and counts it.
+    fn record(&self, outcome: SingleFlightOutcome) {
+        self.metrics.decided(self.trace, outcome.as_str());
+    }
 }
 
 fn leader_failed<RB: Body>(
-    metrics: &LayerMetrics,
+    recorder: &Recorder<'_>,
     protocol: Protocol,
 ) -> Response<KeywardBody<RB>> {
-    record(metrics, SingleFlightOutcome::LeaderFailed);
+    recorder.record(SingleFlightOutcome::LeaderFailed);
     Problem::new(
         StatusCode::BAD_GATEWAY,
         types::COALESCED_LEADER_FAILED,
@@ -146,10 +160,10 @@ fn leader_failed<RB: Body>(
 }
 
 fn store_unavailable<RB: Body>(
-    metrics: &LayerMetrics,
+    recorder: &Recorder<'_>,
     protocol: Protocol,
 ) -> Response<KeywardBody<RB>> {
-    record(metrics, SingleFlightOutcome::StoreError);
+    recorder.record(SingleFlightOutcome::StoreError);
     Problem::store_unavailable().into_keyward_response(protocol)
 }
 
@@ -172,6 +186,9 @@ struct Flight<St, K> {
     keyed_on: Arc<[http::HeaderName]>,
     /// How rejections are rendered for this request.
     protocol: Protocol,
+    /// The request's decision span (the future runs in it) and report.
+    span: Span,
+    trace: Trace,
 }
 
 impl<St: SingleFlightStore, K> Flight<St, K> {
@@ -197,8 +214,14 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
             table,
             keyed_on,
             protocol,
+            span,
+            trace,
         } = self;
         let metrics = &config.common.metrics;
+        let recorder = Recorder {
+            metrics,
+            trace: &trace,
+        };
         let own = &config.own;
         let mut started = None;
         let mut ready = true;
@@ -220,8 +243,8 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                         on_store_error: config.common.on_store_error,
                         metrics: metrics.clone(),
                     };
-                    seat.start(Work::new(flight_work(settings, svc, req), Span::current()));
-                    return leader_response(metrics, seat.run().await, protocol);
+                    seat.start(Work::new(flight_work(settings, svc, req), span));
+                    return leader_response(&recorder, seat.run().await, protocol);
                 }
                 Joined::Follower(seat) => {
                     // Give the readiness reserved for this request back while it waits: it
@@ -238,16 +261,16 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                     drop(seat);
                     if let Some(started) = started {
                         let waited = started.elapsed().as_secs_f64();
-                        metrics.waited(&Span::current(), waited);
+                        metrics.waited(&trace.span, waited);
                     }
                     let policy = own.on_leader_failure;
-                    match follower_next::<RB, S::Error>(metrics, outcome, policy, protocol) {
+                    match follower_next::<RB, S::Error>(&recorder, outcome, policy, protocol) {
                         Next::Respond(response) => return Ok(response),
                         Next::Elect => continue,
                         Next::CallInner => {
                             tracing::debug!("single flight: response over max_body, calling inner");
                             poll_fn(|cx| svc.poll_ready(cx)).await?;
-                            record(metrics, SingleFlightOutcome::Leader);
+                            recorder.record(SingleFlightOutcome::Leader);
                             // Boxed: every follower's future would otherwise reserve room
                             // for an inner future it almost never runs.
                             let response = Box::pin(svc.call(req)).await?;
@@ -257,14 +280,14 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                 }
             }
         }
-        Ok(leader_failed(metrics, protocol))
+        Ok(leader_failed(&recorder, protocol))
     }
 }
 
 /// The leader's answer: its own response or error (it drove the work), or a copy of a
 /// remote leader's response.
 fn leader_response<RB: Body + 'static, E: 'static>(
-    metrics: &LayerMetrics,
+    recorder: &Recorder<'_>,
     outcome: Outcome,
     protocol: Protocol,
 ) -> Result<Response<KeywardBody<RB>>, E> {
@@ -272,19 +295,19 @@ fn leader_response<RB: Body + 'static, E: 'static>(
         (Own::Typed(own), _) => match own.downcast::<OwnResult<RB, E>>() {
             Ok(own) => *own,
             // Cannot happen: the work's result has the service's types.
-            Err(_) => return Ok(leader_failed(metrics, protocol)),
+            Err(_) => return Ok(leader_failed(recorder, protocol)),
         },
         (Own::Panic(payload), _) => std::panic::resume_unwind(payload),
         // The flight followed a leader on another instance.
         (Own::None, Shared::Response(stored)) => {
-            record(metrics, SingleFlightOutcome::Follower);
+            recorder.record(SingleFlightOutcome::Follower);
             return Ok(copy(&stored));
         }
         (Own::None, Shared::StoreUnavailable) => {
-            return Ok(store_unavailable(metrics, protocol));
+            return Ok(store_unavailable(recorder, protocol));
         }
         (Own::None, Shared::Failed | Shared::TooLarge | Shared::Private) => {
-            return Ok(leader_failed(metrics, protocol));
+            return Ok(leader_failed(recorder, protocol));
         }
     };
     let outcome = if outcome.store_error {
@@ -292,7 +315,7 @@ fn leader_response<RB: Body + 'static, E: 'static>(
     } else {
         SingleFlightOutcome::Leader
     };
-    record(metrics, outcome);
+    recorder.record(outcome);
     response
 }
 
@@ -309,7 +332,7 @@ enum Next<RB: Body> {
 }
 
 fn follower_next<RB: Body + 'static, E: 'static>(
-    metrics: &LayerMetrics,
+    recorder: &Recorder<'_>,
     outcome: Outcome,
     policy: LeaderFailure,
     protocol: Protocol,
@@ -320,7 +343,7 @@ fn follower_next<RB: Body + 'static, E: 'static>(
         // like any copy it never carries the leader's cookies or credentials.
         if let Ok(own) = own.downcast::<OwnResult<RB, E>>() {
             if let (Ok(mut response), false) = (*own, matches!(outcome.shared, Shared::Private)) {
-                record(metrics, SingleFlightOutcome::Follower);
+                recorder.record(SingleFlightOutcome::Follower);
                 let headers = shareable_headers(response.headers(), |_| true);
                 *response.headers_mut() = headers;
                 mark_coalesced(&mut response);
@@ -330,13 +353,13 @@ fn follower_next<RB: Body + 'static, E: 'static>(
     }
     match outcome.shared {
         Shared::Response(stored) => {
-            record(metrics, SingleFlightOutcome::Follower);
+            recorder.record(SingleFlightOutcome::Follower);
             Next::Respond(copy(&stored))
         }
         Shared::TooLarge | Shared::Private => Next::CallInner,
-        Shared::StoreUnavailable => Next::Respond(store_unavailable(metrics, protocol)),
+        Shared::StoreUnavailable => Next::Respond(store_unavailable(recorder, protocol)),
         Shared::Failed if policy == LeaderFailure::BadGateway => {
-            Next::Respond(leader_failed(metrics, protocol))
+            Next::Respond(leader_failed(recorder, protocol))
         }
         Shared::Failed => Next::Elect,
     }

@@ -13,12 +13,18 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use keyward_core::telemetry::{
-    ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_OUTCOME, FIELD_WAIT_SECONDS,
-    METRIC_DECISIONS, METRIC_STORE_SECONDS, METRIC_WAIT_SECONDS,
+    ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_WAIT_SECONDS, METRIC_DECISIONS,
+    METRIC_STORE_SECONDS, METRIC_WAIT_SECONDS,
 };
+mod report;
+
+pub use report::{DecisionReporter, DecisionSink, ReportedDecision};
+
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use tracing::Span;
+
+use crate::pipeline::Trace;
 
 /// The instrumentation scope of every keyward instrument.
 pub(crate) const METER_NAME: &str = "keyward";
@@ -40,6 +46,9 @@ struct Instruments {
     store: Histogram<f64>,
     /// `[layer, route]`, built once so that recording allocates nothing.
     labels: [KeyValue; 2],
+    /// The same, for decision reports.
+    layer: &'static str,
+    route: Arc<str>,
 }
 
 impl LayerMetrics {
@@ -77,6 +86,8 @@ impl LayerMetrics {
                 KeyValue::new(ATTR_LAYER, layer),
                 KeyValue::new(ATTR_ROUTE, route.clone()),
             ],
+            layer,
+            route: route.clone(),
         }))
     }
 
@@ -88,12 +99,15 @@ impl LayerMetrics {
             waits: self.0.waits.clone(),
             store: self.0.store.clone(),
             labels: [layer.clone(), KeyValue::new(ATTR_ROUTE, route.clone())],
+            layer: self.0.layer,
+            route: route.clone(),
         }))
     }
 
-    /// Records a decision: the span's `keyward.outcome` and one count.
-    pub(crate) fn decided(&self, span: &Span, outcome: &'static str) {
-        span.record(FIELD_OUTCOME, outcome);
+    /// Records a decision: the span's `keyward.outcome`, the request's report (if it
+    /// asked for one) and one count.
+    pub(crate) fn decided(&self, trace: &Trace, outcome: &'static str) {
+        trace.decided(self.0.layer, &self.0.route, outcome);
         let [layer, route] = &self.0.labels;
         self.0.decisions.add(
             1,
