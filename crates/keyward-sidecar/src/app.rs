@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use axum::body::Body;
 use http::{Method, Request, Response};
+use keyward::DecisionReporter;
 use keyward_core::PathParams;
 use keyward_core::grpc::Protocol;
 use opentelemetry::metrics::Meter;
@@ -14,8 +15,9 @@ use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::config::Config;
+use crate::hotkeys::HotKeys;
 use crate::ingress::Ingress;
-use crate::metrics::{REQUEST_SPAN, outcomes_of};
+use crate::metrics::{REQUEST_SPAN, RequestDecisions};
 use crate::proxy::Upstream;
 use crate::stack::{self, Stack, Store};
 
@@ -36,6 +38,7 @@ struct Inner {
     routes: Vec<Route>,
     passthrough: Stack,
     ingress: Ingress,
+    hot_keys: HotKeys,
 }
 
 impl App {
@@ -43,11 +46,13 @@ impl App {
         config: &Config,
         store: &St,
         meter: &Meter,
+        hot_keys: HotKeys,
     ) -> Result<App, matchit::InsertError> {
         let upstream = Upstream::new(
             config.server.upstream.clone(),
             config.server.request_timeout,
             config.server.upstream_protocol,
+            config.server.upstream_keepalive,
         );
         let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut order = Vec::new();
@@ -80,12 +85,17 @@ impl App {
                 ingress: Ingress {
                     trusted_proxies: config.server.trusted_proxies.clone(),
                 },
+                hot_keys,
             }),
         })
     }
 
     /// Serves one request from `peer`: admitted by [ingress](crate::ingress) (canonical
     /// path, keyward's and hop-by-hop headers removed), routed on the canonical path.
+    ///
+    /// Its layers report their decisions to a [`RequestDecisions`] (the access log's
+    /// outcomes, the hot keys); the request span exists only when a subscriber records
+    /// it (OTLP export, a log level that shows spans).
     pub async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let method = req.method().clone();
@@ -98,16 +108,33 @@ impl App {
                 return res;
             }
         };
-        let (route_name, service) = match self.route_for(&mut req) {
-            Some(route) => (route.name.as_str(), route.service.clone()),
-            None => ("-", self.inner.passthrough.clone()),
+        let (route_name, service, routed) = match self.route_for(&mut req) {
+            Some(route) => (route.name.as_str(), route.service.clone(), true),
+            None => ("-", self.inner.passthrough.clone(), false),
         };
-        let span = tracing::info_span!(REQUEST_SPAN, route = route_name);
-        crate::telemetry::extract_parent(req.headers(), &span);
-        let res = match service.oneshot(req).instrument(span.clone()).await {
+        // Requests no route matches meet no layer: nothing to report.
+        let decisions = routed.then(|| {
+            let decisions = Arc::new(RequestDecisions::new(self.inner.hot_keys.clone()));
+            req.extensions_mut()
+                .insert(DecisionReporter::new(decisions.clone()));
+            decisions
+        });
+        let mut span = tracing::info_span!(REQUEST_SPAN, route = route_name);
+        if !span.is_disabled() {
+            crate::telemetry::extract_parent(req.headers(), &span);
+            if !crate::telemetry::wanted(&span) {
+                span = tracing::Span::none();
+            }
+        }
+        let res = if span.is_disabled() {
+            service.oneshot(req).await
+        } else {
+            service.oneshot(req).instrument(span.clone()).await
+        };
+        let res = match res {
             Ok(res) => res,
             Err(error) => {
-                tracing::warn!(parent: &span, %error, "no response from upstream");
+                tracing::warn!(parent: &span, route = route_name, %error, "no response from upstream");
                 error.into_response(protocol)
             }
         };
@@ -117,7 +144,7 @@ impl App {
             method = %method,
             status = res.status().as_u16(),
             latency_ms = started.elapsed().as_secs_f64() * 1000.0,
-            outcomes = %outcomes_of(&span),
+            outcomes = %decisions.as_ref().map(|d| d.outcomes()).unwrap_or_default(),
             "request"
         );
         res

@@ -250,16 +250,16 @@ pub fn body_timeout_response(protocol: Protocol, timeout: Duration, http1: bool)
 /// The client's body, failing when no frame arrives for `timeout` while someone waits
 /// for one (nginx `client_body_timeout`). The clock runs only while the body is polled,
 /// so a layer that has not started reading does not count against the client.
-pub struct ReadTimeout {
-    inner: Body,
+pub struct ReadTimeout<B = Body> {
+    inner: B,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
     timed_out: Arc<AtomicBool>,
 }
 
-impl ReadTimeout {
+impl<B> ReadTimeout<B> {
     /// `body` bounded by `timeout`; `timed_out` is set when it fires.
-    pub fn new(body: Body, timeout: Duration, timed_out: Arc<AtomicBool>) -> Self {
+    pub fn new(body: B, timeout: Duration, timed_out: Arc<AtomicBool>) -> Self {
         ReadTimeout {
             inner: body,
             timeout,
@@ -274,7 +274,11 @@ impl ReadTimeout {
 #[error("no part of the request body arrived for {0:?}")]
 pub struct BodyReadTimedOut(Duration);
 
-impl http_body::Body for ReadTimeout {
+impl<B> http_body::Body for ReadTimeout<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     type Data = Bytes;
     type Error = axum::Error;
 
@@ -285,7 +289,7 @@ impl http_body::Body for ReadTimeout {
         let this = &mut *self;
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.sleep = None;
-            return Poll::Ready(frame);
+            return Poll::Ready(frame.map(|frame| frame.map_err(axum::Error::new)));
         }
         let timeout = this.timeout;
         let sleep = this

@@ -9,6 +9,7 @@ mod hotkeys;
 mod ingress;
 mod keys;
 mod metrics;
+mod pool;
 mod prometheus;
 mod proxy;
 mod server;
@@ -24,7 +25,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use config::{Backend, Config, LogFormat};
-use metrics::{Metrics, MetricsLayer};
+
+/// The allocator: see BENCHMARKS.md ("Sidecar vs nginx") for what glibc malloc cost.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+use metrics::Metrics;
 use telemetry::Telemetry;
 
 /// Exit code for a configuration that cannot be used (EX_USAGE... EX_DATAERR is 65;
@@ -114,7 +119,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // The proxy's workers run their own runtimes (see `server`); this one has the
+            // admin listener, the store's connections and background tasks, and telemetry.
             let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("keyward-main")
                 .enable_all()
                 .build()
             {
@@ -161,15 +170,16 @@ fn summary(config: &Config) -> String {
     out
 }
 
-fn init_logging(
-    format: LogFormat,
-    metrics: &Metrics,
-    tracer: Option<opentelemetry_sdk::trace::Tracer>,
-) {
+fn init_logging(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>) {
     // The OpenTelemetry SDK logs its own failures (an unreachable collector) as warnings;
     // its info lines are noise.
     let filter = EnvFilter::try_from_env("KEYWARD_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,opentelemetry=warn"));
+    telemetry::set_log_shows_spans(
+        filter
+            .max_level_hint()
+            .is_none_or(|level| level >= tracing::level_filters::LevelFilter::INFO),
+    );
     let fmt = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_target(false)
@@ -181,25 +191,22 @@ fn init_logging(
             .with_target(false)
             .boxed(),
     };
-    // Exported to OTLP: keyward's spans, and warnings inside them as span events.
+    // Exported to OTLP: keyward's spans, and warnings inside them as span events. A
+    // decision span is made only inside a request span, which the app keeps only for a
+    // sampled trace (or a log that shows spans): an unsampled request makes no spans.
     let otel = tracer.map(|tracer| {
         tracing_opentelemetry::layer()
             .with_tracer(tracer)
-            .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|meta, cx| {
                 if meta.is_span() {
-                    meta.name().starts_with("keyward.")
+                    meta.name() == metrics::REQUEST_SPAN
+                        || (meta.name().starts_with("keyward.") && cx.lookup_current().is_some())
                 } else {
                     *meta.level() <= tracing::Level::WARN
                 }
             }))
     });
     tracing_subscriber::registry()
-        // Only keyward's own spans feed metrics; everything else is up to the log filter.
-        .with(MetricsLayer::new(metrics.clone()).with_filter(
-            tracing_subscriber::filter::filter_fn(|meta| {
-                meta.is_span() && meta.name().starts_with("keyward.")
-            }),
-        ))
         .with(otel)
         .with(fmt.with_filter(filter))
         .init();
@@ -214,7 +221,7 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    init_logging(config.telemetry.log_format, &metrics, telemetry.tracer());
+    init_logging(config.telemetry.log_format, telemetry.tracer());
     if let Some(endpoint) = &config.telemetry.otlp_endpoint {
         tracing::info!(%endpoint, "exporting traces and metrics over OTLP/gRPC");
     }
@@ -234,7 +241,7 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
                 .max_serial_keys(config.store.max_serial_keys)
                 .build();
             (
-                app::App::new(&config, &store, &meter),
+                app::App::new(&config, &store, &meter, metrics.hot_keys().clone()),
                 admin::Readiness::always(),
                 keys::KeyLookup::new(&config, &store, &meter),
             )
@@ -270,7 +277,7 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
             }
             let keys = keys::KeyLookup::new(&config, &store, &meter);
             (
-                app::App::new(&config, &store, &meter),
+                app::App::new(&config, &store, &meter, metrics.hot_keys().clone()),
                 admin::Readiness::redis(store),
                 keys,
             )
@@ -283,8 +290,8 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
-    let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
-        Ok(listener) => listener,
+    let listeners = match server::Listeners::bind(config.server.listen, config.server.workers) {
+        Ok(listeners) => listeners,
         Err(err) => {
             tracing::error!(listen = %config.server.listen, %err, "cannot listen");
             return ExitCode::FAILURE;
@@ -309,14 +316,14 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
             }
         }
     }
-    tracing::info!(service = %config.telemetry.service_name, listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), "keyward serving");
+    tracing::info!(service = %config.telemetry.service_name, listen = %config.server.listen, upstream = %config.server.upstream, routes = config.routes.len(), workers = config.server.workers, "keyward serving");
     let deadlines = server::ClientDeadlines {
         header_read: config.server.header_read_timeout,
         body_read: config.server.body_read_timeout,
         idle_write: config.server.idle_write_timeout,
     };
     let drained = server::serve(
-        listener,
+        listeners,
         app,
         deadlines,
         config.server.shutdown_grace,

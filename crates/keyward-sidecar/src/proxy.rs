@@ -7,13 +7,14 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,16 +22,20 @@ use hyper_util::rt::TokioExecutor;
 use keyward_core::grpc::Protocol;
 use keyward_core::problem::types;
 use keyward_core::{PeerAddr, Problem};
+use thread_local::ThreadLocal;
 use tower::Service;
 
 use crate::config::UpstreamProtocol;
 use crate::ingress::{AcceptsTrailers, remove_hop_by_hop};
+use crate::pool::{self, Http1Pool};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// No response from the upstream.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("upstream unreachable: {0}")]
-    Unreachable(#[source] hyper_util::client::legacy::Error),
+    Unreachable(#[source] BoxError),
     #[error("upstream did not answer within {0:?}")]
     Timeout(Duration),
     #[error("upstream response body failed: {0}")]
@@ -68,37 +73,60 @@ impl ProxyError {
 /// Responses up to this size (with a Content-Length) are read whole before answering.
 const SMALL_RESPONSE: u64 = 16 * 1024;
 
-/// The upstream service.
+/// The upstream service. Connections belong to the worker thread a request arrived on
+/// (see [`crate::pool`]): HTTP/1.1 through the thread's [`Http1Pool`], h2c through the
+/// thread's own multiplexing client, whose connection tasks run on that thread too.
+/// Idle connections are bounded per thread (`upstream_keepalive`, like nginx's
+/// `keepalive` per worker); a client that is idle holds no upstream connection.
 #[derive(Clone, Debug)]
 pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+    client: UpstreamClient,
     base: Uri,
     timeout: Duration,
-    protocol: UpstreamProtocol,
+}
+
+#[derive(Clone, Debug)]
+enum UpstreamClient {
+    Http1(Arc<Http1Pool>),
+    H2c(Arc<ThreadLocal<Client<HttpConnector, Body>>>),
 }
 
 impl Upstream {
-    pub fn new(base: Uri, timeout: Duration, protocol: UpstreamProtocol) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256);
-        if protocol == UpstreamProtocol::H2c {
-            // Prior knowledge: one multiplexed connection, no Upgrade dance.
-            builder.http2_only(true);
-        }
+    pub fn new(base: Uri, timeout: Duration, protocol: UpstreamProtocol, keepalive: usize) -> Self {
+        let client = match protocol {
+            UpstreamProtocol::Http1 => {
+                let host = base.host().unwrap_or("127.0.0.1");
+                let port = base.port_u16().unwrap_or(80);
+                UpstreamClient::Http1(Arc::new(Http1Pool::new(host, port, keepalive)))
+            }
+            UpstreamProtocol::H2c => UpstreamClient::H2c(Arc::new(ThreadLocal::new())),
+        };
         Upstream {
-            client: builder.build(connector),
+            client,
             base,
             timeout,
-            protocol,
         }
     }
 
-    fn upstream_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
+    /// This thread's h2c client, made on its first request: prior knowledge, one
+    /// multiplexed connection, no Upgrade dance.
+    fn h2c_client(
+        clients: &ThreadLocal<Client<HttpConnector, Body>>,
+    ) -> &Client<HttpConnector, Body> {
+        clients.get_or(|| {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            connector.set_keepalive(Some(Duration::from_secs(60)));
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(pool::IDLE_TIMEOUT)
+                .http2_only(true)
+                .build(connector)
+        })
+    }
+
+    /// The absolute URI the h2c client needs (`:scheme` and `:authority` of the
+    /// upstream).
+    fn absolute_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let mut parts = self.base.clone().into_parts();
         parts.path_and_query = Some(
@@ -108,6 +136,20 @@ impl Upstream {
         );
         Uri::from_parts(parts).map_err(|err| ProxyError::BadRequest(err.to_string()))
     }
+}
+
+/// `uri` in origin-form (`/path?query`), as HTTP/1.1 sends it to the upstream.
+fn origin_form(uri: Uri) -> Uri {
+    if uri.scheme().is_none() && uri.authority().is_none() {
+        return uri;
+    }
+    let mut parts = http::uri::Parts::default();
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 impl Service<Request<Body>> for Upstream {
@@ -121,87 +163,109 @@ impl Service<Request<Body>> for Upstream {
 
     fn call(&mut self, req: Request<Body>) -> Self::Future {
         let (mut parts, body) = req.into_parts();
-        let uri = self.upstream_uri(&parts.uri);
-        let client = self.client.clone();
-        let timeout = self.timeout;
+        let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
+        append_forwarded(&mut parts.headers, peer);
         // Taken here, inside the caller's span: the boxed future runs in no span of its
-        // own. Empty unless OTLP export is on.
-        let mut trace_context = HeaderMap::new();
-        crate::telemetry::inject_current(&mut trace_context);
-        let protocol = self.protocol;
-        Box::pin(async move {
-            parts.uri = uri?;
-            let peer = parts.extensions.get::<PeerAddr>().map(|p| p.0);
-            // Only h2c forwards `TE: trailers` (ingress removed the client's own).
-            let forward_te = protocol == UpstreamProtocol::H2c
-                && parts.extensions.get::<AcceptsTrailers>().is_some();
-            append_forwarded(&mut parts.headers, peer);
-            parts.headers.extend(trace_context);
-            parts.version = match protocol {
-                UpstreamProtocol::Http1 => http::Version::HTTP_11,
-                UpstreamProtocol::H2c => http::Version::HTTP_2,
-            };
-            if forward_te {
-                // The one TE value HTTP/2 allows; gRPC servers require it.
-                parts
-                    .headers
-                    .insert(header::TE, HeaderValue::from_static("trailers"));
+        // own. Nothing happens unless OTLP export is on.
+        crate::telemetry::inject_current(&mut parts.headers);
+        let timeout = self.timeout;
+        match &self.client {
+            UpstreamClient::Http1(pool) => {
+                let pool = pool.clone();
+                parts.uri = origin_form(std::mem::take(&mut parts.uri));
+                parts.version = http::Version::HTTP_11;
+                let req = Request::from_parts(parts, body);
+                Box::pin(async move {
+                    match tokio::time::timeout(timeout, pool.send(req)).await {
+                        Err(_) => Err(ProxyError::Timeout(timeout)),
+                        Ok(Err(err)) => Err(ProxyError::Unreachable(err)),
+                        Ok(Ok(res)) => respond(res).await,
+                    }
+                })
             }
-            let req = Request::from_parts(parts, body);
-            let res = match tokio::time::timeout(timeout, client.request(req)).await {
-                Err(_) => return Err(ProxyError::Timeout(timeout)),
-                Ok(Err(err)) => return Err(ProxyError::Unreachable(err)),
-                Ok(Ok(res)) => res,
-            };
-            let (mut parts, body) = res.into_parts();
-            remove_hop_by_hop(&mut parts.headers);
-            // A small response of known length is read whole: the upstream connection goes
-            // back to the pool at once, and the client gets headers and body in one write
-            // instead of a hand-off between tasks per frame. Larger ones stream.
-            if body
-                .size_hint()
-                .exact()
-                .is_some_and(|n| n <= SMALL_RESPONSE)
-            {
-                let collected = body.collect().await.map_err(ProxyError::Body)?;
-                if collected.trailers().is_some() {
-                    return Ok(Response::from_parts(parts, Body::new(collected)));
+            UpstreamClient::H2c(clients) => {
+                let uri = self.absolute_uri(&parts.uri);
+                let client = Self::h2c_client(clients).clone();
+                // `TE: trailers` is the one TE value HTTP/2 allows, and gRPC servers
+                // require it (ingress removed the client's own).
+                if parts.extensions.get::<AcceptsTrailers>().is_some() {
+                    parts
+                        .headers
+                        .insert(header::TE, HeaderValue::from_static("trailers"));
                 }
-                return Ok(Response::from_parts(
-                    parts,
-                    Body::from(collected.to_bytes()),
-                ));
+                parts.version = http::Version::HTTP_2;
+                Box::pin(async move {
+                    parts.uri = uri?;
+                    let req = Request::from_parts(parts, body);
+                    match tokio::time::timeout(timeout, client.request(req)).await {
+                        Err(_) => Err(ProxyError::Timeout(timeout)),
+                        Ok(Err(err)) => Err(ProxyError::Unreachable(err.into())),
+                        Ok(Ok(res)) => respond(res).await,
+                    }
+                })
             }
-            Ok(Response::from_parts(parts, Body::new(body)))
-        })
+        }
     }
 }
 
-/// Appends the client to `X-Forwarded-For` and `Forwarded` (RFC 7239).
+/// The upstream's response as the client gets it: hop-by-hop headers removed; a small
+/// response of known length read whole (its connection goes back to the pool at once,
+/// and the client gets headers and body in one write instead of a hand-off per frame),
+/// larger ones streamed.
+async fn respond<B>(res: Response<B>) -> Result<Response<Body>, ProxyError>
+where
+    B: http_body::Body<Data = Bytes, Error = hyper::Error> + Send + 'static,
+{
+    let (mut parts, body) = res.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    if body
+        .size_hint()
+        .exact()
+        .is_some_and(|n| n <= SMALL_RESPONSE)
+    {
+        let collected = body.collect().await.map_err(ProxyError::Body)?;
+        if collected.trailers().is_some() {
+            return Ok(Response::from_parts(parts, Body::new(collected)));
+        }
+        return Ok(Response::from_parts(
+            parts,
+            Body::from(collected.to_bytes()),
+        ));
+    }
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded` (RFC 7239). Each value is
+/// written once into its own buffer (this runs on every proxied request).
 pub fn append_forwarded(headers: &mut HeaderMap, peer: Option<SocketAddr>) {
+    use std::fmt::Write as _;
     let Some(peer) = peer else { return };
     let ip = peer.ip();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(existing) => format!("{existing}, {ip}"),
-        None => ip.to_string(),
-    };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
+    let mut xff = String::with_capacity(48);
+    if let Some(existing) = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        xff.push_str(existing);
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{ip}");
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
         headers.insert("x-forwarded-for", value);
     }
-    let node = if ip.is_ipv6() {
-        format!("\"[{ip}]\"")
+    let mut element = String::with_capacity(64);
+    let _ = if ip.is_ipv6() {
+        write!(element, "for=\"[{ip}]\";proto=http")
     } else {
-        ip.to_string()
+        write!(element, "for={ip};proto=http")
     };
-    let mut element = format!("for={node};proto=http");
     // The client writes Host: only a plain authority goes into the quoted string, so no
     // quote, backslash, `,` or `;` can end the element and start another one.
     if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) {
         if is_plain_authority(host) {
-            element.push_str(&format!(";host=\"{host}\""));
+            element.push_str(";host=\"");
+            element.push_str(host);
+            element.push('"');
         }
     }
-    if let Ok(value) = HeaderValue::from_str(&element) {
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(element)) {
         headers.append(header::FORWARDED, value);
     }
 }

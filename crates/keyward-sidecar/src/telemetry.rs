@@ -13,6 +13,7 @@
 //! W3C trace context: [`extract_parent`] reads the caller's `traceparent` and
 //! [`inject_current`] writes the current span's into the upstream request.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -28,6 +29,14 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::TelemetryConfig;
 use crate::metrics::Metrics;
+
+/// Whether spans are exported (OTLP configured): only then is there a trace context to
+/// read from callers or write to the upstream.
+static EXPORTING_TRACES: AtomicBool = AtomicBool::new(false);
+
+/// Whether the log shows info-level spans (`KEYWARD_LOG` at info or finer): then every
+/// request has its span, sampled or not.
+static LOG_SHOWS_SPANS: AtomicBool = AtomicBool::new(false);
 
 /// The instrumentation scope of the sidecar's meter and tracer.
 const SCOPE: &str = "keyward";
@@ -71,6 +80,7 @@ impl Telemetry {
                     .build(),
             );
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+            EXPORTING_TRACES.store(true, Ordering::Relaxed);
         }
         Ok(Telemetry {
             meter_provider: meters.build(),
@@ -115,6 +125,22 @@ impl Telemetry {
     }
 }
 
+/// Says whether the log filter shows info-level spans (set once, when logging starts).
+pub fn set_log_shows_spans(shows: bool) {
+    LOG_SHOWS_SPANS.store(shows, Ordering::Relaxed);
+}
+
+/// Whether a request span is worth having: the log shows it, or its trace is sampled
+/// for export. An unsampled request then costs one span start (the sampler's decision),
+/// not a span per decision: the layers' spans are only made inside a request span (see
+/// `main::init_logging`).
+pub fn wanted(span: &tracing::Span) -> bool {
+    use opentelemetry::trace::TraceContextExt as _;
+    LOG_SHOWS_SPANS.load(Ordering::Relaxed)
+        || (EXPORTING_TRACES.load(Ordering::Relaxed)
+            && span.context().span().span_context().is_sampled())
+}
+
 /// The caller's trace context from `traceparent`/`tracestate`, as the parent of `span`
 /// (nothing happens unless OTLP export is on).
 pub fn extract_parent(headers: &HeaderMap, span: &tracing::Span) {
@@ -130,6 +156,9 @@ pub fn extract_parent(headers: &HeaderMap, span: &tracing::Span) {
 /// Writes the current span's trace context into `headers` (`traceparent`, replacing
 /// the caller's), so the upstream's spans join the trace under the sidecar's.
 pub fn inject_current(headers: &mut HeaderMap) {
+    if !EXPORTING_TRACES.load(Ordering::Relaxed) {
+        return;
+    }
     let context = tracing::Span::current().context();
     opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.inject_context(&context, &mut HeaderInjector(headers));

@@ -55,7 +55,18 @@ pub struct ServerConfig {
     pub idle_write_timeout: Duration,
     /// Peers whose `X-Forwarded-For` / `Forwarded` name the client for `peer_ip` keys.
     pub trusted_proxies: Vec<Cidr>,
+    /// Proxy worker threads, each with its own runtime and listener (default: one per
+    /// core).
+    pub workers: usize,
+    /// Idle upstream connections each worker keeps for reuse (nginx `keepalive`).
+    pub upstream_keepalive: usize,
 }
+
+/// The most proxy worker threads a config may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+/// Idle upstream connections per worker by default.
+pub const DEFAULT_UPSTREAM_KEEPALIVE: usize = 64;
 
 /// How the sidecar talks to its upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -512,6 +523,38 @@ impl Checker {
                 Duration::from_secs(60),
             ),
             trusted_proxies,
+            workers: self.workers(raw.workers),
+            upstream_keepalive: match raw.upstream_keepalive {
+                None => DEFAULT_UPSTREAM_KEEPALIVE,
+                Some(n) => match usize::try_from(n) {
+                    Ok(n) => n,
+                    Err(_) => {
+                        self.fail(
+                            "server.upstream_keepalive",
+                            format!("{n} must be 0 (no reuse) or more"),
+                        );
+                        DEFAULT_UPSTREAM_KEEPALIVE
+                    }
+                },
+            },
+        }
+    }
+
+    /// `server.workers`: 1 to [`MAX_WORKERS`], by default the machine's cores.
+    fn workers(&mut self, value: Option<i64>) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        match value {
+            None => cores.min(MAX_WORKERS),
+            Some(n) => match usize::try_from(n) {
+                Ok(n) if (1..=MAX_WORKERS).contains(&n) => n,
+                _ => {
+                    self.fail(
+                        "server.workers",
+                        format!("{n} must be a whole number from 1 to {MAX_WORKERS} (this machine has {cores} cores)"),
+                    );
+                    1
+                }
+            },
         }
     }
 

@@ -28,6 +28,8 @@ pub struct RawServer {
     pub body_read_timeout: Option<String>,
     pub idle_write_timeout: Option<String>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub workers: Option<i64>,
+    pub upstream_keepalive: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
