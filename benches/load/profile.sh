@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Where a keyward process spends its time under load, grouped by area.
+#
+#   bash benches/load/profile.sh [BINARY] [bare|fresh|replay]
+#
+# Starts an nginx `return 200` upstream and BINARY (default target/release/keyward) on
+# 127.0.0.1, drives it with wrk (-t2 -c64, 9 s), records 5 s of it with
+# `perf record -F 1999 -g -p PID`, and prints the samples grouped by area (kernel,
+# allocator, tokio, hyper, tracing, keyward, ...) and the top user-space symbols.
+# Needs nginx, wrk and perf (apt-get install nginx-light wrk linux-perf).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BIN=${1:-target/release/keyward}
+CASE=${2:-bare}
+W=$(mktemp -d)
+chmod 755 "$W"
+trap 'kill "${KP:-}" 2>/dev/null || true; [ -f "$W/up.pid" ] && kill "$(cat "$W/up.pid")" 2>/dev/null || true; rm -rf "$W"' EXIT
+cat > "$W/up.conf" <<CONF
+worker_processes 1; pid $W/up.pid; error_log $W/err.log warn; events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $W/b; proxy_temp_path $W/p; fastcgi_temp_path $W/f;
+ uwsgi_temp_path $W/u; scgi_temp_path $W/s; keepalive_requests 1000000;
+ server { listen 127.0.0.1:19200; location / { return 200 'ok\n'; } } }
+CONF
+nginx -c "$W/up.conf" -p "$W"
+cat > "$W/kw.toml" <<TOML
+[server]
+listen = "127.0.0.1:19201"
+upstream = "http://127.0.0.1:19200"
+admin = "127.0.0.1:19202"
+TOML
+if [ "$CASE" != bare ]; then cat >> "$W/kw.toml" <<TOML
+[[routes]]
+name = "pay"
+methods = ["POST"]
+path = "/pay"
+[routes.quota]
+key = "peer_ip"
+limit = 1000000000
+per = "1s"
+[routes.idempotency]
+scope = "none"
+TOML
+fi
+cat > "$W/fresh.lua" <<'LUA'
+local threads = 0
+setup = function(thread) threads = threads + 1; thread:set("prefix", "t" .. threads .. "-" .. os.time()) end
+local counter = 0
+request = function() counter = counter + 1; return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter }, "amount=1") end
+LUA
+cat > "$W/replay.lua" <<'LUA'
+request = function() return wrk.format("POST", "/pay", { ["Idempotency-Key"] = "same-key" }, "amount=1") end
+LUA
+KEYWARD_LOG=warn "$BIN" serve -c "$W/kw.toml" >"$W/kw.log" 2>&1 & KP=$!
+sleep 0.5
+case $CASE in
+    bare) ARGS=(http://127.0.0.1:19201/) ;;
+    fresh) ARGS=(-s "$W/fresh.lua" http://127.0.0.1:19201/pay) ;;
+    replay) ARGS=(-s "$W/replay.lua" http://127.0.0.1:19201/pay) ;;
+    *) echo "case: bare, fresh or replay" >&2; exit 64 ;;
+esac
+wrk -t2 -c64 -d9s "${ARGS[@]}" >"$W/wrk.txt" &
+WP=$!
+sleep 2
+perf record -F 1999 -g -p "$KP" -o "$W/perf.data" -- sleep 5 >/dev/null 2>&1
+wait "$WP"
+grep -E "Requests/sec" "$W/wrk.txt"
+echo "-- samples by area"
+perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | awk '
+{ pct = $1; sub("%", "", pct); $1 = ""; line = $0; area = "other user space"
+  if (line ~ /\[k\]/) area = "kernel"
+  else if (line ~ /malloc|free|realloc|calloc|memmove|memcpy|memset|mi_/) area = "allocator and memcpy"
+  else if (line ~ /tracing_subscriber|tracing_core|tracing::|tracing_opentelemetry/) area = "tracing"
+  else if (line ~ /opentelemetry/) area = "opentelemetry"
+  else if (line ~ /hyper_util::client::legacy/) area = "hyper-util legacy client"
+  else if (line ~ /hyper|httparse|http::/) area = "hyper, httparse, http"
+  else if (line ~ /tokio::/) area = "tokio"
+  else if (line ~ /keyward/) area = "keyward"
+  sum[area] += pct }
+END { for (a in sum) printf "%6.2f%%  %s\n", sum[a], a | "sort -rn" }'
+echo "-- top user-space symbols"
+perf report -i "$W/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | grep -v "\[k\]" | sed 's/  */ /g' | cut -c1-150 | head -25
