@@ -107,6 +107,42 @@ impl Setup {
         assert_eq!(value.len(), 256);
     }
 
+    /// What Redis itself has spent so far: its CPU time (`INFO cpu`, user + system, in
+    /// seconds) and per command `(name, calls, usec)` from `INFO commandstats`.
+    #[allow(dead_code)] // used by one of the two benches
+    pub async fn server_stats(&self) -> ServerStats {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .arg("commandstats")
+            .query_async(&mut self.bare.clone())
+            .await
+            .expect("INFO cpu commandstats");
+        let mut stats = ServerStats::default();
+        for line in info.lines() {
+            let line = line.trim();
+            if let Some(v) = line
+                .strip_prefix("used_cpu_user:")
+                .or_else(|| line.strip_prefix("used_cpu_sys:"))
+            {
+                stats.cpu += v.parse::<f64>().expect("cpu seconds");
+            } else if let Some((name, rest)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            {
+                let field = |key: &str| -> u64 {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                stats
+                    .commands
+                    .push((name.to_owned(), field("calls"), field("usec")));
+            }
+        }
+        stats
+    }
+
     /// A claim that finds the stored response (a retry's replay decision).
     pub async fn claim_replay(&self) {
         let outcome = self
@@ -126,5 +162,39 @@ impl Setup {
             .await
             .expect("claim");
         assert!(matches!(outcome, ClaimOutcome::Claimed(_)));
+    }
+}
+
+/// See [`Setup::server_stats`].
+#[derive(Debug, Default, Clone)]
+pub struct ServerStats {
+    pub cpu: f64,
+    pub commands: Vec<(String, u64, u64)>,
+}
+
+impl ServerStats {
+    /// `(calls, usec)` of `name` run since `before`.
+    #[allow(dead_code)] // used by one of the two benches
+    pub fn since(&self, before: &ServerStats, name: &str) -> (u64, u64) {
+        let of = |s: &ServerStats| {
+            s.commands
+                .iter()
+                .find(|(n, _, _)| n == name)
+                .map_or((0, 0), |(_, calls, usec)| (*calls, *usec))
+        };
+        let (now, was) = (of(self), of(before));
+        (now.0 - was.0, now.1 - was.1)
+    }
+
+    /// Every command run since `before` but `info` (the snapshots) and `ping`, as
+    /// `(name, calls)`.
+    #[allow(dead_code)] // used by one of the two benches
+    pub fn commands_since(&self, before: &ServerStats) -> Vec<(String, u64)> {
+        self.commands
+            .iter()
+            .filter(|(n, _, _)| n != "info" && n != "ping")
+            .map(|(n, _, _)| (n.clone(), self.since(before, n).0))
+            .filter(|(_, calls)| *calls > 0)
+            .collect()
     }
 }

@@ -31,7 +31,7 @@ use crate::reply;
 use crate::script::script;
 use crate::util::millis;
 
-static CLAIM: LazyLock<Script> = script!(writes: "fencing.lua", "idempotency/claim.lua");
+static CLAIM: LazyLock<Script> = script!(writes: "fencing_set.lua", "idempotency/claim.lua");
 static COMPLETE: LazyLock<Script> = script!(writes: "idempotency/complete.lua");
 static RELEASE: LazyLock<Script> = script!(deletes: "idempotency/release.lua");
 static RENEW: LazyLock<Script> = script!(writes: "idempotency/renew.lua");

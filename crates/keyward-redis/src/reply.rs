@@ -108,6 +108,16 @@ pub(crate) struct QuotaCheck {
 
 impl Claim {
     pub(crate) fn decode(value: Value) -> Result<Self, StoreError> {
+        // The commonest answer, a replay, is the stored response alone (no array).
+        let value = match value {
+            Value::BulkString(response) => return Ok(Claim::Completed(response)),
+            Value::Nil => {
+                return Err(StoreError::Corrupt(
+                    "claim: a completed record without a response".to_owned(),
+                ));
+            }
+            array => array,
+        };
         let mut reply = Reply::new(value, "claim")?;
         Ok(match reply.int()? {
             0 => Claim::Claimed(reply.token()?),
@@ -115,7 +125,6 @@ impl Claim {
                 holder: reply.token()?,
                 lease_left: reply.millis()?,
             },
-            2 => Claim::Completed(reply.bytes()?),
             3 => Claim::Mismatch,
             other => return Err(reply.unknown(other)),
         })
@@ -322,5 +331,21 @@ mod tests {
         assert_eq!(Fenced::decode(1, "complete").unwrap(), Fenced::Done);
         assert!(Fenced::decode(2, "complete").is_err());
         assert!(Claim::decode(reply(vec![Value::Int(0), Value::Int(-5)])).is_err());
+        assert!(matches!(
+            Claim::decode(Value::BulkString(b"stored".to_vec())).unwrap(),
+            Claim::Completed(response) if response == b"stored"
+        ));
+        assert!(matches!(
+            Claim::decode(reply(vec![Value::Int(3)])).unwrap(),
+            Claim::Mismatch
+        ));
+        // A completed record without its response is reported, not replayed as empty.
+        assert!(matches!(
+            Claim::decode(Value::Nil),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(
+            Claim::decode(reply(vec![Value::Int(2), Value::BulkString(b"x".to_vec())])).is_err()
+        );
     }
 }

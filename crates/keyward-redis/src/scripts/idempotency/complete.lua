@@ -18,11 +18,12 @@ else
   if n and n > tonumber(ARGV[1]) then return 0 end
 end
 -- Still held by us, or free with nobody having claimed since: nothing of a successor's
--- can be overwritten.
-redis.call('DEL', KEYS[1])
+-- can be overwritten. The held record's other fields (o, w) go with it.
+if rec[1] then redis.call('DEL', KEYS[1]) end
 redis.call('HSET', KEYS[1], 's', 'c', 'f', ARGV[2], 'r', ARGV[3], 't', ARGV[1])
-local ttl = tonumber(ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ttl)
-if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+-- The counter lives at least as long as the record (GT: only ever lengthened; a counter
+-- always has a lifetime, claims give it one, and a gone one stays gone).
+redis.call('PEXPIRE', KEYS[2], ARGV[4], 'GT')
 if rec[3] then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
 return 1

@@ -4,8 +4,7 @@
 -- Reply: 1 renewed | 0 not the holder any more
 local rec = redis.call('HMGET', KEYS[1], 's', 't')
 if rec[1] ~= 'h' or rec[2] ~= ARGV[1] then return 0 end
-local lease = tonumber(ARGV[2])
-redis.call('PEXPIRE', KEYS[1], lease)
-local keep = tonumber(ARGV[3])
-if redis.call('PTTL', KEYS[2]) < keep then redis.call('PEXPIRE', KEYS[2], keep) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- GT: the counter's lifetime is only ever lengthened (see complete.lua).
+redis.call('PEXPIRE', KEYS[2], ARGV[3], 'GT')
 return 1
