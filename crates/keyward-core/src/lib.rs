@@ -25,6 +25,7 @@ mod extract;
 mod fencing;
 pub mod gcra;
 pub mod grpc;
+pub mod json;
 mod idempotency_key;
 mod key;
 pub mod problem;
