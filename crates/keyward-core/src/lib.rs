@@ -35,7 +35,7 @@ pub mod telemetry;
 
 pub use body::KeywardBody;
 pub use extract::{
-    ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate,
+    BufferedBody, ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate,
     PeerAddr, SpecError,
 };
 pub use fencing::FencingToken;

@@ -19,6 +19,7 @@ mod buffer;
 mod future;
 mod keyed;
 mod kind;
+mod request_body;
 mod stored;
 
 pub(crate) use buffer::{Buffered, buffer_response};
@@ -29,4 +30,5 @@ pub(crate) use keyed::{
     debug_layer,
 };
 pub(crate) use kind::LayerKind;
+pub(crate) use request_body::read_body;
 pub(crate) use stored::{render_stored, shareable_headers};
