@@ -252,10 +252,90 @@ impl<'de> Visitor<'de> for StrictVisitor {
 /// The canonical form of `value` (RFC 8785): members sorted by their UTF-16 code units,
 /// no whitespace, strings with the minimal escapes, numbers as ECMAScript writes a
 /// double (`1E1` and `10.0` are `10`, `1e21` is `1e+21`).
+///
+/// Written here rather than through a serializer: this runs on every request of a route
+/// that fingerprints JSON, and sorting names by comparing their UTF-16 units in place
+/// (no copy, no re-parse) is several times cheaper. The tests check it against the RFC's
+/// examples and, on random documents, against `serde_json_canonicalizer`.
 pub fn canonical(value: &Value) -> Vec<u8> {
-    // Every number in a `Value` is finite (`Number` refuses NaN and infinities) and the
-    // serializer writes into memory: it cannot fail.
-    serde_json_canonicalizer::to_vec(value).unwrap_or_default()
+    let mut out = Vec::with_capacity(128);
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Number(number) => write_number(number, out),
+        Value::String(text) => write_string(text, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(members) => {
+            let mut sorted: Vec<(&String, &Value)> = members.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.encode_utf16().cmp(b.0.encode_utf16()));
+            out.push(b'{');
+            for (i, (name, member)) in sorted.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_string(name, out);
+                out.push(b':');
+                write_canonical(member, out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+/// Every number is an IEEE 754 double, written as ECMAScript's `Number::toString`
+/// (integers beyond 2^53 included: the value an ECMAScript peer would send back).
+fn write_number(number: &Number, out: &mut Vec<u8>) {
+    // Without `arbitrary_precision` every `Number` converts; `Number` holds no NaN or
+    // infinity.
+    let value = number.as_f64().unwrap_or(0.0);
+    if value == 0.0 {
+        // `-0` too.
+        out.push(b'0');
+        return;
+    }
+    let mut buffer = ryu_js::Buffer::new();
+    out.extend_from_slice(buffer.format_finite(value).as_bytes());
+}
+
+/// A string with RFC 8785's escapes: `"` and `\`, the short forms of backspace, tab,
+/// line feed, form feed and carriage return, `\u00xx` (lowercase) for the other control
+/// characters, everything else as it is.
+fn write_string(text: &str, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push(b'"');
+    for &byte in text.as_bytes() {
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            0x00..=0x1f => {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(byte >> 4)]);
+                out.push(HEX[usize::from(byte & 0x0f)]);
+            }
+            _ => out.push(byte),
+        }
+    }
+    out.push(b'"');
 }
 
 /// Which part of a JSON body identifies a request, and in which form: the canonical
@@ -453,6 +533,41 @@ mod tests {
         }
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(parse_strict(deep.as_bytes()).is_err());
+    }
+
+    fn arbitrary_json() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            any::<u64>().prop_map(|n| Value::Number(n.into())),
+            any::<f64>()
+                .prop_filter_map("finite", Number::from_f64)
+                .prop_map(Value::Number),
+            any::<String>().prop_map(Value::String),
+            "[\\x00-\\x20\"\\\\\u{7f}-\u{a0}\u{fffd}-\u{ffff}\u{10000}-\u{10ffff}]{0,6}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(any::<String>(), inner, 0..6)
+                    .prop_map(|members| Value::Object(members.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        /// The writer agrees with `serde_json_canonicalizer`, the reference RFC 8785
+        /// implementation, on random documents (every string, number and nesting).
+        #[test]
+        fn agrees_with_the_reference_writer(doc in arbitrary_json()) {
+            let reference = serde_json_canonicalizer::to_vec(&doc).unwrap();
+            proptest::prop_assert_eq!(
+                String::from_utf8(canonical(&doc)).unwrap(),
+                String::from_utf8(reference).unwrap()
+            );
+        }
     }
 
     #[test]
