@@ -89,7 +89,9 @@ fn fingerprints(c: &mut Criterion) {
         ("canonical_json", Some(JsonIdentity::canonical())),
         (
             "canonical_json_exclude",
-            Some(JsonIdentity::canonical().exclude(JsonPointer::parse("/sent_at").expect("pointer"))),
+            Some(
+                JsonIdentity::canonical().exclude(JsonPointer::parse("/sent_at").expect("pointer")),
+            ),
         ),
     ];
     for (name, identity) in identities {
@@ -129,7 +131,10 @@ fn webhooks(c: &mut Criterion) {
         Request::post("/hooks")
             .header("webhook-id", "msg_1")
             .header("webhook-timestamp", now.to_string())
-            .header("webhook-signature", secret.sign("msg_1", now, PAYMENT.as_bytes()))
+            .header(
+                "webhook-signature",
+                secret.sign("msg_1", now, PAYMENT.as_bytes()),
+            )
             .body(Full::new(Bytes::from_static(PAYMENT.as_bytes())))
             .expect("valid request")
     };
@@ -192,14 +197,24 @@ fn reuse(c: &mut Criterion) {
     group.bench_function("bare", |b| {
         b.to_async(&rt).iter(|| async {
             let response = bare.oneshot(get()).await.expect("call");
-            response.into_body().collect().await.expect("body").to_bytes()
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
         })
     });
     let leader = SingleFlightLayer::new(MemoryStore::new()).layer(tower::service_fn(report));
     group.bench_function("leader", |b| {
         b.to_async(&rt).iter(|| async {
             let response = leader.clone().oneshot(get()).await.expect("call");
-            response.into_body().collect().await.expect("body").to_bytes()
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
         })
     });
     let reusing = SingleFlightLayer::new(MemoryStore::new())
@@ -210,7 +225,12 @@ fn reuse(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let response = reusing.clone().oneshot(get()).await.expect("call");
             assert!(response.headers().contains_key("age"));
-            response.into_body().collect().await.expect("body").to_bytes()
+            response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes()
         })
     });
     group.finish();

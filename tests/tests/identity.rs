@@ -19,20 +19,32 @@ use keyward_tests::{Backend, Memory, Redis, RedisClusterBackend};
 use tower::util::BoxCloneService;
 use tower::{ServiceBuilder, ServiceExt};
 
-type Svc = BoxCloneService<Request<Full<Bytes>>, Response<KeywardBody<KeywardBody<Full<Bytes>>>>, Infallible>;
+type Svc = BoxCloneService<
+    Request<Full<Bytes>>,
+    Response<KeywardBody<KeywardBody<Full<Bytes>>>>,
+    Infallible,
+>;
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 /// An upstream that counts what it applies and echoes the body it got.
-async fn apply(calls: Arc<AtomicUsize>, req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn apply(
+    calls: Arc<AtomicUsize>,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
     let body = req.into_body().collect().await.unwrap().to_bytes();
     let mut echo = format!("applied {n}: ").into_bytes();
     echo.extend_from_slice(&body);
-    Ok(Response::builder().status(201).body(Full::new(Bytes::from(echo))).unwrap())
+    Ok(Response::builder()
+        .status(201)
+        .body(Full::new(Bytes::from(echo)))
+        .unwrap())
 }
 
-fn applied(calls: Arc<AtomicUsize>) -> impl tower::Service<
+fn applied(
+    calls: Arc<AtomicUsize>,
+) -> impl tower::Service<
     Request<Full<Bytes>>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
@@ -79,13 +91,20 @@ async fn answer(svc: &Svc, req: Request<Full<Bytes>>) -> (StatusCode, bool, Byte
     let res = svc.clone().oneshot(req).await.unwrap();
     let replayed = res.headers().get("idempotent-replayed").is_some();
     let status = res.status();
-    (status, replayed, res.into_body().collect().await.unwrap().to_bytes())
+    (
+        status,
+        replayed,
+        res.into_body().collect().await.unwrap().to_bytes(),
+    )
 }
 
 async fn a_forged_delivery_claims_no_real_id<B: Backend>(backend: B) {
     let calls = Arc::new(AtomicUsize::new(0));
     // The forgery reaches one instance, the real delivery another.
-    let (here, there) = (receiver(backend.store(), &calls), receiver(backend.instance(), &calls));
+    let (here, there) = (
+        receiver(backend.store(), &calls),
+        receiver(backend.instance(), &calls),
+    );
     let body = r#"{"type":"invoice.paid"}"#;
     let stranger = WebhookSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
     let forged = stranger.sign("evt_1", now(), body.as_bytes());
@@ -93,7 +112,11 @@ async fn a_forged_delivery_claims_no_real_id<B: Backend>(backend: B) {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(calls.load(Ordering::SeqCst), 0);
     let (status, replayed, echoed) = answer(&there, delivery("evt_1", body, None)).await;
-    assert_eq!((status, replayed), (StatusCode::CREATED, false), "the real one is no duplicate");
+    assert_eq!(
+        (status, replayed),
+        (StatusCode::CREATED, false),
+        "the real one is no duplicate"
+    );
     assert_eq!(echoed, format!("applied 1: {body}"));
     // Its redelivery, signed anew, on the first instance: replayed, applied once.
     let (status, replayed, again) = answer(&here, delivery("evt_1", body, None)).await;
@@ -113,17 +136,32 @@ async fn keys_from_the_body_dedupe_deliveries<B: Backend>(backend: B) {
                         .route("events")
                         .unscoped()
                         .key(KeySpec::parse("json:/data/id").unwrap())
-                        .fingerprint_json(JsonIdentity::canonical().exclude(JsonPointer::parse("/sent_at").unwrap())),
+                        .fingerprint_json(
+                            JsonIdentity::canonical()
+                                .exclude(JsonPointer::parse("/sent_at").unwrap()),
+                        ),
                 )
                 .service(applied(calls.clone())),
         )
     };
     let (here, there) = (by_event(backend.store()), by_event(backend.instance()));
-    let post = |body: &'static str| Request::post("/events").body(Full::new(Bytes::from(body))).unwrap();
-    let (status, replayed, first) = answer(&here, post(r#"{"data":{"id":"evt_7","amount":10},"sent_at":1}"#)).await;
+    let post = |body: &'static str| {
+        Request::post("/events")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    };
+    let (status, replayed, first) = answer(
+        &here,
+        post(r#"{"data":{"id":"evt_7","amount":10},"sent_at":1}"#),
+    )
+    .await;
     assert_eq!((status, replayed), (StatusCode::CREATED, false));
     // Re-serialized by the sender's retry, on another instance: the same event.
-    let (_, replayed, again) = answer(&there, post("{\"sent_at\":2, \"data\":{\"amount\":1E1,\"id\":\"evt_7\"}}")).await;
+    let (_, replayed, again) = answer(
+        &there,
+        post("{\"sent_at\":2, \"data\":{\"amount\":1E1,\"id\":\"evt_7\"}}"),
+    )
+    .await;
     assert!(replayed);
     assert_eq!(again, first);
     // The same id with another meaning: 422.
@@ -152,4 +190,7 @@ macro_rules! on_every_store {
     };
 }
 
-on_every_store!(a_forged_delivery_claims_no_real_id, keys_from_the_body_dedupe_deliveries);
+on_every_store!(
+    a_forged_delivery_claims_no_real_id,
+    keys_from_the_body_dedupe_deliveries
+);

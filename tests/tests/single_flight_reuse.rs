@@ -25,7 +25,9 @@ type Svc = BoxCloneService<Request<()>, Response<KeywardBody<Full<Bytes>>>, Infa
 
 /// An origin that counts its calls and answers by path: `/private`, `/no-store`,
 /// `/no-cache`, `/vary-cookie` and `/fail` with what their names say, anything else 200.
-fn origin(calls: Arc<AtomicUsize>) -> impl tower::Service<
+fn origin(
+    calls: Arc<AtomicUsize>,
+) -> impl tower::Service<
     Request<()>,
     Response = Response<Full<Bytes>>,
     Error = Infallible,
@@ -46,7 +48,9 @@ fn origin(calls: Arc<AtomicUsize>) -> impl tower::Service<
                 "/fail" => res.status(StatusCode::SERVICE_UNAVAILABLE),
                 _ => res.header("cache-control", "public, max-age=60"),
             };
-            Ok(res.body(Full::new(Bytes::from(format!("{path} call {n}")))).unwrap())
+            Ok(res
+                .body(Full::new(Bytes::from(format!("{path} call {n}"))))
+                .unwrap())
         }
     })
 }
@@ -75,7 +79,10 @@ struct Got {
 
 async fn call(svc: &Svc, req: Request<()>) -> Got {
     let res = svc.clone().oneshot(req).await.unwrap();
-    let coalesced = res.headers().get("keyward-coalesced").is_some_and(|v| v == "true");
+    let coalesced = res
+        .headers()
+        .get("keyward-coalesced")
+        .is_some_and(|v| v == "true");
     let age = res
         .headers()
         .get("age")
@@ -108,7 +115,11 @@ async fn reuses_within_reuse_for_and_across_instances<B: Backend>(backend: B) {
     assert!(older.coalesced);
     // Whole seconds since the landing: 2 on the paused clock, 0 at Redis's 100 ms units.
     let expected = (unit * 2).as_secs();
-    assert!(older.age.unwrap() >= expected && older.age.unwrap() <= expected + 1, "{:?}", older.age);
+    assert!(
+        older.age.unwrap() >= expected && older.age.unwrap() <= expected + 1,
+        "{:?}",
+        older.age
+    );
     tokio::time::sleep(unit * 3 + backend.slack()).await;
     let after = call(&here, get("/prices/eur", &[])).await;
     assert!(!after.coalesced, "reuse_for is over: a new call");
@@ -125,7 +136,10 @@ async fn never_across_principals_hosts_or_representations<B: Backend>(backend: B
         &[("authorization", "Bearer bob")],
         &[],
         &[("authorization", "Bearer alice"), ("accept", "text/csv")],
-        &[("authorization", "Bearer alice"), ("accept-encoding", "gzip")],
+        &[
+            ("authorization", "Bearer alice"),
+            ("accept-encoding", "gzip"),
+        ],
     ];
     for (i, headers) in others.iter().enumerate() {
         let got = call(&svc, get("/report", headers)).await;
@@ -144,9 +158,15 @@ async fn never_across_principals_hosts_or_representations<B: Backend>(backend: B
 async fn unshareable_failed_and_no_cache_responses_are_not_reused<B: Backend>(backend: B) {
     let calls = Arc::new(AtomicUsize::new(0));
     let svc = layer(backend.store(), backend.unit() * 10, &calls);
-    for (i, path) in ["/private", "/no-store", "/no-cache", "/vary-cookie", "/fail"]
-        .into_iter()
-        .enumerate()
+    for (i, path) in [
+        "/private",
+        "/no-store",
+        "/no-cache",
+        "/vary-cookie",
+        "/fail",
+    ]
+    .into_iter()
+    .enumerate()
     {
         call(&svc, get(path, &[])).await;
         let again = call(&svc, get(path, &[])).await;

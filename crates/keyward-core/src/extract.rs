@@ -621,9 +621,18 @@ mod tests {
             req.extensions_mut().insert(BufferedBody(Bytes::from(body)));
             spec.extract(&req)
         };
-        assert_eq!(with(r#"{"data":{"id":"evt_1"}}"#).unwrap(), Some(Key::from("evt_1")));
+        assert_eq!(
+            with(r#"{"data":{"id":"evt_1"}}"#).unwrap(),
+            Some(Key::from("evt_1"))
+        );
         // Absent, not a string, no body: no key, as for a missing header.
-        for none in [r#"{"data":{}}"#, r#"{"data":{"id":7}}"#, r#"{"data":{"id":null}}"#, "[]", ""] {
+        for none in [
+            r#"{"data":{}}"#,
+            r#"{"data":{"id":7}}"#,
+            r#"{"data":{"id":null}}"#,
+            "[]",
+            "",
+        ] {
             assert_eq!(with(none).unwrap(), None, "{none}");
         }
         for invalid in ["{not json", r#"{"data":{"id":"a"},"data":{"id":"b"}}"#] {
@@ -632,7 +641,10 @@ mod tests {
             assert!(!error.to_string().contains("evt"), "{error}");
         }
         // Without a read body the spec says what is missing.
-        assert!(matches!(spec.extract(&get("/")), Err(KeyError::NoBufferedBody { .. })));
+        assert!(matches!(
+            spec.extract(&get("/")),
+            Err(KeyError::NoBufferedBody { .. })
+        ));
         for bad in ["json:", "json:data", "json:/a~2"] {
             let error = KeySpec::parse(bad).unwrap_err();
             assert!(error.to_string().contains(bad), "{error}");
@@ -640,7 +652,8 @@ mod tests {
         // In a composite key, each part length-prefixed.
         let whole = KeySpec::parse_all(["json:/a", "query:x"]).unwrap();
         let mut req = get("/?x=1");
-        req.extensions_mut().insert(BufferedBody(Bytes::from(r#"{"a":"k"}"#)));
+        req.extensions_mut()
+            .insert(BufferedBody(Bytes::from(r#"{"a":"k"}"#)));
         assert_eq!(whole.extract(&req).unwrap(), Some(Key::from("1:k|1:1")));
     }
 

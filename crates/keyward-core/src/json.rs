@@ -242,7 +242,9 @@ impl<'de> Visitor<'de> for StrictVisitor {
         while let Some(name) = map.next_key::<String>()? {
             let Strict(value) = map.next_value()?;
             if members.insert(name, value).is_some() {
-                return Err(de::Error::custom("a member name appears twice in one object"));
+                return Err(de::Error::custom(
+                    "a member name appears twice in one object",
+                ));
             }
         }
         Ok(Value::Object(members))
@@ -474,7 +476,11 @@ mod tests {
         ];
         for (bits, expected) in cases {
             let value = Value::Number(Number::from_f64(f64::from_bits(bits)).unwrap());
-            assert_eq!(String::from_utf8(canonical(&value)).unwrap(), expected, "{bits:#x}");
+            assert_eq!(
+                String::from_utf8(canonical(&value)).unwrap(),
+                expected,
+                "{bits:#x}"
+            );
             // And the same number read back from its own spelling.
             assert_eq!(jcs(expected), expected);
         }
@@ -491,7 +497,12 @@ mod tests {
         let b = identity.identity(b"{\"a\":{\"x\":1.5,\"y\":\"A\"},\n\t\"b\":[1,2]}");
         assert_eq!(a.unwrap(), b.unwrap());
         let other = identity.identity(br#"{"a":{"x":1.5,"y":"A"},"b":[2,1]}"#);
-        assert_ne!(other.unwrap(), identity.identity(br#"{"a":{"x":1.5,"y":"A"},"b":[1,2]}"#).unwrap());
+        assert_ne!(
+            other.unwrap(),
+            identity
+                .identity(br#"{"a":{"x":1.5,"y":"A"},"b":[1,2]}"#)
+                .unwrap()
+        );
     }
 
     #[test]
@@ -501,8 +512,13 @@ mod tests {
         let a = identity.identity(br#"{"amount":1,"meta":{"sent_at":1,"trace":"x"}}"#);
         let b = identity.identity(br#"{"meta":{"trace":"x","sent_at":99},"amount":1}"#);
         assert_eq!(a.unwrap(), b.unwrap());
-        let only = JsonIdentity::canonical().include(p("/amount")).include(p("/to"));
-        assert_eq!(only.identity(br#"{"amount":1,"note":"a"}"#).unwrap(), b"[[1],[]]");
+        let only = JsonIdentity::canonical()
+            .include(p("/amount"))
+            .include(p("/to"));
+        assert_eq!(
+            only.identity(br#"{"amount":1,"note":"a"}"#).unwrap(),
+            b"[[1],[]]"
+        );
         assert_eq!(
             only.identity(br#"{"amount":1,"note":"b"}"#).unwrap(),
             only.identity(br#"{"note":"c","amount":1.0}"#).unwrap()
@@ -514,7 +530,10 @@ mod tests {
         );
         // Array elements are never removed (that would renumber the rest).
         let items = JsonIdentity::canonical().exclude(p("/items/0"));
-        assert_eq!(items.identity(br#"{"items":[1,2]}"#).unwrap(), br#"{"items":[1,2]}"#);
+        assert_eq!(
+            items.identity(br#"{"items":[1,2]}"#).unwrap(),
+            br#"{"items":[1,2]}"#
+        );
     }
 
     #[test]
@@ -529,7 +548,11 @@ mod tests {
             b"{\"a\":1} trailing",
             b"\xff",
         ] {
-            assert!(parse_strict(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+            assert!(
+                parse_strict(bad).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(parse_strict(deep.as_bytes()).is_err());
@@ -546,7 +569,8 @@ mod tests {
                 .prop_filter_map("finite", Number::from_f64)
                 .prop_map(Value::Number),
             any::<String>().prop_map(Value::String),
-            "[\\x00-\\x20\"\\\\\u{7f}-\u{a0}\u{fffd}-\u{ffff}\u{10000}-\u{10ffff}]{0,6}".prop_map(Value::String),
+            "[\\x00-\\x20\"\\\\\u{7f}-\u{a0}\u{fffd}-\u{ffff}\u{10000}-\u{10ffff}]{0,6}"
+                .prop_map(Value::String),
         ];
         leaf.prop_recursive(4, 48, 6, |inner| {
             prop_oneof![
@@ -580,7 +604,17 @@ mod tests {
         assert_eq!(at(""), Some(doc.clone()));
         assert_eq!(at("/foo"), Some(serde_json::json!(["bar", "baz"])));
         assert_eq!(at("/foo/0"), Some(serde_json::json!("bar")));
-        for (pointer, n) in [("/", 0), ("/a~1b", 1), ("/c%d", 2), ("/e^f", 3), ("/g|h", 4), ("/i\\j", 5), ("/k\"l", 6), ("/ ", 7), ("/m~0n", 8)] {
+        for (pointer, n) in [
+            ("/", 0),
+            ("/a~1b", 1),
+            ("/c%d", 2),
+            ("/e^f", 3),
+            ("/g|h", 4),
+            ("/i\\j", 5),
+            ("/k\"l", 6),
+            ("/ ", 7),
+            ("/m~0n", 8),
+        ] {
             assert_eq!(at(pointer), Some(serde_json::json!(n)), "{pointer}");
         }
         assert_eq!(at("/foo/01"), None);

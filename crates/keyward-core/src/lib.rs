@@ -25,8 +25,8 @@ mod extract;
 mod fencing;
 pub mod gcra;
 pub mod grpc;
-pub mod json;
 mod idempotency_key;
+pub mod json;
 mod key;
 pub mod problem;
 pub mod ratelimit;
@@ -35,8 +35,8 @@ pub mod telemetry;
 
 pub use body::KeywardBody;
 pub use extract::{
-    BufferedBody, ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate,
-    PeerAddr, SpecError,
+    BufferedBody, ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams,
+    PathTemplate, PeerAddr, SpecError,
 };
 pub use fencing::FencingToken;
 pub use idempotency_key::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_LEN, parse_idempotency_key};

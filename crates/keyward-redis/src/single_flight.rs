@@ -160,7 +160,11 @@ impl RedisStore {
                     Some(age) => LeadOrReuse::Reused { response, age },
                     None => return Box::pin(self.lead_with(key, lease, Duration::ZERO)).await,
                 },
-                _ => return Err(StoreError::Corrupt("a kept landing that is no response".into())),
+                _ => {
+                    return Err(StoreError::Corrupt(
+                        "a kept landing that is no response".into(),
+                    ));
+                }
             },
         })
     }
@@ -206,7 +210,10 @@ impl SingleFlightStore for RedisStore {
     fn abandon_detached(&self, key: ScopedKey, token: FencingToken) {
         let store = self.clone();
         let abandon = async move {
-            if let Err(error) = store.land(&key, token, &Landing::Failed, Duration::ZERO).await {
+            if let Err(error) = store
+                .land(&key, token, &Landing::Failed, Duration::ZERO)
+                .await
+            {
                 tracing::warn!(%error, key_hash = %key.key_hash(), "keyward single flight: abandoning failed; followers wait for the lease");
             }
         };

@@ -92,7 +92,11 @@ fn idempotency(idem: &IdempotencyConfig) -> String {
         Some(identity) => {
             let mut out = "; body fingerprinted as canonical JSON".to_owned();
             let list = |pointers: &[keyward::core::json::JsonPointer]| {
-                pointers.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(", ")
+                pointers
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             };
             if !identity.included().is_empty() {
                 out.push_str(&format!(" of {}", list(identity.included())));

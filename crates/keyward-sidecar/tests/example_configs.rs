@@ -264,7 +264,8 @@ async fn a_forged_delivery_with_a_real_id_claims_nothing() {
     let now = unix_now();
     let body = r#"{"type":"invoice.paid","amount":1000}"#;
     // Signed with another secret, with no signature at all, over another body, too old.
-    let stranger = keyward::webhook::WebhookSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+    let stranger =
+        keyward::webhook::WebhookSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
     let forged = stranger.sign("evt_real", now, body.as_bytes());
     let tampered = keyward::webhook::WebhookSecret::parse(WEBHOOK_SECRET)
         .unwrap()
@@ -272,13 +273,22 @@ async fn a_forged_delivery_with_a_real_id_claims_nothing() {
     for signature in [forged.as_str(), "v1,", tampered.as_str()] {
         let refused = deliver(&http, &url, "evt_real", body, now, Some(signature)).await;
         assert_eq!(refused.status, 401, "{refused:?}");
-        assert!(refused.body.contains("webhook-signature-invalid"), "{refused:?}");
+        assert!(
+            refused.body.contains("webhook-signature-invalid"),
+            "{refused:?}"
+        );
     }
     let stale = deliver(&http, &url, "evt_real", body, now - 3600, None).await;
     assert_eq!(stale.status, 401, "{stale:?}");
-    assert!(stale.body.contains("webhook-timestamp-invalid"), "{stale:?}");
+    assert!(
+        stale.body.contains("webhook-timestamp-invalid"),
+        "{stale:?}"
+    );
     let seen = effects(&http, &upstream).await;
-    assert!(seen["by_idempotency_key"].get("evt_real").is_none(), "{seen}");
+    assert!(
+        seen["by_idempotency_key"].get("evt_real").is_none(),
+        "{seen}"
+    );
 
     let real = deliver(&http, &url, "evt_real", body, now, None).await;
     assert_eq!(real.status, 201, "{real:?}");
@@ -286,7 +296,11 @@ async fn a_forged_delivery_with_a_real_id_claims_nothing() {
     // The upstream got the body as signed.
     assert!(real.body.contains("invoice.paid"), "{real:?}");
     let again = deliver(&http, &url, "evt_real", body, now + 1, None).await;
-    assert_eq!(again.header("idempotent-replayed"), Some("true"), "{again:?}");
+    assert_eq!(
+        again.header("idempotent-replayed"),
+        Some("true"),
+        "{again:?}"
+    );
     let seen = effects(&http, &upstream).await;
     assert_eq!(seen["by_idempotency_key"]["evt_real"], 1, "{seen}");
 }

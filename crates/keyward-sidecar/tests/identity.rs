@@ -33,13 +33,34 @@ async fn a_reserialized_retry_is_the_same_request() {
     let sidecar = Sidecar::start(upstream.addr, ROUTES).await;
     let http = client();
     let url = sidecar.url("/transfers");
-    let key = [("idempotency-key", "t-1"), ("content-type", "application/json")];
-    let first = send(&http, "POST", &url, &key, r#"{"amount": 10.50, "to": "bob", "sent_at": 1}"#).await;
+    let key = [
+        ("idempotency-key", "t-1"),
+        ("content-type", "application/json"),
+    ];
+    let first = send(
+        &http,
+        "POST",
+        &url,
+        &key,
+        r#"{"amount": 10.50, "to": "bob", "sent_at": 1}"#,
+    )
+    .await;
     assert_eq!(first.status, 200, "{first:?}");
     // Members reordered, other whitespace, another spelling of the number, another
     // client timestamp: the same transfer.
-    let retry = send(&http, "POST", &url, &key, "{\"sent_at\":2,\n \"to\":\"bob\",\"amount\":1.05E1}").await;
-    assert_eq!(retry.header("idempotent-replayed"), Some("true"), "{retry:?}");
+    let retry = send(
+        &http,
+        "POST",
+        &url,
+        &key,
+        "{\"sent_at\":2,\n \"to\":\"bob\",\"amount\":1.05E1}",
+    )
+    .await;
+    assert_eq!(
+        retry.header("idempotent-replayed"),
+        Some("true"),
+        "{retry:?}"
+    );
     assert_eq!(retry.body, first.body);
     assert_eq!(upstream.hits(), 1);
     // Another amount is another request: 422.
@@ -50,9 +71,16 @@ async fn a_reserialized_retry_is_the_same_request() {
     for body in [r#"{"amount":1,"amount":1000}"#, "{oops"] {
         let refused = send(&http, "POST", &url, &twice, body).await;
         assert_eq!(refused.status, 400, "{refused:?}");
-        assert!(refused.body.contains("request-body-not-json"), "{refused:?}");
+        assert!(
+            refused.body.contains("request-body-not-json"),
+            "{refused:?}"
+        );
     }
-    assert_eq!(upstream.hits(), 1, "refused bodies never reach the upstream");
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "refused bodies never reach the upstream"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,7 +95,11 @@ async fn keys_from_the_body_and_the_body_intact() {
     // The upstream received the body byte for byte.
     assert!(first.body.ends_with(&format!("body={body}")), "{first:?}");
     let again = send(&http, "POST", &url, &[], body).await;
-    assert_eq!(again.header("idempotent-replayed"), Some("true"), "{again:?}");
+    assert_eq!(
+        again.header("idempotent-replayed"),
+        Some("true"),
+        "{again:?}"
+    );
     assert_eq!(upstream.hits(), 1);
     // No id, or not a string: no key, passed through as a request without a header key.
     for keyless in [r#"{"event":{"type":"paid"}}"#, r#"{"event":{"id":7}}"#] {
@@ -80,7 +112,10 @@ async fn keys_from_the_body_and_the_body_intact() {
     let garbled = send(&http, "POST", &url, &[], "{not json").await;
     assert_eq!(garbled.status, 400, "{garbled:?}");
     assert!(garbled.body.contains("key-invalid"), "{garbled:?}");
-    let big = format!(r#"{{"event":{{"id":"evt_2"}},"pad":"{}"}}"#, "x".repeat(2048));
+    let big = format!(
+        r#"{{"event":{{"id":"evt_2"}},"pad":"{}"}}"#,
+        "x".repeat(2048)
+    );
     let refused = send(&http, "POST", &url, &[], &big).await;
     assert_eq!(refused.status, 413, "{refused:?}");
     assert_eq!(upstream.hits(), 3);

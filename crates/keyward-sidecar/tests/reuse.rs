@@ -29,7 +29,10 @@ async fn reads_after_a_landing_reuse_it_with_an_age() {
     for _ in 0..3 {
         let again = send(&http, "GET", &url, &[], "").await;
         assert_eq!(again.header("keyward-coalesced"), Some("true"), "{again:?}");
-        assert!(again.header("age").unwrap().parse::<u64>().unwrap() < 30, "{again:?}");
+        assert!(
+            again.header("age").unwrap().parse::<u64>().unwrap() < 30,
+            "{again:?}"
+        );
         assert_eq!(again.body, first.body);
         // The leader's cookie is never handed to others.
         assert_eq!(again.header("set-cookie"), None, "{again:?}");

@@ -15,12 +15,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::{Method, Uri};
+use keyward::core::json::{JsonIdentity, JsonPointer};
 use keyward::defaults::{
     DEFAULT_IDEMPOTENCY_LEASE, DEFAULT_IDEMPOTENCY_MAX_BODY, DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
     DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MEMORY_MAX_RESPONSE_BYTES, DEFAULT_SERIAL_MAX_QUEUE,
     DEFAULT_SERIAL_MAX_WAIT, DEFAULT_SINGLE_FLIGHT_MAX_BODY,
 };
-use keyward::core::json::{JsonIdentity, JsonPointer};
 use keyward::idempotency::OnInFlight;
 use keyward::webhook::{DEFAULT_TOLERANCE, WebhookSecret};
 
@@ -754,8 +754,14 @@ impl Checker {
         // A webhook route dedupes on the delivery id, shared by every sender, unless its
         // own `[routes.idempotency]` says otherwise.
         let idempotency = match (&raw.idempotency, &webhook) {
-            (Some(r), _) => Some(self.idempotency(&format!("{field}.idempotency"), r, webhook.is_some())),
-            (None, Some(_)) => Some(self.idempotency(&format!("{field}.idempotency"), &raw::RawIdempotency::default(), true)),
+            (Some(r), _) => {
+                Some(self.idempotency(&format!("{field}.idempotency"), r, webhook.is_some()))
+            }
+            (None, Some(_)) => Some(self.idempotency(
+                &format!("{field}.idempotency"),
+                &raw::RawIdempotency::default(),
+                true,
+            )),
             (None, None) => None,
         };
         let mut route = RouteConfig {
@@ -894,7 +900,10 @@ impl Checker {
             None | Some("bytes") => false,
             Some("json") => true,
             Some(other) => {
-                self.fail(&f("fingerprint_body"), format!("{other:?} is not \"bytes\" or \"json\""));
+                self.fail(
+                    &f("fingerprint_body"),
+                    format!("{other:?} is not \"bytes\" or \"json\""),
+                );
                 false
             }
         };
@@ -910,7 +919,9 @@ impl Checker {
             }
             for (i, text) in pointers.iter().enumerate() {
                 match JsonPointer::parse(text) {
-                    Ok(pointer) if name == "fingerprint_include" => identity = identity.include(pointer),
+                    Ok(pointer) if name == "fingerprint_include" => {
+                        identity = identity.include(pointer)
+                    }
                     Ok(pointer) => identity = identity.exclude(pointer),
                     Err(err) => self.fail(&format!("{}[{i}]", f(name)), err.to_string()),
                 }

@@ -386,8 +386,19 @@ mod tests {
         else {
             panic!()
         };
-        store.publish_kept(&key("c"), FencingToken(current.get() + 99), landing("stale"), reuse).await.unwrap();
-        store.publish_kept(&key("c"), current, Landing::TooLarge, reuse).await.unwrap();
+        store
+            .publish_kept(
+                &key("c"),
+                FencingToken(current.get() + 99),
+                landing("stale"),
+                reuse,
+            )
+            .await
+            .unwrap();
+        store
+            .publish_kept(&key("c"), current, Landing::TooLarge, reuse)
+            .await
+            .unwrap();
         assert!(matches!(
             store.lead_or_reuse(&key("c"), LEASE, reuse).await.unwrap(),
             LeadOrReuse::Role(FlightRole::Leader(_))
@@ -411,7 +422,10 @@ mod tests {
             else {
                 panic!()
             };
-            store.publish_kept(&k, token, big.clone(), reuse).await.unwrap();
+            store
+                .publish_kept(&k, token, big.clone(), reuse)
+                .await
+                .unwrap();
             let sizes = store.table_sizes().single_flight_kept;
             assert!(sizes.bytes <= 64 * 1024, "{sizes:?}");
         }

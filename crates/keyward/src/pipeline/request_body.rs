@@ -100,7 +100,8 @@ mod tests {
     #[tokio::test]
     async fn a_body_read_before_is_taken_from_the_extension() {
         let mut p = parts("/");
-        p.extensions.insert(BufferedBody(Bytes::from_static(b"read before")));
+        p.extensions
+            .insert(BufferedBody(Bytes::from_static(b"read before")));
         let body = read_body(&p, Full::new(Bytes::new()), 64).await.unwrap();
         assert_eq!(body, "read before");
         let capped = read_body(&p, Full::new(Bytes::new()), 4).await;

@@ -9,8 +9,7 @@ use http::header::{AGE, CACHE_CONTROL, HeaderName, HeaderValue, VARY};
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use keyward_core::store::{
-    FlightRole, Landing, LeadOrReuse, OnStoreError, SingleFlightStore, StoreError,
-    StoredResponse,
+    FlightRole, Landing, LeadOrReuse, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
 };
 use keyward_core::telemetry::{STORE_OP_LEAD, STORE_OP_PUBLISH};
 use keyward_core::{FencingToken, KeywardBody, ScopedKey};
@@ -179,7 +178,10 @@ impl<St: SingleFlightStore> LeadGuard<'_, St> {
         let Some(token) = self.token else {
             return Ok(());
         };
-        let published = self.store.publish_kept(self.key, token, landing, keep).await;
+        let published = self
+            .store
+            .publish_kept(self.key, token, landing, keep)
+            .await;
         self.token = None;
         published
     }
@@ -278,7 +280,10 @@ fn reusable(response: &StoredResponse) -> bool {
         .flat_map(|value| value.split(','))
         .map(|directive| {
             let (name, value) = directive.split_once('=').unwrap_or((directive, ""));
-            (name.trim().to_ascii_lowercase(), value.trim().trim_matches('"'))
+            (
+                name.trim().to_ascii_lowercase(),
+                value.trim().trim_matches('"'),
+            )
         })
         .any(|(name, value)| name == "no-cache" || (name == "max-age" && value == "0"))
 }
@@ -362,7 +367,10 @@ mod tests {
     #[test]
     fn failures_and_revalidated_responses_are_not_reused() {
         assert!(reusable(&stored(200, &[])));
-        assert!(reusable(&stored(404, &[("cache-control", "public, max-age=5")])));
+        assert!(reusable(&stored(
+            404,
+            &[("cache-control", "public, max-age=5")]
+        )));
         for (status, pairs) in [
             (500, &[][..]),
             (503, &[][..]),

@@ -35,7 +35,8 @@ const MAX_SIGNATURES: usize = 16;
 /// left out). Its `Debug` output never shows the key.
 #[derive(Clone)]
 pub struct WebhookSecret {
-    key: Arc<[u8]>,
+    /// HMAC-SHA256 keyed with the secret, ready to be cloned for each delivery.
+    keyed: Arc<Hmac<Sha256>>,
 }
 
 /// A secret that does not parse. The message never contains the secret.
@@ -54,19 +55,20 @@ impl WebhookSecret {
     pub fn parse(text: &str) -> Result<Self, SecretError> {
         let text = text.trim();
         let encoded = text.strip_prefix("whsec_").unwrap_or(text);
-        let key = BASE64
-            .decode(encoded)
-            .map_err(|_| SecretError::NotBase64)?;
+        let key = BASE64.decode(encoded).map_err(|_| SecretError::NotBase64)?;
         if key.len() < 16 {
             return Err(SecretError::TooShort(key.len()));
         }
-        Ok(WebhookSecret { key: key.into() })
+        // HMAC takes keys of any length: this never fails.
+        let keyed = <Hmac<Sha256> as Mac>::new_from_slice(&key)
+            .map_err(|_| SecretError::TooShort(key.len()))?;
+        Ok(WebhookSecret {
+            keyed: Arc::new(keyed),
+        })
     }
 
     fn mac(&self, id: &str, timestamp: &str, body: &[u8]) -> Hmac<Sha256> {
-        // HMAC takes keys of any length.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
+        let mut mac = Hmac::<Sha256>::clone(&self.keyed);
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.as_bytes());
@@ -184,22 +186,24 @@ impl StandardWebhooks {
     /// assert_eq!(verify.check_at(&parts, body, 1649367553 + 301).unwrap_err().status(), 401);
     /// ```
     pub fn check_at(&self, parts: &Parts, body: &[u8], now: i64) -> Result<(), Problem> {
-        self.verify(parts, body, now).map_err(|refusal| match refusal {
-            Refusal::Missing(header) => signature_invalid().detail(format!(
-                "the delivery has no single valid `{header}` header"
-            )),
-            Refusal::Timestamp => Problem::new(
-                StatusCode::UNAUTHORIZED,
-                types::WEBHOOK_TIMESTAMP_INVALID,
-                "Webhook timestamp out of tolerance",
-            )
-            .detail(format!(
-                "`webhook-timestamp` must be Unix seconds within {} s of the receiver's clock",
-                self.tolerance.as_secs()
-            )),
-            Refusal::Signature => signature_invalid()
-                .detail("no `v1` signature matches a secret of this route"),
-        })
+        self.verify(parts, body, now)
+            .map_err(|refusal| match refusal {
+                Refusal::Missing(header) => signature_invalid().detail(format!(
+                    "the delivery has no single valid `{header}` header"
+                )),
+                Refusal::Timestamp => Problem::new(
+                    StatusCode::UNAUTHORIZED,
+                    types::WEBHOOK_TIMESTAMP_INVALID,
+                    "Webhook timestamp out of tolerance",
+                )
+                .detail(format!(
+                    "`webhook-timestamp` must be Unix seconds within {} s of the receiver's clock",
+                    self.tolerance.as_secs()
+                )),
+                Refusal::Signature => {
+                    signature_invalid().detail("no `v1` signature matches a secret of this route")
+                }
+            })
     }
 }
 
@@ -215,7 +219,9 @@ impl BodyCheck for StandardWebhooks {
     fn check(&self, parts: &Parts, body: &Bytes) -> Result<(), Problem> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |since| i64::try_from(since.as_secs()).unwrap_or(i64::MAX));
+            .map_or(0, |since| {
+                i64::try_from(since.as_secs()).unwrap_or(i64::MAX)
+            });
         self.check_at(parts, body, now)
     }
 }
@@ -257,7 +263,10 @@ mod tests {
         let verify = StandardWebhooks::new([secret(SECRET)]);
         assert_eq!(verify.verify(&delivery(&signature), BODY, TS), Ok(()));
         // The bare base64 is the same secret.
-        assert_eq!(secret("C2FVsBQIhrscChlQIMV+b5sSYspob7oD").sign(ID, TS, BODY), signature);
+        assert_eq!(
+            secret("C2FVsBQIhrscChlQIMV+b5sSYspob7oD").sign(ID, TS, BODY),
+            signature
+        );
     }
 
     #[test]
@@ -267,24 +276,59 @@ mod tests {
         let rotating = StandardWebhooks::new([new.clone(), old.clone()]);
         let both = format!("{} {}", new.sign(ID, TS, BODY), old.sign(ID, TS, BODY));
         let others = "v1,Mm7xgUVICxZfQ3bgf0h0Dof65L/IFx+PnZvnDWPCX6Q= v1a,xyz v2,abc";
-        for signature in [old.sign(ID, TS, BODY), both, format!("{others} {}", old.sign(ID, TS, BODY))] {
-            assert_eq!(rotating.verify(&delivery(&signature), BODY, TS), Ok(()), "{signature}");
+        for signature in [
+            old.sign(ID, TS, BODY),
+            both,
+            format!("{others} {}", old.sign(ID, TS, BODY)),
+        ] {
+            assert_eq!(
+                rotating.verify(&delivery(&signature), BODY, TS),
+                Ok(()),
+                "{signature}"
+            );
         }
         let only_new = StandardWebhooks::new([new]);
         let signature = old.sign(ID, TS, BODY);
-        assert_eq!(only_new.verify(&delivery(&signature), BODY, TS), Err(Refusal::Signature));
+        assert_eq!(
+            only_new.verify(&delivery(&signature), BODY, TS),
+            Err(Refusal::Signature)
+        );
         // Another body, id or timestamp under the same signature: refused.
-        assert_eq!(rotating.verify(&delivery(&signature), b"{}", TS), Err(Refusal::Signature));
-        let other_id = parts(&[("webhook-id", "msg_2"), ("webhook-timestamp", "1649367553"), ("webhook-signature", &signature)]);
-        assert_eq!(rotating.verify(&other_id, BODY, TS), Err(Refusal::Signature));
-        let other_ts = parts(&[("webhook-id", ID), ("webhook-timestamp", "1649367554"), ("webhook-signature", &signature)]);
-        assert_eq!(rotating.verify(&other_ts, BODY, TS), Err(Refusal::Signature));
+        assert_eq!(
+            rotating.verify(&delivery(&signature), b"{}", TS),
+            Err(Refusal::Signature)
+        );
+        let other_id = parts(&[
+            ("webhook-id", "msg_2"),
+            ("webhook-timestamp", "1649367553"),
+            ("webhook-signature", &signature),
+        ]);
+        assert_eq!(
+            rotating.verify(&other_id, BODY, TS),
+            Err(Refusal::Signature)
+        );
+        let other_ts = parts(&[
+            ("webhook-id", ID),
+            ("webhook-timestamp", "1649367554"),
+            ("webhook-signature", &signature),
+        ]);
+        assert_eq!(
+            rotating.verify(&other_ts, BODY, TS),
+            Err(Refusal::Signature)
+        );
         // The version prefix is required; garbage is not a match.
         let bare = signature.trim_start_matches("v1,").to_owned();
         for bad in [bare.as_str(), "v1,", "v1,!!!", ""] {
-            assert_eq!(rotating.verify(&delivery(bad), BODY, TS), Err(Refusal::Signature), "{bad}");
+            assert_eq!(
+                rotating.verify(&delivery(bad), BODY, TS),
+                Err(Refusal::Signature),
+                "{bad}"
+            );
         }
-        assert_eq!(StandardWebhooks::new([]).verify(&delivery(&signature), BODY, TS), Err(Refusal::Signature));
+        assert_eq!(
+            StandardWebhooks::new([]).verify(&delivery(&signature), BODY, TS),
+            Err(Refusal::Signature)
+        );
     }
 
     #[test]
@@ -294,11 +338,24 @@ mod tests {
         let signed = delivery(&signature);
         assert_eq!(verify.verify(&signed, BODY, TS + 300), Ok(()));
         assert_eq!(verify.verify(&signed, BODY, TS - 300), Ok(()));
-        assert_eq!(verify.verify(&signed, BODY, TS + 301), Err(Refusal::Timestamp));
-        assert_eq!(verify.verify(&signed, BODY, TS - 301), Err(Refusal::Timestamp));
+        assert_eq!(
+            verify.verify(&signed, BODY, TS + 301),
+            Err(Refusal::Timestamp)
+        );
+        assert_eq!(
+            verify.verify(&signed, BODY, TS - 301),
+            Err(Refusal::Timestamp)
+        );
         let tight = verify.clone().tolerance(Duration::from_secs(10));
-        assert_eq!(tight.verify(&signed, BODY, TS + 11), Err(Refusal::Timestamp));
-        let words = parts(&[("webhook-id", ID), ("webhook-timestamp", "soon"), ("webhook-signature", &signature)]);
+        assert_eq!(
+            tight.verify(&signed, BODY, TS + 11),
+            Err(Refusal::Timestamp)
+        );
+        let words = parts(&[
+            ("webhook-id", ID),
+            ("webhook-timestamp", "soon"),
+            ("webhook-signature", &signature),
+        ]);
         assert_eq!(verify.verify(&words, BODY, TS), Err(Refusal::Timestamp));
         let problem = verify.check_at(&signed, BODY, TS + 301).unwrap_err();
         assert_eq!(problem.status(), StatusCode::UNAUTHORIZED);
@@ -308,20 +365,41 @@ mod tests {
     fn missing_or_repeated_headers_are_refused() {
         let verify = StandardWebhooks::new([secret(SECRET)]);
         let signature = secret(SECRET).sign(ID, TS, BODY);
-        let all = [("webhook-id", ID), ("webhook-timestamp", "1649367553"), ("webhook-signature", signature.as_str())];
+        let all = [
+            ("webhook-id", ID),
+            ("webhook-timestamp", "1649367553"),
+            ("webhook-signature", signature.as_str()),
+        ];
         for left_out in 0..3 {
-            let some: Vec<_> = all.iter().enumerate().filter(|(i, _)| *i != left_out).map(|(_, h)| *h).collect();
-            assert!(matches!(verify.verify(&parts(&some), BODY, TS), Err(Refusal::Missing(_))));
+            let some: Vec<_> = all
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != left_out)
+                .map(|(_, h)| *h)
+                .collect();
+            assert!(matches!(
+                verify.verify(&parts(&some), BODY, TS),
+                Err(Refusal::Missing(_))
+            ));
         }
         let mut twice = all.to_vec();
         twice.push(("webhook-id", "msg_other"));
-        assert_eq!(verify.verify(&parts(&twice), BODY, TS), Err(Refusal::Missing("webhook-id")));
+        assert_eq!(
+            verify.verify(&parts(&twice), BODY, TS),
+            Err(Refusal::Missing("webhook-id"))
+        );
     }
 
     #[test]
     fn secrets_are_checked_and_never_shown() {
-        assert_eq!(WebhookSecret::parse("whsec_not base64!").unwrap_err(), SecretError::NotBase64);
-        assert_eq!(WebhookSecret::parse("whsec_c2hvcnQ=").unwrap_err(), SecretError::TooShort(5));
+        assert_eq!(
+            WebhookSecret::parse("whsec_not base64!").unwrap_err(),
+            SecretError::NotBase64
+        );
+        assert_eq!(
+            WebhookSecret::parse("whsec_c2hvcnQ=").unwrap_err(),
+            SecretError::TooShort(5)
+        );
         assert_eq!(format!("{:?}", secret(SECRET)), "WebhookSecret(***)");
         assert!(!format!("{:?}", StandardWebhooks::new([secret(SECRET)])).contains("C2FV"));
     }
