@@ -8,8 +8,11 @@ use std::sync::Arc;
 use http::Request;
 use http::header::HeaderName;
 
+use bytes::Bytes;
+
 use crate::Key;
 use crate::canon::{canonical_path, canonical_query, form_decode};
+use crate::json::{JsonPointer, parse_strict};
 
 /// Takes the coordination key from a request.
 ///
@@ -52,6 +55,15 @@ pub enum KeyError {
         /// Why the value was refused.
         reason: String,
     },
+    /// A `json:` spec was used on a request whose body no layer has read: put
+    /// `keyward::BufferedBodyLayer` (the sidecar does) in front of the layer.
+    #[error(
+        "key spec `json:{pointer}` needs the request body read first (a BufferedBody extension: keyward::BufferedBodyLayer)"
+    )]
+    NoBufferedBody {
+        /// The pointer.
+        pointer: String,
+    },
     /// A `path:` spec was used without a route template and without [`PathParams`].
     #[error(
         "key spec `path:{param}` needs a route template (KeySpec::with_template) or a PathParams extension"
@@ -67,7 +79,7 @@ pub enum KeyError {
 pub enum SpecError {
     /// Not one of the known forms.
     #[error(
-        "unknown key spec {0:?}: expected header:NAME, path:PARAM, query:NAME, peer_ip or method_uri"
+        "unknown key spec {0:?}: expected header:NAME, path:PARAM, query:NAME, json:/POINTER, peer_ip or method_uri"
     )]
     Unknown(String),
     /// The form is known but its argument is not valid.
@@ -103,6 +115,12 @@ impl PathParams {
             .map(|(_, value)| value.as_str())
     }
 }
+
+/// The whole request body, read before the key is taken, as a request extension: what
+/// `json:` specs look into. `keyward::BufferedBodyLayer` reads it (bounded by its
+/// `max_body`) and inserts it; the request still carries the same bytes as its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BufferedBody(pub Bytes);
 
 /// A compiled route template for `path:` specs.
 #[derive(Clone)]
@@ -224,6 +242,7 @@ pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 /// | `peer_ip` | the client IP ([`ClientIp`], else [`PeerAddr`] or `SocketAddr` extension); IPv6 cut to its /64 |
 /// | `peer_ip/N` | the same, IPv6 cut to its first N bits (1..=128; 128 keys on the whole address) |
 /// | `method_uri` | method, [canonical path](crate::canon) and the canonical query, pairs sorted |
+/// | `json:/POINTER` | the string at an RFC 6901 pointer in the JSON body ([`BufferedBody`]); absent, not a string, or an empty body: no key; a body that is not I-JSON: invalid |
 /// | a list | all of the above joined: a composite key |
 ///
 /// ```
@@ -257,6 +276,8 @@ pub enum KeySpec {
     },
     /// `method_uri`
     MethodUri,
+    /// `json:/POINTER`: a string in the JSON body.
+    Json(JsonPointer),
     /// A composite key made of every part.
     Composite(Vec<KeySpec>),
 }
@@ -280,6 +301,13 @@ impl KeySpec {
             Some(("path", _)) => Err(bad("expected a route parameter name like path:id")),
             Some(("query", name)) if !name.is_empty() => Ok(KeySpec::Query(name.to_owned())),
             Some(("query", _)) => Err(bad("expected a query parameter name like query:page")),
+            Some(("json", pointer)) if !pointer.is_empty() => JsonPointer::parse(pointer)
+                .map(KeySpec::Json)
+                .map_err(|error| SpecError::BadArgument {
+                    spec: spec.to_owned(),
+                    reason: format!("{} (RFC 6901, like json:/event/id)", error.reason),
+                }),
+            Some(("json", _)) => Err(bad("expected a JSON pointer like json:/event/id")),
             None if spec == "peer_ip" => Ok(KeySpec::PeerIp),
             None if spec.starts_with("peer_ip/") => match spec["peer_ip/".len()..].parse::<u8>() {
                 Ok(bits) if (1..=128).contains(&bits) => {
@@ -352,6 +380,7 @@ impl KeySpec {
             KeySpec::PeerIp => Ok(peer_ip(req, DEFAULT_IPV6_PREFIX)),
             KeySpec::PeerIpPrefix { ipv6_prefix } => Ok(peer_ip(req, *ipv6_prefix)),
             KeySpec::MethodUri => method_uri(req).map(Some),
+            KeySpec::Json(pointer) => json_value(pointer, req),
             KeySpec::Composite(parts) => {
                 // Each part is length-prefixed so that ("a:b", "c") and ("a", "b:c") differ.
                 let mut out = String::new();
@@ -389,6 +418,7 @@ impl fmt::Display for KeySpec {
             KeySpec::PeerIp => f.write_str("peer_ip"),
             KeySpec::PeerIpPrefix { ipv6_prefix } => write!(f, "peer_ip/{ipv6_prefix}"),
             KeySpec::MethodUri => f.write_str("method_uri"),
+            KeySpec::Json(pointer) => write!(f, "json:{pointer}"),
             KeySpec::Composite(parts) => {
                 for (i, part) in parts.iter().enumerate() {
                     if i > 0 {
@@ -451,6 +481,27 @@ fn peer_ip<B>(req: &Request<B>, ipv6_prefix: u8) -> Option<String> {
             format!("{network}/{bits}")
         }
     })
+}
+
+/// The string at `pointer` in the body an earlier layer read: like a header, absent
+/// (or not a string, or no body at all) is no key; a body that is not I-JSON is invalid.
+fn json_value<B>(pointer: &JsonPointer, req: &Request<B>) -> Result<Option<String>, KeyError> {
+    let Some(BufferedBody(body)) = req.extensions().get::<BufferedBody>() else {
+        return Err(KeyError::NoBufferedBody {
+            pointer: pointer.to_string(),
+        });
+    };
+    if body.is_empty() {
+        return Ok(None);
+    }
+    let doc = parse_strict(body).map_err(|error| KeyError::Invalid {
+        spec: format!("json:{pointer}"),
+        reason: error.to_string(),
+    })?;
+    Ok(pointer
+        .find(&doc)
+        .and_then(|value| value.as_str())
+        .map(str::to_owned))
 }
 
 fn method_uri<B>(req: &Request<B>) -> Result<String, KeyError> {
@@ -559,6 +610,51 @@ mod tests {
             .body(())
             .unwrap();
         assert!(matches!(spec.extract(&req), Err(KeyError::Invalid { .. })));
+    }
+
+    #[test]
+    fn json_keys_read_the_buffered_body() {
+        let spec = KeySpec::parse("json:/data/id").unwrap();
+        assert_eq!(spec.to_string(), "json:/data/id");
+        let with = |body: &'static str| {
+            let mut req = get("/");
+            req.extensions_mut().insert(BufferedBody(Bytes::from(body)));
+            spec.extract(&req)
+        };
+        assert_eq!(
+            with(r#"{"data":{"id":"evt_1"}}"#).unwrap(),
+            Some(Key::from("evt_1"))
+        );
+        // Absent, not a string, no body: no key, as for a missing header.
+        for none in [
+            r#"{"data":{}}"#,
+            r#"{"data":{"id":7}}"#,
+            r#"{"data":{"id":null}}"#,
+            "[]",
+            "",
+        ] {
+            assert_eq!(with(none).unwrap(), None, "{none}");
+        }
+        for invalid in ["{not json", r#"{"data":{"id":"a"},"data":{"id":"b"}}"#] {
+            let error = with(invalid).unwrap_err();
+            assert!(error.to_string().contains("json:/data/id"), "{error}");
+            assert!(!error.to_string().contains("evt"), "{error}");
+        }
+        // Without a read body the spec says what is missing.
+        assert!(matches!(
+            spec.extract(&get("/")),
+            Err(KeyError::NoBufferedBody { .. })
+        ));
+        for bad in ["json:", "json:data", "json:/a~2"] {
+            let error = KeySpec::parse(bad).unwrap_err();
+            assert!(error.to_string().contains(bad), "{error}");
+        }
+        // In a composite key, each part length-prefixed.
+        let whole = KeySpec::parse_all(["json:/a", "query:x"]).unwrap();
+        let mut req = get("/?x=1");
+        req.extensions_mut()
+            .insert(BufferedBody(Bytes::from(r#"{"a":"k"}"#)));
+        assert_eq!(whole.extract(&req).unwrap(), Some(Key::from("1:k|1:1")));
     }
 
     #[test]

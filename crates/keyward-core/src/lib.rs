@@ -26,6 +26,7 @@ mod fencing;
 pub mod gcra;
 pub mod grpc;
 mod idempotency_key;
+pub mod json;
 mod key;
 pub mod problem;
 pub mod ratelimit;
@@ -34,8 +35,8 @@ pub mod telemetry;
 
 pub use body::KeywardBody;
 pub use extract::{
-    ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams, PathTemplate,
-    PeerAddr, SpecError,
+    BufferedBody, ClientIp, DEFAULT_IPV6_PREFIX, KeyError, KeyExtractor, KeySpec, PathParams,
+    PathTemplate, PeerAddr, SpecError,
 };
 pub use fencing::FencingToken;
 pub use idempotency_key::{IdempotencyKeyError, MAX_IDEMPOTENCY_KEY_LEN, parse_idempotency_key};

@@ -30,6 +30,16 @@ pub mod types {
     pub const BODY_TOO_LARGE: &str = "https://keyward.dev/problems/request-body-too-large";
     /// 400: the request body could not be read.
     pub const BODY_UNREADABLE: &str = "https://keyward.dev/problems/request-body-unreadable";
+    /// 400: the route identifies requests by their JSON body (canonical JSON
+    /// fingerprints, `json:` keys) and the body is not I-JSON.
+    pub const BODY_NOT_JSON: &str = "https://keyward.dev/problems/request-body-not-json";
+    /// 401: a webhook delivery without a valid Standard Webhooks signature.
+    pub const WEBHOOK_SIGNATURE_INVALID: &str =
+        "https://keyward.dev/problems/webhook-signature-invalid";
+    /// 401: a webhook delivery signed too long ago (or in the future): outside the
+    /// route's tolerance.
+    pub const WEBHOOK_TIMESTAMP_INVALID: &str =
+        "https://keyward.dev/problems/webhook-timestamp-invalid";
     /// 429: the key's quota is used up.
     pub const QUOTA_EXCEEDED: &str = "https://keyward.dev/problems/quota-exceeded";
     /// 429: the request alone costs more than the quota's burst, so it can never pass;

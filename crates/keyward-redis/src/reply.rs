@@ -65,6 +65,12 @@ pub(crate) enum Leave {
 pub(crate) enum Lead {
     Leader(FencingToken),
     Follower,
+    /// A landed response kept for reuse (in the form of `single_flight.rs`), and how
+    /// much longer it is kept.
+    Reused {
+        landing: Vec<u8>,
+        kept_for: Duration,
+    },
 }
 
 /// `flight/watch.lua`.
@@ -183,6 +189,10 @@ impl Lead {
         Ok(match reply.int()? {
             0 => Lead::Leader(reply.token()?),
             1 => Lead::Follower,
+            2 => Lead::Reused {
+                landing: reply.bytes()?,
+                kept_for: reply.millis()?,
+            },
             other => return Err(reply.unknown(other)),
         })
     }

@@ -6,7 +6,10 @@
 //!   a follower watches it), expiring with the leader's lease;
 //! - `…:n`: the fencing counter (`INCR` per lead; restarts from the clock when gone);
 //! - `…:l:{token}`: that flight's landing, kept [`LANDING_TTL`] for the followers that
-//!   watched it (only written when someone did).
+//!   watched it (only written when someone did);
+//! - `…:k`: the last response landed, kept for the route's `reuse_for` when it has one, for
+//!   the next requests' `lead` to reuse (one round trip: the same script answers "reuse
+//!   this", "lead" or "follow").
 //!
 //! Steps, one script each: lead; publish (end the flight, keep the landing, `PUBLISH` the
 //! record); watch (a follower learns the flight's token and flags it watched); landed (after
@@ -20,7 +23,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use keyward_core::store::{FlightRole, Landing, SingleFlightStore, StoreError};
+use keyward_core::store::{FlightRole, Landing, LeadOrReuse, SingleFlightStore, StoreError};
 use keyward_core::{FencingToken, ScopedKey};
 use redis::{Script, Value};
 use tokio::time::Instant;
@@ -71,41 +74,69 @@ fn decode(bytes: Vec<u8>) -> Result<Landing, StoreError> {
     }
 }
 
+fn kept_name(record: &str) -> String {
+    KeyLayout::companion(record, "k")
+}
+
+/// `reuse_for` or `keep` in milliseconds for the scripts, `0` for none (unlike
+/// [`millis`], which never says zero).
+fn reuse_millis(duration: Duration) -> String {
+    if duration.is_zero() {
+        "0".to_owned()
+    } else {
+        millis(duration)
+    }
+}
+
 impl RedisStore {
+    /// Publishes `landing`, keeping a response for `keep` (zero: not kept).
     async fn land(
         &self,
         key: &ScopedKey,
         token: FencingToken,
         landing: &Landing,
+        keep: Duration,
     ) -> Result<(), StoreError> {
         let record = self.inner.keys.record(key);
         let landing_key = landing_name(&record, token);
+        let kept_key = kept_name(&record);
         let token = token.get().to_string();
         let ttl = millis(LANDING_TTL);
+        let keep = reuse_millis(keep);
         let _landed: i64 = self
             .eval(
                 &PUBLISH,
-                &[&record, &landing_key],
+                &[&record, &landing_key, &kept_key],
                 &[
                     token.as_bytes(),
                     &encode(landing),
                     ttl.as_bytes(),
                     self.inner.keys.channel().as_bytes(),
+                    keep.as_bytes(),
                 ],
             )
             .await?;
         Ok(())
     }
-}
 
-impl SingleFlightStore for RedisStore {
-    async fn lead(&self, key: &ScopedKey, lease: Duration) -> Result<FlightRole, StoreError> {
+    async fn lead_with(
+        &self,
+        key: &ScopedKey,
+        lease: Duration,
+        reuse_for: Duration,
+    ) -> Result<LeadOrReuse, StoreError> {
         let record = self.inner.keys.record(key);
         let counter = KeyLayout::companion(&record, "n");
+        let kept_key = kept_name(&record);
         let lease_ms = millis(lease);
+        let reuse_ms = reuse_millis(reuse_for);
         let nonce = self.nonce();
         let led = self
-            .eval::<Value>(&LEAD, &[&record, &counter], &[lease_ms.as_bytes(), &nonce])
+            .eval::<Value>(
+                &LEAD,
+                &[&record, &counter, &kept_key],
+                &[lease_ms.as_bytes(), &nonce, reuse_ms.as_bytes()],
+            )
             .await;
         let value = match led {
             Ok(value) => value,
@@ -120,9 +151,51 @@ impl SingleFlightStore for RedisStore {
             }
         };
         Ok(match Lead::decode(value)? {
-            Lead::Leader(token) => FlightRole::Leader(token),
-            Lead::Follower => FlightRole::Follower,
+            Lead::Leader(token) => LeadOrReuse::Role(FlightRole::Leader(token)),
+            Lead::Follower => LeadOrReuse::Role(FlightRole::Follower),
+            Lead::Reused { landing, kept_for } => match decode(landing)? {
+                // Kept for the publisher's `reuse_for`; one longer than this layer's (two
+                // layers on one key) leaves the age unknown: lead instead of guessing.
+                Landing::Response(response) => match reuse_for.checked_sub(kept_for) {
+                    Some(age) => LeadOrReuse::Reused { response, age },
+                    None => return Box::pin(self.lead_with(key, lease, Duration::ZERO)).await,
+                },
+                _ => {
+                    return Err(StoreError::Corrupt(
+                        "a kept landing that is no response".into(),
+                    ));
+                }
+            },
         })
+    }
+}
+
+impl SingleFlightStore for RedisStore {
+    async fn lead(&self, key: &ScopedKey, lease: Duration) -> Result<FlightRole, StoreError> {
+        match self.lead_with(key, lease, Duration::ZERO).await? {
+            LeadOrReuse::Role(role) => Ok(role),
+            // Never asked for: a zero `reuse_for` reads no kept response.
+            LeadOrReuse::Reused { .. } => Ok(FlightRole::Follower),
+        }
+    }
+
+    async fn lead_or_reuse(
+        &self,
+        key: &ScopedKey,
+        lease: Duration,
+        reuse_for: Duration,
+    ) -> Result<LeadOrReuse, StoreError> {
+        self.lead_with(key, lease, reuse_for).await
+    }
+
+    async fn publish_kept(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        landing: Landing,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        self.land(key, token, &landing, keep).await
     }
 
     async fn publish(
@@ -131,13 +204,16 @@ impl SingleFlightStore for RedisStore {
         token: FencingToken,
         landing: Landing,
     ) -> Result<(), StoreError> {
-        self.land(key, token, &landing).await
+        self.land(key, token, &landing, Duration::ZERO).await
     }
 
     fn abandon_detached(&self, key: ScopedKey, token: FencingToken) {
         let store = self.clone();
         let abandon = async move {
-            if let Err(error) = store.land(&key, token, &Landing::Failed).await {
+            if let Err(error) = store
+                .land(&key, token, &Landing::Failed, Duration::ZERO)
+                .await
+            {
                 tracing::warn!(%error, key_hash = %key.key_hash(), "keyward single flight: abandoning failed; followers wait for the lease");
             }
         };

@@ -25,6 +25,7 @@ pub fn route(route: &RouteConfig) -> String {
             .join(","),
     };
     let steps: Vec<String> = [
+        body(route),
         route.quota.as_ref().map(quota),
         route.idempotency.as_ref().map(idempotency),
         route.serial.as_ref().map(serial),
@@ -39,6 +40,19 @@ pub fn route(route: &RouteConfig) -> String {
         format!("{} → upstream", steps.join(" → "))
     };
     format!("{} {methods} {}: {stack}", route.name, route.path)
+}
+
+fn body(route: &RouteConfig) -> Option<String> {
+    let max_body = route.body?;
+    Some(match &route.webhook {
+        Some(webhook) => format!(
+            "verify Standard Webhooks signature ({} secret{}, timestamps within {}; else 401; bodies up to {max_body} bytes)",
+            webhook.secrets.len(),
+            if webhook.secrets.len() == 1 { "" } else { "s" },
+            duration(webhook.tolerance)
+        ),
+        None => format!("read body for json: keys (up to {max_body} bytes, else 413)"),
+    })
 }
 
 fn quota(quota: &QuotaConfig) -> String {
@@ -73,8 +87,28 @@ fn idempotency(idem: &IdempotencyConfig) -> String {
         OnInFlight::Reject => "409".to_owned(),
         OnInFlight::Wait(wait) => format!("waits up to {}", duration(wait)),
     };
+    let fingerprint = match &idem.fingerprint_json {
+        None => String::new(),
+        Some(identity) => {
+            let mut out = "; body fingerprinted as canonical JSON".to_owned();
+            let list = |pointers: &[keyward::core::json::JsonPointer]| {
+                pointers
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if !identity.included().is_empty() {
+                out.push_str(&format!(" of {}", list(identity.included())));
+            }
+            if !identity.excluded().is_empty() {
+                out.push_str(&format!(" without {}", list(identity.excluded())));
+            }
+            out
+        }
+    };
     format!(
-        "idempotency ({required}, {}, {scope}; replays for {}; duplicate in flight: {in_flight})",
+        "idempotency ({required}, {}, {scope}; replays for {}; duplicate in flight: {in_flight}{fingerprint})",
         spec(&idem.key),
         duration(idem.ttl)
     )
@@ -95,8 +129,13 @@ fn single_flight(flight: &SingleFlightConfig) -> String {
         Some(scope) => format!("scope {}", spec(scope)),
         None => "unscoped".to_owned(),
     };
+    let reuse = if flight.reuse_for.is_zero() {
+        String::new()
+    } else {
+        format!(", and for {} after it lands", duration(flight.reuse_for))
+    };
     format!(
-        "single flight for {} per {} ({scope}; concurrent duplicates share one call)",
+        "single flight for {} per {} ({scope}; concurrent duplicates share one call{reuse})",
         methods.join(","),
         spec(&flight.key)
     )

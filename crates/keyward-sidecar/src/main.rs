@@ -236,6 +236,7 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
         Backend::Memory => {
             let store = keyward::MemoryStore::builder()
                 .max_response_bytes(config.store.max_response_bytes)
+                .max_reuse_bytes(config.store.max_reuse_bytes)
                 .max_quota_keys(config.store.max_quota_keys)
                 .max_claims(config.store.max_claims)
                 .max_serial_keys(config.store.max_serial_keys)

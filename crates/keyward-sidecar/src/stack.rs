@@ -1,11 +1,14 @@
-//! Each route's layer stack, outermost first: quota -> idempotency -> serial ->
-//! single_flight -> upstream.
+//! Each route's layer stack, outermost first: body (read for `json:` keys, webhook
+//! signatures verified) -> quota -> idempotency -> serial -> single_flight -> upstream.
 
 use axum::body::Body;
 use bytes::Bytes;
 use http::{Request, Response};
 use keyward::core::store::{IdempotencyStore, QuotaStore, SerialStore, SingleFlightStore};
-use keyward::{IdempotencyLayer, PerKeySerialLayer, QuotaLayer, SingleFlightLayer};
+use keyward::webhook::StandardWebhooks;
+use keyward::{
+    BufferedBodyLayer, IdempotencyLayer, PerKeySerialLayer, QuotaLayer, SingleFlightLayer,
+};
 use opentelemetry::metrics::Meter;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
@@ -56,6 +59,7 @@ pub fn build<St: Store>(
             .methods(flight.methods.iter().cloned())
             .max_body(flight.max_body)
             .vary(flight.vary.iter().cloned())
+            .reuse_for(flight.reuse_for)
             .scope_missing(flight.scope_missing)
             .on_store_error(store_config.on_error);
         layer = match &flight.scope {
@@ -94,6 +98,18 @@ pub fn build<St: Store>(
         }
         stack = boxed(layer.layer(stack));
     }
+    // Outermost: a forged webhook delivery reaches no layer (it cannot claim a real
+    // event's id), and `json:` keys find the body read.
+    if let Some(max_body) = route.body {
+        stack = match &route.webhook {
+            Some(webhook) => {
+                let verify = StandardWebhooks::new(webhook.secrets.iter().cloned())
+                    .tolerance(webhook.tolerance);
+                boxed(verify.layer(max_body).layer(stack))
+            }
+            None => boxed(BufferedBodyLayer::new(max_body).layer(stack)),
+        };
+    }
     stack
 }
 
@@ -120,6 +136,10 @@ pub fn idempotency_layer<St: IdempotencyStore>(
         .record_retry(idem.record_retry)
         .scope_missing(idem.scope_missing)
         .on_store_error(store_config.on_error);
+    let layer = match &idem.fingerprint_json {
+        Some(identity) => layer.fingerprint_json(identity.clone()),
+        None => layer,
+    };
     match &idem.scope {
         Some(scope) => layer.scope(scope.clone()),
         None => layer.unscoped(),

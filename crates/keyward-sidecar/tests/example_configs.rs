@@ -186,21 +186,59 @@ async fn per_tenant_quota_limits_one_tenant_not_the_others() {
     );
 }
 
+/// The secret of `webhooks.toml`.
+const WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+fn unix_now() -> i64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap().as_secs() as i64
+}
+
+/// A Standard Webhooks delivery of `body` as event `id`, signed with `signature`
+/// (`None`: with the config's secret) at `timestamp`.
+async fn deliver(
+    http: &HttpClient,
+    url: &str,
+    id: &str,
+    body: &str,
+    timestamp: i64,
+    signature: Option<&str>,
+) -> Reply {
+    let secret = keyward::webhook::WebhookSecret::parse(WEBHOOK_SECRET).unwrap();
+    let signed = secret.sign(id, timestamp, body.as_bytes());
+    let timestamp = timestamp.to_string();
+    let headers = [
+        ("webhook-id", id),
+        ("webhook-timestamp", timestamp.as_str()),
+        ("webhook-signature", signature.unwrap_or(&signed)),
+    ];
+    send(http, "POST", url, &headers, body).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_apply_a_redelivery_once_and_one_delivery_per_account_at_a_time() {
     let upstream = DemoUpstream::start().await;
     let sidecar = demo::serve(&config("webhooks.toml"), upstream.addr, &[]).await;
     let http = client();
-    // The provider delivers evt_1 twice at once (a retry that overlaps the first try):
-    // with on_in_flight = "wait", the duplicate waits and gets the first answer.
+    let now = unix_now();
+    // The provider delivers evt_1 twice at once (a retry that overlaps the first try),
+    // each signed anew: with on_in_flight = "wait", the duplicate waits and gets the
+    // first answer.
     let url = sidecar.url("/webhooks/acme?delay_ms=300");
-    let twice = send_concurrently(&http, 2, "POST", &url, &[("webhook-id", "evt_1")], "paid").await;
-    assert!(twice.iter().all(|r| r.status == 201), "{twice:?}");
-    assert_eq!(twice[0].body, twice[1].body, "{twice:?}");
+    let twice = [0, 1].map(|i| {
+        let (http, url) = (http.clone(), url.clone());
+        tokio::spawn(async move { deliver(&http, &url, "evt_1", "paid", now - i, None).await })
+    });
+    let mut answers = Vec::new();
+    for delivery in twice {
+        answers.push(delivery.await.unwrap());
+    }
+    assert!(answers.iter().all(|r| r.status == 201), "{answers:?}");
+    assert_eq!(answers[0].body, answers[1].body, "{answers:?}");
     // Three other events for the same account at once: applied one at a time.
     let events = ["evt_2", "evt_3", "evt_4"].map(|id| {
         let (http, url) = (http.clone(), url.clone());
-        tokio::spawn(async move { send(&http, "POST", &url, &[("webhook-id", id)], "x").await })
+        tokio::spawn(async move { deliver(&http, &url, id, "x", now, None).await })
     });
     for event in events {
         assert_eq!(event.await.unwrap().status, 201);
@@ -210,9 +248,59 @@ async fn webhooks_apply_a_redelivery_once_and_one_delivery_per_account_at_a_time
         assert_eq!(seen["by_idempotency_key"][id], 1, "{id}: {seen}");
     }
     assert_eq!(seen["max_concurrent"]["/webhooks/acme"], 1, "{seen}");
-    let missing = send(&http, "POST", &url, &[], "x").await;
-    assert_eq!(
-        missing.status, 400,
-        "a delivery without Webhook-Id: {missing:?}"
+    let unsigned = send(&http, "POST", &url, &[("webhook-id", "evt_9")], "x").await;
+    assert_eq!(unsigned.status, 401, "an unsigned delivery: {unsigned:?}");
+}
+
+/// Verification before dedupe: a forged delivery that carries a real event's id (and a
+/// replay of a real delivery signed too long ago) is refused, reaches nothing, and does
+/// not make the real delivery, arriving next, a "duplicate".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_delivery_with_a_real_id_claims_nothing() {
+    let upstream = DemoUpstream::start().await;
+    let sidecar = demo::serve(&config("webhooks.toml"), upstream.addr, &[]).await;
+    let http = client();
+    let url = sidecar.url("/webhooks/acme");
+    let now = unix_now();
+    let body = r#"{"type":"invoice.paid","amount":1000}"#;
+    // Signed with another secret, with no signature at all, over another body, too old.
+    let stranger =
+        keyward::webhook::WebhookSecret::parse("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD").unwrap();
+    let forged = stranger.sign("evt_real", now, body.as_bytes());
+    let tampered = keyward::webhook::WebhookSecret::parse(WEBHOOK_SECRET)
+        .unwrap()
+        .sign("evt_real", now, br#"{"type":"invoice.paid","amount":1}"#);
+    for signature in [forged.as_str(), "v1,", tampered.as_str()] {
+        let refused = deliver(&http, &url, "evt_real", body, now, Some(signature)).await;
+        assert_eq!(refused.status, 401, "{refused:?}");
+        assert!(
+            refused.body.contains("webhook-signature-invalid"),
+            "{refused:?}"
+        );
+    }
+    let stale = deliver(&http, &url, "evt_real", body, now - 3600, None).await;
+    assert_eq!(stale.status, 401, "{stale:?}");
+    assert!(
+        stale.body.contains("webhook-timestamp-invalid"),
+        "{stale:?}"
     );
+    let seen = effects(&http, &upstream).await;
+    assert!(
+        seen["by_idempotency_key"].get("evt_real").is_none(),
+        "{seen}"
+    );
+
+    let real = deliver(&http, &url, "evt_real", body, now, None).await;
+    assert_eq!(real.status, 201, "{real:?}");
+    assert_eq!(real.header("idempotent-replayed"), None, "{real:?}");
+    // The upstream got the body as signed.
+    assert!(real.body.contains("invoice.paid"), "{real:?}");
+    let again = deliver(&http, &url, "evt_real", body, now + 1, None).await;
+    assert_eq!(
+        again.header("idempotent-replayed"),
+        Some("true"),
+        "{again:?}"
+    );
+    let seen = effects(&http, &upstream).await;
+    assert_eq!(seen["by_idempotency_key"]["evt_real"], 1, "{seen}");
 }

@@ -120,6 +120,7 @@ fn the_format_page_documents_every_key() {
                 "quota",
                 "serial",
                 "single_flight",
+                "webhook",
             ]
             .contains(key)
         })

@@ -35,6 +35,8 @@ pub const DEFAULT_SINGLE_FLIGHT_LEASE: Duration = Duration::from_secs(30);
 
 /// Bytes of completed idempotent responses a `MemoryStore` keeps: 256 MiB.
 pub const DEFAULT_MEMORY_MAX_RESPONSE_BYTES: u64 = 256 * 1024 * 1024;
+/// Bytes of single-flight responses a `MemoryStore` keeps for `reuse_for`: 64 MiB.
+pub const DEFAULT_MEMORY_MAX_REUSE_BYTES: u64 = 64 * 1024 * 1024;
 /// Quota keys a `MemoryStore` holds at once: 2^20.
 pub const DEFAULT_MEMORY_MAX_QUOTA_KEYS: usize = 1 << 20;
 /// Idempotency keys a `MemoryStore` holds in flight at once: 2^16.

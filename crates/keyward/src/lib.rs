@@ -48,6 +48,7 @@
 //! records the leader's trace id as `keyward.leader_trace_id`.
 #![forbid(unsafe_code)]
 
+pub mod buffered_body;
 pub mod defaults;
 pub mod idempotency;
 #[cfg(feature = "memory")]
@@ -58,7 +59,9 @@ pub mod serial;
 mod sharded;
 pub mod single_flight;
 mod telemetry;
+pub mod webhook;
 
+pub use buffered_body::{AnyBody, BodyCheck, BufferedBodyLayer, BufferedBodyService};
 pub use idempotency::{IdempotencyLayer, IdempotencyService, OnInFlight};
 pub use keyward_core::store::OnStoreError;
 pub use keyward_core::{FencingToken, Key, KeyExtractor, KeySpec, KeywardBody};

@@ -15,7 +15,7 @@ pub use idempotency::{
 };
 pub use quota::QuotaStore;
 pub use serial::{AcquireOutcome, SerialLimits, SerialPermit, SerialStore};
-pub use single_flight::{FlightRole, Landing, SingleFlightStore};
+pub use single_flight::{FlightRole, Landing, LeadOrReuse, SingleFlightStore};
 
 use std::time::Duration;
 

@@ -18,6 +18,21 @@ pub enum FlightRole {
     Follower,
 }
 
+/// The answer to [`SingleFlightStore::lead_or_reuse`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeadOrReuse {
+    /// No kept response: the caller leads or follows, as with [`SingleFlightStore::lead`].
+    Role(FlightRole),
+    /// A flight under the key landed `age` ago and its response is kept for reuse: serve
+    /// a copy, no flight needed.
+    Reused {
+        /// The kept response.
+        response: Arc<StoredResponse>,
+        /// How long ago it landed.
+        age: Duration,
+    },
+}
+
 /// How a flight ended, as its leader publishes it to followers on other instances.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Landing {
@@ -61,6 +76,35 @@ pub trait SingleFlightStore: Clone + Send + Sync + 'static {
         token: FencingToken,
         landing: Landing,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Like [`lead`](Self::lead), but first looks for a response a flight under `key`
+    /// landed less than `reuse_for` ago and [kept](Self::publish_kept): one round trip
+    /// either way. The default never finds one (a store that cannot keep responses only
+    /// coalesces concurrent requests).
+    fn lead_or_reuse(
+        &self,
+        key: &ScopedKey,
+        lease: Duration,
+        reuse_for: Duration,
+    ) -> impl Future<Output = Result<LeadOrReuse, StoreError>> + Send {
+        let _ = reuse_for;
+        let lead = self.lead(key, lease);
+        async move { lead.await.map(LeadOrReuse::Role) }
+    }
+
+    /// Like [`publish`](Self::publish), and if `landing` is a response and `keep` is not
+    /// zero, keeps it for `keep` so that [`lead_or_reuse`](Self::lead_or_reuse) finds it
+    /// (only if `token` still led the flight). The default keeps nothing.
+    fn publish_kept(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        landing: Landing,
+        keep: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = keep;
+        self.publish(key, token, landing)
+    }
 
     /// Ends the flight of `token` as [`Landing::Failed`] from a destructor (the local
     /// flight was cancelled because its last waiter left, or the leader panicked): must

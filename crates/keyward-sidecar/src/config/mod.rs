@@ -15,12 +15,14 @@ use std::path::Path;
 use std::time::Duration;
 
 use http::{Method, Uri};
+use keyward::core::json::{JsonIdentity, JsonPointer};
 use keyward::defaults::{
     DEFAULT_IDEMPOTENCY_LEASE, DEFAULT_IDEMPOTENCY_MAX_BODY, DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
     DEFAULT_IDEMPOTENCY_TTL, DEFAULT_MEMORY_MAX_RESPONSE_BYTES, DEFAULT_SERIAL_MAX_QUEUE,
     DEFAULT_SERIAL_MAX_WAIT, DEFAULT_SINGLE_FLIGHT_MAX_BODY,
 };
 use keyward::idempotency::OnInFlight;
+use keyward::webhook::{DEFAULT_TOLERANCE, WebhookSecret};
 
 /// How long a serial holder keeps its key at most, unless a route says otherwise: like
 /// nginx's 60 s between reads, long past any normal write, short enough that a client
@@ -111,6 +113,8 @@ pub struct StoreConfig {
     pub timeout: Duration,
     pub on_error: OnStoreError,
     pub max_response_bytes: u64,
+    /// Memory only: bytes of single-flight responses kept for `reuse_for`.
+    pub max_reuse_bytes: u64,
     /// Memory only: bounds of the tables of live keys (see `keyward::MemoryStoreBuilder`).
     pub max_quota_keys: usize,
     pub max_claims: usize,
@@ -139,6 +143,11 @@ pub struct RouteConfig {
     /// `None`: every method.
     pub methods: Option<Vec<Method>>,
     pub path: String,
+    /// The largest request body read before the layers, for `json:` keys and webhook
+    /// signatures (`None`: the route reads no body before its layers).
+    pub body: Option<usize>,
+    /// Standard Webhooks verification, before every layer.
+    pub webhook: Option<WebhookConfig>,
     pub idempotency: Option<IdempotencyConfig>,
     pub quota: Option<QuotaConfig>,
     pub serial: Option<SerialConfig>,
@@ -160,6 +169,15 @@ pub struct IdempotencyConfig {
     pub store_server_errors: bool,
     /// How long a response whose record the store refuses is retried, holding the key.
     pub record_retry: Duration,
+    /// `Some`: the body is fingerprinted as canonical JSON, selected so.
+    pub fingerprint_json: Option<JsonIdentity>,
+}
+
+/// A route that receives Standard Webhooks deliveries.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    pub secrets: Vec<WebhookSecret>,
+    pub tolerance: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -193,6 +211,34 @@ pub struct SingleFlightConfig {
     pub max_body: usize,
     /// Request headers whose values must match for requests to share a response.
     pub vary: Vec<http::HeaderName>,
+    /// How long a landed response still serves later requests (zero: off).
+    pub reuse_for: Duration,
+}
+
+impl RouteConfig {
+    /// Whether a layer of the route takes a key from the body (`json:`).
+    pub fn reads_body_keys(&self) -> bool {
+        let keys = [
+            self.idempotency.as_ref().map(|c| &c.key),
+            self.quota.as_ref().map(|c| &c.key),
+            self.serial.as_ref().map(|c| &c.key),
+            self.single_flight.as_ref().map(|c| &c.key),
+        ];
+        let scopes = [
+            self.idempotency.as_ref().and_then(|c| c.scope.as_ref()),
+            self.quota.as_ref().and_then(|c| c.scope.as_ref()),
+            self.single_flight.as_ref().and_then(|c| c.scope.as_ref()),
+        ];
+        keys.into_iter().chain(scopes).flatten().any(reads_body)
+    }
+}
+
+fn reads_body(spec: &KeySpec) -> bool {
+    match spec {
+        KeySpec::Json(_) => true,
+        KeySpec::Composite(parts) => parts.iter().any(reads_body),
+        _ => false,
+    }
 }
 
 /// One problem in a configuration: the field's path and what is wrong with its value.
@@ -599,6 +645,11 @@ impl Checker {
                 raw.max_response_bytes.as_deref(),
                 DEFAULT_MEMORY_MAX_RESPONSE_BYTES,
             ),
+            max_reuse_bytes: self.size(
+                "store.max_reuse_bytes",
+                raw.max_reuse_bytes.as_deref(),
+                keyward::defaults::DEFAULT_MEMORY_MAX_REUSE_BYTES,
+            ),
             max_quota_keys: self.entries(
                 "store.max_quota_keys",
                 raw.max_quota_keys,
@@ -739,14 +790,30 @@ impl Checker {
             .methods
             .as_ref()
             .map(|m| self.methods(&format!("{field}.methods"), m));
-        RouteConfig {
+        let webhook = raw
+            .webhook
+            .as_ref()
+            .map(|r| self.webhook(&format!("{field}.webhook"), r));
+        // A webhook route dedupes on the delivery id, shared by every sender, unless its
+        // own `[routes.idempotency]` says otherwise.
+        let idempotency = match (&raw.idempotency, &webhook) {
+            (Some(r), _) => {
+                Some(self.idempotency(&format!("{field}.idempotency"), r, webhook.is_some()))
+            }
+            (None, Some(_)) => Some(self.idempotency(
+                &format!("{field}.idempotency"),
+                &raw::RawIdempotency::default(),
+                true,
+            )),
+            (None, None) => None,
+        };
+        let mut route = RouteConfig {
             name: raw.name.clone(),
             methods,
             path: raw.path.clone(),
-            idempotency: raw
-                .idempotency
-                .as_ref()
-                .map(|r| self.idempotency(&format!("{field}.idempotency"), r)),
+            body: None,
+            webhook,
+            idempotency,
             quota: raw
                 .quota
                 .as_ref()
@@ -759,11 +826,77 @@ impl Checker {
                 .single_flight
                 .as_ref()
                 .map(|r| self.single_flight(&format!("{field}.single_flight"), r)),
+        };
+        let max_body = self.size_usize(
+            &format!("{field}.max_body"),
+            raw.max_body.as_deref(),
+            DEFAULT_IDEMPOTENCY_MAX_BODY,
+        );
+        if route.webhook.is_some() || route.reads_body_keys() {
+            route.body = Some(max_body);
+        }
+        route
+    }
+
+    fn webhook(&mut self, field: &str, raw: &raw::RawWebhook) -> WebhookConfig {
+        let f = |name: &str| format!("{field}.{name}");
+        let mut texts: Vec<(String, String)> = Vec::new();
+        let mut env_unset = false;
+        for (i, secret) in raw.secrets.iter().flatten().enumerate() {
+            texts.push((format!("{}[{i}]", f("secrets")), secret.clone()));
+        }
+        if let Some(var) = &raw.secrets_env {
+            match std::env::var(var) {
+                Ok(value) => {
+                    for secret in value.split([' ', ',', '\n']).filter(|s| !s.is_empty()) {
+                        texts.push((format!("{} (${var})", f("secrets_env")), secret.to_owned()));
+                    }
+                }
+                Err(_) => {
+                    env_unset = true;
+                    self.fail(
+                        &f("secrets_env"),
+                        format!("the environment variable {var:?} is not set (or not UTF-8)"),
+                    );
+                }
+            }
+        }
+        let secrets: Vec<WebhookSecret> = texts
+            .iter()
+            .filter_map(|(field, text)| match WebhookSecret::parse(text) {
+                Ok(secret) => Some(secret),
+                Err(err) => {
+                    self.fail(field, err.to_string());
+                    None
+                }
+            })
+            .collect();
+        if texts.is_empty() && !env_unset {
+            self.fail(
+                field,
+                "no secret: give `secrets` or `secrets_env` (every delivery would be refused)",
+            );
+        }
+        WebhookConfig {
+            secrets,
+            tolerance: self.duration(&f("tolerance"), raw.tolerance.as_deref(), DEFAULT_TOLERANCE),
         }
     }
 
-    fn idempotency(&mut self, field: &str, raw: &raw::RawIdempotency) -> IdempotencyConfig {
+    /// `webhook`: the route verifies Standard Webhooks deliveries, so keys default to
+    /// their `webhook-id`, shared by every sender, and are required.
+    fn idempotency(
+        &mut self,
+        field: &str,
+        raw: &raw::RawIdempotency,
+        webhook: bool,
+    ) -> IdempotencyConfig {
         let f = |name: &str| format!("{field}.{name}");
+        let (default_key, default_scope) = if webhook {
+            ("header:webhook-id", Some("none"))
+        } else {
+            ("header:Idempotency-Key", None)
+        };
         let wait = self.duration(&f("wait"), raw.wait.as_deref(), Duration::from_secs(10));
         let on_in_flight = match raw.on_in_flight.as_deref() {
             None | Some("reject") => OnInFlight::Reject,
@@ -777,9 +910,9 @@ impl Checker {
             }
         };
         IdempotencyConfig {
-            key: self.key(&f("key"), raw.key.as_ref(), "header:Idempotency-Key"),
-            required: raw.required.unwrap_or(false),
-            scope: self.scope(&f("scope"), raw.scope.as_deref()),
+            key: self.key(&f("key"), raw.key.as_ref(), default_key),
+            required: raw.required.unwrap_or(webhook),
+            scope: self.scope(&f("scope"), raw.scope.as_deref().or(default_scope)),
             scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             ttl: self.duration(&f("ttl"), raw.ttl.as_deref(), DEFAULT_IDEMPOTENCY_TTL),
             lease: self.duration(&f("lease"), raw.lease.as_deref(), DEFAULT_IDEMPOTENCY_LEASE),
@@ -800,7 +933,44 @@ impl Checker {
                 raw.record_retry.as_deref(),
                 keyward::defaults::DEFAULT_IDEMPOTENCY_RECORD_RETRY,
             ),
+            fingerprint_json: self.fingerprint_json(field, raw),
         }
+    }
+
+    fn fingerprint_json(&mut self, field: &str, raw: &raw::RawIdempotency) -> Option<JsonIdentity> {
+        let f = |name: &str| format!("{field}.{name}");
+        let json = match raw.fingerprint_body.as_deref() {
+            None | Some("bytes") => false,
+            Some("json") => true,
+            Some(other) => {
+                self.fail(
+                    &f("fingerprint_body"),
+                    format!("{other:?} is not \"bytes\" or \"json\""),
+                );
+                false
+            }
+        };
+        let mut identity = JsonIdentity::canonical();
+        for (name, pointers) in [
+            ("fingerprint_include", &raw.fingerprint_include),
+            ("fingerprint_exclude", &raw.fingerprint_exclude),
+        ] {
+            let Some(pointers) = pointers else { continue };
+            if !json {
+                self.fail(&f(name), "needs fingerprint_body = \"json\"");
+                continue;
+            }
+            for (i, text) in pointers.iter().enumerate() {
+                match JsonPointer::parse(text) {
+                    Ok(pointer) if name == "fingerprint_include" => {
+                        identity = identity.include(pointer)
+                    }
+                    Ok(pointer) => identity = identity.exclude(pointer),
+                    Err(err) => self.fail(&format!("{}[{i}]", f(name)), err.to_string()),
+                }
+            }
+        }
+        json.then_some(identity)
     }
 
     /// A bound on a table's entries: a whole number of at least 1.
@@ -906,6 +1076,10 @@ impl Checker {
             vary: match &raw.vary {
                 None => keyward::single_flight::DEFAULT_VARY.to_vec(),
                 Some(names) => self.header_names(&f("vary"), names),
+            },
+            reuse_for: match raw.reuse_for.as_deref() {
+                None | Some("off") => Duration::ZERO,
+                Some(text) => self.duration(&f("reuse_for"), Some(text), Duration::ZERO),
             },
         }
     }

@@ -43,6 +43,7 @@ pub struct RawStore {
     pub timeout: Option<String>,
     pub on_error: Option<String>,
     pub max_response_bytes: Option<String>,
+    pub max_reuse_bytes: Option<String>,
     pub max_quota_keys: Option<i64>,
     pub max_claims: Option<i64>,
     pub max_serial_keys: Option<i64>,
@@ -72,13 +73,15 @@ pub struct RawRoute {
     pub name: String,
     pub methods: Option<Vec<String>>,
     pub path: String,
+    pub max_body: Option<String>,
+    pub webhook: Option<RawWebhook>,
     pub idempotency: Option<RawIdempotency>,
     pub quota: Option<RawQuota>,
     pub serial: Option<RawSerial>,
     pub single_flight: Option<RawSingleFlight>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawIdempotency {
     pub key: Option<RawKey>,
@@ -93,6 +96,17 @@ pub struct RawIdempotency {
     pub max_response: Option<String>,
     pub store_server_errors: Option<bool>,
     pub record_retry: Option<String>,
+    pub fingerprint_body: Option<String>,
+    pub fingerprint_include: Option<Vec<String>>,
+    pub fingerprint_exclude: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub secrets: Option<Vec<String>>,
+    pub secrets_env: Option<String>,
+    pub tolerance: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,4 +139,5 @@ pub struct RawSingleFlight {
     pub methods: Option<Vec<String>>,
     pub max_body: Option<String>,
     pub vary: Option<Vec<String>>,
+    pub reuse_for: Option<String>,
 }

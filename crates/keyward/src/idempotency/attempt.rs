@@ -26,9 +26,9 @@ use crate::pipeline::Trace;
 
 use super::claim::{ClaimGuard, with_renewal};
 use super::layer::{IdempotencySettings, OnInFlight, ReplayHeaders};
-use super::request::{BodyRejection, fingerprint, read_body};
+use super::request::{body_identity, fingerprint};
 use super::response::{grpc_releases_key, original, releases_key, replay, storable_headers};
-use crate::pipeline::{Buffered, Config, buffer_response};
+use crate::pipeline::{Buffered, Config, buffer_response, read_body};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -86,29 +86,26 @@ where
         let (parts, body) = req.into_parts();
         let body = match read_body(&parts, body, settings.max_body).await {
             Ok(body) => body,
-            Err(BodyRejection::TooLarge) => {
-                let problem = Problem::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    types::BODY_TOO_LARGE,
-                    "Request body too large",
-                )
-                .detail(format!(
-                    "idempotent requests on this route are limited to {} bytes",
-                    settings.max_body
-                ));
-                return Ok(problem.into_keyward_response(self.protocol));
-            }
-            Err(BodyRejection::Unreadable(error)) => {
-                tracing::debug!(%error, "request body could not be read");
-                let problem = Problem::new(
-                    StatusCode::BAD_REQUEST,
-                    types::BODY_UNREADABLE,
-                    "Request body unreadable",
-                );
+            Err(rejection) => {
+                let problem = rejection.problem(settings.max_body, "idempotent requests");
                 return Ok(problem.into_keyward_response(self.protocol));
             }
         };
-        let fingerprint = fingerprint(&parts, &settings.fingerprint_headers, &body);
+        let identity = match body_identity(&body, settings.fingerprint_json.as_ref()) {
+            Ok(identity) => identity,
+            Err(error) => {
+                let problem = Problem::new(
+                    StatusCode::BAD_REQUEST,
+                    types::BODY_NOT_JSON,
+                    "Request body is not JSON",
+                )
+                .detail(format!(
+                    "this route identifies requests by their JSON body, and {error}"
+                ));
+                return Ok(problem.into_keyward_response(self.protocol));
+            }
+        };
+        let fingerprint = fingerprint(&parts, &settings.fingerprint_headers, &identity);
 
         let token = match self.claim(&fingerprint).await {
             Ok(Claim::Token(token)) => token,

@@ -2,6 +2,7 @@ use std::fmt;
 use std::time::Duration;
 
 use http::{HeaderName, Request};
+use keyward_core::json::JsonIdentity;
 use keyward_core::store::{IdempotencyStore, RecordState, StoreError};
 use keyward_core::{Key, KeyError, KeyExtractor, KeySpec, ScopedKey, parse_idempotency_key};
 use tower_layer::Layer;
@@ -44,6 +45,8 @@ pub(crate) struct IdempotencySettings {
     pub(crate) max_body: usize,
     pub(crate) max_response: usize,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
+    /// `None`: the body is part of the fingerprint byte for byte.
+    pub(crate) fingerprint_json: Option<JsonIdentity>,
     pub(crate) replay_headers: ReplayHeaders,
     pub(crate) store_server_errors: bool,
     pub(crate) record_retry: Duration,
@@ -90,6 +93,7 @@ impl<St> IdempotencyLayer<St> {
             max_body: DEFAULT_IDEMPOTENCY_MAX_BODY,
             max_response: DEFAULT_IDEMPOTENCY_MAX_RESPONSE,
             fingerprint_headers: Vec::new(),
+            fingerprint_json: None,
             replay_headers: ReplayHeaders::AllSafe,
             store_server_errors: false,
             record_retry: DEFAULT_IDEMPOTENCY_RECORD_RETRY,
@@ -167,6 +171,47 @@ impl<St, K: Clone> IdempotencyLayer<St, K> {
     pub fn fingerprint_headers(self, headers: impl IntoIterator<Item = HeaderName>) -> Self {
         let headers = headers.into_iter().collect();
         self.with(|own| own.fingerprint_headers = headers)
+    }
+
+    /// Fingerprints the body by its meaning as JSON rather than its bytes: the canonical
+    /// form of RFC 8785 (JCS), so a retry re-serialized with its members in another order,
+    /// other whitespace or other spellings of its numbers (`10.0`, `1E1`) is the same
+    /// request, minus the members `identity` excludes (a client timestamp) or only the
+    /// ones it includes. A non-empty body that is not I-JSON (not JSON, or a member name
+    /// twice in one object) is refused with 400 `request-body-not-json` before anything
+    /// is claimed; an empty body counts as no body.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use keyward::core::json::{JsonIdentity, JsonPointer};
+    /// use keyward::{IdempotencyLayer, MemoryStore};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// let identity = JsonIdentity::canonical().exclude(JsonPointer::parse("/sent_at").unwrap());
+    /// let service = IdempotencyLayer::new(MemoryStore::new())
+    ///     .route("transfers")
+    ///     .fingerprint_json(identity)
+    ///     .layer(service_fn(|_req: http::Request<Full<Bytes>>| async {
+    ///         Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("done"))))
+    ///     }));
+    /// let send = |body: &'static str| {
+    ///     let req = http::Request::post("/transfers").header("idempotency-key", "t-1");
+    ///     service.clone().oneshot(req.body(Full::new(Bytes::from(body))).unwrap())
+    /// };
+    /// send(r#"{"amount": 10.0, "to": "bob", "sent_at": 1}"#).await.unwrap();
+    /// let retry = send(r#"{"to":"bob","amount":10,"sent_at":2}"#).await.unwrap();
+    /// assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    /// let other = send(r#"{"to":"bob","amount":11}"#).await.unwrap();
+    /// assert_eq!(other.status(), 422);
+    /// let garbled = http::Request::post("/transfers").header("idempotency-key", "t-2");
+    /// let garbled = service.clone().oneshot(garbled.body(Full::new(Bytes::from("{oops"))).unwrap()).await.unwrap();
+    /// assert_eq!(garbled.status(), 400);
+    /// # }
+    /// ```
+    pub fn fingerprint_json(self, identity: JsonIdentity) -> Self {
+        self.with(|own| own.fingerprint_json = Some(identity))
     }
 
     /// Which response headers are stored for replay.

@@ -1,50 +1,18 @@
-//! Reading the request body (capped) and fingerprinting the request.
+//! Fingerprinting the request.
 
-use bytes::Bytes;
+use std::borrow::Cow;
+
 use http::HeaderName;
 use http::request::Parts;
-use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use keyward_core::canon::canonical_path;
+use keyward_core::json::{JsonError, JsonIdentity};
 use keyward_core::store::Fingerprint;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// Why a request body was not read.
-#[derive(Debug)]
-pub(crate) enum BodyRejection {
-    /// Over `max_body`.
-    TooLarge,
-    /// The client's body stream failed.
-    Unreadable(BoxError),
-}
-
-/// Reads the whole body, refusing it as soon as it grows past `max` bytes (so an
-/// oversized body is never buffered to its end).
-pub(crate) async fn read_body<B>(parts: &Parts, body: B, max: usize) -> Result<Bytes, BodyRejection>
-where
-    B: Body,
-    B::Error: Into<BoxError>,
-{
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max as u64) {
-        return Err(BodyRejection::TooLarge);
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<LengthLimitError>() => Err(BodyRejection::TooLarge),
-        Err(err) => Err(BodyRejection::Unreadable(err)),
-    }
-}
 
 /// The request's fingerprint: method, canonical path (so `/accounts/%34%32` is the same
 /// request as `/accounts/42`, as the router and `path:` keys see it; a path with no
 /// canonical form counts as spelled), query, the configured headers (name, number
-/// of values, then each value, in order) and the body. Every part is length-prefixed and
+/// of values, then each value, in order) and the body (its bytes, or with
+/// [`JsonIdentity`] the canonical JSON it selects). Every part is length-prefixed and
 /// every header's values are counted, so no two different requests share a fingerprint
 /// by moving bytes from one part into the next.
 pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) -> Fingerprint {
@@ -67,10 +35,22 @@ pub(crate) fn fingerprint(parts: &Parts, headers: &[HeaderName], body: &[u8]) ->
     builder.part(body).finish()
 }
 
+/// What of `body` identifies the request: its bytes, or with `json` the canonical JSON
+/// it selects. An empty body is no body (its zero bytes) either way; any other must be
+/// I-JSON when `json` is set.
+pub(crate) fn body_identity<'a>(
+    body: &'a [u8],
+    json: Option<&JsonIdentity>,
+) -> Result<Cow<'a, [u8]>, JsonError> {
+    match json {
+        Some(identity) if !body.is_empty() => identity.identity(body).map(Cow::Owned),
+        _ => Ok(Cow::Borrowed(body)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::Full;
 
     fn parts(uri: &str) -> Parts {
         http::Request::post(uri).body(()).unwrap().into_parts().0
@@ -126,20 +106,5 @@ mod tests {
             fingerprint(&two, &names, b""),
             fingerprint(&split, &names, b"")
         );
-    }
-
-    #[tokio::test]
-    async fn body_over_the_cap_is_refused() {
-        let p = parts("/");
-        let ok = read_body(&p, Full::new(Bytes::from(vec![0u8; 10])), 10).await;
-        assert_eq!(ok.unwrap().len(), 10);
-        let big = read_body(&p, Full::new(Bytes::from(vec![0u8; 11])), 10).await;
-        assert!(matches!(big, Err(BodyRejection::TooLarge)));
-        let mut declared = parts("/");
-        declared
-            .headers
-            .insert("content-length", "11".parse().unwrap());
-        let early = read_body(&declared, Full::new(Bytes::new()), 10).await;
-        assert!(matches!(early, Err(BodyRejection::TooLarge)));
     }
 }

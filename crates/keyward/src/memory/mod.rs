@@ -54,6 +54,7 @@ impl MemoryStore {
             max_quota_keys: crate::defaults::DEFAULT_MEMORY_MAX_QUOTA_KEYS,
             max_claims: crate::defaults::DEFAULT_MEMORY_MAX_CLAIMS,
             max_serial_keys: crate::defaults::DEFAULT_MEMORY_MAX_SERIAL_KEYS,
+            max_reuse_bytes: crate::defaults::DEFAULT_MEMORY_MAX_REUSE_BYTES,
         }
     }
 
@@ -119,12 +120,20 @@ impl MemoryStore {
             max_entries: None,
             max_bytes: None,
         };
+        let (entries, bytes, max_bytes) = inner.single_flight.kept_size();
+        let single_flight_kept = TableSize {
+            entries,
+            bytes,
+            max_entries: None,
+            max_bytes: Some(max_bytes),
+        };
         TableSizes {
             idempotency_records,
             idempotency_claims,
             quota_keys,
             serial_keys,
             single_flight_leads,
+            single_flight_kept,
         }
     }
 }
@@ -158,6 +167,9 @@ pub struct TableSizes {
     /// Single-flight flights in progress among layers sharing this store (bounded by
     /// concurrency: one per request leading a flight).
     pub single_flight_leads: TableSize,
+    /// Single-flight responses kept for `reuse_for` after their flight landed (bounded in
+    /// bytes, [`MemoryStoreBuilder::max_reuse_bytes`]; evicted oldest first).
+    pub single_flight_kept: TableSize,
 }
 
 impl Default for MemoryStore {
@@ -179,9 +191,19 @@ pub struct MemoryStoreBuilder {
     max_quota_keys: usize,
     max_claims: usize,
     max_serial_keys: usize,
+    max_reuse_bytes: u64,
 }
 
 impl MemoryStoreBuilder {
+    /// Upper bound on the heap bytes of single-flight responses kept for reuse
+    /// (`SingleFlightLayer::reuse_for`; default 64 MiB), accounted like idempotency
+    /// records (see [`Self::max_response_bytes`]); the oldest are evicted first. A
+    /// response heavier than the whole bound is not kept (followers then lead anew).
+    pub fn max_reuse_bytes(mut self, bytes: u64) -> Self {
+        self.max_reuse_bytes = bytes;
+        self
+    }
+
     /// Upper bound on the heap bytes of completed idempotent responses kept for replay
     /// (default 256 MiB). Each record is accounted by what it holds: its body, header
     /// names and values (6 bytes more each), key (counted twice: once more for the
@@ -229,7 +251,7 @@ impl MemoryStoreBuilder {
                 idempotency: IdempotencyTable::new(self.max_response_bytes, self.max_claims),
                 serial: SerialTable::new(self.max_serial_keys),
                 quota: QuotaTable::new(self.max_quota_keys),
-                single_flight: FlightLeads::new(),
+                single_flight: FlightLeads::new(self.max_reuse_bytes),
             }),
         }
     }

@@ -5,17 +5,24 @@
 //! `MemoryStore` coalesce with each other, exactly like instances sharing a Redis store.
 //! An entry exists only while its flight is in progress, so the table is bounded by
 //! in-flight work. Lease expiry uses tokio's clock.
+//!
+//! Responses kept for reuse (`SingleFlightLayer::reuse_for`) live beside it in a
+//! [`CompletedTable`]: exact-size copies, expiring after their `reuse_for`, bounded in
+//! bytes (`MemoryStoreBuilder::max_reuse_bytes`), oldest evicted first.
 
 use std::collections::hash_map::Entry;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use keyward_core::store::{FlightRole, Landing, SingleFlightStore, StoreError};
+use keyward_core::store::{
+    Fingerprint, FlightRole, Landing, LeadOrReuse, SingleFlightStore, StoreError,
+};
 use keyward_core::{FencingToken, ScopedKey};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::MemoryStore;
+use super::completed::CompletedTable;
 use crate::sharded::ShardedTable;
 
 /// Heap bytes of one flight besides its key text, counted high: the map slot at the
@@ -33,6 +40,8 @@ pub(super) const WATCH_BYTES: usize = 256;
 pub(super) struct FlightLeads {
     leads: ShardedTable<Lead>,
     next_token: AtomicU64,
+    /// Landed responses kept for reuse, by storage key.
+    kept: CompletedTable,
 }
 
 struct Lead {
@@ -51,11 +60,41 @@ impl Lead {
 }
 
 impl FlightLeads {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(max_kept_bytes: u64) -> Self {
         FlightLeads {
             leads: ShardedTable::new(),
             next_token: AtomicU64::new(1),
+            kept: CompletedTable::new(max_kept_bytes),
         }
+    }
+
+    /// The response kept under `key`, if it landed less than `reuse_for` ago, and its age.
+    fn kept(&self, key: &ScopedKey, reuse_for: Duration) -> Option<LeadOrReuse> {
+        let (response, left) = self
+            .kept
+            .with(key.storage_key(), |record, left| (record.response(), left))?;
+        // Kept for the publisher's `reuse_for`: with a longer one than this layer's (two
+        // layers, one key) the age is unknown, and it is not reused.
+        let age = reuse_for.checked_sub(left)?;
+        Some(LeadOrReuse::Reused {
+            response: std::sync::Arc::new(response),
+            age,
+        })
+    }
+
+    fn keep(&self, key: &ScopedKey, landing: &Landing, keep: Duration) {
+        if let (Landing::Response(response), false) = (landing, keep.is_zero()) {
+            let unused = Fingerprint([0; 32]);
+            self.kept
+                .insert(key.shared_storage_key(), unused, response, keep);
+            self.kept.evict_over_bound();
+        }
+    }
+
+    /// Kept responses and their accounted bytes, and the bound.
+    pub(super) fn kept_size(&self) -> (usize, u64, u64) {
+        let (entries, bytes) = self.kept.size();
+        (entries, bytes, self.kept.max_bytes())
     }
 
     fn lead(&self, key: &ScopedKey, lease: Duration) -> FlightRole {
@@ -84,17 +123,25 @@ impl FlightLeads {
         FlightRole::Leader(token)
     }
 
-    fn land(&self, key: &ScopedKey, token: FencingToken, landing: Landing) {
+    /// Ends the flight of `token`; `false` if `token` no longer leads `key`.
+    fn land(&self, key: &ScopedKey, token: FencingToken, landing: Landing) -> bool {
         let probe = self.leads.probe(key.storage_key());
         let mut shard = self.leads.lock(&probe);
         if shard.get(&probe).is_none_or(|lead| lead.token != token) {
-            return;
+            return false;
         }
         let Some(lead) = shard.remove(&probe) else {
-            return;
+            return false;
         };
         drop(shard);
         lead.land(landing);
+        true
+    }
+
+    fn leads_now(&self, key: &ScopedKey, token: FencingToken) -> bool {
+        let probe = self.leads.probe(key.storage_key());
+        let shard = self.leads.lock(&probe);
+        shard.get(&probe).is_some_and(|lead| lead.token == token)
     }
 
     async fn wait(&self, key: &ScopedKey, max: Duration) -> Option<Landing> {
@@ -159,6 +206,38 @@ impl SingleFlightStore for MemoryStore {
         landing: Landing,
     ) -> Result<(), StoreError> {
         self.inner.single_flight.land(key, token, landing);
+        Ok(())
+    }
+
+    async fn lead_or_reuse(
+        &self,
+        key: &ScopedKey,
+        lease: Duration,
+        reuse_for: Duration,
+    ) -> Result<LeadOrReuse, StoreError> {
+        let flights = &self.inner.single_flight;
+        if !reuse_for.is_zero() {
+            if let Some(reused) = flights.kept(key, reuse_for) {
+                return Ok(reused);
+            }
+        }
+        Ok(LeadOrReuse::Role(flights.lead(key, lease)))
+    }
+
+    async fn publish_kept(
+        &self,
+        key: &ScopedKey,
+        token: FencingToken,
+        landing: Landing,
+        keep: Duration,
+    ) -> Result<(), StoreError> {
+        let flights = &self.inner.single_flight;
+        // Kept before the landing wakes anyone: a follower that wakes and asks again
+        // finds it.
+        if flights.leads_now(key, token) {
+            flights.keep(key, &landing, keep);
+        }
+        flights.land(key, token, landing);
         Ok(())
     }
 
@@ -268,6 +347,89 @@ mod tests {
         );
         store.publish(&key("a"), new, landing("ok")).await.unwrap();
         assert_eq!(store.inner.single_flight.len(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_landing_is_reused_until_reuse_for_then_led_again() {
+        let store = MemoryStore::new();
+        let reuse = Duration::from_secs(1);
+        let LeadOrReuse::Role(FlightRole::Leader(token)) =
+            store.lead_or_reuse(&key("a"), LEASE, reuse).await.unwrap()
+        else {
+            panic!("nothing kept yet: lead")
+        };
+        store
+            .publish_kept(&key("a"), token, landing("ok"), reuse)
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(400)).await;
+        let LeadOrReuse::Reused { response, age } =
+            store.lead_or_reuse(&key("a"), LEASE, reuse).await.unwrap()
+        else {
+            panic!("landed 400 ms ago: reused")
+        };
+        assert_eq!(response.body, "ok");
+        assert_eq!(age, Duration::from_millis(400));
+        // Without reuse (or another key) nothing is found.
+        assert!(matches!(
+            store.lead_or_reuse(&key("b"), LEASE, reuse).await.unwrap(),
+            LeadOrReuse::Role(FlightRole::Leader(_))
+        ));
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert!(matches!(
+            store.lead_or_reuse(&key("a"), LEASE, reuse).await.unwrap(),
+            LeadOrReuse::Role(FlightRole::Leader(_))
+        ));
+        // A stale leader keeps nothing; failures and oversize landings are never kept.
+        let LeadOrReuse::Role(FlightRole::Leader(current)) =
+            store.lead_or_reuse(&key("c"), LEASE, reuse).await.unwrap()
+        else {
+            panic!()
+        };
+        store
+            .publish_kept(
+                &key("c"),
+                FencingToken(current.get() + 99),
+                landing("stale"),
+                reuse,
+            )
+            .await
+            .unwrap();
+        store
+            .publish_kept(&key("c"), current, Landing::TooLarge, reuse)
+            .await
+            .unwrap();
+        assert!(matches!(
+            store.lead_or_reuse(&key("c"), LEASE, reuse).await.unwrap(),
+            LeadOrReuse::Role(FlightRole::Leader(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn kept_landings_are_bounded_in_bytes() {
+        let store = MemoryStore::builder().max_reuse_bytes(64 * 1024).build();
+        let reuse = Duration::from_secs(60);
+        let big = Landing::Response(Arc::new(StoredResponse {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b'x'; 1024]),
+            trailers: None,
+        }));
+        for i in 0..1000 {
+            let k = key(&format!("k{i}"));
+            let LeadOrReuse::Role(FlightRole::Leader(token)) =
+                store.lead_or_reuse(&k, LEASE, reuse).await.unwrap()
+            else {
+                panic!()
+            };
+            store
+                .publish_kept(&k, token, big.clone(), reuse)
+                .await
+                .unwrap();
+            let sizes = store.table_sizes().single_flight_kept;
+            assert!(sizes.bytes <= 64 * 1024, "{sizes:?}");
+        }
+        assert!(store.table_sizes().single_flight_kept.entries > 10);
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,7 @@ mod buffer;
 mod future;
 mod keyed;
 mod kind;
+mod request_body;
 mod stored;
 mod trace;
 
@@ -30,5 +31,6 @@ pub(crate) use keyed::{
     debug_layer,
 };
 pub(crate) use kind::LayerKind;
+pub(crate) use request_body::read_body;
 pub(crate) use stored::{render_stored, shareable_headers};
 pub(crate) use trace::Trace;

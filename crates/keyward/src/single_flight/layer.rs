@@ -40,6 +40,8 @@ pub(crate) struct SingleFlightSettings {
     pub(crate) vary: Vec<HeaderName>,
     pub(crate) max_body: usize,
     pub(crate) lease: Duration,
+    /// How long requests after a landing still get its response (zero: not at all).
+    pub(crate) reuse_for: Duration,
     pub(crate) on_leader_failure: LeaderFailure,
 }
 
@@ -102,6 +104,7 @@ impl<St> SingleFlightLayer<St> {
             vary: DEFAULT_VARY.to_vec(),
             max_body: DEFAULT_SINGLE_FLIGHT_MAX_BODY,
             lease: DEFAULT_SINGLE_FLIGHT_LEASE,
+            reuse_for: Duration::ZERO,
             on_leader_failure: LeaderFailure::default(),
         };
         let scope = Some(KeySpec::Header(http::header::AUTHORIZATION));
@@ -164,6 +167,55 @@ impl<St, K: Clone> SingleFlightLayer<St, K> {
         self.with(|own| own.lease = lease)
     }
 
+    /// Requests arriving up to `reuse_for` after a flight landed get its response too,
+    /// without a call (micro-caching: a burst of identical reads reaches the inner
+    /// service once per `reuse_for`), marked `Keyward-Coalesced: true` and with an `Age`
+    /// header (seconds since it landed, plus any `Age` it came with). Default zero: only
+    /// concurrent requests share a response. Still never across principals, hosts or
+    /// representations (the key), never a `private`/`no-store` response or one varying on
+    /// other headers; and a 5xx or a response to revalidate (`no-cache`, `max-age=0`) is
+    /// shared with the requests that waited for it but not kept. The response is kept in
+    /// the store (a `MemoryStore` bounds them in bytes, Redis expires them), so instances
+    /// sharing a Redis reuse each other's landings; a store that cannot keep responses
+    /// only coalesces.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http_body_util::Full;
+    /// use keyward::{MemoryStore, SingleFlightLayer};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// let calls = Arc::new(AtomicUsize::new(0));
+    /// let counter = calls.clone();
+    /// let svc = SingleFlightLayer::new(MemoryStore::new())
+    ///     .route("prices")
+    ///     .reuse_for(Duration::from_secs(1))
+    ///     .layer(service_fn(move |_req: http::Request<()>| {
+    ///         counter.fetch_add(1, Ordering::SeqCst);
+    ///         async { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("42")))) }
+    ///     }));
+    /// let get = || svc.clone().oneshot(http::Request::get("/prices/eur").body(()).unwrap());
+    /// let first = get().await.unwrap();
+    /// assert!(first.headers().get("keyward-coalesced").is_none());
+    /// tokio::time::advance(Duration::from_millis(500)).await;
+    /// let soon_after = get().await.unwrap();
+    /// assert_eq!(soon_after.headers()["keyward-coalesced"], "true");
+    /// assert_eq!(soon_after.headers()["age"], "0");
+    /// assert_eq!(calls.load(Ordering::SeqCst), 1);
+    /// tokio::time::advance(Duration::from_millis(600)).await;
+    /// let later = get().await.unwrap();
+    /// assert!(later.headers().get("keyward-coalesced").is_none());
+    /// assert_eq!(calls.load(Ordering::SeqCst), 2);
+    /// # }
+    /// ```
+    pub fn reuse_for(self, reuse_for: Duration) -> Self {
+        self.with(|own| own.reuse_for = reuse_for)
+    }
+
     /// What followers do when their leader fails (default [`LeaderFailure::Elect`]).
     pub fn on_leader_failure(self, policy: LeaderFailure) -> Self {
         self.with(|own| own.on_leader_failure = policy)
@@ -188,6 +240,7 @@ impl<St, K> fmt::Debug for SingleFlightLayer<St, K> {
                 .field("vary", &own.vary)
                 .field("max_body", &own.max_body)
                 .field("lease", &own.lease)
+                .field("reuse_for", &own.reuse_for)
                 .field("on_leader_failure", &own.on_leader_failure);
         })
     }

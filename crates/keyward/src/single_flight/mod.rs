@@ -12,7 +12,9 @@
 //! A response that is not for others (`Cache-Control: private` or `no-store`, `Vary: *`
 //! or `Vary` on a header outside the key) is not copied: followers make their own call.
 //! Response extensions are not copied (they need not be `Clone`). Once the flight ends,
-//! the next request starts a new one: this is coalescing, not caching.
+//! the next request starts a new one: this is coalescing, not caching, unless
+//! [`SingleFlightLayer::reuse_for`] keeps the response a moment longer (micro-caching:
+//! requests arriving within it get the landed response with an `Age` header).
 //!
 //! - **Leader cancelled.** The shared work is polled by whoever waits for it, not by a
 //!   spawned task: if the leader's client goes away, a follower takes over polling and

@@ -237,6 +237,7 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                         store: store.clone(),
                         key,
                         lease: own.lease,
+                        reuse_for: own.reuse_for,
                         max_body: own.max_body,
                         keyed_on,
                         on_leader_failure: own.on_leader_failure,

@@ -2,13 +2,14 @@
 //! inner call, buffer the response for the followers, publish the landing.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, HeaderName, VARY};
+use http::header::{AGE, CACHE_CONTROL, HeaderName, HeaderValue, VARY};
 use http::{HeaderMap, Request, Response};
 use http_body::Body;
 use keyward_core::store::{
-    FlightRole, Landing, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
+    FlightRole, Landing, LeadOrReuse, OnStoreError, SingleFlightStore, StoreError, StoredResponse,
 };
 use keyward_core::telemetry::{STORE_OP_LEAD, STORE_OP_PUBLISH};
 use keyward_core::{FencingToken, KeywardBody, ScopedKey};
@@ -30,7 +31,9 @@ pub(crate) type OwnResult<RB, E> = Result<Response<KeywardBody<RB>>, E>;
 pub(crate) struct WorkSettings<St> {
     pub(crate) store: St,
     pub(crate) key: ScopedKey,
-    pub(crate) lease: std::time::Duration,
+    pub(crate) lease: Duration,
+    /// How long a landed response is kept for later requests (zero: not at all).
+    pub(crate) reuse_for: Duration,
     pub(crate) max_body: usize,
     /// The request headers the key holds: a response varying on any other is not shared.
     pub(crate) keyed_on: Arc<[HeaderName]>,
@@ -59,13 +62,19 @@ where
     let mut landed = call_and_buffer(svc, req, settings.max_body, &settings.keyed_on).await;
     landed.store_error |= store_error;
     if let Some(mut lead) = lead {
+        let mut keep = Duration::ZERO;
         let landing = match &landed.shared {
-            Shared::Response(response) => Landing::Response(response.clone()),
+            Shared::Response(response) => {
+                if reusable(response) {
+                    keep = settings.reuse_for;
+                }
+                Landing::Response(response.clone())
+            }
             // Remote followers then make their own call, as for a private response.
             Shared::TooLarge | Shared::Private => Landing::TooLarge,
             Shared::Failed | Shared::StoreUnavailable => Landing::Failed,
         };
-        let publish = lead.publish(landing);
+        let publish = lead.publish(landing, keep);
         let published = settings.metrics.timed(STORE_OP_PUBLISH, publish).await;
         if let Err(error) = published {
             tracing::warn!(%error, "single flight: publishing the landing failed");
@@ -96,10 +105,14 @@ async fn coordinate<St: SingleFlightStore>(settings: &WorkSettings<St>) -> Coord
         })
     };
     for _ in 0..MAX_REMOTE_ROUNDS {
-        let lead = settings.store.lead(&settings.key, settings.lease);
-        let role = settings.metrics.timed(STORE_OP_LEAD, lead).await;
-        let role = match role {
-            Ok(role) => role,
+        let (key, lease) = (&settings.key, settings.lease);
+        let lead = settings.store.lead_or_reuse(key, lease, settings.reuse_for);
+        let role = match settings.metrics.timed(STORE_OP_LEAD, lead).await {
+            Ok(LeadOrReuse::Role(role)) => role,
+            // A flight landed moments ago: its response, without a flight.
+            Ok(LeadOrReuse::Reused { response, age }) => {
+                return landed(Shared::Response(aged(&response, age)));
+            }
             Err(error) => return store_failed(settings, &error),
         };
         if let FlightRole::Leader(token) = role {
@@ -161,11 +174,14 @@ struct LeadGuard<'a, St: SingleFlightStore> {
 }
 
 impl<St: SingleFlightStore> LeadGuard<'_, St> {
-    async fn publish(&mut self, landing: Landing) -> Result<(), StoreError> {
+    async fn publish(&mut self, landing: Landing, keep: Duration) -> Result<(), StoreError> {
         let Some(token) = self.token else {
             return Ok(());
         };
-        let published = self.store.publish(self.key, token, landing).await;
+        let published = self
+            .store
+            .publish_kept(self.key, token, landing, keep)
+            .await;
         self.token = None;
         published
     }
@@ -242,6 +258,51 @@ where
     landed(Shared::Response(shared), own)
 }
 
+/// Whether a shared response may also be kept for requests after its flight landed
+/// (`reuse_for`): not a 5xx (a failure is for the requests that waited for it, not for
+/// the next ones), nor one that must be revalidated before every reuse
+/// (`Cache-Control: no-cache` or `max-age=0`).
+fn reusable(response: &StoredResponse) -> bool {
+    if response.status.is_server_error() {
+        return false;
+    }
+    let Some(directives) = response
+        .headers
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .map(|value| value.to_str().ok())
+        .collect::<Option<Vec<&str>>>()
+    else {
+        return false;
+    };
+    !directives
+        .iter()
+        .flat_map(|value| value.split(','))
+        .map(|directive| {
+            let (name, value) = directive.split_once('=').unwrap_or((directive, ""));
+            (
+                name.trim().to_ascii_lowercase(),
+                value.trim().trim_matches('"'),
+            )
+        })
+        .any(|(name, value)| name == "no-cache" || (name == "max-age" && value == "0"))
+}
+
+/// A kept response as a later request gets it: with `Age` (RFC 9111) counting the time
+/// since it landed, on top of any `Age` the upstream gave it.
+fn aged(response: &StoredResponse, age: Duration) -> Arc<StoredResponse> {
+    let upstream_age = response
+        .headers
+        .get(AGE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut copy = response.clone();
+    let seconds = upstream_age.saturating_add(age.as_secs());
+    copy.headers.insert(AGE, HeaderValue::from(seconds));
+    Arc::new(copy)
+}
+
 /// Whether a response may be copied to requests other than the one that got it: not if
 /// it says it is private (`Cache-Control: private` or `no-store`), nor if it varies on a
 /// request header the key does not hold (`Vary: *`, or a header outside `keyed_on`).
@@ -292,6 +353,42 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    fn stored(status: u16, pairs: &[(&str, &str)]) -> StoredResponse {
+        StoredResponse {
+            status: http::StatusCode::from_u16(status).unwrap(),
+            headers: headers(pairs),
+            body: Bytes::new(),
+            trailers: None,
+        }
+    }
+
+    #[test]
+    fn failures_and_revalidated_responses_are_not_reused() {
+        assert!(reusable(&stored(200, &[])));
+        assert!(reusable(&stored(
+            404,
+            &[("cache-control", "public, max-age=5")]
+        )));
+        for (status, pairs) in [
+            (500, &[][..]),
+            (503, &[][..]),
+            (200, &[("cache-control", "No-Cache")][..]),
+            (200, &[("cache-control", "public, max-age=0")][..]),
+            (200, &[("cache-control", "max-age=\"0\"")][..]),
+        ] {
+            assert!(!reusable(&stored(status, pairs)), "{status} {pairs:?}");
+        }
+    }
+
+    #[test]
+    fn age_counts_from_the_landing_on_top_of_the_upstream_age() {
+        let fresh = aged(&stored(200, &[]), Duration::from_millis(1500));
+        assert_eq!(fresh.headers[AGE], "1");
+        let cached = aged(&stored(200, &[("age", "30")]), Duration::from_secs(2));
+        assert_eq!(cached.headers[AGE], "32");
+        assert_eq!(cached.headers.get_all(AGE).iter().count(), 1);
     }
 
     #[test]
