@@ -193,6 +193,60 @@ fn layer(c: &mut Criterion) {
             black_box(res.map(|r| r.status()))
         })
     });
+    // Priced by the response (issue 16): a read-only peek before the call, the
+    // upstream's `x-tokens-used` read from the answer, the charge when the body is
+    // dropped (here: right after the status is read).
+    let tokens = service_fn(|_req: Request<Full<Bytes>>| async {
+        let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+        res.headers_mut()
+            .insert("x-tokens-used", HeaderValue::from_static("3"));
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let mut priced = QuotaLayer::new(MemoryStore::new(), quota)
+        .route("bench")
+        .key(KeySpec::Header(header.clone()))
+        .charge_after(keyward::quota::ResponseCost::header("x-tokens-used"))
+        .layer(tokens.clone());
+    let mut i = 0;
+    group.bench_function("priced_quota_layer_over_service_fn", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let res = now_or_never(priced.call(request(i))).and_then(Result::ok);
+            black_box(res.map(|r| r.status()))
+        })
+    });
+    // The bare service of the priced bench: it also sets the header.
+    let mut tokens_bare = tokens.clone();
+    let mut i = 0;
+    group.bench_function("bare_service_fn_with_cost_header", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let res = now_or_never(tokens_bare.call(request(i))).and_then(Result::ok);
+            black_box(res.map(|r| r.status()))
+        })
+    });
+    // Two stacked quota layers (per second and per day on the same key): the cost of
+    // a second policy, headers merged.
+    let per_day = Quota::new(LIMIT, Duration::from_secs(86_400)).expect("valid quota");
+    let mut stacked = QuotaLayer::new(MemoryStore::new(), quota)
+        .route("bench")
+        .policy_name("per-second")
+        .key(KeySpec::Header(header.clone()))
+        .layer(
+            QuotaLayer::new(MemoryStore::new(), per_day)
+                .route("bench")
+                .policy_name("per-day")
+                .key(KeySpec::Header(header.clone()))
+                .layer(bare.clone()),
+        );
+    let mut i = 0;
+    group.bench_function("two_quota_layers_over_service_fn", |b| {
+        b.iter(|| {
+            i = (i + 1) % KEYS;
+            let res = now_or_never(stacked.call(request(i))).and_then(Result::ok);
+            black_box(res.map(|r| r.status()))
+        })
+    });
     group.finish();
 }
 

@@ -148,8 +148,9 @@ async fn stacked_policies_keep_separate_state_and_list_both() {
     let res = svc.clone().oneshot(req("k")).await.unwrap();
     let policies: Vec<_> = res.headers().get_all("ratelimit-policy").iter().collect();
     assert_eq!(policies, [r#""burst";q=2;w=1"#, r#""daily";q=3;w=86400"#]);
+    // One RateLimit: the policy closest to its limit (1 left per second, 2 per day).
     let limits: Vec<_> = res.headers().get_all("ratelimit").iter().collect();
-    assert_eq!(limits, [r#""burst";r=1;t=1"#, r#""daily";r=2;t=28800"#]);
+    assert_eq!(limits, [r#""burst";r=1;t=1"#]);
 
     svc.clone().oneshot(req("k")).await.unwrap();
     // The daily quota admits the third request; the per-second one refuses it.
@@ -375,6 +376,18 @@ impl QuotaStore for FailingStore {
 
     fn check(&self, _key: &ScopedKey, _quota: &Quota, _cost: u32) -> Self::CheckFuture {
         std::future::ready(Err(StoreError::Unavailable("connection refused".into())))
+    }
+
+    fn peek(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
+        self.check(key, quota, cost)
+    }
+
+    fn charge(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
+        self.check(key, quota, cost)
+    }
+
+    fn charge_detached(&self, _key: ScopedKey, _quota: Quota, _cost: u32) {
+        panic!("a request the store failed to admit is never charged");
     }
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use keyward::core::gcra::{Quota, QuotaDecision};
 use keyward::core::store::QuotaStore;
 use keyward::core::{Key, Scope, ScopedKey};
+use keyward::quota::ResponseCost;
 use keyward::{KeySpec, QuotaLayer};
 use keyward_tests::redis_kit::{CommandStats, RedisServer, command_delta};
 use keyward_tests::{Backend, Redis, assert_one_script, fails_within, store_with_timeout};
@@ -138,11 +139,109 @@ async fn quota_layer_over_two_instances<B: Backend>(b: B) {
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
 
+async fn peeks_take_nothing_and_charges_go_into_debt<B: Backend>(b: B) {
+    let store = b.store();
+    let unit = b.unit();
+    // 10 per 10 units: one back per unit.
+    let quota = Quota::new(10, unit * 10).unwrap();
+    for _ in 0..3 {
+        let peeked = store.peek(&key("a"), &quota, 1).await.unwrap();
+        assert!(peeked.is_allowed());
+        assert_eq!(peeked.remaining, 9, "a peek takes nothing");
+    }
+    let charged = store.charge(&key("a"), &quota, 4).await.unwrap();
+    assert_eq!(charged.remaining, 6);
+    let charged = store.charge(&key("a"), &quota, 21).await.unwrap();
+    assert_eq!(charged.remaining, 0);
+    about(charged.reset_after, unit * 25, b.slack());
+    // 15 units in debt: one unit is back after 16.
+    let waiting = store.peek(&key("a"), &quota, 1).await.unwrap();
+    assert!(!waiting.is_allowed());
+    let retry = waiting.retry_after().unwrap();
+    about(retry, unit * 16, b.slack());
+    // A check refuses too, and takes nothing.
+    assert!(!check(&store, "a", &quota, 1).await.is_allowed());
+    tokio::time::sleep(retry).await;
+    assert!(store.peek(&key("a"), &quota, 1).await.unwrap().is_allowed());
+    assert!(check(&store, "a", &quota, 1).await.is_allowed());
+    assert!(!check(&store, "a", &quota, 1).await.is_allowed());
+}
+
+/// Waits (bounded: 2 s) until `key` has at most `units` left: a charge made by a response
+/// body lands in the background on Redis.
+async fn until_left<St: QuotaStore>(store: &St, k: &str, quota: &Quota, units: u32) {
+    for _ in 0..200 {
+        if store.peek(&key(k), quota, 0).await.unwrap().remaining <= units {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{k} still has more than {units} left after 2 s");
+}
+
+async fn priced_layer_over_two_instances<B: Backend>(b: B) {
+    // A long period: nothing is earned back while the test runs.
+    let quota = Quota::new(100, Duration::from_secs(3600)).unwrap();
+    let inner = tower::service_fn(|req: http::Request<String>| async move {
+        let mut res = http::Response::new(String::from("ok"));
+        res.headers_mut()
+            .insert("x-tokens-used", req.headers()["x-tokens"].clone());
+        Ok::<_, std::convert::Infallible>(res)
+    });
+    let layer = |store: B::Store| {
+        QuotaLayer::new(store, quota)
+            .route("r")
+            .key(KeySpec::parse("header:x-api-key").unwrap())
+            .charge_after(ResponseCost::header("x-tokens-used"))
+    };
+    let one = layer(b.instance()).layer(inner);
+    let two = layer(b.instance()).layer(inner);
+    let req = |tokens: u32| {
+        http::Request::get("/")
+            .header("x-api-key", "k")
+            .header("x-tokens", tokens.to_string())
+            .body(String::new())
+            .unwrap()
+    };
+    use http_body_util::BodyExt;
+    let res = one.clone().oneshot(req(70)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    until_left(&b.store(), "k", &quota, 30).await;
+    // The other instance sees the charge; 50 more puts the key 20 in debt.
+    let res = two.clone().oneshot(req(50)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    res.into_body().collect().await.unwrap();
+    for _ in 0..200 {
+        if !b
+            .store()
+            .peek(&key("k"), &quota, 0)
+            .await
+            .unwrap()
+            .is_allowed()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused = one.clone().oneshot(req(1)).await.unwrap();
+    assert_eq!(refused.status(), 429);
+    // 21 units of 36 s each: 756 s.
+    let retry: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((755..=756).contains(&retry), "{retry}");
+}
+
 keyward_tests::backend_suite!(
     burst_then_one_per_interval,
     costs_take_several_units_and_refusals_take_nothing,
     instances_share_one_quota,
     quota_layer_over_two_instances,
+    peeks_take_nothing_and_charges_go_into_debt,
+    priced_layer_over_two_instances,
 );
 
 // --- Redis only ---------------------------------------------------------------------------
@@ -159,6 +258,79 @@ async fn every_quota_decision_is_one_evalsha() {
         assert_eq!(check(&store, "k", &quota, 1).await.is_allowed(), expected);
         let delta = command_delta(&before, &stats.snapshot().await);
         assert_one_script(&delta, &["time", "get", "set"]);
+    }
+}
+
+#[tokio::test]
+async fn a_peek_and_a_charge_are_one_evalsha_each_and_a_peek_writes_nothing() {
+    let redis = Redis::start();
+    let store = redis.store();
+    store.ping().await.unwrap();
+    let mut stats = CommandStats::connect(&redis.server).await;
+    let quota = Quota::new(2, Duration::from_secs(60)).unwrap();
+    let before = stats.snapshot().await;
+    assert!(store.peek(&key("k"), &quota, 1).await.unwrap().is_allowed());
+    let delta = command_delta(&before, &stats.snapshot().await);
+    assert_one_script(&delta, &["time", "get"]);
+    for _ in 0..2 {
+        let before = stats.snapshot().await;
+        store.charge(&key("k"), &quota, 3).await.unwrap();
+        let delta = command_delta(&before, &stats.snapshot().await);
+        assert_one_script(&delta, &["time", "get", "set"]);
+    }
+}
+
+#[tokio::test]
+async fn the_charge_script_charges_exactly_like_quota_charge() {
+    let redis = Redis::start();
+    let store = redis.store();
+    let quotas = [
+        Quota::new(3, Duration::from_secs(1)).unwrap(),
+        Quota::new(7, Duration::from_millis(700))
+            .unwrap()
+            .with_burst(2)
+            .unwrap(),
+        Quota::new(1, Duration::from_secs(100 * 365 * 86_400)).unwrap(),
+    ];
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut model: HashMap<(usize, u64), u64> = HashMap::new();
+    let mut now: u64 = 1_764_000_000_987_654_321;
+    for step in 0..400 {
+        now += match rng.below(3) {
+            0 => 0,
+            1 => rng.below(1_000_000),
+            _ => rng.below(5_000_000_000),
+        };
+        let q = rng.below(quotas.len() as u64) as usize;
+        let k = rng.below(3);
+        let quota = &quotas[q];
+        let tat = model.get(&(q, k)).copied().unwrap_or(0);
+        let name = key(&format!("c{q}-k{k}"));
+        // Charges (into debt, up to the cap) mixed with checks that read the debt.
+        if rng.below(3) == 0 {
+            let cost = rng.below(4) as u32;
+            let expected = quota.decide(tat, now, cost);
+            if let Some(new_tat) = expected.new_tat {
+                model.insert((q, k), new_tat);
+            }
+            let got = store
+                .quota_check_at(&name, quota, cost, Duration::from_nanos(now))
+                .await
+                .unwrap();
+            assert_eq!(got, expected.decision, "step {step}: check");
+        } else {
+            let cost = match rng.below(4) {
+                0 => u32::MAX,
+                _ => rng.below(20) as u32,
+            };
+            let expected = quota.charge(tat, now, cost);
+            model.insert((q, k), expected.new_tat.unwrap());
+            let got = store
+                .quota_charge_at(&name, quota, cost, Duration::from_nanos(now))
+                .await
+                .unwrap();
+            assert_eq!(got, expected.decision, "step {step}: charge {cost}");
+        }
     }
 }
 

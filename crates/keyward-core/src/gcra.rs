@@ -222,6 +222,48 @@ impl Quota {
         }
     }
 
+    /// Charges `cost` units after the fact, whether or not they fit: the step of a quota
+    /// priced by the response (`QuotaLayer::charge_after`), where the request was
+    /// admitted before its cost was known. The bucket may go over-full, *into debt*: the
+    /// new TAT is `max(TAT, now) + T × cost`, possibly beyond `now + τ`, and until the
+    /// debt is paid back at the quota's rate every request is limited, with a
+    /// [`QuotaDecision::retry_after`] that says exactly when one unit is free again.
+    /// The debt is capped at [`MAX_TOLERANCE`] beyond `now` so that no input overflows.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use keyward_core::gcra::Quota;
+    ///
+    /// // 10 units per second; a response that turned out to cost 25.
+    /// let quota = Quota::new(10, Duration::from_secs(1)).unwrap();
+    /// let step = quota.charge(0, 0, 25);
+    /// let tat = step.new_tat.unwrap();
+    /// assert_eq!(step.decision.remaining, 0);
+    /// assert_eq!(step.decision.reset_after, Duration::from_millis(2500));
+    /// // In debt: the next request waits until one unit is free (1.6 s).
+    /// let next = quota.decide(tat, 0, 1);
+    /// assert!(!next.decision.is_allowed());
+    /// assert_eq!(next.decision.retry_after(), Some(Duration::from_millis(1600)));
+    /// assert!(quota.decide(tat, 1_600_000_000, 1).decision.is_allowed());
+    /// ```
+    pub fn charge(&self, tat: u64, now: u64, cost: u32) -> GcraStep {
+        let max_debt = MAX_TOLERANCE.as_nanos() as u64;
+        let backlog = tat.saturating_sub(now);
+        let delay = self
+            .emission_nanos
+            .saturating_mul(u64::from(cost))
+            .saturating_add(backlog)
+            .min(max_debt.max(backlog));
+        GcraStep {
+            new_tat: Some(now.saturating_add(delay)),
+            decision: QuotaDecision {
+                verdict: Verdict::Allowed,
+                remaining: self.units_in(self.tolerance_nanos.saturating_sub(delay)),
+                reset_after: Duration::from_nanos(delay),
+            },
+        }
+    }
+
     /// Whole units that fit in `nanos` of free tolerance (never more than `burst`).
     fn units_in(&self, nanos: u64) -> u32 {
         let units = nanos / self.emission_nanos;
@@ -395,6 +437,28 @@ mod tests {
         assert_eq!(step.decision.remaining, 0);
     }
 
+    #[test]
+    fn charges_go_into_debt_and_the_next_request_waits_for_it() {
+        let quota = Quota::new(10, Duration::from_secs(1)).unwrap();
+        // Within the bucket: like a check.
+        let step = quota.charge(0, 0, 4);
+        assert_eq!(step.new_tat, Some(400 * MS));
+        assert_eq!(step.decision.remaining, 6);
+        // Beyond it: the debt is kept, and paid back at the quota's rate.
+        let step = quota.charge(step.new_tat.unwrap(), 0, 20);
+        let tat = step.new_tat.unwrap();
+        assert_eq!(tat, 2_400 * MS);
+        assert_eq!(step.decision.remaining, 0);
+        let refused = quota.decide(tat, 500 * MS, 1);
+        assert_eq!(
+            refused.decision.retry_after(),
+            Some(Duration::from_millis(1000))
+        );
+        assert!(quota.decide(tat, 1_500 * MS, 1).decision.is_allowed());
+        // A zero charge changes nothing that matters.
+        assert_eq!(quota.charge(tat, 0, 0).new_tat, Some(tat));
+    }
+
     fn quota_strategy() -> impl Strategy<Value = Quota> {
         (1u32.., 1u64.., 1u32..).prop_filter_map("quota in range", |(limit, per, burst)| {
             Quota::new(limit, Duration::from_nanos(per))
@@ -415,6 +479,14 @@ mod tests {
             if u64::from(cost) > u64::from(quota.burst()) {
                 prop_assert!(!step.decision.is_allowed());
             }
+        }
+
+        #[test]
+        fn charges_never_panic_and_only_add(quota in quota_strategy(), tat: u64, now: u64, cost: u32) {
+            let step = quota.charge(tat, now, cost);
+            let new_tat = step.new_tat.unwrap();
+            prop_assert!(new_tat >= tat.max(now));
+            prop_assert!(step.decision.remaining <= quota.burst());
         }
 
         #[test]

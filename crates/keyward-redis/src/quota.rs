@@ -18,18 +18,32 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use keyward_core::ScopedKey;
-use keyward_core::gcra::{Quota, QuotaDecision};
+use keyward_core::gcra::{MAX_TOLERANCE, Quota, QuotaDecision};
 use keyward_core::store::{QuotaStore, StoreError};
 use redis::{Script, Value};
 
 use crate::RedisStore;
 use crate::reply::QuotaCheck;
 use crate::script::script;
+use crate::util::spawn;
 
 static CHECK: LazyLock<Script> = script!(writes: "quota/check.lua");
+static PEEK: LazyLock<Script> = script!(reads: "quota/peek.lua");
+static CHARGE: LazyLock<Script> = script!(writes: "quota/charge.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
-pub(crate) static SCRIPTS: [&LazyLock<Script>; 1] = [&CHECK];
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 3] = [&CHECK, &PEEK, &CHARGE];
+
+/// Which GCRA step a script runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// `Quota::decide`, taking the units if they fit.
+    Check,
+    /// `Quota::decide`, taking nothing (`scripts/quota/peek.lua`, read-only).
+    Peek,
+    /// `Quota::charge`, into debt if need be (`scripts/quota/charge.lua`).
+    Charge,
+}
 
 const NANOS: u64 = 1_000_000_000;
 
@@ -53,35 +67,57 @@ impl RedisStore {
         cost: u32,
         now: Option<Duration>,
     ) -> Result<QuotaDecision, StoreError> {
-        let increment = nanos_of(quota.emission_interval()).checked_mul(u64::from(cost));
-        let [inc_s, inc_n] = match increment {
-            Some(nanos) => pair(nanos),
-            // Refused whatever the state: the script only reads.
-            None => ["0".to_owned(), "-1".to_owned()],
-        };
-        let [tau_s, tau_n] = pair(nanos_of(quota.tolerance()));
-        let mut args: Vec<&[u8]> = vec![
-            inc_s.as_bytes(),
-            inc_n.as_bytes(),
-            tau_s.as_bytes(),
-            tau_n.as_bytes(),
-        ];
-        let clock = now.map(|now| pair(nanos_of(now)));
-        if let Some([now_s, now_n]) = &clock {
-            args.push(now_s.as_bytes());
-            args.push(now_n.as_bytes());
+        self.quota_step(Step::Check, record, quota, cost, now).await
+    }
+
+    async fn quota_step(
+        &self,
+        step: Step,
+        record: String,
+        quota: Quota,
+        cost: u32,
+        now: Option<Duration>,
+    ) -> Result<QuotaDecision, StoreError> {
+        let emission = nanos_of(quota.emission_interval());
+        let mut parts: Vec<String> = Vec::with_capacity(6);
+        match step {
+            Step::Check => {
+                parts.extend(match emission.checked_mul(u64::from(cost)) {
+                    Some(nanos) => pair(nanos),
+                    // Refused whatever the state: the script only reads.
+                    None => ["0".to_owned(), "-1".to_owned()],
+                });
+                parts.extend(pair(nanos_of(quota.tolerance())));
+            }
+            Step::Peek => {}
+            Step::Charge => {
+                parts.extend(pair(emission.saturating_mul(u64::from(cost))));
+                parts.extend(pair(nanos_of(MAX_TOLERANCE)));
+            }
         }
-        let value: Value = self.eval(&CHECK, &[&record], &args).await?;
+        if let Some(now) = now {
+            parts.extend(pair(nanos_of(now)));
+        }
+        let args: Vec<&[u8]> = parts.iter().map(|part| part.as_bytes()).collect();
+        let script = match step {
+            Step::Check => &CHECK,
+            Step::Peek => &PEEK,
+            Step::Charge => &CHARGE,
+        };
+        let value: Value = self.eval(script, &[&record], &args).await?;
         let QuotaCheck { allowed, tat, now } = QuotaCheck::decode(value)?;
         let tat = instant(tat.0, tat.1)?;
         let now = instant(now.0, now.1)?;
-        let step = quota.decide(tat, now, cost);
-        if step.decision.is_allowed() != allowed {
+        let answer = match step {
+            Step::Check | Step::Peek => quota.decide(tat, now, cost),
+            Step::Charge => quota.charge(tat, now, cost),
+        };
+        if step == Step::Check && answer.decision.is_allowed() != allowed {
             return Err(StoreError::Corrupt(format!(
                 "quota script and GCRA disagree (tat {tat}, now {now}, cost {cost})"
             )));
         }
-        Ok(step.decision)
+        Ok(answer.decision)
     }
 
     /// The quota decision at a given clock instead of Redis `TIME` (nanoseconds since the
@@ -97,6 +133,34 @@ impl RedisStore {
     ) -> Result<QuotaDecision, StoreError> {
         self.quota_decide(self.inner.keys.record(key), *quota, cost, Some(now))
             .await
+    }
+
+    /// [`QuotaStore::charge`] at a given clock, like [`RedisStore::quota_check_at`]: test
+    /// instrumentation for checking the script against [`Quota::charge`].
+    #[doc(hidden)]
+    pub async fn quota_charge_at(
+        &self,
+        key: &ScopedKey,
+        quota: &Quota,
+        cost: u32,
+        now: Duration,
+    ) -> Result<QuotaDecision, StoreError> {
+        let record = self.inner.keys.record(key);
+        self.quota_step(Step::Charge, record, *quota, cost, Some(now))
+            .await
+    }
+
+    fn quota_future(
+        &self,
+        step: Step,
+        key: &ScopedKey,
+        quota: &Quota,
+        cost: u32,
+    ) -> RedisCheckFuture {
+        let store = self.clone();
+        let record = self.inner.keys.record(key);
+        let quota = *quota;
+        Box::pin(async move { store.quota_step(step, record, quota, cost, None).await })
     }
 }
 
@@ -117,6 +181,23 @@ impl QuotaStore for RedisStore {
         let record = self.inner.keys.record(key);
         let quota = *quota;
         Box::pin(async move { store.quota_decide(record, quota, cost, None).await })
+    }
+
+    fn peek(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
+        self.quota_future(Step::Peek, key, quota, cost)
+    }
+
+    fn charge(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
+        self.quota_future(Step::Charge, key, quota, cost)
+    }
+
+    fn charge_detached(&self, key: ScopedKey, quota: Quota, cost: u32) {
+        let charge = self.quota_future(Step::Charge, &key, &quota, cost);
+        spawn(&self.inner.runtime, async move {
+            if let Err(error) = charge.await {
+                tracing::warn!(%error, key_hash = %key.key_hash(), cost, "keyward quota: charge not recorded");
+            }
+        });
     }
 }
 

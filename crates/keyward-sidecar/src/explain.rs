@@ -24,16 +24,15 @@ pub fn route(route: &RouteConfig) -> String {
             .collect::<Vec<_>>()
             .join(","),
     };
-    let steps: Vec<String> = [
-        body(route),
-        route.quota.as_ref().map(quota),
-        route.idempotency.as_ref().map(idempotency),
-        route.serial.as_ref().map(serial),
-        route.single_flight.as_ref().map(single_flight),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let steps: Vec<String> = std::iter::once(body(route))
+        .chain(route.quotas.iter().map(|q| Some(quota(q))))
+        .chain([
+            route.idempotency.as_ref().map(idempotency),
+            route.serial.as_ref().map(serial),
+            route.single_flight.as_ref().map(single_flight),
+        ])
+        .flatten()
+        .collect();
     let stack = if steps.is_empty() {
         "proxied untouched → upstream".to_owned()
     } else {
@@ -57,13 +56,19 @@ fn body(route: &RouteConfig) -> Option<String> {
 
 fn quota(quota: &QuotaConfig) -> String {
     let q = &quota.quota;
-    let mut out = format!("quota {}/{}", q.limit(), per(q.per()));
+    let mut out = match &quota.name {
+        Some(name) => format!("quota {name:?} {}/{}", q.limit(), per(q.per())),
+        None => format!("quota {}/{}", q.limit(), per(q.per())),
+    };
     if q.burst() != q.limit() {
         out.push_str(&format!(" (burst {})", q.burst()));
     }
     out.push_str(&format!(" per {}", spec(&quota.key)));
     if let Some(scope) = &quota.scope {
         out.push_str(&format!(" scope {}", spec(scope)));
+    }
+    if let Some(cost) = &quota.charge_after {
+        out.push_str(&format!(", charged after the response: {cost}"));
     }
     out.push_str(if quota.shadow {
         " (shadow: counted, never rejected)"

@@ -85,7 +85,9 @@ pub fn build<St: Store>(
         let layer = idempotency_layer(route, idem, store, store_config, meter);
         stack = boxed(layer.layer(stack));
     }
-    if let Some(quota) = &route.quota {
+    // The first table is the outermost layer: each adds its policy to
+    // `RateLimit-Policy`, and `RateLimit` reports the one closest to its limit.
+    for quota in route.quotas.iter().rev() {
         let mut layer = QuotaLayer::new(store.clone(), quota.quota)
             .route(route.name.as_str())
             .meter(meter)
@@ -95,6 +97,12 @@ pub fn build<St: Store>(
             .on_store_error(store_config.on_error);
         if let Some(scope) = &quota.scope {
             layer = layer.scope(scope.clone());
+        }
+        if let Some(name) = &quota.name {
+            layer = layer.policy_name(name.as_str());
+        }
+        if let Some(cost) = &quota.charge_after {
+            layer = layer.charge_after(cost.clone());
         }
         stack = boxed(layer.layer(stack));
     }

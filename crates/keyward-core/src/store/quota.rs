@@ -22,4 +22,19 @@ pub trait QuotaStore: Clone + Send + Sync + 'static {
     /// Takes `cost` units of `quota` from `key` if they are available, and reports what
     /// is left. Refused requests take nothing.
     fn check(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture;
+
+    /// What [`check`](QuotaStore::check) would answer for `cost` units now, taking
+    /// nothing: the admission of a quota priced by its response, whose charge comes later
+    /// ([`charge`](QuotaStore::charge)). One round trip, and it writes nothing.
+    fn peek(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture;
+
+    /// Takes `cost` units whether or not they are available ([`Quota::charge`]): the key
+    /// may go into debt, and then its next requests are limited until the debt is paid
+    /// back at the quota's rate. Reports what is left after the charge. One round trip.
+    fn charge(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture;
+
+    /// [`charge`](QuotaStore::charge) from a destructor (a response body that ended or
+    /// was dropped): must not block and must not need the caller to poll anything. A
+    /// failure is logged; the units are then not charged.
+    fn charge_detached(&self, key: ScopedKey, quota: Quota, cost: u32);
 }

@@ -149,7 +149,8 @@ pub struct RouteConfig {
     /// Standard Webhooks verification, before every layer.
     pub webhook: Option<WebhookConfig>,
     pub idempotency: Option<IdempotencyConfig>,
-    pub quota: Option<QuotaConfig>,
+    /// Outermost first: one table, or several (`[[routes.quota]]`).
+    pub quotas: Vec<QuotaConfig>,
     pub serial: Option<SerialConfig>,
     pub single_flight: Option<SingleFlightConfig>,
 }
@@ -182,12 +183,17 @@ pub struct WebhookConfig {
 
 #[derive(Debug, Clone)]
 pub struct QuotaConfig {
+    /// The policy name (`None`: the route's name); required and distinct when a route
+    /// has several quotas.
+    pub name: Option<String>,
     pub key: KeySpec,
     pub scope: Option<KeySpec>,
     /// What a request without a principal gets.
     pub scope_missing: ScopeMissing,
     pub quota: keyward_core::gcra::Quota,
     pub shadow: bool,
+    /// `Some`: priced by the response (`cost_header`, `count_statuses`).
+    pub charge_after: Option<keyward::quota::ResponseCost>,
 }
 
 /// Serial keys are not scoped by principal: mutual exclusion on a resource must hold
@@ -220,16 +226,22 @@ impl RouteConfig {
     pub fn reads_body_keys(&self) -> bool {
         let keys = [
             self.idempotency.as_ref().map(|c| &c.key),
-            self.quota.as_ref().map(|c| &c.key),
             self.serial.as_ref().map(|c| &c.key),
             self.single_flight.as_ref().map(|c| &c.key),
         ];
         let scopes = [
             self.idempotency.as_ref().and_then(|c| c.scope.as_ref()),
-            self.quota.as_ref().and_then(|c| c.scope.as_ref()),
             self.single_flight.as_ref().and_then(|c| c.scope.as_ref()),
         ];
-        keys.into_iter().chain(scopes).flatten().any(reads_body)
+        let quotas = self
+            .quotas
+            .iter()
+            .flat_map(|q| [Some(&q.key), q.scope.as_ref()]);
+        keys.into_iter()
+            .chain(scopes)
+            .chain(quotas)
+            .flatten()
+            .any(reads_body)
     }
 }
 
@@ -814,10 +826,7 @@ impl Checker {
             body: None,
             webhook,
             idempotency,
-            quota: raw
-                .quota
-                .as_ref()
-                .map(|r| self.quota(&format!("{field}.quota"), r)),
+            quotas: self.quotas(field, raw.quota.as_ref()),
             serial: raw
                 .serial
                 .as_ref()
@@ -1004,6 +1013,39 @@ impl Checker {
         }
     }
 
+    /// Every quota table of a route; several need distinct names.
+    fn quotas(
+        &mut self,
+        route: &str,
+        raw: Option<&raw::OneOrMany<raw::RawQuota>>,
+    ) -> Vec<QuotaConfig> {
+        let Some(raw) = raw else { return Vec::new() };
+        let several = matches!(raw, raw::OneOrMany::Many(list) if list.len() > 1);
+        let mut names = HashSet::new();
+        let mut quotas = Vec::new();
+        for (index, table) in raw.iter() {
+            let field = match index {
+                Some(i) => format!("{route}.quota[{i}]"),
+                None => format!("{route}.quota"),
+            };
+            let quota = self.quota(&field, table);
+            match &quota.name {
+                Some(name) if !names.insert(name.clone()) => self.fail(
+                    &format!("{field}.name"),
+                    format!("{name:?} names another quota of this route already"),
+                ),
+                None if several => self.fail(
+                    &format!("{field}.name"),
+                    "missing: a route with several quotas must name each (the RateLimit policy name)"
+                        .to_owned(),
+                ),
+                _ => {}
+            }
+            quotas.push(quota);
+        }
+        quotas
+    }
+
     fn quota(&mut self, field: &str, raw: &raw::RawQuota) -> QuotaConfig {
         let f = |name: &str| format!("{field}.{name}");
         let limit = self.count(&f("limit"), raw.limit, 1);
@@ -1027,7 +1069,83 @@ impl Checker {
             scope_missing: self.scope_missing(&f("scope_missing"), raw.scope_missing.as_deref()),
             quota,
             shadow: raw.shadow.unwrap_or(false),
+            name: raw
+                .name
+                .as_ref()
+                .map(|name| self.policy_name(&f("name"), name)),
+            charge_after: self.charge_after(field, raw),
         }
+    }
+
+    /// A quota's policy name: what route names may be.
+    fn policy_name(&mut self, field: &str, name: &str) -> String {
+        let valid = !name.is_empty()
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            self.fail(
+                field,
+                format!("{name:?} must be letters, digits, '_' or '-'"),
+            );
+        }
+        name.to_owned()
+    }
+
+    /// `cost_header`, `cost_missing` and `count_statuses`: how a quota priced by its
+    /// responses charges them.
+    fn charge_after(
+        &mut self,
+        field: &str,
+        raw: &raw::RawQuota,
+    ) -> Option<keyward::quota::ResponseCost> {
+        use keyward::quota::{ResponseCost, StatusSet};
+        let f = |name: &str| format!("{field}.{name}");
+        let statuses = raw.count_statuses.as_ref().map(|list| {
+            if list.is_empty() {
+                self.fail(
+                    &f("count_statuses"),
+                    "[] would count nothing: list statuses such as \"401\" or \"2xx\", or leave it out"
+                        .to_owned(),
+                );
+            }
+            list.iter()
+                .fold(StatusSet::new(), |set, item| match set.with_item(item.trim()) {
+                    Ok(set) => set,
+                    Err(err) => {
+                        self.fail(&f("count_statuses"), err.to_string());
+                        set
+                    }
+                })
+        });
+        let missing = raw
+            .cost_missing
+            .map(|n| self.count(&f("cost_missing"), n, 0));
+        let cost = match raw.cost_header.as_deref() {
+            Some(name) => match http::HeaderName::try_from(name) {
+                Ok(name) => ResponseCost::header_name(name).missing(missing.unwrap_or(0)),
+                Err(_) => {
+                    self.fail(&f("cost_header"), format!("{name:?} is not a header name"));
+                    ResponseCost::per_response(1)
+                }
+            },
+            None => {
+                if missing.is_some() {
+                    self.fail(
+                        &f("cost_missing"),
+                        "only means something with cost_header".to_owned(),
+                    );
+                }
+                if statuses.is_none() {
+                    return None;
+                }
+                ResponseCost::per_response(1)
+            }
+        };
+        Some(match statuses {
+            Some(statuses) => cost.only(statuses),
+            None => cost,
+        })
     }
 
     fn serial(&mut self, field: &str, raw: &raw::RawSerial) -> SerialConfig {

@@ -76,7 +76,8 @@ pub struct RawRoute {
     pub max_body: Option<String>,
     pub webhook: Option<RawWebhook>,
     pub idempotency: Option<RawIdempotency>,
-    pub quota: Option<RawQuota>,
+    /// One `[routes.quota]` table, or several (`[[routes.quota]]`).
+    pub quota: Option<OneOrMany<RawQuota>>,
     pub serial: Option<RawSerial>,
     pub single_flight: Option<RawSingleFlight>,
 }
@@ -112,6 +113,7 @@ pub struct RawWebhook {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawQuota {
+    pub name: Option<String>,
     pub key: Option<RawKey>,
     pub scope: Option<String>,
     pub scope_missing: Option<String>,
@@ -119,6 +121,57 @@ pub struct RawQuota {
     pub per: String,
     pub burst: Option<i64>,
     pub shadow: Option<bool>,
+    pub cost_header: Option<String>,
+    pub cost_missing: Option<i64>,
+    pub count_statuses: Option<Vec<String>>,
+}
+
+/// A table or an array of tables. Not `#[serde(untagged)]`: that would replace the
+/// table's own errors (an unknown field, a wrong type) with "did not match any variant".
+#[derive(Debug)]
+pub enum OneOrMany<T> {
+    One(T),
+    Many(Vec<T>),
+}
+
+impl<T> OneOrMany<T> {
+    /// The tables in file order, each with its index when the file has an array.
+    pub fn iter(&self) -> impl Iterator<Item = (Option<usize>, &T)> {
+        let (one, many) = match self {
+            OneOrMany::One(one) => (Some(one), &[][..]),
+            OneOrMany::Many(many) => (None, &many[..]),
+        };
+        one.into_iter()
+            .map(|t| (None, t))
+            .chain(many.iter().enumerate().map(|(i, t)| (Some(i), t)))
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visit<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visit<T> {
+            type Value = OneOrMany<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a table or an array of tables")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<Self::Value, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(OneOrMany::One)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                Vec::<T>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))
+                    .map(OneOrMany::Many)
+            }
+        }
+        deserializer.deserialize_any(Visit(std::marker::PhantomData))
+    }
 }
 
 #[derive(Debug, Deserialize)]

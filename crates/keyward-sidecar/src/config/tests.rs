@@ -62,10 +62,10 @@ fn the_contract_example_parses() {
     let idem = route.idempotency.as_ref().unwrap();
     assert!(idem.required);
     assert_eq!(idem.max_body, 1 << 20);
-    assert_eq!(
-        route.quota.as_ref().unwrap().quota.per(),
-        Duration::from_secs(60)
-    );
+    assert_eq!(route.quotas.len(), 1);
+    assert_eq!(route.quotas[0].quota.per(), Duration::from_secs(60));
+    assert_eq!(route.quotas[0].name, None);
+    assert!(route.quotas[0].charge_after.is_none());
     assert_eq!(route.serial.as_ref().unwrap().max_queue, 64);
     assert_eq!(route.single_flight.as_ref().unwrap().max_body, 8 << 20);
 }
@@ -371,4 +371,71 @@ fn route_paths_must_be_canonical() {
             }
         }
     }
+}
+
+#[test]
+fn a_route_takes_one_quota_table_or_several() {
+    let route = "[[routes]]\nname = \"a\"\npath = \"/a\"\n";
+    let config = Config::from_toml(&format!(
+        "{SERVER}{route}[[routes.quota]]\nname = \"fast\"\nlimit = 5\nper = \"1s\"\n[[routes.quota]]\nname = \"slow\"\nkey = \"header:X-Api-Key\"\nlimit = 100\nper = \"1d\"\ncost_header = \"x-tokens-used\"\ncost_missing = 2\ncount_statuses = [\"2xx\"]\n"
+    ))
+    .unwrap();
+    let quotas = &config.routes[0].quotas;
+    assert_eq!(quotas.len(), 2);
+    assert_eq!(quotas[0].name.as_deref(), Some("fast"));
+    assert!(quotas[0].charge_after.is_none());
+    assert_eq!(quotas[1].quota.limit(), 100);
+    assert_eq!(
+        quotas[1].charge_after.as_ref().unwrap().to_string(),
+        "x-tokens-used header (or trailer; 2 if absent) for 2xx"
+    );
+    // One table in an array needs no name; counted statuses alone charge 1 each.
+    let config = Config::from_toml(&format!(
+        "{SERVER}{route}[[routes.quota]]\nlimit = 5\nper = \"1s\"\ncount_statuses = [\"401\", \"403\"]\n"
+    ))
+    .unwrap();
+    let quota = &config.routes[0].quotas[0];
+    assert_eq!(
+        quota.charge_after.as_ref().unwrap().to_string(),
+        "1 per response for 401,403"
+    );
+}
+
+#[test]
+fn quota_table_errors_name_the_field() {
+    let route = "[[routes]]\nname = \"a\"\npath = \"/a\"\n";
+    let cases = [
+        (
+            "[routes.quota]\nlimit = 1\nper = \"1s\"\ncost_missing = 3\n",
+            "routes[0].quota.cost_missing: only means something with cost_header",
+        ),
+        (
+            "[routes.quota]\nlimit = 1\nper = \"1s\"\ncost_header = \"bad header\"\n",
+            "routes[0].quota.cost_header: \"bad header\" is not a header name",
+        ),
+        (
+            "[routes.quota]\nlimit = 1\nper = \"1s\"\ncount_statuses = []\n",
+            "routes[0].quota.count_statuses: [] would count nothing",
+        ),
+        (
+            "[routes.quota]\nname = \"a b\"\nlimit = 1\nper = \"1s\"\n",
+            "routes[0].quota.name: \"a b\" must be letters",
+        ),
+        (
+            "[[routes.quota]]\nname = \"x\"\nlimit = 1\nper = \"1s\"\n[[routes.quota]]\nname = \"y\"\nlimit = 0\nper = \"1s\"\n",
+            "routes[0].quota[1].limit: 0",
+        ),
+    ];
+    for (table, expected) in cases {
+        let got = errors(&format!("{SERVER}{route}{table}"));
+        assert!(
+            got.iter().any(|e| e.starts_with(expected)),
+            "{table}: {got:?}"
+        );
+    }
+    // Unknown fields inside an array's table are still named by the parser.
+    let got = errors(&format!(
+        "{SERVER}{route}[[routes.quota]]\nlimit = 1\nper = \"1s\"\ncost_headr = \"x\"\n"
+    ));
+    assert!(got.iter().any(|e| e.contains("cost_headr")), "{got:?}");
 }

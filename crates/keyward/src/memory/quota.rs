@@ -36,7 +36,7 @@ use std::mem::size_of;
 use std::time::Duration;
 
 use keyward_core::ScopedKey;
-use keyward_core::gcra::{Quota, QuotaDecision};
+use keyward_core::gcra::{GcraStep, Quota, QuotaDecision};
 use keyward_core::store::{QuotaStore, StoreError};
 use tokio::time::Instant;
 
@@ -113,6 +113,40 @@ impl QuotaTable {
         quota: &Quota,
         cost: u32,
     ) -> Result<QuotaDecision, StoreError> {
+        self.step(key, |tat, now| quota.decide(tat, now, cost))
+    }
+
+    /// The decision without taking anything.
+    pub(super) fn peek(
+        &self,
+        key: &ScopedKey,
+        quota: &Quota,
+        cost: u32,
+    ) -> Result<QuotaDecision, StoreError> {
+        self.step(key, |tat, now| GcraStep {
+            new_tat: None,
+            decision: quota.decide(tat, now, cost).decision,
+        })
+    }
+
+    /// Takes `cost` units, into debt if need be.
+    pub(super) fn charge(
+        &self,
+        key: &ScopedKey,
+        quota: &Quota,
+        cost: u32,
+    ) -> Result<QuotaDecision, StoreError> {
+        self.step(key, |tat, now| quota.charge(tat, now, cost))
+    }
+
+    /// Runs one GCRA step (`decide(stored TAT, now)`) on `key` under its shard lock and
+    /// stores the TAT it answers.
+    #[inline]
+    fn step(
+        &self,
+        key: &ScopedKey,
+        decide: impl Fn(u64, u64) -> GcraStep,
+    ) -> Result<QuotaDecision, StoreError> {
         let now = self.now();
         let storage_key = key.storage_key();
         let probe = self.tats.probe(storage_key);
@@ -124,13 +158,13 @@ impl QuotaTable {
         let shard = &mut guard.extra;
         sweep_if_due(shard, now, SWEEP_INTERVAL);
         if let Some(tat) = shard.map.get_mut(&digest) {
-            let step = quota.decide(*tat, now, cost);
+            let step = decide(*tat, now);
             if let Some(new_tat) = step.new_tat {
                 *tat = new_tat;
             }
             return Ok(step.decision);
         }
-        let step = quota.decide(0, now, cost);
+        let step = decide(0, now);
         // A TAT at or before `now` is a full bucket: nothing to remember.
         let Some(new_tat) = step.new_tat.filter(|tat| *tat > now) else {
             return Ok(step.decision);
@@ -211,6 +245,20 @@ impl QuotaStore for MemoryStore {
     fn check(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
         ready(self.inner.quota.check(key, quota, cost))
     }
+
+    fn peek(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
+        ready(self.inner.quota.peek(key, quota, cost))
+    }
+
+    fn charge(&self, key: &ScopedKey, quota: &Quota, cost: u32) -> Self::CheckFuture {
+        ready(self.inner.quota.charge(key, quota, cost))
+    }
+
+    fn charge_detached(&self, key: ScopedKey, quota: Quota, cost: u32) {
+        if let Err(error) = self.inner.quota.charge(&key, &quota, cost) {
+            tracing::warn!(%error, key_hash = %key.key_hash(), cost, "quota charge not recorded");
+        }
+    }
 }
 
 impl MemoryStore {
@@ -274,6 +322,21 @@ mod tests {
         assert_eq!(table.evict_idle(), 1);
         assert_eq!(table.len(), 1);
         assert!(!table.check(&key(2), &long, 1).unwrap().is_allowed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peeks_take_nothing_and_charges_go_into_debt() {
+        let table = QuotaTable::new(1000);
+        let quota = Quota::per_second(10).unwrap();
+        assert_eq!(table.peek(&key(1), &quota, 1).unwrap().remaining, 9);
+        assert_eq!(table.len(), 0, "a peek stores nothing");
+        let charged = table.charge(&key(1), &quota, 30).unwrap();
+        assert_eq!(charged.remaining, 0);
+        assert_eq!(charged.reset_after, Duration::from_secs(3));
+        let waiting = table.peek(&key(1), &quota, 1).unwrap();
+        assert_eq!(waiting.retry_after(), Some(Duration::from_millis(2100)));
+        tokio::time::advance(Duration::from_millis(2100)).await;
+        assert!(table.peek(&key(1), &quota, 1).unwrap().is_allowed());
     }
 
     #[tokio::test(start_paused = true)]

@@ -8,6 +8,7 @@ use keyward_core::ratelimit::{format_policy, to_header_value};
 use keyward_core::{Key, KeySpec};
 use tower_layer::Layer;
 
+use super::charge::ResponseCost;
 use super::service::QuotaService;
 use crate::pipeline::{
     Common, KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer,
@@ -68,6 +69,9 @@ pub(crate) struct QuotaSettings<C> {
     pub(crate) table: HashMap<Key, Policy>,
     pub(crate) overrides: Option<OverrideFn>,
     pub(crate) shadow: bool,
+    /// `Some`: priced by the response; the request's cost is then only what it needs
+    /// left to be admitted.
+    pub(crate) charge_after: Option<ResponseCost>,
 }
 
 impl<C: Clone> LayerSettings for QuotaSettings<C> {
@@ -127,6 +131,7 @@ impl<St> QuotaLayer<St> {
             table: HashMap::new(),
             overrides: None,
             shadow: false,
+            charge_after: None,
         };
         QuotaLayer {
             core: KeyedLayer::new(store, KeySpec::PeerIp, None, own),
@@ -164,6 +169,7 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
                 table: own.table,
                 overrides: own.overrides,
                 shadow: own.shadow,
+                charge_after: own.charge_after,
             }),
         }
     }
@@ -205,6 +211,33 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
         }
     }
 
+    /// Prices requests by their responses: the units a request takes are known only
+    /// once the inner service answered (an upstream's `x-tokens-used` header or
+    /// trailer, a closure on the response), or only some outcomes count (only 401/403
+    /// for a login route, only 2xx for paid calls). See [`ResponseCost`].
+    ///
+    /// - **Admission, before the call**: a request is let in while its key has at least
+    ///   [`QuotaLayer::cost`] units left (default 1), taking nothing: one read-only
+    ///   store round trip. A key in debt, or without that much left, gets 429 with the
+    ///   `Retry-After` at which the units are back.
+    /// - **The charge, after the call**: the response's units, whether or not they fit,
+    ///   when its body ends, fails or is dropped (one store round trip, in the background
+    ///   on Redis). A key may so go into debt: its next requests wait until it is paid
+    ///   back at the quota's rate. A response whose status is not counted, an inner
+    ///   service error (no response) and a request let through by a failing store
+    ///   (`on_store_error = open`) charge nothing.
+    /// - The RateLimit headers on the response report the admission (what was left
+    ///   before this response's charge).
+    /// - Requests admitted at the same time are charged after all of them ran: with `c`
+    ///   concurrent requests per key a key can go `c` responses over before it is
+    ///   stopped. That is the price of not knowing costs up front; a serial layer on the
+    ///   same key bounds `c`.
+    pub fn charge_after(self, cost: ResponseCost) -> Self {
+        QuotaLayer {
+            core: self.core.with(|_, own| own.charge_after = Some(cost)),
+        }
+    }
+
     /// Shadow mode: requests over the quota are let through (outcome `shadow_limited`,
     /// with the RateLimit headers), to measure a quota before enforcing it.
     pub fn shadow(self, shadow: bool) -> Self {
@@ -230,7 +263,8 @@ impl<St, K, C> fmt::Debug for QuotaLayer<St, K, C> {
             out.field("policy_name", &own.name)
                 .field("quota", &own.default.quota)
                 .field("overrides", &own.table.len())
-                .field("shadow", &own.shadow);
+                .field("shadow", &own.shadow)
+                .field("charge_after", &own.charge_after);
         })
     }
 }

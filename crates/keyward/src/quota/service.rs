@@ -7,7 +7,8 @@ use keyward_core::telemetry::STORE_OP_CHECK;
 use keyward_core::{KeyExtractor, KeywardBody};
 use tower_service::Service;
 
-use super::future::{Coordinated, Decide};
+use super::body::ChargeBody;
+use super::future::{ChargeTo, Coordinated, Decide};
 use super::layer::{Cost, QuotaSettings};
 use crate::pipeline::{Keyed, KeyedService, ResponseFuture};
 
@@ -41,9 +42,13 @@ where
     C: Cost<B> + Clone,
     ResB: http_body::Body,
 {
-    type Response = Response<KeywardBody<ResB>>;
+    type Response = Response<KeywardBody<ChargeBody<ResB, St>>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, Coordinated<St::CheckFuture, S, Request<B>>, ResB>;
+    type Future = ResponseFuture<
+        S::Future,
+        Coordinated<St::CheckFuture, S, Request<B>, St>,
+        ChargeBody<ResB, St>,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.core.inner.poll_ready(cx)
@@ -68,10 +73,19 @@ where
         let cost = own.cost.cost(&req);
         let metrics = config.common.metrics.clone();
         let timer = metrics.store_call(STORE_OP_CHECK);
+        let store = &self.core.store;
         let check = {
             let _entered = trace.span.enter();
-            self.core.store.check(&key, &policy.quota, cost)
+            match own.charge_after {
+                None => store.check(&key, &policy.quota, cost),
+                Some(_) => store.peek(&key, &policy.quota, cost),
+            }
         };
+        let charge = own.charge_after.as_ref().map(|cost| ChargeTo {
+            cost: cost.clone(),
+            store: store.clone(),
+            key,
+        });
         let decide = Decide {
             name: own.name.clone(),
             quota: policy.quota,
@@ -83,6 +97,7 @@ where
             timer: Some(timer),
             protocol,
             trace,
+            charge,
         };
         ResponseFuture::coordinated(Coordinated::new(check, inner, req, decide))
     }
