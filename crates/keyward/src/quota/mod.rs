@@ -69,5 +69,5 @@ mod service;
 
 pub use crate::pipeline::ResponseFuture;
 pub use future::Coordinated;
-pub use layer::{Cost, QuotaLayer, UnitCost};
+pub use layer::{Cost, QuotaLayer, QuotaPeek, UnitCost};
 pub use service::QuotaService;
