@@ -711,7 +711,11 @@ async fn forget_frees_a_stuck_claim_fenced_and_deletes_a_record<B: Backend>(b: B
     let (_, bobs) = layer.forget(&lookup("bob")).await.unwrap().unwrap();
     assert_eq!(bobs, RecordState::Absent);
     let (_, was) = layer.forget(&lookup("alice")).await.unwrap().unwrap();
-    let RecordState::InFlight { holder: stuck_token, .. } = was else {
+    let RecordState::InFlight {
+        holder: stuck_token,
+        ..
+    } = was
+    else {
         panic!("the stuck request held the key: {was:?}")
     };
     // The retry executes again, while the stuck holder still runs.
@@ -722,7 +726,10 @@ async fn forget_frees_a_stuck_claim_fenced_and_deletes_a_record<B: Backend>(b: B
     upstream.entered(1).await;
     upstream.open();
     let (stuck, retry) = (stuck.await.unwrap(), retry.await.unwrap());
-    assert_eq!((stuck.status, retry.status), (StatusCode::CREATED, StatusCode::CREATED));
+    assert_eq!(
+        (stuck.status, retry.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
     assert!(fencing_token(&retry) > stuck_token.get());
     assert!(stuck.body.contains("call=1") && retry.body.contains("call=2"));
     // The stuck holder came back and could not complete: the retry's response is stored.
@@ -731,9 +738,22 @@ async fn forget_frees_a_stuck_claim_fenced_and_deletes_a_record<B: Backend>(b: B
     assert_eq!(replay.body, retry.body);
     // A completed record is deleted: the next retry runs again.
     let (_, was) = layer.forget(&lookup("alice")).await.unwrap().unwrap();
-    assert!(matches!(was, RecordState::Completed { status: StatusCode::CREATED, .. }), "{was:?}");
+    assert!(
+        matches!(
+            was,
+            RecordState::Completed {
+                status: StatusCode::CREATED,
+                ..
+            }
+        ),
+        "{was:?}"
+    );
     let again = send(&svc, pay()).await;
-    assert!(!again.replayed && again.body.contains("call=3"), "{}", again.body);
+    assert!(
+        !again.replayed && again.body.contains("call=3"),
+        "{}",
+        again.body
+    );
     assert_eq!(upstream.calls(), 3);
     let (_, nothing) = layer.forget(&lookup("carol")).await.unwrap().unwrap();
     assert_eq!(nothing, RecordState::Absent);

@@ -169,7 +169,14 @@ async fn peek_reports_what_is_left_and_takes_nothing<B: Backend>(b: B) {
     let statuses: Vec<u16> = {
         let mut out = Vec::new();
         for _ in 0..3 {
-            out.push(svc.clone().oneshot(req("k")).await.unwrap().status().as_u16());
+            out.push(
+                svc.clone()
+                    .oneshot(req("k"))
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
         }
         out
     };
@@ -177,7 +184,10 @@ async fn peek_reports_what_is_left_and_takes_nothing<B: Backend>(b: B) {
     let exhausted = layer.peek(&req("k")).await.unwrap().unwrap();
     assert_eq!(exhausted.decision.remaining, 0);
     let overridden = layer.peek(&req("big")).await.unwrap().unwrap();
-    assert_eq!((overridden.quota.limit(), overridden.decision.remaining), (100, 100));
+    assert_eq!(
+        (overridden.quota.limit(), overridden.decision.remaining),
+        (100, 100)
+    );
     let none = http::Request::get("/").body(String::new()).unwrap();
     assert!(layer.peek(&none).await.unwrap().is_none());
 }

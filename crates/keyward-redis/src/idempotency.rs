@@ -41,8 +41,9 @@ static INSPECT: LazyLock<Script> = script!(reads: "idempotency/inspect.lua");
 static FORGET: LazyLock<Script> = script!(writes: "fencing.lua", "idempotency/forget.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
-pub(crate) static SCRIPTS: [&LazyLock<Script>; 7] =
-    [&CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON, &INSPECT, &FORGET];
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 7] = [
+    &CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON, &INSPECT, &FORGET,
+];
 
 /// How long the fencing counter outlives the last claim or renewal of its key.
 const COUNTER_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);

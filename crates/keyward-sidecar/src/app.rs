@@ -13,29 +13,50 @@ use opentelemetry::metrics::Meter;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use crate::config::Config;
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, UpstreamProtocol};
+use crate::http_metrics::{HttpMetrics, RouteHttp};
 use crate::ingress::Ingress;
 use crate::metrics::{REQUEST_SPAN, outcomes_of};
 use crate::proxy::Upstream;
 use crate::stack::{self, Stack, Store};
 
+/// The route name of requests no route matches, in logs and metrics.
+const NO_ROUTE: &str = "-";
+
 struct Route {
     name: String,
     methods: Option<Vec<Method>>,
     service: Stack,
+    http: RouteHttp,
 }
 
-/// Every route of a config, ready to serve.
+/// Every route of a config, ready to serve. The routing table sits behind one swappable
+/// pointer: [`App::reload`] replaces it whole, each request reads it once, so a request
+/// runs under one config from start to end (in-flight requests finish under the old one).
 #[derive(Clone)]
 pub struct App {
-    inner: Arc<Inner>,
+    inner: Arc<ArcSwap<Inner>>,
 }
 
 struct Inner {
     router: matchit::Router<Vec<usize>>,
     routes: Vec<Route>,
     passthrough: Stack,
+    /// Metrics of requests no route matches (`http.route = "-"`).
+    unrouted: RouteHttp,
     ingress: Ingress,
+    /// Kept so that a reload with the same upstream settings keeps its connection pool.
+    upstream: Upstream,
+    upstream_settings: UpstreamSettings,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct UpstreamSettings {
+    uri: http::Uri,
+    timeout: std::time::Duration,
+    protocol: UpstreamProtocol,
 }
 
 impl App {
@@ -44,11 +65,46 @@ impl App {
         store: &St,
         meter: &Meter,
     ) -> Result<App, matchit::InsertError> {
-        let upstream = Upstream::new(
-            config.server.upstream.clone(),
-            config.server.request_timeout,
-            config.server.upstream_protocol,
-        );
+        let inner = Inner::build(config, store, meter, None)?;
+        Ok(App {
+            inner: Arc::new(ArcSwap::from_pointee(inner)),
+        })
+    }
+
+    /// Replaces every route with those of `config` on the same `store` (its connections
+    /// are reused, and so is the upstream's connection pool while the upstream's settings
+    /// stay the same). Nothing changes when the routes cannot be built.
+    pub fn reload<St: Store>(
+        &self,
+        config: &Config,
+        store: &St,
+        meter: &Meter,
+    ) -> Result<(), matchit::InsertError> {
+        let old = self.inner.load_full();
+        let inner = Inner::build(config, store, meter, Some(&old))?;
+        self.inner.store(Arc::new(inner));
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn build<St: Store>(
+        config: &Config,
+        store: &St,
+        meter: &Meter,
+        old: Option<&Inner>,
+    ) -> Result<Inner, matchit::InsertError> {
+        let settings = UpstreamSettings {
+            uri: config.server.upstream.clone(),
+            timeout: config.server.request_timeout,
+            protocol: config.server.upstream_protocol,
+        };
+        let upstream = match old {
+            Some(old) if old.upstream_settings == settings => old.upstream.clone(),
+            _ => Upstream::new(settings.uri.clone(), settings.timeout, settings.protocol),
+        };
+        let http_metrics = HttpMetrics::new(meter);
+        let unrouted = http_metrics.route(NO_ROUTE);
         let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut order = Vec::new();
         let routes = config
@@ -61,10 +117,19 @@ impl App {
                     order.push(route.path.as_str());
                 }
                 entry.push(i);
+                let http = http_metrics.route(&route.name);
                 Route {
                     name: route.name.clone(),
                     methods: route.methods.clone(),
-                    service: stack::build(route, store, &config.store, meter, upstream.clone()),
+                    service: stack::build(
+                        route,
+                        store,
+                        &config.store,
+                        meter,
+                        upstream.clone(),
+                        http.clone(),
+                    ),
+                    http,
                 }
             })
             .collect();
@@ -72,35 +137,43 @@ impl App {
         for path in order {
             router.insert(path, by_path.remove(path).unwrap_or_default())?;
         }
-        Ok(App {
-            inner: Arc::new(Inner {
-                router,
-                routes,
-                passthrough: stack::boxed_upstream(upstream),
-                ingress: Ingress {
-                    trusted_proxies: config.server.trusted_proxies.clone(),
-                },
-            }),
+        Ok(Inner {
+            router,
+            routes,
+            passthrough: stack::boxed_upstream(upstream.clone(), unrouted.clone()),
+            unrouted,
+            ingress: Ingress {
+                trusted_proxies: config.server.trusted_proxies.clone(),
+            },
+            upstream,
+            upstream_settings: settings,
         })
     }
+}
 
+impl App {
     /// Serves one request from `peer`: admitted by [ingress](crate::ingress) (canonical
     /// path, keyward's and hop-by-hop headers removed), routed on the canonical path.
     pub async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
+        // One read of the routing table per request: a reload meanwhile does not touch it.
+        let inner = self.inner.load_full();
         let method = req.method().clone();
         let protocol = Protocol::of(req.headers());
-        let mut req = match self.inner.ingress.admit(req, peer) {
+        let mut req = match inner.ingress.admit(req, peer) {
             Ok(req) => req,
             Err(refused) => {
                 let res = refused.into_response();
+                inner
+                    .unrouted
+                    .served(&method, res.status(), started.elapsed());
                 tracing::info!(route = "-", method = %method, status = res.status().as_u16(), "request refused at ingress");
                 return res;
             }
         };
-        let (route_name, service) = match self.route_for(&mut req) {
-            Some(route) => (route.name.as_str(), route.service.clone()),
-            None => ("-", self.inner.passthrough.clone()),
+        let (route_name, service, http) = match inner.route_for(&mut req) {
+            Some(route) => (route.name.as_str(), route.service.clone(), &route.http),
+            None => (NO_ROUTE, inner.passthrough.clone(), &inner.unrouted),
         };
         let span = tracing::info_span!(REQUEST_SPAN, route = route_name);
         crate::telemetry::extract_parent(req.headers(), &span);
@@ -111,6 +184,7 @@ impl App {
                 error.into_response(protocol)
             }
         };
+        http.served(&method, res.status(), started.elapsed());
         tracing::info!(
             parent: &span,
             route = route_name,
@@ -122,13 +196,15 @@ impl App {
         );
         res
     }
+}
 
+impl Inner {
     fn route_for(&self, req: &mut Request<Body>) -> Option<&Route> {
-        let matched = self.inner.router.at(req.uri().path()).ok()?;
+        let matched = self.router.at(req.uri().path()).ok()?;
         let route = matched
             .value
             .iter()
-            .map(|&i| &self.inner.routes[i])
+            .map(|&i| &self.routes[i])
             .find(|route| {
                 route
                     .methods

@@ -51,6 +51,13 @@ fn quota(quota: &QuotaConfig) -> String {
     if let Some(scope) = &quota.scope {
         out.push_str(&format!(" scope {}", spec(scope)));
     }
+    if !quota.overrides.is_empty() {
+        // Keys are tenants' identifiers: counted, not printed.
+        out.push_str(&format!(
+            ", {} key(s) with their own quota",
+            quota.overrides.len()
+        ));
+    }
     out.push_str(if quota.shadow {
         " (shadow: counted, never rejected)"
     } else {

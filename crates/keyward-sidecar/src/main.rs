@@ -6,11 +6,13 @@ mod app;
 mod config;
 mod explain;
 mod hotkeys;
+mod http_metrics;
 mod ingress;
 mod keys;
 mod metrics;
 mod prometheus;
 mod proxy;
+mod reload;
 mod server;
 mod stack;
 mod telemetry;
@@ -92,6 +94,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(config) => {
                 println!("{}", summary(&config));
+                if let Some(warning) = admin_warning(&config) {
+                    eprintln!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(err) => {
@@ -99,8 +104,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
+        Command::Serve { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("keyward: {err}");
@@ -124,12 +129,23 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let code = runtime.block_on(serve(config, secret));
+            let code = runtime.block_on(serve(config, path, secret));
             // A telemetry flush that outlived its bound must not hold up the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             code
         }
     }
+}
+
+/// What `check` (and `serve`) warn about: an admin listener that other machines reach,
+/// with nothing to stop them from deleting keys.
+fn admin_warning(config: &Config) -> Option<String> {
+    let addr = config.server.admin?;
+    (!addr.ip().is_loopback() && config.server.admin_token.is_none()).then(|| {
+        format!(
+            "server.admin {addr} is reachable beyond loopback and server.admin_token is not set: anyone who reaches it can read metrics and key states, forget idempotency keys (DELETE /keys) and reload the config; set server.admin_token or bind it to 127.0.0.1"
+        )
+    })
 }
 
 fn summary(config: &Config) -> String {
@@ -205,7 +221,45 @@ fn init_logging(
         .init();
 }
 
-async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
+/// The app, the admin look-ups and the reloader that rebuilds both on `store`.
+fn live<St: stack::Store>(
+    config: &Config,
+    path: PathBuf,
+    store: St,
+    meter: &opentelemetry::metrics::Meter,
+) -> (
+    Result<app::App, matchit::InsertError>,
+    admin::AdminShared,
+    std::sync::Arc<reload::Reloader>,
+) {
+    let admin_routes = |config: &Config| admin::AdminRoutes {
+        keys: keys::KeyLookup::new(config, &store, meter),
+        quotas: keys::QuotaLookup::new(config, &store, meter),
+        token: config.server.admin_token.clone(),
+    };
+    let shared = admin::AdminShared::new(admin_routes(config));
+    let app = app::App::new(config, &store, meter);
+    let apply: Box<reload::Apply> = {
+        let (app, shared, meter) = (app.as_ref().ok().cloned(), shared.clone(), meter.clone());
+        Box::new(move |config: &Config| {
+            let Some(app) = &app else {
+                return Err("the sidecar has no routes to replace".to_owned());
+            };
+            app.reload(config, &store, &meter)
+                .map_err(|err| err.to_string())?;
+            shared.replace(admin::AdminRoutes {
+                keys: keys::KeyLookup::new(config, &store, &meter),
+                quotas: keys::QuotaLookup::new(config, &store, &meter),
+                token: config.server.admin_token.clone(),
+            });
+            Ok(())
+        })
+    };
+    let reloader = reload::Reloader::new(path, config.clone(), apply);
+    (app, shared, std::sync::Arc::new(reloader))
+}
+
+async fn serve(config: Config, path: PathBuf, secret: keys::SecretSource) -> ExitCode {
     let metrics = Metrics::default();
     let telemetry = match Telemetry::start(&config.telemetry, &metrics) {
         Ok(telemetry) => telemetry,
@@ -225,7 +279,7 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
         );
     }
     let meter = telemetry.meter();
-    let (app, ready, keys) = match &config.store.backend {
+    let (app, ready, admin_shared, reloader) = match &config.store.backend {
         Backend::Memory => {
             let store = keyward::MemoryStore::builder()
                 .max_response_bytes(config.store.max_response_bytes)
@@ -233,11 +287,9 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
                 .max_claims(config.store.max_claims)
                 .max_serial_keys(config.store.max_serial_keys)
                 .build();
-            (
-                app::App::new(&config, &store, &meter),
-                admin::Readiness::always(),
-                keys::KeyLookup::new(&config, &store, &meter),
-            )
+            http_metrics::observe_memory_tables(&meter, &store);
+            let (app, shared, reloader) = live(&config, path, store, &meter);
+            (app, admin::Readiness::always(), shared, reloader)
         }
         Backend::Redis { urls, cluster } => {
             let shown = urls
@@ -268,12 +320,8 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
                     tracing::warn!(url = %shown, %error, "redis not answering yet; requests follow store.on_error until it does")
                 }
             }
-            let keys = keys::KeyLookup::new(&config, &store, &meter);
-            (
-                app::App::new(&config, &store, &meter),
-                admin::Readiness::redis(store),
-                keys,
-            )
+            let (app, shared, reloader) = live(&config, path, store.clone(), &meter);
+            (app, admin::Readiness::redis(store), shared, reloader)
         }
     };
     let app = match app {
@@ -283,6 +331,9 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    if let Err(err) = reload::on_sighup(reloader.clone()) {
+        tracing::warn!(%err, "cannot listen for SIGHUP; reload with POST /reload on the admin listener");
+    }
     let listener = match tokio::net::TcpListener::bind(config.server.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -291,12 +342,15 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
         }
     };
     if let Some(addr) = config.server.admin {
-        if !addr.ip().is_loopback() {
+        if let Some(warning) = admin_warning(&config) {
+            tracing::warn!("{warning}");
+        } else if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the admin listener is reachable from other machines");
         }
         match tokio::net::TcpListener::bind(addr).await {
             Ok(admin) => {
-                let router = admin::router(metrics.clone(), ready, keys);
+                let router = admin::router(metrics.clone(), ready, admin_shared, Some(reloader))
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
                 tokio::spawn(async move {
                     if let Err(err) = axum::serve(admin, router).await {
                         tracing::error!(%err, "admin listener stopped");

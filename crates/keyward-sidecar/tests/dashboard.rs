@@ -173,6 +173,9 @@ async fn every_dashboard_query_uses_metrics_the_sidecar_exports() {
     assert_eq!(account.status, StatusCode::OK);
     let catalog = send(&http, "GET", &sidecar.url("/catalog/a"), &[], "").await;
     assert_eq!(catalog.status, StatusCode::OK);
+    // An upstream failure (a timeout: the kit's request_timeout is 2 s), for its counter.
+    let slow = send(&http, "GET", &sidecar.url("/slow?delay_ms=2500"), &[], "").await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
 
     // Decision spans close as responses finish: wait (bounded) until all are counted.
     let mut scrape = String::new();

@@ -22,6 +22,7 @@ pub struct RawServer {
     pub upstream: String,
     pub upstream_protocol: Option<String>,
     pub admin: Option<String>,
+    pub admin_token: Option<String>,
     pub request_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
@@ -103,6 +104,17 @@ pub struct RawQuota {
     pub per: String,
     pub burst: Option<i64>,
     pub shadow: Option<bool>,
+    pub overrides: Option<Vec<RawQuotaOverride>>,
+}
+
+/// `[[routes.quota.overrides]]`: one key's own quota.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotaOverride {
+    pub key: String,
+    pub limit: i64,
+    pub per: Option<String>,
+    pub burst: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
