@@ -161,3 +161,49 @@ async fn the_proxy_reports_requests_upstream_calls_failures_and_table_sizes() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_errors_are_counted_by_operation_and_fail_open_passes_by_route() {
+    let upstream = Upstream::start().await;
+    let config = r#"
+[store]
+max_quota_keys = 1
+on_error = "open"
+
+[[routes]]
+name = "search"
+path = "/search"
+
+[routes.quota]
+key = "header:X-Api-Key"
+limit = 1
+per = "1h"
+"#;
+    let sidecar = Sidecar::start(upstream.addr, config).await;
+    let http = client();
+    // 80 fresh keys on a table of one key per shard (64 shards): some are refused.
+    for n in 0..80 {
+        let tenant = format!("t-{n}");
+        let res = send(
+            &http,
+            "GET",
+            &sidecar.url("/search"),
+            &[("x-api-key", tenant.as_str())],
+            "",
+        )
+        .await;
+        assert_eq!(res.status, 200, "fail open: every request goes through");
+    }
+    assert_eq!(upstream.hits(), 80);
+    let metrics = sidecar.admin_get(&http, "/metrics").await.body;
+    let count = |prefix: &str| -> u64 {
+        let line = sample(&metrics, prefix).unwrap_or_else(|| panic!("{prefix} not in\n{metrics}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    let errors = count("keyward_store_errors_total{op=\"check\",error=\"unavailable\"}");
+    let passes = count("keyward_fail_open_total{layer=\"quota\",route=\"search\"}");
+    let decided =
+        count("keyward_decisions_total{layer=\"quota\",route=\"search\",outcome=\"store_error\"}");
+    assert!(errors >= 16, "at least 80 - 64 refused: {errors}");
+    assert_eq!((passes, decided), (errors, errors));
+}
