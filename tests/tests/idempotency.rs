@@ -695,6 +695,70 @@ async fn inspect_reports_absent_in_flight_and_completed<B: Backend>(b: B) {
     assert_eq!(upstream.calls(), 1);
 }
 
+async fn forget_frees_a_stuck_claim_fenced_and_deletes_a_record<B: Backend>(b: B) {
+    use keyward::core::store::RecordState;
+    let upstream = Upstream::held(StatusCode::CREATED);
+    let layer = layer(&b.store());
+    let svc = service(layer.clone(), &upstream);
+    let pay = || post("/pay", Some("k"), Some("alice"), "10");
+    let lookup = |principal| post("/", Some("k"), Some(principal), "");
+    let stuck = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, pay()).await }
+    });
+    upstream.entered(1).await;
+    // Scoped like the layer: Bob's forget of Alice's key touches nothing.
+    let (_, bobs) = layer.forget(&lookup("bob")).await.unwrap().unwrap();
+    assert_eq!(bobs, RecordState::Absent);
+    let (_, was) = layer.forget(&lookup("alice")).await.unwrap().unwrap();
+    let RecordState::InFlight {
+        holder: stuck_token,
+        ..
+    } = was
+    else {
+        panic!("the stuck request held the key: {was:?}")
+    };
+    // The retry executes again, while the stuck holder still runs.
+    let retry = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, pay()).await }
+    });
+    upstream.entered(1).await;
+    upstream.open();
+    let (stuck, retry) = (stuck.await.unwrap(), retry.await.unwrap());
+    assert_eq!(
+        (stuck.status, retry.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert!(fencing_token(&retry) > stuck_token.get());
+    assert!(stuck.body.contains("call=1") && retry.body.contains("call=2"));
+    // The stuck holder came back and could not complete: the retry's response is stored.
+    let replay = send(&svc, pay()).await;
+    assert!(replay.replayed);
+    assert_eq!(replay.body, retry.body);
+    // A completed record is deleted: the next retry runs again.
+    let (_, was) = layer.forget(&lookup("alice")).await.unwrap().unwrap();
+    assert!(
+        matches!(
+            was,
+            RecordState::Completed {
+                status: StatusCode::CREATED,
+                ..
+            }
+        ),
+        "{was:?}"
+    );
+    let again = send(&svc, pay()).await;
+    assert!(
+        !again.replayed && again.body.contains("call=3"),
+        "{}",
+        again.body
+    );
+    assert_eq!(upstream.calls(), 3);
+    let (_, nothing) = layer.forget(&lookup("carol")).await.unwrap().unwrap();
+    assert_eq!(nothing, RecordState::Absent);
+}
+
 /// Instantiates every test above for one backend. `paused` applies to the timed tests.
 macro_rules! suite {
     ($name:ident, $backend:expr, paused = $paused:tt) => {
@@ -719,6 +783,7 @@ macro_rules! suite {
                 grpc_transient_status_releases_and_deterministic_error_is_stored,
                 grpc_rejections_are_grpc_statuses,
                 inspect_reports_absent_in_flight_and_completed,
+                forget_frees_a_stuck_claim_fenced_and_deletes_a_record,
             );
             suite!(@tests $backend, start_paused = $paused;
                 wait_is_bounded_then_409,

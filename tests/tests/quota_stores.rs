@@ -235,7 +235,62 @@ async fn priced_layer_over_two_instances<B: Backend>(b: B) {
     assert!((755..=756).contains(&retry), "{retry}");
 }
 
+async fn peek_reports_what_is_left_and_takes_nothing<B: Backend>(b: B) {
+    let quota = Quota::new(3, Duration::from_secs(3600)).unwrap();
+    let big = Quota::new(100, Duration::from_secs(3600)).unwrap();
+    let inner = tower::service_fn(|_req: http::Request<String>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(String::from("ok")))
+    });
+    let layer = QuotaLayer::new(b.store(), quota)
+        .route("api")
+        .key(KeySpec::parse("header:x-api-key").unwrap())
+        .override_key("big", big);
+    let svc = layer.clone().layer(inner);
+    let req = |k: &str| {
+        http::Request::get("/")
+            .header("x-api-key", k)
+            .body(String::new())
+            .unwrap()
+    };
+    let fresh = layer.peek(&req("k")).await.unwrap().unwrap();
+    assert_eq!(fresh.decision.remaining, 3);
+    assert_eq!(fresh.decision.reset_after, Duration::ZERO, "a full bucket");
+    svc.clone().oneshot(req("k")).await.unwrap();
+    for _ in 0..3 {
+        let peek = layer.peek(&req("k")).await.unwrap().unwrap();
+        assert_eq!(peek.decision.remaining, 2, "peeking takes nothing");
+        assert!(peek.decision.reset_after > Duration::from_secs(1100));
+    }
+    let peek = layer.peek(&req("k")).await.unwrap().unwrap();
+    assert_eq!((peek.key.layer(), peek.key.route()), ("quota", "api"));
+    let statuses: Vec<u16> = {
+        let mut out = Vec::new();
+        for _ in 0..3 {
+            out.push(
+                svc.clone()
+                    .oneshot(req("k"))
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
+        }
+        out
+    };
+    assert_eq!(statuses, [200, 200, 429], "the peeks took nothing");
+    let exhausted = layer.peek(&req("k")).await.unwrap().unwrap();
+    assert_eq!(exhausted.decision.remaining, 0);
+    let overridden = layer.peek(&req("big")).await.unwrap().unwrap();
+    assert_eq!(
+        (overridden.quota.limit(), overridden.decision.remaining),
+        (100, 100)
+    );
+    let none = http::Request::get("/").body(String::new()).unwrap();
+    assert!(layer.peek(&none).await.unwrap().is_none());
+}
+
 keyward_tests::backend_suite!(
+    peek_reports_what_is_left_and_takes_nothing,
     burst_then_one_per_interval,
     costs_take_several_units_and_refusals_take_nothing,
     instances_share_one_quota,

@@ -35,6 +35,18 @@ pub const METRIC_WAIT_SECONDS: &str = "keyward_wait_seconds";
 /// method (see the `STORE_OP_*` constants). Calls that block on other requests (serial
 /// `acquire`, idempotency `wait_settled`, single-flight `wait`) count as waits instead.
 pub const METRIC_STORE_SECONDS: &str = "keyward_store_seconds";
+/// Counter `{op, error}`: store calls that failed, by operation (the `STORE_OP_*`
+/// constants, and `acquire` for serial) and `error` (`timeout`, `unavailable`,
+/// `corrupt`).
+pub const METRIC_STORE_ERRORS: &str = "keyward_store_errors_total";
+/// Counter `{layer, route}`: requests let through uncoordinated because the store failed
+/// and the layer's `on_store_error` is `Open`.
+pub const METRIC_FAIL_OPEN: &str = "keyward_fail_open_total";
+/// Store operation of serial's acquire, for [`METRIC_STORE_ERRORS`] (its latency counts
+/// as a wait).
+pub const STORE_OP_ACQUIRE: &str = "acquire";
+/// Metric attribute: why a store call failed.
+pub const ATTR_ERROR: &str = "error";
 
 /// Metric attribute: the layer (`idempotency`, `quota`, `serial`, `single_flight`).
 pub const ATTR_LAYER: &str = "layer";

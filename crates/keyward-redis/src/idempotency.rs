@@ -38,10 +38,12 @@ static RENEW: LazyLock<Script> = script!(writes: "idempotency/renew.lua");
 /// Shared with single flight: undoes a held record by the nonce of the call that made it.
 pub(crate) static ABANDON: LazyLock<Script> = script!(deletes: "abandon.lua");
 static INSPECT: LazyLock<Script> = script!(reads: "idempotency/inspect.lua");
+static FORGET: LazyLock<Script> = script!(writes: "fencing.lua", "idempotency/forget.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
-pub(crate) static SCRIPTS: [&LazyLock<Script>; 6] =
-    [&CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON, &INSPECT];
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 7] = [
+    &CLAIM, &COMPLETE, &RELEASE, &RENEW, &ABANDON, &INSPECT, &FORGET,
+];
 
 /// How long the fencing counter outlives the last claim or renewal of its key.
 const COUNTER_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
@@ -242,6 +244,20 @@ impl IdempotencyStore for RedisStore {
     async fn inspect(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
         let record = self.inner.keys.record(key);
         let value = self.eval::<Value>(&INSPECT, &[&record], &[]).await?;
+        record_state(value)
+    }
+
+    async fn forget(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
+        let names = self.idempotency_names(key);
+        let keep = millis(COUNTER_LIFETIME);
+        let channel = self.inner.keys.channel();
+        let value = self
+            .eval::<Value>(
+                &FORGET,
+                &[&names.record, &names.counter],
+                &[keep.as_bytes(), channel.as_bytes()],
+            )
+            .await?;
         record_state(value)
     }
 }

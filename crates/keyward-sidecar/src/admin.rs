@@ -1,19 +1,28 @@
 //! The admin listener: `/healthz`, `/readyz`, `/metrics`, `/hotkeys` (top key hashes per
-//! route, see [`crate::hotkeys`]), `/keys/{route}/{key}` (an idempotency record's state,
-//! see [`crate::keys`]). Bound to loopback by default.
+//! route, see [`crate::hotkeys`]), `GET`/`DELETE /keys/{route}/{key}` (an idempotency
+//! record's state; forget it, see [`crate::keys`]), `GET /quota/{route}/{key}`,
+//! `POST /reload` ([`crate::reload`]). Bound to loopback by default; with `admin_token`
+//! set, everything but the probes needs the token.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
+use arc_swap::ArcSwap;
 use axum::Router;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::middleware;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
 use http::{HeaderMap, Uri};
 
-use crate::keys::KeyLookup;
+use crate::config::AdminToken;
+use crate::keys::{KeyLookup, QuotaLookup};
 use crate::metrics::Metrics;
+use crate::reload::Reloader;
 
 type Check = dyn Fn() -> Pin<Box<dyn Future<Output = Ready> + Send>> + Send + Sync;
 
@@ -84,25 +93,108 @@ async fn eviction_warning(store: &keyward::RedisStore) -> Option<String> {
     })
 }
 
+/// What the admin listener serves that a reload replaces: the look-ups built from the
+/// routes, and the token.
+pub struct AdminRoutes {
+    pub keys: KeyLookup,
+    pub quotas: QuotaLookup,
+    pub token: Option<AdminToken>,
+}
+
+/// The admin listener's current [`AdminRoutes`], swapped whole by a reload.
+#[derive(Clone)]
+pub struct AdminShared(Arc<ArcSwap<AdminRoutes>>);
+
+impl AdminShared {
+    pub fn new(routes: AdminRoutes) -> Self {
+        AdminShared(Arc::new(ArcSwap::from_pointee(routes)))
+    }
+
+    pub fn replace(&self, routes: AdminRoutes) {
+        self.0.store(Arc::new(routes));
+    }
+}
+
 #[derive(Clone)]
 struct AdminState {
     metrics: Metrics,
     ready: Readiness,
-    keys: KeyLookup,
+    shared: AdminShared,
+    reloader: Option<Arc<Reloader>>,
 }
 
-pub fn router(metrics: Metrics, ready: Readiness, keys: KeyLookup) -> Router {
+/// The header that carries the admin token when `Authorization` is the customer's (a
+/// look-up on a route scoped by `header:Authorization`).
+pub const ADMIN_TOKEN_HEADER: &str = "keyward-admin-token";
+
+pub fn router(
+    metrics: Metrics,
+    ready: Readiness,
+    shared: AdminShared,
+    reloader: Option<Arc<Reloader>>,
+) -> Router {
+    let state = AdminState {
+        metrics,
+        ready,
+        shared,
+        reloader,
+    };
+    let guarded = Router::new()
+        .route("/metrics", get(render_metrics))
+        .route("/hotkeys", get(hot_keys))
+        .route("/keys/{route}/{*key}", get(key_state).delete(forget_key))
+        .route("/quota/{route}/{*key}", get(quota_state))
+        .route("/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    // Probes carry no credentials and learn nothing but "up".
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
-        .route("/hotkeys", get(hot_keys))
-        .route("/keys/{route}/{*key}", get(key_state))
-        .with_state(AdminState {
-            metrics,
-            ready,
-            keys,
-        })
+        .merge(guarded)
+        .with_state(state)
+}
+
+/// With `admin_token` set, every admin request but the probes must carry it, as
+/// `Authorization: Bearer TOKEN` or in `Keyward-Admin-Token`. The header that carried it
+/// is removed before a look-up sees the request, so it never stands in for a principal.
+async fn require_token(
+    State(state): State<AdminState>,
+    mut req: axum::extract::Request,
+    next: middleware::Next,
+) -> axum::response::Response {
+    // Cloned out: no guard of the shared pointer is held across an await.
+    let Some(AdminToken(token)) = state.shared.0.load().token.clone() else {
+        return next.run(req).await;
+    };
+    let headers = req.headers();
+    let own = headers.get(ADMIN_TOKEN_HEADER).map(|v| v.as_bytes());
+    let bearer = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "));
+    if own.is_some_and(|given| same(given, token.as_bytes())) {
+        req.headers_mut().remove(ADMIN_TOKEN_HEADER);
+    } else if bearer.is_some_and(|given| same(given, token.as_bytes())) {
+        req.headers_mut().remove(http::header::AUTHORIZATION);
+    } else {
+        let mut res = (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({
+                "error": "the admin listener needs its admin_token: Authorization: Bearer TOKEN or Keyward-Admin-Token: TOKEN"
+            })),
+        )
+            .into_response();
+        res.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer realm=\"keyward-admin\""),
+        );
+        return res;
+    }
+    next.run(req).await
+}
+
+/// Constant-time equality, so that a token is not guessed byte by byte from timings.
+fn same(given: &[u8], token: &[u8]) -> bool {
+    given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
 async fn key_state(
@@ -111,7 +203,61 @@ async fn key_state(
     headers: HeaderMap,
     uri: Uri,
 ) -> (StatusCode, axum::Json<serde_json::Value>) {
-    let (status, body) = state.keys.lookup(&route, &key, headers, uri).await;
+    let keys = state.shared.0.load().keys.clone();
+    let (status, body) = keys.lookup(&route, &key, headers, uri).await;
+    (status, axum::Json(body))
+}
+
+async fn forget_key(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((route, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let caller = caller(peer, &headers);
+    let keys = state.shared.0.load().keys.clone();
+    let (status, body) = keys.forget(&route, &key, headers, uri, &caller).await;
+    (status, axum::Json(body))
+}
+
+/// Who sent an admin request, for audit lines: the peer, and the operator's own name if
+/// the request gives one (`Keyward-Operator`, printable ASCII, at most 64 bytes).
+fn caller(peer: SocketAddr, headers: &HeaderMap) -> String {
+    let operator = headers
+        .get("keyward-operator")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+    match operator {
+        Some(name) => format!("{peer} ({name})"),
+        None => peer.to_string(),
+    }
+}
+
+async fn quota_state(
+    State(state): State<AdminState>,
+    Path((route, key)): Path<(String, String)>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let quotas = state.shared.0.load().quotas.clone();
+    let (status, body) = quotas.peek(&route, &key, headers, uri).await;
+    (status, axum::Json(body))
+}
+
+async fn reload(
+    State(state): State<AdminState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+) -> (StatusCode, axum::Json<serde_json::Value>) {
+    let Some(reloader) = state.reloader else {
+        return (
+            StatusCode::NOT_FOUND,
+            axum::Json(serde_json::json!({ "error": "this sidecar cannot reload" })),
+        );
+    };
+    let (status, body) = reloader
+        .reload_answer(&format!("POST /reload from {peer}"))
+        .await;
     (status, axum::Json(body))
 }
 

@@ -14,31 +14,53 @@ use opentelemetry::metrics::Meter;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use crate::config::Config;
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, UpstreamProtocol};
 use crate::hotkeys::HotKeys;
+use crate::http_metrics::{HttpMetrics, RouteHttp};
 use crate::ingress::Ingress;
 use crate::metrics::{REQUEST_SPAN, RequestDecisions};
 use crate::proxy::Upstream;
 use crate::stack::{self, Stack, Store};
 
+/// The route name of requests no route matches, in logs and metrics.
+const NO_ROUTE: &str = "-";
+
 struct Route {
     name: String,
     methods: Option<Vec<Method>>,
     service: Stack,
+    http: RouteHttp,
 }
 
-/// Every route of a config, ready to serve.
+/// Every route of a config, ready to serve. The routing table sits behind one swappable
+/// pointer: [`App::reload`] replaces it whole, each request reads it once, so a request
+/// runs under one config from start to end (in-flight requests finish under the old one).
 #[derive(Clone)]
 pub struct App {
-    inner: Arc<Inner>,
+    inner: Arc<ArcSwap<Inner>>,
 }
 
 struct Inner {
     router: matchit::Router<Vec<usize>>,
     routes: Vec<Route>,
     passthrough: Stack,
+    /// Metrics of requests no route matches (`http.route = "-"`).
+    unrouted: RouteHttp,
     ingress: Ingress,
     hot_keys: HotKeys,
+    /// Kept so that a reload with the same upstream settings keeps its connection pool.
+    upstream: Upstream,
+    upstream_settings: UpstreamSettings,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+struct UpstreamSettings {
+    uri: http::Uri,
+    timeout: std::time::Duration,
+    protocol: UpstreamProtocol,
+    keepalive: usize,
 }
 
 impl App {
@@ -48,12 +70,53 @@ impl App {
         meter: &Meter,
         hot_keys: HotKeys,
     ) -> Result<App, matchit::InsertError> {
-        let upstream = Upstream::new(
-            config.server.upstream.clone(),
-            config.server.request_timeout,
-            config.server.upstream_protocol,
-            config.server.upstream_keepalive,
-        );
+        let inner = Inner::build(config, store, meter, None, hot_keys)?;
+        Ok(App {
+            inner: Arc::new(ArcSwap::from_pointee(inner)),
+        })
+    }
+
+    /// Replaces every route with those of `config` on the same `store` (its connections
+    /// are reused, and so is the upstream's connection pool while the upstream's settings
+    /// stay the same). Nothing changes when the routes cannot be built.
+    pub fn reload<St: Store>(
+        &self,
+        config: &Config,
+        store: &St,
+        meter: &Meter,
+    ) -> Result<(), matchit::InsertError> {
+        let old = self.inner.load_full();
+        let inner = Inner::build(config, store, meter, Some(&old), old.hot_keys.clone())?;
+        self.inner.store(Arc::new(inner));
+        Ok(())
+    }
+}
+
+impl Inner {
+    fn build<St: Store>(
+        config: &Config,
+        store: &St,
+        meter: &Meter,
+        old: Option<&Inner>,
+        hot_keys: HotKeys,
+    ) -> Result<Inner, matchit::InsertError> {
+        let settings = UpstreamSettings {
+            uri: config.server.upstream.clone(),
+            timeout: config.server.request_timeout,
+            protocol: config.server.upstream_protocol,
+            keepalive: config.server.upstream_keepalive,
+        };
+        let upstream = match old {
+            Some(old) if old.upstream_settings == settings => old.upstream.clone(),
+            _ => Upstream::new(
+                settings.uri.clone(),
+                settings.timeout,
+                settings.protocol,
+                settings.keepalive,
+            ),
+        };
+        let http_metrics = HttpMetrics::new(meter);
+        let unrouted = http_metrics.route(NO_ROUTE);
         let mut by_path: HashMap<&str, Vec<usize>> = HashMap::new();
         let mut order = Vec::new();
         let routes = config
@@ -66,10 +129,19 @@ impl App {
                     order.push(route.path.as_str());
                 }
                 entry.push(i);
+                let http = http_metrics.route(&route.name);
                 Route {
                     name: route.name.clone(),
                     methods: route.methods.clone(),
-                    service: stack::build(route, store, &config.store, meter, upstream.clone()),
+                    service: stack::build(
+                        route,
+                        store,
+                        &config.store,
+                        meter,
+                        upstream.clone(),
+                        http.clone(),
+                    ),
+                    http,
                 }
             })
             .collect();
@@ -77,19 +149,22 @@ impl App {
         for path in order {
             router.insert(path, by_path.remove(path).unwrap_or_default())?;
         }
-        Ok(App {
-            inner: Arc::new(Inner {
-                router,
-                routes,
-                passthrough: stack::boxed_upstream(upstream),
-                ingress: Ingress {
-                    trusted_proxies: config.server.trusted_proxies.clone(),
-                },
-                hot_keys,
-            }),
+        Ok(Inner {
+            router,
+            routes,
+            passthrough: stack::boxed_upstream(upstream.clone(), unrouted.clone()),
+            unrouted,
+            ingress: Ingress {
+                trusted_proxies: config.server.trusted_proxies.clone(),
+            },
+            upstream,
+            upstream_settings: settings,
+            hot_keys,
         })
     }
+}
 
+impl App {
     /// Serves one request from `peer`: admitted by [ingress](crate::ingress) (canonical
     /// path, keyward's and hop-by-hop headers removed), routed on the canonical path.
     ///
@@ -98,23 +173,33 @@ impl App {
     /// it (OTLP export, a log level that shows spans).
     pub async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
+        // One read of the routing table per request: a reload meanwhile does not touch it.
+        let inner = self.inner.load_full();
         let method = req.method().clone();
         let protocol = Protocol::of(req.headers());
-        let mut req = match self.inner.ingress.admit(req, peer) {
+        let mut req = match inner.ingress.admit(req, peer) {
             Ok(req) => req,
             Err(refused) => {
                 let res = refused.into_response();
+                inner
+                    .unrouted
+                    .served(&method, res.status(), started.elapsed());
                 tracing::info!(route = "-", method = %method, status = res.status().as_u16(), "request refused at ingress");
                 return res;
             }
         };
-        let (route_name, service, routed) = match self.route_for(&mut req) {
-            Some(route) => (route.name.as_str(), route.service.clone(), true),
-            None => ("-", self.inner.passthrough.clone(), false),
+        let (route_name, service, http, routed) = match inner.route_for(&mut req) {
+            Some(route) => (
+                route.name.as_str(),
+                route.service.clone(),
+                &route.http,
+                true,
+            ),
+            None => (NO_ROUTE, inner.passthrough.clone(), &inner.unrouted, false),
         };
         // Requests no route matches meet no layer: nothing to report.
         let decisions = routed.then(|| {
-            let decisions = Arc::new(RequestDecisions::new(self.inner.hot_keys.clone()));
+            let decisions = Arc::new(RequestDecisions::new(inner.hot_keys.clone()));
             req.extensions_mut()
                 .insert(DecisionReporter::new(decisions.clone()));
             decisions
@@ -138,6 +223,7 @@ impl App {
                 error.into_response(protocol)
             }
         };
+        http.served(&method, res.status(), started.elapsed());
         tracing::info!(
             parent: &span,
             route = route_name,
@@ -149,13 +235,15 @@ impl App {
         );
         res
     }
+}
 
+impl Inner {
     fn route_for(&self, req: &mut Request<Body>) -> Option<&Route> {
-        let matched = self.inner.router.at(req.uri().path()).ok()?;
+        let matched = self.router.at(req.uri().path()).ok()?;
         let route = matched
             .value
             .iter()
-            .map(|&i| &self.inner.routes[i])
+            .map(|&i| &self.routes[i])
             .find(|route| {
                 route
                     .methods

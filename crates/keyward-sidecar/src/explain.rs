@@ -70,6 +70,13 @@ fn quota(quota: &QuotaConfig) -> String {
     if let Some(cost) = &quota.charge_after {
         out.push_str(&format!(", charged after the response: {cost}"));
     }
+    if !quota.overrides.is_empty() {
+        // Keys are tenants' identifiers: counted, not printed.
+        out.push_str(&format!(
+            ", {} key(s) with their own quota",
+            quota.overrides.len()
+        ));
+    }
     out.push_str(if quota.shadow {
         " (shadow: counted, never rejected)"
     } else {

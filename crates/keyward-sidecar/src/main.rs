@@ -6,12 +6,14 @@ mod app;
 mod config;
 mod explain;
 mod hotkeys;
+mod http_metrics;
 mod ingress;
 mod keys;
 mod metrics;
 mod pool;
 mod prometheus;
 mod proxy;
+mod reload;
 mod server;
 mod stack;
 mod telemetry;
@@ -97,6 +99,9 @@ fn main() -> ExitCode {
         Command::Check { config } => match Config::load(&config) {
             Ok(config) => {
                 println!("{}", summary(&config));
+                if let Some(warning) = admin_warning(&config) {
+                    eprintln!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(err) => {
@@ -104,8 +109,8 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_BAD_CONFIG)
             }
         },
-        Command::Serve { config } => {
-            let config = match Config::load(&config) {
+        Command::Serve { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(config) => config,
                 Err(err) => {
                     eprintln!("keyward: {err}");
@@ -133,12 +138,23 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let code = runtime.block_on(serve(config, secret));
+            let code = runtime.block_on(serve(config, path, secret));
             // A telemetry flush that outlived its bound must not hold up the exit.
             runtime.shutdown_timeout(std::time::Duration::from_secs(1));
             code
         }
     }
+}
+
+/// What `check` (and `serve`) warn about: an admin listener that other machines reach,
+/// with nothing to stop them from deleting keys.
+fn admin_warning(config: &Config) -> Option<String> {
+    let addr = config.server.admin?;
+    (!addr.ip().is_loopback() && config.server.admin_token.is_none()).then(|| {
+        format!(
+            "server.admin {addr} is reachable beyond loopback and server.admin_token is not set: anyone who reaches it can read metrics and key states, forget idempotency keys (DELETE /keys) and reload the config; set server.admin_token or bind it to 127.0.0.1"
+        )
+    })
 }
 
 fn summary(config: &Config) -> String {
@@ -212,7 +228,46 @@ fn init_logging(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Trac
         .init();
 }
 
-async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
+/// The app, the admin look-ups and the reloader that rebuilds both on `store`.
+fn live<St: stack::Store>(
+    config: &Config,
+    path: PathBuf,
+    store: St,
+    meter: &opentelemetry::metrics::Meter,
+    hot_keys: hotkeys::HotKeys,
+) -> (
+    Result<app::App, matchit::InsertError>,
+    admin::AdminShared,
+    std::sync::Arc<reload::Reloader>,
+) {
+    let admin_routes = |config: &Config| admin::AdminRoutes {
+        keys: keys::KeyLookup::new(config, &store, meter),
+        quotas: keys::QuotaLookup::new(config, &store, meter),
+        token: config.server.admin_token.clone(),
+    };
+    let shared = admin::AdminShared::new(admin_routes(config));
+    let app = app::App::new(config, &store, meter, hot_keys);
+    let apply: Box<reload::Apply> = {
+        let (app, shared, meter) = (app.as_ref().ok().cloned(), shared.clone(), meter.clone());
+        Box::new(move |config: &Config| {
+            let Some(app) = &app else {
+                return Err("the sidecar has no routes to replace".to_owned());
+            };
+            app.reload(config, &store, &meter)
+                .map_err(|err| err.to_string())?;
+            shared.replace(admin::AdminRoutes {
+                keys: keys::KeyLookup::new(config, &store, &meter),
+                quotas: keys::QuotaLookup::new(config, &store, &meter),
+                token: config.server.admin_token.clone(),
+            });
+            Ok(())
+        })
+    };
+    let reloader = reload::Reloader::new(path, config.clone(), apply);
+    (app, shared, std::sync::Arc::new(reloader))
+}
+
+async fn serve(config: Config, path: PathBuf, secret: keys::SecretSource) -> ExitCode {
     let metrics = Metrics::default();
     let telemetry = match Telemetry::start(&config.telemetry, &metrics) {
         Ok(telemetry) => telemetry,
@@ -232,7 +287,7 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
         );
     }
     let meter = telemetry.meter();
-    let (app, ready, keys) = match &config.store.backend {
+    let (app, ready, admin_shared, reloader) = match &config.store.backend {
         Backend::Memory => {
             let store = keyward::MemoryStore::builder()
                 .max_response_bytes(config.store.max_response_bytes)
@@ -241,11 +296,10 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
                 .max_claims(config.store.max_claims)
                 .max_serial_keys(config.store.max_serial_keys)
                 .build();
-            (
-                app::App::new(&config, &store, &meter, metrics.hot_keys().clone()),
-                admin::Readiness::always(),
-                keys::KeyLookup::new(&config, &store, &meter),
-            )
+            http_metrics::observe_memory_tables(&meter, &store);
+            let (app, shared, reloader) =
+                live(&config, path, store, &meter, metrics.hot_keys().clone());
+            (app, admin::Readiness::always(), shared, reloader)
         }
         Backend::Redis { urls, cluster } => {
             let shown = urls
@@ -276,12 +330,14 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
                     tracing::warn!(url = %shown, %error, "redis not answering yet; requests follow store.on_error until it does")
                 }
             }
-            let keys = keys::KeyLookup::new(&config, &store, &meter);
-            (
-                app::App::new(&config, &store, &meter, metrics.hot_keys().clone()),
-                admin::Readiness::redis(store),
-                keys,
-            )
+            let (app, shared, reloader) = live(
+                &config,
+                path,
+                store.clone(),
+                &meter,
+                metrics.hot_keys().clone(),
+            );
+            (app, admin::Readiness::redis(store), shared, reloader)
         }
     };
     let app = match app {
@@ -291,6 +347,9 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    if let Err(err) = reload::on_sighup(reloader.clone()) {
+        tracing::warn!(%err, "cannot listen for SIGHUP; reload with POST /reload on the admin listener");
+    }
     let listeners = match server::Listeners::bind(config.server.listen, config.server.workers) {
         Ok(listeners) => listeners,
         Err(err) => {
@@ -299,12 +358,15 @@ async fn serve(config: Config, secret: keys::SecretSource) -> ExitCode {
         }
     };
     if let Some(addr) = config.server.admin {
-        if !addr.ip().is_loopback() {
+        if let Some(warning) = admin_warning(&config) {
+            tracing::warn!("{warning}");
+        } else if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the admin listener is reachable from other machines");
         }
         match tokio::net::TcpListener::bind(addr).await {
             Ok(admin) => {
-                let router = admin::router(metrics.clone(), ready, keys);
+                let router = admin::router(metrics.clone(), ready, admin_shared, Some(reloader))
+                    .into_make_service_with_connect_info::<std::net::SocketAddr>();
                 tokio::spawn(async move {
                     if let Err(err) = axum::serve(admin, router).await {
                         tracing::error!(%err, "admin listener stopped");

@@ -33,6 +33,11 @@ use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// No connection to the upstream could be made (refused, unreachable, ...).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to the upstream: {0}")]
+pub struct ConnectFailed(#[source] pub std::io::Error);
+
 /// How long an idle connection is kept (the upstream may close it sooner).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -149,7 +154,9 @@ impl Http1Pool {
 
     /// A new connection, its task spawned on this thread's runtime.
     async fn connect(&self) -> Result<SendRequest<Body>, BoxError> {
-        let stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+        let stream = TcpStream::connect((self.host.as_str(), self.port))
+            .await
+            .map_err(ConnectFailed)?;
         stream.set_nodelay(true)?;
         let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
         socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;

@@ -78,9 +78,9 @@ fn render_metric(out: &mut String, metric: &Metric) {
         AggregatedMetrics::I64(MetricData::Sum(sum)) => render_sum(out, metric, sum),
         AggregatedMetrics::F64(MetricData::Sum(sum)) => render_sum(out, metric, sum),
         AggregatedMetrics::F64(MetricData::Histogram(histogram)) => {
-            header(out, metric, "histogram");
+            let name = header(out, metric, "histogram");
             for point in histogram.data_points() {
-                histogram_point(out, metric.name(), point);
+                histogram_point(out, &name, point);
             }
         }
         // keyward records no gauges, integer histograms or exponential histograms.
@@ -94,15 +94,45 @@ fn render_sum<T: std::fmt::Display + Copy>(out: &mut String, metric: &Metric, su
     } else {
         "gauge"
     };
-    header(out, metric, kind);
+    let name = header(out, metric, kind);
     for point in sum.data_points() {
         let labels = labels(point.attributes(), None);
-        let _ = writeln!(out, "{}{labels} {}", metric.name(), point.value());
+        let _ = writeln!(out, "{name}{labels} {}", point.value());
     }
 }
 
-fn header(out: &mut String, metric: &Metric, kind: &str) {
-    let name = metric.name();
+/// The Prometheus name of an OpenTelemetry instrument, after the OpenTelemetry-to-
+/// Prometheus rules: characters outside `[a-zA-Z0-9_:]` become `_`, the unit is
+/// appended (`s` as `_seconds`, `By` as `_bytes`) and counters end in `_total`, each
+/// only when the name does not end so already (`keyward_wait_seconds` stays as it is).
+pub fn prometheus_name(name: &str, unit: &str, kind: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == ':' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let suffix = match unit {
+        "s" => "_seconds",
+        "By" => "_bytes",
+        _ => "",
+    };
+    if !suffix.is_empty() && !out.ends_with(suffix) {
+        out.push_str(suffix);
+    }
+    if kind == "counter" && !out.ends_with("_total") {
+        out.push_str("_total");
+    }
+    out
+}
+
+/// Writes the `# HELP` and `# TYPE` lines; answers the name the samples use.
+fn header(out: &mut String, metric: &Metric, kind: &str) -> String {
+    let name = prometheus_name(metric.name(), metric.unit(), kind);
     if !metric.description().is_empty() {
         let _ = writeln!(
             out,
@@ -114,6 +144,7 @@ fn header(out: &mut String, metric: &Metric, kind: &str) {
         );
     }
     let _ = writeln!(out, "# TYPE {name} {kind}");
+    name
 }
 
 fn histogram_point(out: &mut String, name: &str, point: &HistogramDataPoint<f64>) {

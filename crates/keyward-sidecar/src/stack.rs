@@ -13,7 +13,8 @@ use opentelemetry::metrics::Meter;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::config::{IdempotencyConfig, RouteConfig, StoreConfig};
+use crate::config::{IdempotencyConfig, QuotaConfig, RouteConfig, StoreConfig};
+use crate::http_metrics::{RouteHttp, TimedUpstream};
 use crate::proxy::{ProxyError, Upstream};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -49,8 +50,9 @@ pub fn build<St: Store>(
     store_config: &StoreConfig,
     meter: &Meter,
     upstream: Upstream,
+    http: RouteHttp,
 ) -> Stack {
-    let mut stack = boxed(upstream);
+    let mut stack = boxed(TimedUpstream::new(upstream, http));
     if let Some(flight) = &route.single_flight {
         let mut layer = SingleFlightLayer::new(store.clone())
             .route(route.name.as_str())
@@ -88,22 +90,7 @@ pub fn build<St: Store>(
     // The first table is the outermost layer: each adds its policy to
     // `RateLimit-Policy`, and `RateLimit` reports the one closest to its limit.
     for quota in route.quotas.iter().rev() {
-        let mut layer = QuotaLayer::new(store.clone(), quota.quota)
-            .route(route.name.as_str())
-            .meter(meter)
-            .key(quota.key.clone())
-            .shadow(quota.shadow)
-            .scope_missing(quota.scope_missing)
-            .on_store_error(store_config.on_error);
-        if let Some(scope) = &quota.scope {
-            layer = layer.scope(scope.clone());
-        }
-        if let Some(name) = &quota.name {
-            layer = layer.policy_name(name.as_str());
-        }
-        if let Some(cost) = &quota.charge_after {
-            layer = layer.charge_after(cost.clone());
-        }
+        let layer = quota_layer(route, quota, store, store_config, meter);
         stack = boxed(layer.layer(stack));
     }
     // Outermost: a forged webhook delivery reaches no layer (it cannot claim a real
@@ -119,6 +106,37 @@ pub fn build<St: Store>(
         };
     }
     stack
+}
+
+/// The quota layer of `route`, with its per-key overrides; the admin's `/quota` look-ups
+/// use the same one.
+pub fn quota_layer<St: QuotaStore>(
+    route: &RouteConfig,
+    quota: &QuotaConfig,
+    store: &St,
+    store_config: &StoreConfig,
+    meter: &Meter,
+) -> QuotaLayer<St> {
+    let mut layer = QuotaLayer::new(store.clone(), quota.quota)
+        .route(route.name.as_str())
+        .meter(meter)
+        .key(quota.key.clone())
+        .shadow(quota.shadow)
+        .scope_missing(quota.scope_missing)
+        .on_store_error(store_config.on_error);
+    if let Some(scope) = &quota.scope {
+        layer = layer.scope(scope.clone());
+    }
+    if let Some(name) = &quota.name {
+        layer = layer.policy_name(name.as_str());
+    }
+    if let Some(cost) = &quota.charge_after {
+        layer = layer.charge_after(cost.clone());
+    }
+    for (key, own) in &quota.overrides {
+        layer = layer.override_key(key.as_str(), *own);
+    }
+    layer
 }
 
 /// The idempotency layer of `route`; the admin's `/keys` look-ups use the same one, so
@@ -155,6 +173,6 @@ pub fn idempotency_layer<St: IdempotencyStore>(
 }
 
 /// The upstream alone, for requests no route matches.
-pub fn boxed_upstream(upstream: Upstream) -> Stack {
-    boxed(upstream)
+pub fn boxed_upstream(upstream: Upstream, http: RouteHttp) -> Stack {
+    boxed(TimedUpstream::new(upstream, http))
 }

@@ -9,8 +9,22 @@ use std::time::Duration;
 use http::StatusCode;
 use support::{Sidecar, Upstream, check_file, client, send};
 
-/// One route per layer, so every layer makes decisions.
+/// One route per layer, so every layer makes decisions; and a quota route with a 1 s
+/// window on a quota table of one key per shard, for store errors (let through).
 const ALL_LAYERS: &str = r#"
+[store]
+max_quota_keys = 1
+on_error = "open"
+
+[[routes]]
+name = "flood"
+path = "/flood"
+
+[routes.quota]
+key = "header:X-Api-Key"
+limit = 1
+per = "1s"
+
 [[routes]]
 name = "payments"
 methods = ["POST"]
@@ -173,6 +187,21 @@ async fn every_dashboard_query_uses_metrics_the_sidecar_exports() {
     assert_eq!(account.status, StatusCode::OK);
     let catalog = send(&http, "GET", &sidecar.url("/catalog/a"), &[], "").await;
     assert_eq!(catalog.status, StatusCode::OK);
+    // Store errors: more fresh quota keys than the table's 64 shards hold one each.
+    for n in 0..80 {
+        let tenant = format!("flood-{n}");
+        send(
+            &http,
+            "GET",
+            &sidecar.url("/flood"),
+            &[("x-api-key", tenant.as_str())],
+            "",
+        )
+        .await;
+    }
+    // An upstream failure (a timeout: the kit's request_timeout is 2 s), for its counter.
+    let slow = send(&http, "GET", &sidecar.url("/slow?delay_ms=2500"), &[], "").await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
 
     // Decision spans close as responses finish: wait (bounded) until all are counted.
     let mut scrape = String::new();

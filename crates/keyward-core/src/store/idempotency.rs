@@ -189,4 +189,20 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
             "this store cannot inspect records".to_owned(),
         )))
     }
+
+    /// Forgets what the store holds for `key` and answers what that was: a completed
+    /// record is deleted (the next request with the key executes again), an in-flight
+    /// claim is freed *and fenced*: its holder, if it comes back, can neither complete
+    /// nor renew, and whoever claims next gets a higher fencing token. For operators'
+    /// tools (the sidecar's `DELETE /keys/{route}/{key}`), never on the request path.
+    /// Stores that cannot keep this default, which answers [`StoreError::Unavailable`].
+    fn forget(
+        &self,
+        key: &ScopedKey,
+    ) -> impl Future<Output = Result<RecordState, StoreError>> + Send {
+        let _ = key;
+        std::future::ready(Err(StoreError::Unavailable(
+            "this store cannot forget records".to_owned(),
+        )))
+    }
 }

@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub upstream: Uri,
     pub upstream_protocol: UpstreamProtocol,
     pub admin: Option<SocketAddr>,
+    /// A bearer token every admin request must carry (`Authorization: Bearer ...`).
+    pub admin_token: Option<AdminToken>,
     pub request_timeout: Duration,
     pub shutdown_grace: Duration,
     pub header_read_timeout: Duration,
@@ -78,6 +80,16 @@ pub enum UpstreamProtocol {
     /// HTTP/2 with prior knowledge over cleartext (`"h2c"`), e.g. for gRPC upstreams:
     /// requests are multiplexed and trailers pass through.
     H2c,
+}
+
+/// The admin listener's bearer token; never shown by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub String);
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -194,6 +206,8 @@ pub struct QuotaConfig {
     pub shadow: bool,
     /// `Some`: priced by the response (`cost_header`, `count_statuses`).
     pub charge_after: Option<keyward::quota::ResponseCost>,
+    /// Keys with a quota of their own (`[[routes.quota.overrides]]`), in file order.
+    pub overrides: Vec<(String, keyward_core::gcra::Quota)>,
 }
 
 /// Serial keys are not scoped by principal: mutual exclusion on a resource must hold
@@ -550,11 +564,30 @@ impl Checker {
             Some(text) => self.socket("server.admin", text),
             None => DEFAULT_ADMIN.parse().ok(),
         };
+        let admin_token = raw.admin_token.as_deref().and_then(|token| {
+            let usable = !token.is_empty()
+                && token.bytes().all(|b| b.is_ascii_graphic())
+                && token.len() <= 4096;
+            if usable {
+                Some(AdminToken(token.to_owned()))
+            } else {
+                // Never echo a secret back, even a malformed one.
+                self.fail(
+                    "server.admin_token",
+                    format!(
+                        "a token of {} bytes is not 1..=4096 visible ASCII characters (no spaces)",
+                        token.len()
+                    ),
+                );
+                None
+            }
+        });
         ServerConfig {
             listen,
             upstream,
             upstream_protocol,
             admin,
+            admin_token,
             request_timeout: self.duration(
                 "server.request_timeout",
                 raw.request_timeout.as_deref(),
@@ -1046,6 +1079,21 @@ impl Checker {
         quotas
     }
 
+    fn gcra(
+        &mut self,
+        field: &str,
+        limit: u32,
+        per: Duration,
+        burst: u32,
+    ) -> keyward_core::gcra::Quota {
+        keyward_core::gcra::Quota::new(limit, per)
+            .and_then(|quota| quota.with_burst(burst))
+            .unwrap_or_else(|err| {
+                self.fail(field, err.to_string());
+                keyward_core::gcra::Quota::per_second(1).expect("1/s is a valid quota")
+            })
+    }
+
     fn quota(&mut self, field: &str, raw: &raw::RawQuota) -> QuotaConfig {
         let f = |name: &str| format!("{field}.{name}");
         let limit = self.count(&f("limit"), raw.limit, 1);
@@ -1054,13 +1102,40 @@ impl Checker {
             None => limit,
         };
         let per = self.duration(&f("per"), Some(raw.per.as_str()), Duration::from_secs(60));
-        let quota = keyward_core::gcra::Quota::new(limit, per)
-            .and_then(|quota| quota.with_burst(burst))
-            .unwrap_or_else(|err| {
-                self.fail(field, err.to_string());
-                keyward_core::gcra::Quota::per_second(1).expect("1/s is a valid quota")
-            });
+        let quota = self.gcra(field, limit, per, burst);
+        let mut seen = HashSet::new();
+        let overrides = raw
+            .overrides
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, over)| {
+                let field = f(&format!("overrides[{i}]"));
+                let g = |name: &str| format!("{field}.{name}");
+                if over.key.is_empty() {
+                    self.fail(&g("key"), "must not be empty");
+                    return None;
+                }
+                if !seen.insert(over.key.clone()) {
+                    self.fail(
+                        &g("key"),
+                        format!("{:?} has an earlier override in this route", over.key),
+                    );
+                }
+                let limit = self.count(&g("limit"), over.limit, 1);
+                let burst = match over.burst {
+                    Some(burst) => self.count(&g("burst"), burst, 1),
+                    None => limit,
+                };
+                let per = match &over.per {
+                    Some(text) => self.duration(&g("per"), Some(text.as_str()), per),
+                    None => per,
+                };
+                Some((over.key.clone(), self.gcra(&field, limit, per, burst)))
+            })
+            .collect();
         QuotaConfig {
+            overrides,
             key: self.key(&f("key"), raw.key.as_ref(), "peer_ip"),
             scope: match raw.scope.as_deref() {
                 None => None,

@@ -22,6 +22,7 @@ pub struct RawServer {
     pub upstream: String,
     pub upstream_protocol: Option<String>,
     pub admin: Option<String>,
+    pub admin_token: Option<String>,
     pub request_timeout: Option<String>,
     pub shutdown_grace: Option<String>,
     pub header_read_timeout: Option<String>,
@@ -124,6 +125,7 @@ pub struct RawQuota {
     pub cost_header: Option<String>,
     pub cost_missing: Option<i64>,
     pub count_statuses: Option<Vec<String>>,
+    pub overrides: Option<Vec<RawQuotaOverride>>,
 }
 
 /// A table or an array of tables. Not `#[serde(untagged)]`: that would replace the
@@ -172,6 +174,16 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
         }
         deserializer.deserialize_any(Visit(std::marker::PhantomData))
     }
+}
+
+/// `[[routes.quota.overrides]]`: one key's own quota.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotaOverride {
+    pub key: String,
+    pub limit: i64,
+    pub per: Option<String>,
+    pub burst: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]

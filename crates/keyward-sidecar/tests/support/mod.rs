@@ -263,6 +263,11 @@ impl Sidecar {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The config file this sidecar serves (rewrite it, then reload).
+    pub fn config_path(&self) -> PathBuf {
+        self._dir.path().join("keyward.toml")
+    }
+
     /// GET `path` on the admin listener (`/metrics`, `/healthz`, `/readyz`, ...).
     pub async fn admin_get(&self, client: &HttpClient, path: &str) -> Reply {
         send(

@@ -116,6 +116,7 @@ where
                 return match self.config.common.on_store_error {
                     OnStoreError::Closed => Ok(store_unavailable(self.protocol)),
                     OnStoreError::Open => {
+                        self.config.common.metrics.failed_open();
                         let req = Request::from_parts(parts, B::from(body));
                         let res = Box::pin(inner.call(req)).await;
                         res.map(|res| res.map(KeywardBody::inner))

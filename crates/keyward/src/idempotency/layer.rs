@@ -256,7 +256,8 @@ impl<St, K> fmt::Debug for IdempotencyLayer<St, K> {
     }
 }
 
-/// Why [`IdempotencyLayer::inspect`] could not answer.
+/// Why a look-up for support tools ([`IdempotencyLayer::inspect`], [`IdempotencyLayer::forget`],
+/// [`QuotaLayer::peek`](crate::QuotaLayer::peek)) could not answer.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
     /// The request's key (or principal) is unusable; the message names the spec, never
@@ -299,6 +300,56 @@ impl<St: IdempotencyStore, K> IdempotencyLayer<St, K> {
         };
         let key = config.scoped(&found, false);
         let state = self.core.store.inspect(&key).await?;
+        Ok(Some((key, state)))
+    }
+
+    /// Forgets the key `req` carries, found exactly as [`IdempotencyLayer::inspect`]
+    /// finds it, and answers what the store held: a completed record is deleted (the
+    /// next request with the key executes again); an in-flight claim is freed and
+    /// fenced (its holder's response is not stored, and the next holder gets a higher
+    /// fencing token). `None` when `req` carries no key. For support tools.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use keyward::core::store::{ClaimOutcome, Completion, IdempotencyStore, RecordState};
+    /// use keyward::{IdempotencyLayer, MemoryStore};
+    /// use std::time::Duration;
+    ///
+    /// let store = MemoryStore::new();
+    /// let layer = IdempotencyLayer::new(store.clone()).route("payments").unscoped();
+    /// let lookup = http::Request::get("/").header("idempotency-key", "k-1").body(()).unwrap();
+    /// let (key, _) = layer.inspect(&lookup).await.unwrap().unwrap();
+    /// // A request holds the key and is stuck.
+    /// let fp = keyward::core::store::Fingerprint([0; 32]);
+    /// let lease = Duration::from_secs(30);
+    /// let ClaimOutcome::Claimed(stuck) = store.claim(&key, &fp, lease).await.unwrap() else { panic!() };
+    ///
+    /// let (_, was) = layer.forget(&lookup).await.unwrap().unwrap();
+    /// assert!(matches!(was, RecordState::InFlight { holder, .. } if holder == stuck));
+    /// // A retry runs again, with a higher token; the stuck holder can no longer complete.
+    /// let ClaimOutcome::Claimed(retry) = store.claim(&key, &fp, lease).await.unwrap() else { panic!() };
+    /// assert!(retry > stuck);
+    /// let response = keyward::core::store::StoredResponse {
+    ///     status: http::StatusCode::OK, headers: Default::default(), body: "late".into(), trailers: None,
+    /// };
+    /// let late = store.complete(&key, stuck, &fp, response, Duration::from_secs(60)).await.unwrap();
+    /// assert_eq!(late, Completion::Fenced);
+    /// # }
+    /// ```
+    pub async fn forget<B>(
+        &self,
+        req: &Request<B>,
+    ) -> Result<Option<(ScopedKey, RecordState)>, InspectError>
+    where
+        K: KeyExtractor<B>,
+    {
+        let config = &self.core.config;
+        let found = config.find_key(req);
+        let Some(found) = found.map_err(|error| InspectError::Key(error.to_string()))? else {
+            return Ok(None);
+        };
+        let key = config.scoped(&found, false);
+        let state = self.core.store.forget(&key).await?;
         Ok(Some((key, state)))
     }
 }

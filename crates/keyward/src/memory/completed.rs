@@ -271,6 +271,24 @@ impl CompletedTable {
         }
     }
 
+    /// Removes the live record under `key`, answering its status, fingerprint and the
+    /// time it had left.
+    pub(super) fn remove(&self, key: &str) -> Option<(StatusCode, Fingerprint, Duration)> {
+        let now = self.now();
+        let probe = self.table.probe(key);
+        let mut shard = self.table.lock(&probe);
+        let record = shard.remove(&probe)?;
+        self.forget(&record);
+        // Its key stays queued for eviction, stale: eviction and sweeps skip it.
+        (record.expires_at > now).then(|| {
+            (
+                record.status(),
+                *record.fingerprint(),
+                Duration::from_nanos(record.expires_at - now),
+            )
+        })
+    }
+
     fn forget(&self, record: &Record) {
         self.bytes
             .fetch_sub(u64::from(record.weight), Ordering::Relaxed);

@@ -237,6 +237,37 @@ impl IdempotencyTable {
         }
     }
 
+    /// Deletes `key`'s completed record and frees its claim. Both happen under the
+    /// claim's shard lock, the lock a completion stores its record under: a holder whose
+    /// claim is gone finds no claim with its token and is fenced.
+    fn forget(&self, key: &str) -> RecordState {
+        let now = Instant::now();
+        let probe = self.in_flight.probe(key);
+        let mut shard = self.in_flight.lock(&probe);
+        let completed = self.completed.remove(key);
+        let claim = shard.remove(&probe);
+        drop(shard);
+        if let Some(claim) = &claim {
+            // Waiters claim again and find the key free.
+            claim.settled.notify_waiters();
+        }
+        if let Some((status, fingerprint, expires_in)) = completed {
+            return RecordState::Completed {
+                status,
+                fingerprint,
+                expires_in,
+            };
+        }
+        match claim.filter(|claim| claim.expires_at > now) {
+            Some(claim) => RecordState::InFlight {
+                holder: claim.token,
+                lease_left: claim.expires_at - now,
+                fingerprint: claim.fingerprint,
+            },
+            None => RecordState::Absent,
+        }
+    }
+
     /// Claims held and their accounted bytes.
     pub(super) fn claims_size(&self) -> (usize, u64) {
         let mut entries = 0;
@@ -323,6 +354,10 @@ impl IdempotencyStore for MemoryStore {
 
     async fn inspect(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
         Ok(self.inner.idempotency.inspect(key.storage_key()))
+    }
+
+    async fn forget(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
+        Ok(self.inner.idempotency.forget(key.storage_key()))
     }
 }
 

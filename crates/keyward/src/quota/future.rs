@@ -204,7 +204,10 @@ impl<St> Decide<St> {
         self.record(QuotaOutcome::StoreError);
         tracing::warn!(%error, "quota store failed");
         match self.on_store_error {
-            OnStoreError::Open => Next::Call(None),
+            OnStoreError::Open => {
+                self.metrics.failed_open();
+                Next::Call(None)
+            }
             OnStoreError::Closed => Next::Answer(
                 Problem::store_unavailable()
                     .detail("the quota store did not answer")
@@ -259,7 +262,7 @@ where
                 StateProj::Checking { check, pending } => {
                     let result = ready!(check.poll(cx));
                     if let Some(timer) = decide.timer.take() {
-                        decide.metrics.store_call_done(timer);
+                        decide.metrics.store_call_done(timer, result.as_ref().err());
                     }
                     *this.decided = result.is_ok();
                     let next = match &result {

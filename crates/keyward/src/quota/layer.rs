@@ -3,13 +3,15 @@ use std::fmt;
 use std::sync::Arc;
 
 use http::{HeaderValue, Request};
-use keyward_core::gcra::Quota;
+use keyward_core::gcra::{Quota, QuotaDecision};
 use keyward_core::ratelimit::{format_policy, to_header_value};
-use keyward_core::{Key, KeySpec};
+use keyward_core::store::QuotaStore;
+use keyward_core::{Key, KeyExtractor, KeySpec, ScopedKey};
 use tower_layer::Layer;
 
 use super::charge::ResponseCost;
 use super::service::QuotaService;
+use crate::idempotency::InspectError;
 use crate::pipeline::{
     Common, KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer,
 };
@@ -245,6 +247,63 @@ impl<St, K: Clone, C: Clone> QuotaLayer<St, K, C> {
             core: self.core.with(|_, own| own.shadow = shadow),
         }
     }
+}
+
+impl<St: QuotaStore, K, C> QuotaLayer<St, K, C> {
+    /// What the key `req` carries has left, found exactly as this layer would find it
+    /// (route, scope, per-key overrides), without taking anything: for support tools.
+    /// `None` when `req` carries no key.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use keyward::core::gcra::Quota;
+    /// use keyward::{KeySpec, MemoryStore, QuotaLayer};
+    ///
+    /// let layer = QuotaLayer::new(MemoryStore::new(), Quota::per_minute(10).unwrap())
+    ///     .route("api")
+    ///     .key(KeySpec::parse("header:x-api-key").unwrap())
+    ///     .override_key("big-tenant", Quota::per_minute(1000).unwrap());
+    /// let lookup = |key: &str| http::Request::get("/").header("x-api-key", key).body(()).unwrap();
+    ///
+    /// let peek = layer.peek(&lookup("small")).await.unwrap().unwrap();
+    /// assert_eq!((peek.quota.limit(), peek.decision.remaining), (10, 10));
+    /// let again = layer.peek(&lookup("small")).await.unwrap().unwrap();
+    /// assert_eq!(again.decision.remaining, 10, "peeking takes nothing");
+    /// let big = layer.peek(&lookup("big-tenant")).await.unwrap().unwrap();
+    /// assert_eq!(big.quota.limit(), 1000);
+    /// # }
+    /// ```
+    pub async fn peek<B>(&self, req: &Request<B>) -> Result<Option<QuotaPeek>, InspectError>
+    where
+        K: KeyExtractor<B>,
+        C: Clone,
+    {
+        let config = &self.core.config;
+        let found = config.find_key(req);
+        let Some(found) = found.map_err(|error| InspectError::Key(error.to_string()))? else {
+            return Ok(None);
+        };
+        let key = config.scoped(&found, false);
+        let quota = config.own.policy_for(&found.key).quota;
+        // A cost of 0 reports the state and takes nothing (`Quota::decide`).
+        let decision = self.core.store.check(&key, &quota, 0).await?;
+        Ok(Some(QuotaPeek {
+            key,
+            quota,
+            decision,
+        }))
+    }
+}
+
+/// What [`QuotaLayer::peek`] found for a key.
+#[derive(Clone, Debug)]
+pub struct QuotaPeek {
+    /// The key, as the store holds it (name it by [`ScopedKey::key_hash`]).
+    pub key: ScopedKey,
+    /// The key's quota: the default or its override.
+    pub quota: Quota,
+    /// What is left (`remaining`) and when the bucket is full again (`reset_after`).
+    pub decision: QuotaDecision,
 }
 
 impl<St: Clone, K, C> Clone for QuotaLayer<St, K, C> {

@@ -164,5 +164,5 @@ pub use crate::pipeline::ResponseFuture;
 pub use body::ChargeBody;
 pub use charge::{ResponseCost, StatusSet, StatusSetError};
 pub use future::Coordinated;
-pub use layer::{Cost, QuotaLayer, UnitCost};
+pub use layer::{Cost, QuotaLayer, QuotaPeek, UnitCost};
 pub use service::QuotaService;

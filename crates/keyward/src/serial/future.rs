@@ -13,7 +13,7 @@ use keyward_core::problem::types;
 use keyward_core::store::{
     AcquireOutcome, OnStoreError, SerialLimits, SerialPermit, SerialStore, StoreError,
 };
-use keyward_core::telemetry::{FIELD_FENCING_TOKEN, SerialOutcome};
+use keyward_core::telemetry::{FIELD_FENCING_TOKEN, STORE_OP_ACQUIRE, SerialOutcome};
 use keyward_core::{FencingToken, KeywardBody, Problem};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -189,6 +189,12 @@ where
     } = waiting;
     let waited = queued_at.map_or(Duration::ZERO, |at| at.elapsed());
     metrics.waited(&trace.span, waited.as_secs_f64());
+    if let Err(error) = &outcome {
+        metrics.store_failed(STORE_OP_ACQUIRE, error);
+        if on_store_error == OnStoreError::Open {
+            metrics.failed_open();
+        }
+    }
     let (outcome, rejection, permit) = classify(outcome, limits, on_store_error);
     metrics.decided(trace, outcome.as_str());
     if let Some(permit) = &permit {

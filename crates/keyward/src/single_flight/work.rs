@@ -150,6 +150,7 @@ fn store_failed<'a, St: SingleFlightStore>(
 ) -> Coordinated<'a, St> {
     match settings.on_store_error {
         OnStoreError::Open => {
+            settings.metrics.failed_open();
             tracing::warn!(%error, "single flight: store failed, coalescing in-process only");
             Coordinated::Alone { store_error: true }
         }

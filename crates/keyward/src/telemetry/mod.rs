@@ -12,9 +12,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use keyward_core::store::StoreError;
 use keyward_core::telemetry::{
-    ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_WAIT_SECONDS, METRIC_DECISIONS,
-    METRIC_STORE_SECONDS, METRIC_WAIT_SECONDS,
+    ATTR_ERROR, ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_WAIT_SECONDS,
+    METRIC_DECISIONS, METRIC_FAIL_OPEN, METRIC_STORE_ERRORS, METRIC_STORE_SECONDS,
+    METRIC_WAIT_SECONDS,
 };
 mod report;
 
@@ -44,6 +46,8 @@ struct Instruments {
     decisions: Counter<u64>,
     waits: Histogram<f64>,
     store: Histogram<f64>,
+    store_errors: Counter<u64>,
+    fail_open: Counter<u64>,
     /// `[layer, route]`, built once so that recording allocates nothing.
     labels: [KeyValue; 2],
     /// The same, for decision reports.
@@ -78,10 +82,22 @@ impl LayerMetrics {
             .with_description("Latency of the store calls that decide, by operation.")
             .with_boundaries(SECONDS_BUCKETS.to_vec())
             .build();
+        let store_errors = meter
+            .u64_counter(METRIC_STORE_ERRORS)
+            .with_description("Store calls that failed, by operation and error.")
+            .build();
+        let fail_open = meter
+            .u64_counter(METRIC_FAIL_OPEN)
+            .with_description(
+                "Requests let through uncoordinated after a store failure (on_error = open).",
+            )
+            .build();
         LayerMetrics(Arc::new(Instruments {
             decisions,
             waits,
             store,
+            store_errors,
+            fail_open,
             labels: [
                 KeyValue::new(ATTR_LAYER, layer),
                 KeyValue::new(ATTR_ROUTE, route.clone()),
@@ -98,6 +114,8 @@ impl LayerMetrics {
             decisions: self.0.decisions.clone(),
             waits: self.0.waits.clone(),
             store: self.0.store.clone(),
+            store_errors: self.0.store_errors.clone(),
+            fail_open: self.0.fail_open.clone(),
             labels: [layer.clone(), KeyValue::new(ATTR_ROUTE, route.clone())],
             layer: self.0.layer,
             route: route.clone(),
@@ -133,19 +151,43 @@ impl LayerMetrics {
         }
     }
 
-    /// Records a store call started with [`LayerMetrics::store_call`].
-    pub(crate) fn store_call_done(&self, call: StoreCall) {
+    /// Records a store call started with [`LayerMetrics::store_call`], and its error.
+    pub(crate) fn store_call_done(&self, call: StoreCall, error: Option<&StoreError>) {
         self.0.store.record(
             call.started.elapsed().as_secs_f64(),
             &[KeyValue::new(ATTR_OP, call.op)],
         );
+        if let Some(error) = error {
+            self.store_failed(call.op, error);
+        }
     }
 
-    /// Awaits the store call `op` and records its latency.
-    pub(crate) async fn timed<F: Future>(&self, op: &'static str, call: F) -> F::Output {
+    /// Counts a failed store call `op`.
+    pub(crate) fn store_failed(&self, op: &'static str, error: &StoreError) {
+        let kind = match error {
+            StoreError::Timeout(_) => "timeout",
+            StoreError::Unavailable(_) => "unavailable",
+            StoreError::Corrupt(_) => "corrupt",
+        };
+        self.0.store_errors.add(
+            1,
+            &[KeyValue::new(ATTR_OP, op), KeyValue::new(ATTR_ERROR, kind)],
+        );
+    }
+
+    /// Counts a request let through uncoordinated after a store failure.
+    pub(crate) fn failed_open(&self) {
+        self.0.fail_open.add(1, &self.0.labels);
+    }
+
+    /// Awaits the store call `op` and records its latency and error.
+    pub(crate) async fn timed<T, F>(&self, op: &'static str, call: F) -> Result<T, StoreError>
+    where
+        F: Future<Output = Result<T, StoreError>>,
+    {
         let timer = self.store_call(op);
         let output = call.await;
-        self.store_call_done(timer);
+        self.store_call_done(timer, output.as_ref().err());
         output
     }
 }

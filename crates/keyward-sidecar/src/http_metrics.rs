@@ -1,0 +1,293 @@
+//! The proxy's own metrics, after the OpenTelemetry HTTP semantic conventions:
+//!
+//! | instrument | kind | attributes |
+//! |---|---|---|
+//! | `http.server.request.duration` | histogram, s | `http.request.method`, `http.response.status_code`, `http.route` (the route name, `-` for no route) |
+//! | `http.client.request.duration` | histogram, s | the same, for the call to the upstream (status `0`: no response) |
+//! | `keyward.upstream.failures` | counter | `http.route`, `error.type`: `connect_refused`, `connect`, `timeout`, `reset`, `other` |
+//! | `keyward.memory.entries`, `keyward.memory.bytes` | gauges | `table` (memory store only, from `MemoryStore::table_sizes`) |
+//!
+//! Rendered by [`crate::prometheus`] with the OpenTelemetry-to-Prometheus name rules
+//! (`http_server_request_duration_seconds`, `keyward_upstream_failures_total`, ...).
+//!
+//! The hot path pays for what it records and nothing more: every route's attribute is
+//! built once ([`RouteHttp`], an `Arc`'d string), methods are static strings and the
+//! status an integer, so a request records two histogram points without allocating.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, StatusCode};
+use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::{KeyValue, StringValue, Value};
+
+use crate::proxy::ProxyError;
+
+/// Bucket bounds of the request histograms, in seconds (the OpenTelemetry HTTP
+/// semantic conventions' advice, plus 30 s for the default request timeout).
+const BOUNDS: [f64; 15] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0,
+];
+
+struct Instruments {
+    server: Histogram<f64>,
+    client: Histogram<f64>,
+    failures: Counter<u64>,
+}
+
+/// The instruments, bound to one route name.
+#[derive(Clone)]
+pub struct RouteHttp {
+    instruments: Arc<Instruments>,
+    route: KeyValue,
+}
+
+/// Makes the per-route recorders of one meter.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    instruments: Arc<Instruments>,
+}
+
+impl HttpMetrics {
+    pub fn new(meter: &Meter) -> Self {
+        let histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(BOUNDS.to_vec())
+                .build()
+        };
+        HttpMetrics {
+            instruments: Arc::new(Instruments {
+                server: histogram(
+                    "http.server.request.duration",
+                    "Duration of requests the sidecar served, from headers in to response headers out.",
+                ),
+                client: histogram(
+                    "http.client.request.duration",
+                    "Duration of the sidecar's calls to its upstream, until its response headers.",
+                ),
+                failures: meter
+                    .u64_counter("keyward.upstream.failures")
+                    .with_description("Upstream calls that got no response, by error.type.")
+                    .build(),
+            }),
+        }
+    }
+
+    /// The recorder of `route` (`-`: requests no route matches).
+    pub fn route(&self, route: &str) -> RouteHttp {
+        let name: Arc<str> = Arc::from(route);
+        RouteHttp {
+            instruments: self.instruments.clone(),
+            route: KeyValue::new("http.route", Value::String(StringValue::from(name))),
+        }
+    }
+}
+
+impl RouteHttp {
+    /// One request served.
+    pub fn served(&self, method: &Method, status: StatusCode, elapsed: Duration) {
+        self.instruments.server.record(
+            elapsed.as_secs_f64(),
+            &[
+                self.route.clone(),
+                KeyValue::new("http.request.method", method_value(method)),
+                KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
+            ],
+        );
+    }
+
+    /// One call to the upstream: its status, or why there was none.
+    pub fn upstream_called(
+        &self,
+        method: &Method,
+        outcome: Result<StatusCode, &ProxyError>,
+        elapsed: Duration,
+    ) {
+        let status = match outcome {
+            Ok(status) => i64::from(status.as_u16()),
+            Err(error) => {
+                self.instruments.failures.add(
+                    1,
+                    &[
+                        self.route.clone(),
+                        KeyValue::new("error.type", failure_kind(error)),
+                    ],
+                );
+                0
+            }
+        };
+        self.instruments.client.record(
+            elapsed.as_secs_f64(),
+            &[
+                self.route.clone(),
+                KeyValue::new("http.request.method", method_value(method)),
+                KeyValue::new("http.response.status_code", status),
+            ],
+        );
+    }
+}
+
+/// The method as the conventions name it: the known ones as they are, others `_OTHER`
+/// (a client cannot mint new label values).
+fn method_value(method: &Method) -> Value {
+    let name: &'static str = match method.as_str() {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        "CONNECT" => "CONNECT",
+        "TRACE" => "TRACE",
+        _ => "_OTHER",
+    };
+    Value::from(name)
+}
+
+/// Why an upstream call got no response: refused, another connect failure, the
+/// request timeout, a connection reset (while sending or reading), or anything else.
+pub fn failure_kind(error: &ProxyError) -> &'static str {
+    let io_kind = || {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(error);
+        while let Some(error) = source {
+            if let Some(io) = error.downcast_ref::<std::io::Error>() {
+                return Some(io.kind());
+            }
+            source = error.source();
+        }
+        None
+    };
+    match error {
+        ProxyError::Timeout(_) => "timeout",
+        ProxyError::Unreachable(inner) if is_connect(inner.as_ref()) => match io_kind() {
+            Some(std::io::ErrorKind::ConnectionRefused) => "connect_refused",
+            _ => "connect",
+        },
+        ProxyError::Unreachable(_) | ProxyError::Body(_) => match io_kind() {
+            Some(
+                std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted
+                | std::io::ErrorKind::BrokenPipe
+                | std::io::ErrorKind::UnexpectedEof,
+            ) => "reset",
+            // hyper reports a connection closed before the response without an io error.
+            _ if error.to_string().contains("closed") => "reset",
+            _ => "other",
+        },
+        ProxyError::BadRequest(_) => "other",
+    }
+}
+
+/// Whether the upstream call failed before a connection was made.
+fn is_connect(error: &(dyn std::error::Error + Send + Sync + 'static)) -> bool {
+    error.downcast_ref::<crate::pool::ConnectFailed>().is_some()
+        || error
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(|error| error.is_connect())
+}
+
+/// Registers the memory store's table sizes as gauges (`keyward.memory.entries`,
+/// `keyward.memory.bytes`, by `table`), read at each collection.
+pub fn observe_memory_tables(meter: &Meter, store: &keyward::MemoryStore) {
+    let tables = |store: &keyward::MemoryStore| {
+        let sizes = store.table_sizes();
+        [
+            ("idempotency_records", sizes.idempotency_records),
+            ("idempotency_claims", sizes.idempotency_claims),
+            ("quota_keys", sizes.quota_keys),
+            ("serial_keys", sizes.serial_keys),
+            ("single_flight_leads", sizes.single_flight_leads),
+        ]
+    };
+    let entries = store.clone();
+    meter
+        .i64_observable_up_down_counter("keyward.memory.entries")
+        .with_description("Entries held by each memory-store table.")
+        .with_callback(move |observer| {
+            for (table, size) in tables(&entries) {
+                let n = i64::try_from(size.entries).unwrap_or(i64::MAX);
+                observer.observe(n, &[KeyValue::new("table", table)]);
+            }
+        })
+        .build();
+    let bytes = store.clone();
+    meter
+        .i64_observable_up_down_counter("keyward.memory.bytes")
+        .with_unit("By")
+        .with_description("Accounted bytes held by each memory-store table.")
+        .with_callback(move |observer| {
+            for (table, size) in tables(&bytes) {
+                let n = i64::try_from(size.bytes).unwrap_or(i64::MAX);
+                observer.observe(n, &[KeyValue::new("table", table)]);
+            }
+        })
+        .build();
+}
+
+/// The upstream with its calls timed: `http.client.request.duration` and
+/// `keyward.upstream.failures` for one route.
+#[derive(Clone)]
+pub struct TimedUpstream {
+    upstream: crate::proxy::Upstream,
+    http: RouteHttp,
+}
+
+impl TimedUpstream {
+    pub fn new(upstream: crate::proxy::Upstream, http: RouteHttp) -> Self {
+        TimedUpstream { upstream, http }
+    }
+}
+
+type UpstreamFuture =
+    <crate::proxy::Upstream as tower::Service<http::Request<axum::body::Body>>>::Future;
+
+impl tower::Service<http::Request<axum::body::Body>> for TimedUpstream {
+    type Response = http::Response<axum::body::Body>;
+    type Error = ProxyError;
+    type Future = TimedFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.upstream.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<axum::body::Body>) -> Self::Future {
+        let method = req.method().clone();
+        TimedFuture {
+            started: std::time::Instant::now(),
+            inner: self.upstream.call(req),
+            http: self.http.clone(),
+            method,
+        }
+    }
+}
+
+/// [`TimedUpstream`]'s future: the upstream's own (boxed, so `Unpin`), timed.
+pub struct TimedFuture {
+    inner: UpstreamFuture,
+    http: RouteHttp,
+    method: Method,
+    started: std::time::Instant,
+}
+
+impl std::future::Future for TimedFuture {
+    type Output = Result<http::Response<axum::body::Body>, ProxyError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.get_mut();
+        let out = std::task::ready!(this.inner.as_mut().poll(cx));
+        let outcome = out.as_ref().map(http::Response::status);
+        this.http
+            .upstream_called(&this.method, outcome, this.started.elapsed());
+        std::task::Poll::Ready(out)
+    }
+}
