@@ -6,11 +6,14 @@
 //!   A claim whose reply is lost (timeout, dropped connection) is undone by nonce right
 //!   after (`abandon.lua`), so a Redis hiccup does not leave keys "in flight" for a lease. Completed: `s=c`, `f`,
 //!   `r` the response in the binary form of `codec.rs`; expires after the TTL.
-//! - `{prefix}idem:{route}:{<tag>}:n`: the fencing counter, `INCR`ed by every claim. It
-//!   lives [`COUNTER_LIFETIME`] past the last claim or renewal, and at least as long as a
-//!   completed record. While it shows a holder's token, nobody claimed after that holder,
-//!   so the holder may still complete even if its lease lapsed (there is no successor to
-//!   overwrite), as on the memory store. Once the counter is gone it restarts from Redis's
+//! - `{prefix}idem:{route}:{<tag>}:n`: the fencing counter, advanced by every claim to
+//!   `max(counter + 1, Redis TIME in µs)` (`fencing_set.lua`). A claim (of a key with no
+//!   record) sets its lifetime to [`COUNTER_LIFETIME`] (or the lease, if longer); renewals
+//!   lengthen it back to that, completions to the record's TTL if longer, and neither ever
+//!   shortens it: it lives at least as long as a held or completed record. While it shows
+//!   a holder's token, nobody claimed after that holder, so the holder may still complete
+//!   even if its lease lapsed (there is no successor to overwrite), as on the memory
+//!   store. Once the counter is gone it restarts from Redis's
 //!   clock in microseconds, so tokens per key only grow.
 
 use std::sync::{Arc, LazyLock};

@@ -71,7 +71,9 @@
 //   the record has `w` set.
 // - `<layer>.rs`: `static` `Script`s made with `script!(writes|deletes|reads: files..)`
 //   (add them to what `RedisStore::ping` preloads; a script issuing fencing tokens
-//   includes `fencing.lua`) and `impl <Layer>Store for RedisStore` calling `self.eval(..)`
+//   includes `fencing.lua`, or `fencing_set.lua` when it issues them only for a key with
+//   no record; every `redis.call` costs Redis ~0.6 µs beyond the command, and every byte
+//   handed to Lua is hashed there: see BENCHMARKS.md) and `impl <Layer>Store for RedisStore` calling `self.eval(..)`
 //   (bounded by the timeout, errors mapped to `StoreError`); decode each reply into an
 //   enum in `reply.rs`, and wait with `hub::Watch::armed`.
 
