@@ -202,6 +202,42 @@ mod tests {
     }
 
     #[test]
+    fn names_the_webhook_check_body_keys_fingerprints_and_reuse() {
+        let got = lines(
+            r#"
+[[routes]]
+name = "hooks"
+path = "/hooks"
+max_body = "64KiB"
+[routes.webhook]
+secrets = ["whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"]
+
+[[routes]]
+name = "events"
+path = "/events"
+[routes.idempotency]
+key = "json:/event/id"
+fingerprint_body = "json"
+fingerprint_exclude = ["/sent_at"]
+
+[[routes]]
+name = "prices"
+path = "/prices"
+[routes.single_flight]
+reuse_for = "1s"
+"#,
+        );
+        assert_eq!(
+            got,
+            [
+                "hooks ANY /hooks: verify Standard Webhooks signature (2 secrets, timestamps within 5m; else 401; bodies up to 65536 bytes) → idempotency (required, header:webhook-id, unscoped; replays for 24h; duplicate in flight: 409) → upstream",
+                "events ANY /events: read body for json: keys (up to 1048576 bytes, else 413) → idempotency (optional, json:/event/id, scope header:authorization; replays for 24h; duplicate in flight: 409; body fingerprinted as canonical JSON without /sent_at) → upstream",
+                "prices ANY /prices: single flight for GET,HEAD per method_uri (scope header:authorization; concurrent duplicates share one call, and for 1s after it lands) → upstream",
+            ]
+        );
+    }
+
+    #[test]
     fn names_every_layer_in_the_order_it_runs() {
         let got = lines(
             r#"
