@@ -162,6 +162,7 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for OneOrMany<T> {
 #[serde(deny_unknown_fields)]
 pub struct RawSerial {
     pub key: Option<RawKey>,
+    pub permits: Option<i64>,
     pub max_wait: Option<String>,
     pub max_queue: Option<i64>,
     pub max_hold: Option<String>,
