@@ -206,7 +206,7 @@ fn layer(c: &mut Criterion) {
         .route("bench")
         .key(KeySpec::Header(header.clone()))
         .charge_after(keyward::quota::ResponseCost::header("x-tokens-used"))
-        .layer(tokens.clone());
+        .layer(tokens);
     let mut i = 0;
     group.bench_function("priced_quota_layer_over_service_fn", |b| {
         b.iter(|| {
@@ -216,7 +216,7 @@ fn layer(c: &mut Criterion) {
         })
     });
     // The bare service of the priced bench: it also sets the header.
-    let mut tokens_bare = tokens.clone();
+    let mut tokens_bare = tokens;
     let mut i = 0;
     group.bench_function("bare_service_fn_with_cost_header", |b| {
         b.iter(|| {
@@ -237,7 +237,7 @@ fn layer(c: &mut Criterion) {
                 .route("bench")
                 .policy_name("per-day")
                 .key(KeySpec::Header(header.clone()))
-                .layer(bare.clone()),
+                .layer(bare),
         );
     let mut i = 0;
     group.bench_function("two_quota_layers_over_service_fn", |b| {

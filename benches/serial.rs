@@ -37,6 +37,7 @@ fn store_level(c: &mut Criterion) {
     let limits = SerialLimits {
         max_wait: Duration::from_secs(5),
         max_queue: 64,
+        permits: 1,
     };
     group.bench_function("memory_acquire_release", |b| {
         b.iter(|| {

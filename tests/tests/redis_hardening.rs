@@ -71,6 +71,7 @@ async fn a_serial_token_is_higher_than_every_earlier_one_after_the_counter_went_
     let limits = SerialLimits {
         max_wait: Duration::from_secs(1),
         max_queue: 8,
+        permits: 1,
     };
     let AcquireOutcome::Acquired(first) = store.acquire(&key("serial", "k"), limits).await.unwrap()
     else {

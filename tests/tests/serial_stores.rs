@@ -2,7 +2,9 @@
 //! tokens, limits, cancelled waiters (memory on paused time, Redis and Redis Cluster in
 //! real time); then what only Redis has to show: heartbeats keep a live holder's key, a
 //! crashed holder's lease expires and the next waiter proceeds with a higher token, one
-//! round trip per step, a dead Redis is a store error within the timeout.
+//! round trip per step, a dead Redis is a store error within the timeout. With several
+//! permits per key (`permits`): at most that many holders across instances, FIFO beyond,
+//! and a crashed holder's permit back at its lease's end.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly on purpose
 
@@ -29,6 +31,7 @@ fn key(raw: &str) -> ScopedKey {
 const LONG: SerialLimits = SerialLimits {
     max_wait: Duration::from_secs(8),
     max_queue: 64,
+    permits: 1,
 };
 
 async fn acquired<St: SerialStore>(store: &St, k: &str) -> SerialPermit {
@@ -45,6 +48,7 @@ async fn fewer_waiting_than<St: SerialStore>(store: &St, k: &str, n: usize) -> b
     let probe = SerialLimits {
         max_wait: Duration::ZERO,
         max_queue: n,
+        permits: 1,
     };
     match store.acquire(&key(k), probe).await.unwrap() {
         AcquireOutcome::Timeout => true,
@@ -175,6 +179,7 @@ async fn max_wait_and_max_queue_give_their_outcomes<B: Backend>(b: B) {
     let limits = SerialLimits {
         max_wait: b.unit() * 2,
         max_queue: 1,
+        permits: 1,
     };
     let started = Instant::now();
     assert_eq!(
@@ -227,11 +232,146 @@ async fn a_cancelled_waiter_leaves_the_queue<B: Backend>(b: B) {
     one.release(next).await.unwrap();
 }
 
+const THREE: SerialLimits = SerialLimits { permits: 3, ..LONG };
+
+async fn acquired_of<St: SerialStore>(store: &St, k: &str, limits: SerialLimits) -> SerialPermit {
+    match store.acquire(&key(k), limits).await.unwrap() {
+        AcquireOutcome::Acquired(permit) => permit,
+        other => panic!("expected a permit, got {other:?}"),
+    }
+}
+
+/// At most `permits` requests per key inside the service at once, across instances, and
+/// every one served.
+async fn permits_bound_requests_per_key_over_instances<B: Backend>(b: B) {
+    const PERMITS: u32 = 3;
+    const REQUESTS: usize = 18;
+    let inside = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let tokens: Arc<Mutex<Vec<u64>>> = Arc::default();
+    let handler = {
+        let (inside, most, tokens) = (inside.clone(), most.clone(), tokens.clone());
+        service_fn(move |req: Request<Full<Bytes>>| {
+            let (inside, most, tokens) = (inside.clone(), most.clone(), tokens.clone());
+            async move {
+                let now = inside.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                tokens
+                    .lock()
+                    .unwrap()
+                    .push(req.extensions().get::<FencingToken>().unwrap().get());
+                // Long enough for the others to pile up behind the permits.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                inside.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        })
+    };
+    let services: Vec<_> = (0..3)
+        .map(|_| {
+            PerKeySerialLayer::new(b.instance())
+                .route("r")
+                .key(KeySpec::parse("header:x-key").unwrap())
+                .permits(PERMITS)
+                .max_wait(Duration::from_secs(8))
+                .layer(handler.clone())
+        })
+        .collect();
+    let start = Arc::new(tokio::sync::Barrier::new(REQUESTS));
+    let tasks: Vec<_> = (0..REQUESTS)
+        .map(|i| {
+            let svc = services[i % services.len()].clone();
+            let start = start.clone();
+            tokio::spawn(async move {
+                start.wait().await;
+                let req = Request::get("/")
+                    .header("x-key", "k")
+                    .body(Full::default())
+                    .unwrap();
+                let res = svc.oneshot(req).await.unwrap();
+                let status = res.status();
+                res.into_body().collect().await.unwrap();
+                status
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    let most = most.load(Ordering::SeqCst);
+    assert_eq!(most, PERMITS as usize, "most requests inside at once");
+    let mut tokens = tokens.lock().unwrap().clone();
+    let issued = tokens.len();
+    tokens.sort_unstable();
+    tokens.dedup();
+    assert_eq!(tokens.len(), issued, "every holder has its own token");
+    assert_eq!(issued, REQUESTS);
+}
+
+async fn permits_queue_in_arrival_order_and_hand_over_on_release<B: Backend>(b: B) {
+    let (one, two) = (b.instance(), b.instance());
+    let held = [
+        acquired_of(&one, "a", THREE).await,
+        acquired_of(&two, "a", THREE).await,
+        acquired_of(&one, "a", THREE).await,
+    ];
+    assert!(held.windows(2).all(|w| w[0].token() < w[1].token()));
+    assert!(held.iter().all(|p| p.permits() == 3));
+    // Full: the next two wait, in order.
+    let fourth = keyward_tests::spawn_joined({
+        let two = two.clone();
+        async move { acquired_of(&two, "a", THREE).await }
+    })
+    .await;
+    let probe = SerialLimits {
+        max_wait: Duration::ZERO,
+        max_queue: 1,
+        permits: 3,
+    };
+    for _ in 0..200 {
+        if one.acquire(&key("a"), probe).await.unwrap() == AcquireOutcome::QueueFull {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fifth = keyward_tests::spawn_joined({
+        let one = one.clone();
+        async move { acquired_of(&one, "a", THREE).await }
+    })
+    .await;
+    let [first, second, third] = held;
+    one.release(second).await.unwrap();
+    let fourth = fourth.await.unwrap();
+    assert!(fourth.token() > third.token());
+    assert!(!fifth.is_finished(), "fifth is not next");
+    // A stale release frees nothing.
+    two.release(SerialPermit::of_many(key("a"), third.token(), 3))
+        .await
+        .unwrap();
+    let fifth = fifth.await.unwrap();
+    assert!(fifth.token() > fourth.token());
+    for permit in [first, fourth, fifth] {
+        one.release(permit).await.unwrap();
+    }
+    // All free again: three at once.
+    let again: Vec<_> = [
+        acquired_of(&two, "a", THREE).await,
+        acquired_of(&two, "a", THREE).await,
+        acquired_of(&two, "a", THREE).await,
+    ]
+    .into();
+    for permit in again {
+        two.release(permit).await.unwrap();
+    }
+}
+
 keyward_tests::backend_suite!(
     requests_over_instances_never_overlap,
     waiters_get_the_key_in_arrival_order_with_rising_tokens,
     max_wait_and_max_queue_give_their_outcomes,
     a_cancelled_waiter_leaves_the_queue,
+    permits_bound_requests_per_key_over_instances,
+    permits_queue_in_arrival_order_and_hand_over_on_release,
 );
 
 // --- Redis only ---------------------------------------------------------------------------
@@ -278,6 +418,81 @@ async fn a_live_holder_keeps_its_key_and_a_crashed_ones_passes_on_with_a_higher_
     assert!(!fewer_waiting_than(&survivor, "a", 0).await);
     survivor.release(next).await.unwrap();
     assert_eq!(survivor.serial_heartbeats(), 0);
+}
+
+#[tokio::test]
+async fn a_crashed_holders_permit_comes_back_at_its_lease_end() {
+    let server = RedisServer::start();
+    let lease = Duration::from_millis(300);
+    let crashing = store_with_lease(&server, lease);
+    let survivor = store_with_lease(&server, lease);
+    let two = SerialLimits { permits: 2, ..LONG };
+    let dead = acquired_of(&crashing, "a", two).await;
+    let live = acquired_of(&survivor, "a", two).await;
+    let waiter = tokio::spawn({
+        let survivor = survivor.clone();
+        async move {
+            let permit = acquired_of(&survivor, "a", two).await;
+            (permit, Instant::now())
+        }
+    });
+    // Three leases long: heartbeats keep both permits.
+    tokio::time::sleep(lease * 3).await;
+    assert!(!waiter.is_finished(), "a live holder lost its permit");
+    let crashed_at = Instant::now();
+    drop(crashing);
+    let (next, at) = waiter.await.unwrap();
+    let took = at - crashed_at;
+    assert!(
+        took <= lease + Duration::from_millis(200),
+        "the permit came back after {took:?}"
+    );
+    assert!(next.token() > live.token(), "{next:?} after {live:?}");
+    // The dead holder's late release is fenced: both permits stay held.
+    survivor.release(dead).await.unwrap();
+    let probe = SerialLimits {
+        max_wait: Duration::ZERO,
+        max_queue: 0,
+        permits: 2,
+    };
+    assert_eq!(
+        survivor.acquire(&key("a"), probe).await.unwrap(),
+        AcquireOutcome::QueueFull
+    );
+    survivor.release(live).await.unwrap();
+    survivor.release(next).await.unwrap();
+    assert_eq!(survivor.serial_heartbeats(), 0);
+}
+
+#[tokio::test]
+async fn every_permits_step_is_one_evalsha() {
+    let redis = Redis::start();
+    let store = redis.store();
+    store.ping().await.unwrap();
+    let mut stats = CommandStats::connect(&redis.server).await;
+    let scripted = [
+        "time",
+        "zremrangebyscore",
+        "zcard",
+        "zrange",
+        "incr",
+        "set",
+        "pttl",
+        "pexpire",
+        "zadd",
+        "zscore",
+        "zrem",
+        "hget",
+        "hdel",
+        "hset",
+        "publish",
+    ];
+    let before = stats.snapshot().await;
+    let permit = acquired_of(&store, "k", THREE).await;
+    assert_one_script(&command_delta(&before, &stats.snapshot().await), &scripted);
+    let before = stats.snapshot().await;
+    store.release(permit).await.unwrap();
+    assert_one_script(&command_delta(&before, &stats.snapshot().await), &scripted);
 }
 
 #[tokio::test]

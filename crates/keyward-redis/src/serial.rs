@@ -57,8 +57,57 @@ static RELEASE: LazyLock<Script> =
 static RENEW: LazyLock<Script> =
     script!(writes: "fencing.lua", "serial/lib.lua", "serial/renew.lua");
 
+static PERMITS_ACQUIRE: LazyLock<Script> =
+    script!(writes: "fencing.lua", "permits/lib.lua", "permits/acquire.lua");
+static PERMITS_CHECK: LazyLock<Script> =
+    script!(writes: "fencing.lua", "permits/lib.lua", "permits/check.lua");
+static PERMITS_LEAVE: LazyLock<Script> =
+    script!(writes: "fencing.lua", "permits/lib.lua", "permits/leave.lua");
+static PERMITS_RELEASE: LazyLock<Script> =
+    script!(writes: "fencing.lua", "permits/lib.lua", "permits/release.lua");
+static PERMITS_RENEW: LazyLock<Script> =
+    script!(writes: "fencing.lua", "permits/lib.lua", "permits/renew.lua");
+
 /// Scripts [`RedisStore::ping`] preloads.
-pub(crate) static SCRIPTS: [&LazyLock<Script>; 5] = [&ACQUIRE, &CHECK, &LEAVE, &RELEASE, &RENEW];
+pub(crate) static SCRIPTS: [&LazyLock<Script>; 10] = [
+    &ACQUIRE,
+    &CHECK,
+    &LEAVE,
+    &RELEASE,
+    &RENEW,
+    &PERMITS_ACQUIRE,
+    &PERMITS_CHECK,
+    &PERMITS_LEAVE,
+    &PERMITS_RELEASE,
+    &PERMITS_RENEW,
+];
+
+/// The five steps of one kind of per-key lock.
+struct Family {
+    acquire: &'static LazyLock<Script>,
+    check: &'static LazyLock<Script>,
+    leave: &'static LazyLock<Script>,
+    release: &'static LazyLock<Script>,
+    renew: &'static LazyLock<Script>,
+}
+
+/// One permit per key: a FIFO mutex (`scripts/serial/`).
+static MUTEX: Family = Family {
+    acquire: &ACQUIRE,
+    check: &CHECK,
+    leave: &LEAVE,
+    release: &RELEASE,
+    renew: &RENEW,
+};
+
+/// Several permits per key: a FIFO semaphore (`scripts/permits/`).
+static SEMAPHORE: Family = Family {
+    acquire: &PERMITS_ACQUIRE,
+    check: &PERMITS_CHECK,
+    leave: &PERMITS_LEAVE,
+    release: &PERMITS_RELEASE,
+    renew: &PERMITS_RENEW,
+};
 
 /// Default holder lease: how long a crashed holder keeps its key.
 pub(crate) const DEFAULT_LEASE: Duration = Duration::from_secs(10);
@@ -95,31 +144,75 @@ impl SerialState {
     }
 }
 
+/// The records of one key's lock, all in its hash slot.
 struct Names {
+    /// The key's record: names its heartbeats.
     record: String,
-    queue: String,
-    deadlines: String,
-    counter: String,
+    /// The scripts' keys: with one permit the record, queue, deadlines and fencing
+    /// counter; with several the holders (`:p`), queue (`:pq`), deadlines (`:pd`), the
+    /// same counter, and the grants (`:pg`).
+    keys: Vec<String>,
+    /// `None` with one permit; else how many, as a script argument.
+    permits: Option<String>,
 }
 
 impl Names {
-    fn of(record: String) -> Self {
+    fn of(record: String, permits: u32) -> Self {
+        let companion = |suffix| KeyLayout::companion(&record, suffix);
+        let (keys, permits) = if permits <= 1 {
+            let keys = vec![
+                record.clone(),
+                companion("q"),
+                companion("d"),
+                companion("n"),
+            ];
+            (keys, None)
+        } else {
+            let keys = vec![
+                companion("p"),
+                companion("pq"),
+                companion("pd"),
+                companion("n"),
+                companion("pg"),
+            ];
+            (keys, Some(permits.to_string()))
+        };
         Names {
-            queue: KeyLayout::companion(&record, "q"),
-            deadlines: KeyLayout::companion(&record, "d"),
-            counter: KeyLayout::companion(&record, "n"),
             record,
+            keys,
+            permits,
         }
     }
 
-    fn keys(&self) -> [&str; 4] {
-        [&self.record, &self.queue, &self.deadlines, &self.counter]
+    fn keys(&self) -> Vec<&str> {
+        self.keys.iter().map(String::as_str).collect()
+    }
+
+    /// What a hand-over publishes, so what a waiter watches: the first key.
+    fn watched(&self) -> &str {
+        &self.keys[0]
+    }
+
+    fn family(&self) -> &'static Family {
+        match self.permits {
+            None => &MUTEX,
+            Some(_) => &SEMAPHORE,
+        }
+    }
+
+    /// `args` and, with several permits, their number last.
+    fn args<'a>(&'a self, args: &[&'a [u8]]) -> Vec<&'a [u8]> {
+        let mut all = args.to_vec();
+        if let Some(permits) = &self.permits {
+            all.push(permits.as_bytes());
+        }
+        all
     }
 }
 
 impl RedisStore {
-    fn serial_names(&self, key: &ScopedKey) -> Names {
-        Names::of(self.inner.keys.record(key))
+    fn serial_names(&self, key: &ScopedKey, permits: u32) -> Names {
+        Names::of(self.inner.keys.record(key), permits)
     }
 
     fn lease_ms(&self) -> String {
@@ -127,7 +220,9 @@ impl RedisStore {
     }
 
     /// The permit of a new holder: starts its heartbeat.
-    fn held(&self, key: &ScopedKey, record: &str, token: FencingToken) -> AcquireOutcome {
+    fn held(&self, key: &ScopedKey, names: &Names, token: FencingToken) -> AcquireOutcome {
+        let record = names.record.as_str();
+        let permits = names_permits(names);
         let weak = Arc::downgrade(&self.inner);
         let every = self.inner.serial.lease / 3;
         let entry: Box<str> = record.into();
@@ -140,7 +235,7 @@ impl RedisStore {
                 // The store is gone (its process "crashed"): stop renewing.
                 let Some(inner) = weak.upgrade() else { return };
                 let store = RedisStore { inner };
-                match store.renew_serial(&task_entry, token).await {
+                match store.renew_serial(&task_entry, token, permits).await {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(
@@ -168,16 +263,25 @@ impl RedisStore {
         {
             previous.abort();
         }
-        AcquireOutcome::Acquired(SerialPermit::new(key.clone(), token))
+        AcquireOutcome::Acquired(SerialPermit::of_many(key.clone(), token, permits))
     }
 
-    async fn renew_serial(&self, record: &str, token: FencingToken) -> Result<bool, StoreError> {
+    async fn renew_serial(
+        &self,
+        record: &str,
+        token: FencingToken,
+        permits: u32,
+    ) -> Result<bool, StoreError> {
         let token = token.get().to_string();
         // Every key of the script, though it uses two: a cluster checks they share a slot.
-        let names = Names::of(record.to_owned());
+        let names = Names::of(record.to_owned(), permits);
         let lease = self.lease_ms();
         let renewed: i64 = self
-            .eval(&RENEW, &names.keys(), &[token.as_bytes(), lease.as_bytes()])
+            .eval(
+                names.family().renew,
+                &names.keys(),
+                &[token.as_bytes(), lease.as_bytes()],
+            )
             .await?;
         Ok(reply::Fenced::decode(renewed, "serial renew")? == reply::Fenced::Done)
     }
@@ -189,21 +293,18 @@ impl RedisStore {
         }
     }
 
-    async fn release_serial(&self, key: &ScopedKey, token: FencingToken) -> Result<(), StoreError> {
-        let names = self.serial_names(key);
-        self.stop_heartbeat(&names.record, token);
-        let token = token.get().to_string();
+    async fn release_serial(&self, permit: &SerialPermit) -> Result<(), StoreError> {
+        let names = self.serial_names(permit.key(), permit.permits());
+        self.stop_heartbeat(&names.record, permit.token());
+        let token = permit.token().get().to_string();
         let lease = self.lease_ms();
+        let args = names.args(&[
+            token.as_bytes(),
+            lease.as_bytes(),
+            self.inner.keys.channel().as_bytes(),
+        ]);
         let _released: i64 = self
-            .eval(
-                &RELEASE,
-                &names.keys(),
-                &[
-                    token.as_bytes(),
-                    lease.as_bytes(),
-                    self.inner.keys.channel().as_bytes(),
-                ],
-            )
+            .eval(names.family().release, &names.keys(), &args)
             .await?;
         Ok(())
     }
@@ -217,17 +318,14 @@ impl RedisStore {
         pass_on: bool,
     ) -> Result<Option<FencingToken>, StoreError> {
         let lease = self.lease_ms();
+        let args = names.args(&[
+            member.as_bytes(),
+            lease.as_bytes(),
+            self.inner.keys.channel().as_bytes(),
+            if pass_on { b"1" } else { b"0" },
+        ]);
         let value: Value = self
-            .eval(
-                &LEAVE,
-                &names.keys(),
-                &[
-                    member.as_bytes(),
-                    lease.as_bytes(),
-                    self.inner.keys.channel().as_bytes(),
-                    if pass_on { b"1" } else { b"0" },
-                ],
-            )
+            .eval(names.family().leave, &names.keys(), &args)
             .await?;
         Ok(match Leave::decode(value)? {
             Leave::Kept(token) => Some(token),
@@ -248,6 +346,15 @@ impl RedisStore {
     }
 }
 
+/// How many permits `names` are for.
+fn names_permits(names: &Names) -> u32 {
+    names
+        .permits
+        .as_deref()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1)
+}
+
 /// A waiter whose place in the queue (or a grant) may exist in Redis: dropped unsettled
 /// (the acquire future was cancelled, or a script failed), it leaves in the background and
 /// passes on a key that was handed to it.
@@ -264,7 +371,7 @@ impl Drop for Queued<'_> {
             return;
         }
         let store = self.store.clone();
-        let names = Names::of(self.names.record.clone());
+        let names = Names::of(self.names.record.clone(), names_permits(self.names));
         let member = self.member.to_owned();
         spawn(&self.store.inner.runtime, async move {
             if let Err(error) = store.leave_serial(&names, &member, true).await {
@@ -280,12 +387,12 @@ impl SerialStore for RedisStore {
         key: &ScopedKey,
         limits: SerialLimits,
     ) -> Result<AcquireOutcome, StoreError> {
-        let names = self.serial_names(key);
+        let names = self.serial_names(key, limits.permits());
         let member = self.inner.serial.waiter_id();
         let deadline = Instant::now() + limits.max_wait;
         // Registered before the first script, so a hand-over published between the
         // script's answer and the wait is not lost.
-        let watch = self.inner.hub.watch(&names.record);
+        let watch = self.inner.hub.watch(names.watched());
         let mut armed = watch.armed();
         let mut queued = Queued {
             store: self,
@@ -301,23 +408,19 @@ impl SerialStore for RedisStore {
             .min(i64::MAX as u128)
             .to_string();
         let channel = self.inner.keys.channel().as_bytes();
-        let value: Value = self
-            .eval(
-                &ACQUIRE,
-                &names.keys(),
-                &[
-                    member.as_bytes(),
-                    lease.as_bytes(),
-                    max_queue.as_bytes(),
-                    max_wait.as_bytes(),
-                    channel,
-                ],
-            )
-            .await?;
+        let family = names.family();
+        let args = names.args(&[
+            member.as_bytes(),
+            lease.as_bytes(),
+            max_queue.as_bytes(),
+            max_wait.as_bytes(),
+            channel,
+        ]);
+        let value: Value = self.eval(family.acquire, &names.keys(), &args).await?;
         let mut left = match Turn::decode(value)? {
             Turn::Acquired(token) => {
                 queued.settled = true;
-                return Ok(self.held(key, &names.record, token));
+                return Ok(self.held(key, &names, token));
             }
             Turn::Queued { lease_left } => lease_left,
             Turn::QueueFull => {
@@ -338,21 +441,16 @@ impl SerialStore for RedisStore {
                 let kept = self.leave_serial(&names, &member, false).await?;
                 queued.settled = true;
                 return Ok(match kept {
-                    Some(token) => self.held(key, &names.record, token),
+                    Some(token) => self.held(key, &names, token),
                     None => AcquireOutcome::Timeout,
                 });
             }
-            let value: Value = self
-                .eval(
-                    &CHECK,
-                    &names.keys(),
-                    &[member.as_bytes(), lease.as_bytes(), channel],
-                )
-                .await?;
+            let args = names.args(&[member.as_bytes(), lease.as_bytes(), channel]);
+            let value: Value = self.eval(family.check, &names.keys(), &args).await?;
             match Turn::decode(value)? {
                 Turn::Acquired(token) => {
                     queued.settled = true;
-                    return Ok(self.held(key, &names.record, token));
+                    return Ok(self.held(key, &names, token));
                 }
                 Turn::Queued { lease_left } => left = lease_left,
                 Turn::TimedOut => {
@@ -369,7 +467,7 @@ impl SerialStore for RedisStore {
     }
 
     async fn release(&self, permit: SerialPermit) -> Result<(), StoreError> {
-        self.release_serial(permit.key(), permit.token()).await
+        self.release_serial(&permit).await
     }
 
     fn release_detached(&self, permit: SerialPermit) {
@@ -377,7 +475,7 @@ impl SerialStore for RedisStore {
         self.stop_heartbeat(&self.inner.keys.record(permit.key()), permit.token());
         let store = self.clone();
         spawn(&self.inner.runtime, async move {
-            if let Err(error) = store.release_serial(permit.key(), permit.token()).await {
+            if let Err(error) = store.release_serial(&permit).await {
                 tracing::warn!(%error, key_hash = %permit.key().key_hash(), "keyward serial: detached release failed; the key frees when its lease ends");
             }
         });

@@ -127,8 +127,12 @@ fn idempotency(idem: &IdempotencyConfig) -> String {
 }
 
 fn serial(serial: &SerialConfig) -> String {
+    let at_once = match serial.permits {
+        1 => String::new(),
+        n => format!(", {n} at once"),
+    };
     format!(
-        "serial per {} (FIFO; waits up to {}, {} queued, then 503)",
+        "serial per {}{at_once} (FIFO; waits up to {}, {} queued, then 503)",
         spec(&serial.key),
         duration(serial.max_wait),
         serial.max_queue

@@ -77,6 +77,7 @@ pub fn build<St: Store>(
             .key(serial.key.clone())
             .max_wait(serial.max_wait)
             .max_queue(serial.max_queue)
+            .permits(serial.permits)
             .on_store_error(store_config.on_error);
         if let Some(max_hold) = serial.max_hold {
             layer = layer.max_hold(max_hold);

@@ -10,15 +10,29 @@ pub struct SerialLimits {
     /// Longest time to wait in the queue before giving up with
     /// [`AcquireOutcome::Timeout`]. Zero means "only if the key is free right now".
     pub max_wait: Duration,
-    /// Most requests that may wait for the key at once (the holder not counted). An
+    /// Most requests that may wait for the key at once (the holders not counted). An
     /// arrival that finds this many waiters gets [`AcquireOutcome::QueueFull`] at once.
     pub max_queue: usize,
+    /// How many requests may hold the key at once: 1 (the default of every layer) is
+    /// mutual exclusion; `N` is a per-key semaphore (per tenant, per upstream account).
+    /// 0 is taken as 1.
+    pub permits: u32,
 }
 
-/// The right to be the key's only request, until it is released.
+impl SerialLimits {
+    /// `permits`, with 0 taken as 1.
+    pub fn permits(&self) -> u32 {
+        self.permits.max(1)
+    }
+}
+
+/// The right to be one of the key's holders (its only one, with one permit per key),
+/// until it is released.
 ///
 /// Carries the key it was issued for and its [`FencingToken`], strictly increasing per
 /// key across holders (in this process and, with a shared store, across processes).
+/// With several permits per key, tokens still rise with every holder, but several
+/// holders run at once: they order writes, they no longer exclude each other.
 ///
 /// A permit must be released with [`SerialStore::release`] or
 /// [`SerialStore::release_detached`]; dropping it without releasing leaves the key held
@@ -28,12 +42,33 @@ pub struct SerialLimits {
 pub struct SerialPermit {
     key: ScopedKey,
     token: FencingToken,
+    permits: u32,
 }
 
 impl SerialPermit {
-    /// A permit for `key` held with `token`. Called by store implementations.
+    /// A permit for `key` held with `token`, on a key with one permit (mutual
+    /// exclusion). Called by store implementations.
     pub fn new(key: ScopedKey, token: FencingToken) -> Self {
-        SerialPermit { key, token }
+        SerialPermit {
+            key,
+            token,
+            permits: 1,
+        }
+    }
+
+    /// A permit for `key` held with `token`, on a key with `permits` permits
+    /// ([`SerialLimits::permits`]). Called by store implementations.
+    pub fn of_many(key: ScopedKey, token: FencingToken, permits: u32) -> Self {
+        SerialPermit {
+            key,
+            token,
+            permits: permits.max(1),
+        }
+    }
+
+    /// How many permits the key has (1: this is its only holder).
+    pub fn permits(&self) -> u32 {
+        self.permits
     }
 
     /// The key this permit holds.
@@ -63,9 +98,9 @@ pub enum AcquireOutcome {
 /// Storage for `PerKeySerialLayer`: a FIFO mutex per key, with fencing tokens.
 ///
 /// Contract for implementations:
-/// - at most one permit per key is outstanding at any time; waiters get the key in the
-///   order they arrived (FIFO), and each new holder's token is greater than every token
-///   issued for that key before;
+/// - at most [`SerialLimits::permits`] permits per key are outstanding at any time (one:
+///   mutual exclusion); waiters get a permit in the order they arrived (FIFO), and each
+///   new holder's token is greater than every token issued for that key before;
 /// - [`acquire`](SerialStore::acquire) is one decision ("take it, queue, or refuse") and
 ///   then, if queued, a wait that is woken by the releasing holder handing the key over
 ///   (a notification, or pub/sub for a remote store), never by polling;

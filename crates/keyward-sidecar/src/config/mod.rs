@@ -215,6 +215,8 @@ pub struct QuotaConfig {
 #[derive(Debug, Clone)]
 pub struct SerialConfig {
     pub key: KeySpec,
+    /// Requests per key inside the upstream at once (1: one at a time).
+    pub permits: u32,
     pub max_wait: Duration,
     pub max_queue: usize,
     /// Longest a request keeps the key; `None` (`"off"`): until its response is over.
@@ -1211,9 +1213,8 @@ impl Checker {
                         "only means something with cost_header".to_owned(),
                     );
                 }
-                if statuses.is_none() {
-                    return None;
-                }
+                // Neither set: not priced by the response.
+                statuses?;
                 ResponseCost::per_response(1)
             }
         };
@@ -1235,7 +1236,9 @@ impl Checker {
                 }
             },
         };
+        let permits = raw.permits.map_or(1, |n| self.count(&f("permits"), n, 1));
         SerialConfig {
+            permits,
             key: self.key(&f("key"), raw.key.as_ref(), "method_uri"),
             max_wait: self.duration(
                 &f("max_wait"),

@@ -190,6 +190,7 @@ pub struct RawQuotaOverride {
 #[serde(deny_unknown_fields)]
 pub struct RawSerial {
     pub key: Option<RawKey>,
+    pub permits: Option<i64>,
     pub max_wait: Option<String>,
     pub max_queue: Option<i64>,
     pub max_hold: Option<String>,

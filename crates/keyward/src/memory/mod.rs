@@ -234,7 +234,7 @@ impl MemoryStoreBuilder {
         self
     }
 
-    /// Upper bound on keys `PerKeySerialLayer` holds at once (default 2^16; each 180
+    /// Upper bound on keys `PerKeySerialLayer` holds at once (default 2^16; each 198
     /// bytes plus the key's length, and 160 bytes per waiter, at most the route's
     /// `max_queue` per key). Held keys are
     /// never evicted: while the table is full, a request for a key nobody holds gets a
@@ -272,7 +272,7 @@ mod tests {
         let lead = single_flight::LEAD_OVERHEAD;
         assert_eq!(
             (record, claim, quota, serial, waiter, lead),
-            (355, 299, 57, 180, 160, 162)
+            (355, 299, 57, 198, 160, 162)
         );
     }
 }

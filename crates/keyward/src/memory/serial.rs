@@ -1,4 +1,4 @@
-//! Per-key FIFO mutexes in memory.
+//! Per-key FIFO mutexes (and, with several permits per key, FIFO semaphores) in memory.
 //!
 //! An entry exists only while its key is held: it is created by the first acquire and
 //! removed when the last holder releases with nobody waiting, so the table's size is
@@ -46,10 +46,68 @@ pub(super) struct SerialTable {
     next_waiter: AtomicU64,
 }
 
+/// `KeyQueue::holder` of a key whose last holder just left (tokens start at 1).
+const NO_HOLDER: FencingToken = FencingToken(0);
+
 /// A held key and the requests waiting for it, in arrival order.
 struct KeyQueue {
     holder: FencingToken,
+    /// The other holders, on a key with several permits (`None` with one: boxed so
+    /// that a key with one permit holds 8 bytes more, not 24).
+    #[allow(clippy::box_collection)] // the box is the point: 8 bytes in every entry
+    others: Option<Box<Vec<FencingToken>>>,
     waiters: VecDeque<Waiter>,
+}
+
+impl KeyQueue {
+    fn holders(&self) -> usize {
+        1 + self.others.as_ref().map_or(0, |others| others.len())
+    }
+
+    /// Removes `token` from the holders; `false` if it holds nothing (a stale permit).
+    /// The key is then held by nobody when this was its last holder: `is_free`.
+    fn remove_holder(&mut self, token: FencingToken) -> bool {
+        if self.holder == token {
+            // The key stays held by one of the others, if any.
+            if let Some(other) = self.others.as_mut().and_then(|others| others.pop()) {
+                self.holder = other;
+            } else {
+                self.holder = NO_HOLDER;
+            }
+            return true;
+        }
+        let Some(others) = self.others.as_mut() else {
+            return false;
+        };
+        match others.iter().position(|t| *t == token) {
+            Some(i) => {
+                others.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Adds a holder to a key that just lost one.
+    fn add_holder(&mut self, token: FencingToken) {
+        if self.holder == NO_HOLDER {
+            self.holder = token;
+        } else {
+            self.others.get_or_insert_default().push(token);
+        }
+    }
+
+    /// Heap bytes of the other holders: the boxed `Vec` (24 bytes and an allocator
+    /// header) and its slots.
+    fn others_bytes(&self) -> usize {
+        self.others.as_ref().map_or(0, |others| {
+            24 + 16 + others.capacity() * size_of::<FencingToken>() + 16
+        })
+    }
+
+    fn is_free(&self) -> bool {
+        self.holder == NO_HOLDER
+    }
 }
 
 struct Waiter {
@@ -83,8 +141,9 @@ impl SerialTable {
         FencingToken(self.next_token.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Takes the key if it is free, else queues behind its holder, else refuses.
-    fn enter(&self, key: &ScopedKey, max_queue: usize) -> Entered {
+    /// Takes a permit of the key if one is free (and nobody waits for one), else queues
+    /// behind the holders, else refuses.
+    fn enter(&self, key: &ScopedKey, max_queue: usize, permits: u32) -> Entered {
         let slot = self.queues.slot(key.shared_storage_key());
         let mut shard = self.queues.lock(&slot.probe());
         if shard.map.len() >= self.shard_keys && shard.get(&slot.probe()).is_none() {
@@ -95,12 +154,20 @@ impl SerialTable {
                 let token = self.issue_token();
                 vacant.insert(KeyQueue {
                     holder: token,
+                    others: None,
                     waiters: VecDeque::new(),
                 });
                 return Entered::Acquired(token);
             }
             Entry::Occupied(occupied) => occupied.into_mut(),
         };
+        // FIFO: a free permit goes to an arrival only when nobody waits (a release hands
+        // it to the first waiter at once, so waiters and free permits never coexist).
+        if queue.holders() < permits as usize && queue.waiters.is_empty() {
+            let token = self.issue_token();
+            queue.others.get_or_insert_default().push(token);
+            return Entered::Acquired(token);
+        }
         if queue.waiters.len() >= max_queue {
             return Entered::QueueFull;
         }
@@ -113,7 +180,8 @@ impl SerialTable {
         }
     }
 
-    /// Hands the key from `token` to the first waiter, or frees it if nobody waits.
+    /// Hands `token`'s permit to the first waiter, or frees it if nobody waits; the
+    /// entry goes when the key's last holder leaves.
     fn release(&self, key: &ScopedKey, token: FencingToken) {
         let probe = self.queues.probe(key.storage_key());
         let mut shard = self.queues.lock(&probe);
@@ -121,8 +189,8 @@ impl SerialTable {
         let Some((shared_key, mut queue)) = shard.remove_entry(&probe) else {
             return;
         };
-        if queue.holder != token {
-            // A stale permit (already released): the current holder keeps the key.
+        if !queue.remove_holder(token) {
+            // A stale permit (already released): the current holders keep the key.
             shard.insert(shared_key, queue);
             return;
         }
@@ -132,10 +200,12 @@ impl SerialTable {
             // `leave` prevents (it runs under this lock before the receiver drops); skip
             // such a waiter rather than hand the key to nobody.
             if waiter.grant.send(next).is_ok() {
-                queue.holder = next;
-                shard.insert(shared_key, queue);
-                return;
+                queue.add_holder(next);
+                break;
             }
+        }
+        if !queue.is_free() {
+            shard.insert(shared_key, queue);
         }
     }
 
@@ -175,7 +245,10 @@ impl SerialTable {
                 .map
                 .iter()
                 .map(|(slot, queue)| {
-                    (slot.key().len() + KEY_OVERHEAD + queue.waiters.len() * WAITER_BYTES) as u64
+                    (slot.key().len()
+                        + KEY_OVERHEAD
+                        + queue.waiters.len() * WAITER_BYTES
+                        + queue.others_bytes()) as u64
                 })
                 .sum::<u64>();
         }
@@ -231,11 +304,13 @@ impl SerialStore for MemoryStore {
         limits: SerialLimits,
     ) -> Result<AcquireOutcome, StoreError> {
         let table = &self.inner.serial;
-        let (id, grant) = match table.enter(key, limits.max_queue) {
+        let permits = limits.permits();
+        let (id, grant) = match table.enter(key, limits.max_queue, permits) {
             Entered::Acquired(token) => {
-                return Ok(AcquireOutcome::Acquired(SerialPermit::new(
+                return Ok(AcquireOutcome::Acquired(SerialPermit::of_many(
                     key.clone(),
                     token,
+                    permits,
                 )));
             }
             Entered::QueueFull => return Ok(AcquireOutcome::QueueFull),
@@ -264,7 +339,9 @@ impl SerialStore for MemoryStore {
             Ok(Err(_)) | Err(_) => waiter.leave(),
         };
         Ok(match token {
-            Some(token) => AcquireOutcome::Acquired(SerialPermit::new(key.clone(), token)),
+            Some(token) => {
+                AcquireOutcome::Acquired(SerialPermit::of_many(key.clone(), token, permits))
+            }
             None => AcquireOutcome::Timeout,
         })
     }
@@ -292,7 +369,7 @@ impl MemoryStore {
     ///
     /// let store = MemoryStore::new();
     /// let key = ScopedKey::new("serial", "default", Scope::Unscoped, Key::from("order-7"));
-    /// let limits = SerialLimits { max_wait: Duration::from_secs(1), max_queue: 8 };
+    /// let limits = SerialLimits { max_wait: Duration::from_secs(1), max_queue: 8, permits: 1 };
     /// let AcquireOutcome::Acquired(permit) = store.acquire(&key, limits).await.unwrap() else {
     ///     panic!("a free key is acquired at once");
     /// };
@@ -329,6 +406,7 @@ mod tests {
     const LIMITS: SerialLimits = SerialLimits {
         max_wait: Duration::from_secs(5),
         max_queue: 4,
+        permits: 1,
     };
 
     async fn acquired(store: &MemoryStore, k: &str) -> SerialPermit {
@@ -372,6 +450,7 @@ mod tests {
         let one = SerialLimits {
             max_wait: Duration::from_secs(2),
             max_queue: 1,
+            permits: 1,
         };
         let mut waiting = pin!(store.acquire(&ka, one));
         assert!(waiting.as_mut().now_or_never().is_none());
@@ -440,7 +519,8 @@ mod tests {
                     &key("a"),
                     SerialLimits {
                         max_wait: Duration::ZERO,
-                        max_queue: 0
+                        max_queue: 0,
+                        permits: 1,
                     }
                 )
                 .await
@@ -482,6 +562,46 @@ mod tests {
         };
         store.release(second).await.unwrap();
         for permit in held {
+            store.release(permit).await.unwrap();
+        }
+        assert_eq!(store.serial_keys_in_use(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn several_permits_admit_that_many_then_queue_in_order() {
+        let store = MemoryStore::new();
+        let ka = key("a");
+        let three = SerialLimits {
+            permits: 3,
+            ..LIMITS
+        };
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            match store.acquire(&ka, three).await.unwrap() {
+                AcquireOutcome::Acquired(permit) => held.push(permit),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(held.windows(2).all(|w| w[0].token() < w[1].token()));
+        assert_eq!(held[0].permits(), 3);
+        let mut fourth = pin!(store.acquire(&ka, three));
+        let mut fifth = pin!(store.acquire(&ka, three));
+        assert!(fourth.as_mut().now_or_never().is_none());
+        assert!(fifth.as_mut().now_or_never().is_none());
+        // Any holder's release lets the first waiter in; the others keep running.
+        store.release(held.remove(1)).await.unwrap();
+        assert!(fifth.as_mut().now_or_never().is_none(), "fifth is not next");
+        let AcquireOutcome::Acquired(fourth) = fourth.await.unwrap() else {
+            panic!("fourth is next")
+        };
+        // Released twice: the second, stale, release frees nothing more.
+        store.release(fourth.clone()).await.unwrap();
+        store.release(fourth).await.unwrap();
+        let AcquireOutcome::Acquired(fifth) = fifth.await.unwrap() else {
+            panic!("fifth after fourth")
+        };
+        assert_eq!(store.inner.serial.waiting(&ka), 0);
+        for permit in held.drain(..).chain([fifth]) {
             store.release(permit).await.unwrap();
         }
         assert_eq!(store.serial_keys_in_use(), 0);

@@ -46,8 +46,8 @@ pub(crate) struct Decide<St> {
     pub(crate) protocol: Protocol,
     pub(crate) trace: Trace,
     /// `Some` on a quota priced by its responses: the decision was a peek, the charge
-    /// comes with the response.
-    pub(crate) charge: Option<ChargeTo<St>>,
+    /// comes with the response. Boxed: the plain path's future stays as small as it was.
+    pub(crate) charge: Option<Box<ChargeTo<St>>>,
 }
 
 /// The RateLimit headers of one decision, and its numbers to compare with another

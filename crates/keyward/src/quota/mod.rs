@@ -27,10 +27,10 @@
 //! **Priced by the response** ([`QuotaLayer::charge_after`] with a [`ResponseCost`]):
 //! when a request's cost is known only after the call (an upstream's `x-tokens-used`
 //! header or trailer), or only some outcomes count (401/403 on a login route, 2xx for
-//! paid calls). Admission before the call needs [`QuotaLayer::cost`] units left (default
-//! 1) and takes nothing; the response's units are charged when its body ends, whether or
-//! not they fit, so a key may go into debt and then waits: 429 with the `Retry-After` at
-//! which the debt is paid back.
+//! paid calls). Admission before the call needs [`QuotaLayer::cost`] units left
+//! (default one) and takes nothing; the response's units are charged when its body ends,
+//! whether or not they fit, so a key may go into debt and then waits: 429 with the
+//! `Retry-After` at which the debt is paid back.
 //!
 //! ```
 //! use std::time::Duration;

@@ -81,10 +81,12 @@ where
                 Some(_) => store.peek(&key, &policy.quota, cost),
             }
         };
-        let charge = own.charge_after.as_ref().map(|cost| ChargeTo {
-            cost: cost.clone(),
-            store: store.clone(),
-            key,
+        let charge = own.charge_after.as_ref().map(|cost| {
+            Box::new(ChargeTo {
+                cost: cost.clone(),
+                store: store.clone(),
+                key,
+            })
         });
         let decide = Decide {
             name: own.name.clone(),

@@ -37,6 +37,7 @@ impl<St> PerKeySerialLayer<St> {
             limits: SerialLimits {
                 max_wait: DEFAULT_SERIAL_MAX_WAIT,
                 max_queue: DEFAULT_SERIAL_MAX_QUEUE,
+                permits: 1,
             },
             max_hold: None,
         };
@@ -88,6 +89,47 @@ impl<St, K: Clone> PerKeySerialLayer<St, K> {
         self.with(|own| own.max_hold = Some(max_hold))
     }
 
+    /// How many requests with one key may be inside the service at once (default 1:
+    /// mutual exclusion). With `N`, the layer is a per-key semaphore (per tenant, per
+    /// upstream account): the first `N` go in, the next ones wait in arrival order for
+    /// one of them to finish, within `max_wait` and `max_queue` as with one permit; on
+    /// Redis across every instance, and a crashed holder's permit comes back when its
+    /// lease runs out. Every holder still gets a fencing token, rising per key, but with
+    /// `N > 1` tokens order writes rather than exclude them. 0 is taken as 1.
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// use std::time::Duration;
+    /// use bytes::Bytes;
+    /// use http::{Request, Response, StatusCode};
+    /// use http_body_util::Full;
+    /// use keyward::{KeySpec, MemoryStore, PerKeySerialLayer};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// let layer = PerKeySerialLayer::new(MemoryStore::new())
+    ///     .key("header:x-tenant".parse::<KeySpec>().unwrap())
+    ///     .permits(2)
+    ///     .max_wait(Duration::from_millis(20));
+    /// let svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| async {
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+    /// }));
+    /// let request = || Request::get("/").header("x-tenant", "t1").body(Full::default()).unwrap();
+    ///
+    /// // Two responses of tenant t1 are open (their bodies hold the permits)...
+    /// let first = svc.clone().oneshot(request()).await.unwrap();
+    /// let second = svc.clone().oneshot(request()).await.unwrap();
+    /// assert_eq!(second.status(), StatusCode::OK);
+    /// // ...so a third waits, and gives up after max_wait.
+    /// let third = svc.clone().oneshot(request()).await.unwrap();
+    /// assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    /// drop(first);
+    /// assert_eq!(svc.clone().oneshot(request()).await.unwrap().status(), StatusCode::OK);
+    /// # });
+    /// ```
+    pub fn permits(self, permits: u32) -> Self {
+        self.with(|own| own.limits.permits = permits.max(1))
+    }
+
     /// Most requests waiting for one key (the one inside the service not counted); one
     /// more gets 503 `serial-queue-full` at once. Default 64; 0 means never wait.
     pub fn max_queue(self, max_queue: usize) -> Self {
@@ -109,6 +151,7 @@ impl<St, K> fmt::Debug for PerKeySerialLayer<St, K> {
         debug_layer("PerKeySerialLayer", config, f, |out| {
             out.field("max_wait", &config.own.limits.max_wait)
                 .field("max_queue", &config.own.limits.max_queue)
+                .field("permits", &config.own.limits.permits)
                 .field("max_hold", &config.own.max_hold);
         })
     }

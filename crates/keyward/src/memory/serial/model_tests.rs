@@ -18,6 +18,7 @@ const KEYS: usize = 3;
 const LIMITS: SerialLimits = SerialLimits {
     max_wait: Duration::from_secs(3600),
     max_queue: 3,
+    permits: 1,
 };
 
 #[derive(Clone, Debug)]
