@@ -42,6 +42,9 @@ pub const METRIC_STORE_ERRORS: &str = "keyward_store_errors_total";
 /// Counter `{layer, route}`: requests let through uncoordinated because the store failed
 /// and the layer's `on_store_error` is `Open`.
 pub const METRIC_FAIL_OPEN: &str = "keyward_fail_open_total";
+/// Gauge (an up-down counter) `{layer, route}`: requests waiting right now, for a
+/// serial turn (the queue depth) or as single-flight followers for a leader's answer.
+pub const METRIC_WAITING: &str = "keyward_waiting";
 /// Store operation of serial's acquire, for [`METRIC_STORE_ERRORS`] (its latency counts
 /// as a wait).
 pub const STORE_OP_ACQUIRE: &str = "acquire";

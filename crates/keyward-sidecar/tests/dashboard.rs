@@ -183,8 +183,11 @@ async fn every_dashboard_query_uses_metrics_the_sidecar_exports() {
         send(&http, "GET", &search, &tenant, "").await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
-    let account = send(&http, "POST", &sidecar.url("/accounts/9"), &[], "x").await;
-    assert_eq!(account.status, StatusCode::OK);
+    // Two at once: one waits for its turn (the queue depth goes up, then back to 0).
+    let accounts = sidecar.url("/accounts/9?delay_ms=200");
+    for account in support::send_concurrently(&http, 2, "POST", &accounts, &[], "x").await {
+        assert_eq!(account.status, StatusCode::OK);
+    }
     let catalog = send(&http, "GET", &sidecar.url("/catalog/a"), &[], "").await;
     assert_eq!(catalog.status, StatusCode::OK);
     // Store errors: more fresh quota keys than the table's 64 shards hold one each.
@@ -235,6 +238,10 @@ async fn every_dashboard_query_uses_metrics_the_sidecar_exports() {
         types.get("keyward_wait_seconds").map(String::as_str),
         Some("histogram"),
         "{scrape}"
+    );
+    assert!(
+        scrape.contains("keyward_waiting{layer=\"serial\",route=\"accounts\"} 0"),
+        "a wait was counted and uncounted:\n{scrape}"
     );
 
     let path = concat!(

@@ -202,7 +202,7 @@ async fn every_panel_query_returns_data_on_a_real_prometheus() {
             queries.push((title, expr));
         }
     }
-    assert!(queries.len() >= 18, "{queries:?}");
+    assert!(queries.len() >= 19, "{queries:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut pending = queries.clone();
     while !pending.is_empty() && Instant::now() < deadline {

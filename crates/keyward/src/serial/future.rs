@@ -23,7 +23,7 @@ use super::body::{PermitBody, PermitGuard};
 use super::layer::SerialSettings;
 use super::{FENCING_TOKEN_HEADER, remove_fencing_header};
 use crate::pipeline::{Config, Keyed};
-use crate::telemetry::LayerMetrics;
+use crate::telemetry::{LayerMetrics, WaitingNow};
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<AcquireOutcome, StoreError>> + Send>>;
 
@@ -76,6 +76,8 @@ struct Waiting<S, St, ReqBody> {
     /// When the first poll found the key busy; `None` while it never had to wait, which
     /// spares the uncontended path two clock reads.
     queued_at: Option<Instant>,
+    /// Counts this request in the queue depth while it waits (dropped with `Waiting`).
+    queued: Option<WaitingNow>,
 }
 
 impl<S, St, ReqBody> Coordinated<S, St, ReqBody>
@@ -108,6 +110,7 @@ where
             on_store_error: config.common.on_store_error,
             metrics: config.common.metrics.clone(),
             queued_at: None,
+            queued: None,
         };
         Coordinated {
             state: State::Acquiring {
@@ -143,7 +146,10 @@ where
                 StateProj::Acquiring { acquire, waiting } => {
                     let Poll::Ready(outcome) = acquire.as_mut().poll(cx) else {
                         if let Some(waiting) = waiting.as_mut() {
-                            waiting.queued_at.get_or_insert_with(Instant::now);
+                            if waiting.queued_at.is_none() {
+                                waiting.queued_at = Some(Instant::now());
+                                waiting.queued = Some(waiting.metrics.waiting());
+                            }
                         }
                         return Poll::Pending;
                     };
@@ -186,7 +192,9 @@ where
         on_store_error,
         metrics,
         queued_at,
+        queued,
     } = waiting;
+    drop(queued);
     let waited = queued_at.map_or(Duration::ZERO, |at| at.elapsed());
     metrics.waited(&trace.span, waited.as_secs_f64());
     if let Err(error) = &outcome {

@@ -254,7 +254,9 @@ impl<St: SingleFlightStore, K> Flight<St, K> {
                     ready = false;
                     // Measured even with the span disabled: the wait histogram needs it.
                     started.get_or_insert_with(Instant::now);
+                    let waiting = metrics.waiting();
                     let outcome = seat.run().await;
+                    drop(waiting);
                     #[cfg(feature = "opentelemetry")]
                     if let Some(leader) = seat.leader_span() {
                         crate::telemetry::link_to_leader(&leader);

@@ -16,14 +16,14 @@ use keyward_core::store::StoreError;
 use keyward_core::telemetry::{
     ATTR_ERROR, ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_WAIT_SECONDS,
     METRIC_DECISIONS, METRIC_FAIL_OPEN, METRIC_STORE_ERRORS, METRIC_STORE_SECONDS,
-    METRIC_WAIT_SECONDS,
+    METRIC_WAIT_SECONDS, METRIC_WAITING,
 };
 mod report;
 
 pub use report::{DecisionReporter, DecisionSink, ReportedDecision};
 
 use opentelemetry::KeyValue;
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{Counter, Histogram, Meter, UpDownCounter};
 use tracing::Span;
 
 use crate::pipeline::Trace;
@@ -48,6 +48,7 @@ struct Instruments {
     store: Histogram<f64>,
     store_errors: Counter<u64>,
     fail_open: Counter<u64>,
+    waiting: UpDownCounter<i64>,
     /// `[layer, route]`, built once so that recording allocates nothing.
     labels: [KeyValue; 2],
     /// The same, for decision reports.
@@ -92,12 +93,19 @@ impl LayerMetrics {
                 "Requests let through uncoordinated after a store failure (on_error = open).",
             )
             .build();
+        let waiting = meter
+            .i64_up_down_counter(METRIC_WAITING)
+            .with_description(
+                "Requests waiting right now: serial queue depth, single-flight followers.",
+            )
+            .build();
         LayerMetrics(Arc::new(Instruments {
             decisions,
             waits,
             store,
             store_errors,
             fail_open,
+            waiting,
             labels: [
                 KeyValue::new(ATTR_LAYER, layer),
                 KeyValue::new(ATTR_ROUTE, route.clone()),
@@ -116,6 +124,7 @@ impl LayerMetrics {
             store: self.0.store.clone(),
             store_errors: self.0.store_errors.clone(),
             fail_open: self.0.fail_open.clone(),
+            waiting: self.0.waiting.clone(),
             labels: [layer.clone(), KeyValue::new(ATTR_ROUTE, route.clone())],
             layer: self.0.layer,
             route: route.clone(),
@@ -175,6 +184,13 @@ impl LayerMetrics {
         );
     }
 
+    /// Counts one request as waiting (`keyward_waiting`) until the guard is dropped,
+    /// however the wait ends (its turn, a timeout, the client leaving).
+    pub(crate) fn waiting(&self) -> WaitingNow {
+        self.0.waiting.add(1, &self.0.labels);
+        WaitingNow(self.clone())
+    }
+
     /// Counts a request let through uncoordinated after a store failure.
     pub(crate) fn failed_open(&self) {
         self.0.fail_open.add(1, &self.0.labels);
@@ -189,6 +205,22 @@ impl LayerMetrics {
         let output = call.await;
         self.store_call_done(timer, output.as_ref().err());
         output
+    }
+}
+
+/// One request counted in `keyward_waiting` while this lives.
+pub(crate) struct WaitingNow(LayerMetrics);
+
+impl Drop for WaitingNow {
+    fn drop(&mut self) {
+        let instruments = &(self.0).0;
+        instruments.waiting.add(-1, &instruments.labels);
+    }
+}
+
+impl fmt::Debug for WaitingNow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WaitingNow")
     }
 }
 
