@@ -137,6 +137,8 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         "server.shutdown_grace",
         a.shutdown_grace == b.shutdown_grace,
     );
+    // One thread and one listening socket per worker, made at start-up.
+    check("server.workers", a.workers == b.workers);
     let (a, b) = (&old.store, &new.store);
     check("store.backend", a.backend == b.backend);
     check("store.prefix", a.prefix == b.prefix);
@@ -152,6 +154,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         a.max_serial_keys == b.max_serial_keys,
     );
     check("store.serial_lease", a.serial_lease == b.serial_lease);
+    check("store.max_reuse_bytes", a.max_reuse_bytes == b.max_reuse_bytes);
     let (a, b) = (&old.telemetry, &new.telemetry);
     check("telemetry.service_name", a.service_name == b.service_name);
     check(
