@@ -96,7 +96,7 @@ impl RateHeaders {
 pin_project! {
     /// The coordinated part of [`QuotaService`](super::QuotaService)'s response future:
     /// waits for the store's decision, then answers 429 or calls the inner service and
-    /// adds the RateLimit headers. No allocation of its own.
+    /// adds the RateLimit headers. No allocation of its own (one for a priced quota).
     pub struct Coordinated<CF, S, Req, St>
     where
         S: Service<Req>,
