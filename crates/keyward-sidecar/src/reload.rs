@@ -154,7 +154,10 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
         a.max_serial_keys == b.max_serial_keys,
     );
     check("store.serial_lease", a.serial_lease == b.serial_lease);
-    check("store.max_reuse_bytes", a.max_reuse_bytes == b.max_reuse_bytes);
+    check(
+        "store.max_reuse_bytes",
+        a.max_reuse_bytes == b.max_reuse_bytes,
+    );
     let (a, b) = (&old.telemetry, &new.telemetry);
     check("telemetry.service_name", a.service_name == b.service_name);
     check(
