@@ -9,8 +9,9 @@
 #   fresh    POST, quota + idempotency, a fresh Idempotency-Key per request  vs nginx POST
 #   replay   POST, quota + idempotency, one key (replays)                    vs nginx POST
 #   serial   POST, serial on a fresh account key per request (uncontended)   vs nginx POST
-#   flight   64 concurrent identical GETs on a 50 ms upstream: single flight vs nginx
-#            proxy_cache_lock (with a 1 s cache: nginx also serves what landed for 1 s)
+#   flight   64 concurrent identical GETs on a 50 ms upstream: single flight, and single
+#            flight with reuse_for = 1s, vs nginx proxy_cache_lock with a 1 s cache (nginx
+#            also serves what landed for 1 s, as reuse_for does)
 #   otlp     GET, no layers, OTLP traces+metrics exported, 1 % of traces sampled
 #            vs the same sidecar without OTLP
 #
@@ -111,11 +112,12 @@ PORT=$SLOW "$SLOW_UPSTREAM" >"$WORK/slow.log" 2>&1 & PIDS+=($!)
 # keyward instances: name -> port; each its own process so that its CPU is its own.
 declare -A KW_PORT KW_PID
 next=10
+wanted() { [[ " $CASES " == *" $1 "* ]]; }
 keyward_start() { # name toml-routes [env...]
     local name=$1 routes=$2; shift 2
     local listen; listen=$(port $next); local admin; admin=$(port $((next + 1))); next=$((next + 2))
     local upstream="http://127.0.0.1:$UPSTREAM"
-    [ "$name" = flight ] && upstream="http://127.0.0.1:$SLOW"
+    case $name in flight | reuse) upstream="http://127.0.0.1:$SLOW" ;; esac
     cat > "$WORK/$name.toml" <<TOML
 [server]
 listen = "127.0.0.1:$listen"
@@ -145,14 +147,22 @@ methods = ["POST"]
 path = "/pay"
 [routes.serial]
 key = "header:X-Account"'
-keyward_start flight '
+wanted flight && keyward_start flight '
 [[routes]]
 name = "slow"
 methods = ["GET"]
 path = "/slow"
 [routes.single_flight]
 scope = "none"'
-keyward_start otlp "
+wanted flight && keyward_start reuse '
+[[routes]]
+name = "slow"
+methods = ["GET"]
+path = "/slow"
+[routes.single_flight]
+scope = "none"
+reuse_for = "1s"'
+wanted otlp && keyward_start otlp "
 [telemetry]
 otlp_endpoint = \"http://127.0.0.1:$OTLP\"" OTEL_TRACES_SAMPLER=traceidratio OTEL_TRACES_SAMPLER_ARG=0.01
 
@@ -247,7 +257,10 @@ for round in $(seq 1 "$ROUNDS"); do
                 row "nginx proxy_cache_lock (1 s cache), 50 ms upstream" nginx-cache "http://127.0.0.1:$NGINX_CACHE/slow?delay_ms=50"
                 before=$(slow_effects)
                 row "keyward single flight, 50 ms upstream" flight "http://127.0.0.1:${KW_PORT[flight]}/slow?delay_ms=50"
-                echo "round $round: keyward single flight made $(( $(slow_effects) - before )) upstream calls in $DURATION (about one per 50 ms flight is $(awk -v d="${DURATION%s}" 'BEGIN { print int(d / 0.05) }'))" ;;
+                echo "round $round: keyward single flight made $(( $(slow_effects) - before )) upstream calls in $DURATION (about one per 50 ms flight is $(awk -v d="${DURATION%s}" 'BEGIN { print int(d / 0.05) }'))"
+                before=$(slow_effects)
+                row "keyward single flight, reuse_for = 1s, 50 ms upstream" reuse "http://127.0.0.1:${KW_PORT[reuse]}/slow?delay_ms=50"
+                echo "round $round: with reuse_for = 1s, $(( $(slow_effects) - before )) upstream calls in $DURATION" ;;
             otlp)
                 row "keyward, no layers, GET (OTLP off)" bare "http://127.0.0.1:${KW_PORT[bare]}/"
                 row "keyward, no layers, GET, OTLP on, 1 % sampled" otlp "http://127.0.0.1:${KW_PORT[otlp]}/" ;;
