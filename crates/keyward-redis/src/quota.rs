@@ -5,7 +5,7 @@
 //! TAT passes (a full bucket is the same as no record), so idle keys cost Redis nothing.
 //!
 //! Exactness: Lua numbers are doubles (exact below 2^53) and nanoseconds since the epoch
-//! are above that, so the script (`scripts/quota/check.lua`) keeps every instant and span
+//! are above that, so the scripts (`scripts/quota/`, their shared steps in `lib.lua`) keep every instant and span
 //! as a (seconds, nanoseconds) pair and decides exactly like [`Quota::decide`] at
 //! nanosecond precision; the clock itself has `TIME`'s resolution, one microsecond. The
 //! script answers the TAT it found and the clock, and the reported numbers (remaining,
@@ -27,9 +27,9 @@ use crate::reply::QuotaCheck;
 use crate::script::script;
 use crate::util::spawn;
 
-static CHECK: LazyLock<Script> = script!(writes: "quota/check.lua");
-static PEEK: LazyLock<Script> = script!(reads: "quota/peek.lua");
-static CHARGE: LazyLock<Script> = script!(writes: "quota/charge.lua");
+static CHECK: LazyLock<Script> = script!(writes: "quota/lib.lua", "quota/check.lua");
+static PEEK: LazyLock<Script> = script!(reads: "quota/lib.lua", "quota/peek.lua");
+static CHARGE: LazyLock<Script> = script!(writes: "quota/lib.lua", "quota/charge.lua");
 
 /// Scripts [`RedisStore::ping`] preloads.
 pub(crate) static SCRIPTS: [&LazyLock<Script>; 3] = [&CHECK, &PEEK, &CHARGE];
