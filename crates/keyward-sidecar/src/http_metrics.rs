@@ -11,15 +11,19 @@
 //! (`http_server_request_duration_seconds`, `keyward_upstream_failures_total`, ...).
 //!
 //! The hot path pays for what it records and nothing more: every route's attribute is
-//! built once ([`RouteHttp`], an `Arc`'d string), methods are static strings and the
-//! status an integer, so a request records two histogram points without allocating.
+//! built once ([`RouteHttp`], an `Arc`'d string), and each worker thread keeps the
+//! histograms bound to the (method, status) pairs it has seen on a route
+//! ([`BoundHistogram`]: the SDK's attribute look-up, hashing three attributes per point,
+//! is done once per pair instead of per request).
 
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
-use opentelemetry::metrics::{Counter, Histogram, Meter};
+use opentelemetry::metrics::{BoundHistogram, Counter, Histogram, Meter};
 use opentelemetry::{KeyValue, StringValue, Value};
+use thread_local::ThreadLocal;
 
 use crate::proxy::ProxyError;
 
@@ -40,6 +44,60 @@ struct Instruments {
 pub struct RouteHttp {
     instruments: Arc<Instruments>,
     route: KeyValue,
+    server: Arc<BoundPairs>,
+    client: Arc<BoundPairs>,
+}
+
+/// Most (method, status) pairs a thread binds per route and histogram; points of further
+/// pairs are recorded unbound (same series, the SDK's look-up per point).
+const MAX_BOUND_PAIRS: usize = 32;
+
+/// One histogram of one route, bound per (method, status), per thread.
+#[derive(Default)]
+struct BoundPairs {
+    threads: ThreadLocal<RefCell<Vec<BoundPair>>>,
+}
+
+struct BoundPair {
+    method: &'static str,
+    status: i64,
+    histogram: BoundHistogram<f64>,
+}
+
+impl BoundPairs {
+    fn record(
+        &self,
+        histogram: &Histogram<f64>,
+        route: &KeyValue,
+        method: &'static str,
+        status: i64,
+        value: f64,
+    ) {
+        let mut pairs = self.threads.get_or_default().borrow_mut();
+        if let Some(pair) = pairs
+            .iter()
+            .find(|pair| pair.status == status && pair.method == method)
+        {
+            pair.histogram.record(value);
+            return;
+        }
+        let attributes = [
+            route.clone(),
+            KeyValue::new("http.request.method", method),
+            KeyValue::new("http.response.status_code", status),
+        ];
+        if pairs.len() >= MAX_BOUND_PAIRS {
+            histogram.record(value, &attributes);
+            return;
+        }
+        let bound = histogram.bind(&attributes);
+        bound.record(value);
+        pairs.push(BoundPair {
+            method,
+            status,
+            histogram: bound,
+        });
+    }
 }
 
 /// Makes the per-route recorders of one meter.
@@ -82,6 +140,8 @@ impl HttpMetrics {
         RouteHttp {
             instruments: self.instruments.clone(),
             route: KeyValue::new("http.route", Value::String(StringValue::from(name))),
+            server: Arc::default(),
+            client: Arc::default(),
         }
     }
 }
@@ -89,13 +149,12 @@ impl HttpMetrics {
 impl RouteHttp {
     /// One request served.
     pub fn served(&self, method: &Method, status: StatusCode, elapsed: Duration) {
-        self.instruments.server.record(
+        self.server.record(
+            &self.instruments.server,
+            &self.route,
+            method_name(method),
+            i64::from(status.as_u16()),
             elapsed.as_secs_f64(),
-            &[
-                self.route.clone(),
-                KeyValue::new("http.request.method", method_value(method)),
-                KeyValue::new("http.response.status_code", i64::from(status.as_u16())),
-            ],
         );
     }
 
@@ -119,21 +178,20 @@ impl RouteHttp {
                 0
             }
         };
-        self.instruments.client.record(
+        self.client.record(
+            &self.instruments.client,
+            &self.route,
+            method_name(method),
+            status,
             elapsed.as_secs_f64(),
-            &[
-                self.route.clone(),
-                KeyValue::new("http.request.method", method_value(method)),
-                KeyValue::new("http.response.status_code", status),
-            ],
         );
     }
 }
 
 /// The method as the conventions name it: the known ones as they are, others `_OTHER`
 /// (a client cannot mint new label values).
-fn method_value(method: &Method) -> Value {
-    let name: &'static str = match method.as_str() {
+fn method_name(method: &Method) -> &'static str {
+    match method.as_str() {
         "GET" => "GET",
         "POST" => "POST",
         "PUT" => "PUT",
@@ -144,8 +202,7 @@ fn method_value(method: &Method) -> Value {
         "CONNECT" => "CONNECT",
         "TRACE" => "TRACE",
         _ => "_OTHER",
-    };
-    Value::from(name)
+    }
 }
 
 /// Why an upstream call got no response: refused, another connect failure, the

@@ -140,7 +140,7 @@ fn canonicalize(req: &mut Request<Body>) -> Result<(), Refused> {
     Ok(())
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -162,26 +162,69 @@ fn accepts_trailers(headers: &HeaderMap) -> bool {
 }
 
 /// Removes the headers that describe one connection, including those `Connection` names.
+///
+/// This runs twice per proxied request (the request and the response): one pass over the
+/// names finds which are there, and a request without any (the common case) is not
+/// touched; only the names present are looked up again to be removed.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let mut present = 0u16;
+    for name in headers.keys() {
+        // Their lengths first: most names are none of them, and a length is one load.
+        if !hop_by_hop_length(name.as_str().len()) {
+            continue;
+        }
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // `Connection` (index 0) may name more headers; `keep-alive`, the usual value of an
+    // upstream's responses, is removed below anyway.
+    if present & 1 != 0 && !names_only_itself(headers) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| !name.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+}
+
+/// Whether a header name of `len` bytes can be one of [`HOP_BY_HOP`] (checked against
+/// the list in a test).
+fn hop_by_hop_length(len: usize) -> bool {
+    matches!(len, 2 | 7 | 10 | 17 | 18 | 19)
+}
+
+/// Whether every `Connection` value is `keep-alive` (what upstreams send with every
+/// response): an option that names no header not removed anyway.
+fn names_only_itself(headers: &HeaderMap) -> bool {
+    headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
+        .all(|value| value.as_bytes().eq_ignore_ascii_case(b"keep-alive"))
 }
 
 /// Removes every `Keyward-*` header: those keyward sends upstream are its own word.
 fn remove_keyward_headers(headers: &mut HeaderMap) {
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("keyward-"))
-        .cloned()
-        .collect();
+    let ours = |name: &HeaderName| name.as_str().starts_with("keyward-");
+    if !headers.keys().any(ours) {
+        return;
+    }
+    let ours: Vec<HeaderName> = headers.keys().filter(|name| ours(name)).cloned().collect();
     for name in ours {
         headers.remove(name);
     }
@@ -315,6 +358,13 @@ where
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    #[test]
+    fn every_hop_by_hop_name_passes_the_length_filter() {
+        for name in &HOP_BY_HOP {
+            assert!(hop_by_hop_length(name.as_str().len()), "{name}");
+        }
+    }
 
     fn ingress(trusted: &[&str]) -> Ingress {
         Ingress {

@@ -202,7 +202,11 @@ async fn accept_loop(
         let app = app.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(&app, req, peer, deadlines.body_read).await) }
+            // Boxed: hyper moves the future it is given, and the whole request's state
+            // (every layer's future) lives in it: moving a pointer is cheaper.
+            Box::pin(async move {
+                Ok::<_, Infallible>(handle(&app, req, peer, deadlines.body_read).await)
+            })
         });
         let stream = WriteTimeout::new(stream, deadlines.idle_write);
         let connection = builder.serve_connection(TokioIo::new(stream), service);
