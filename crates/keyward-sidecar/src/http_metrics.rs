@@ -13,6 +13,9 @@
 //! The hot path pays for what it records and nothing more: every route's attribute is
 //! built once ([`RouteHttp`], an `Arc`'d string), methods are static strings and the
 //! status an integer, so a request records two histogram points without allocating.
+//! With OTLP export on, both histograms also keep the exemplar of a sampled request per
+//! bucket ([`crate::exemplars`]); `http.server.request.duration` is then recorded inside
+//! the request's span, so that its exemplar names it.
 
 use std::sync::Arc;
 use std::time::Duration;
