@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+pub mod openmetrics;
 pub mod prometheus;
 
 /// What the upstream saw.
