@@ -276,12 +276,19 @@ fn answer(ready: Ready) -> (StatusCode, String) {
     }
 }
 
+/// `/metrics`: Prometheus text, or OpenMetrics (with exemplars) when the scrape's
+/// `Accept` asks for `application/openmetrics-text`.
 async fn render_metrics(
     State(state): State<AdminState>,
+    headers: HeaderMap,
 ) -> ([(http::HeaderName, &'static str); 1], String) {
+    let accept = headers
+        .get(http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let format = crate::prometheus::Format::negotiate(accept);
     (
-        [(http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
+        [(http::header::CONTENT_TYPE, format.content_type())],
+        state.metrics.render(format),
     )
 }
 

@@ -223,7 +223,14 @@ impl App {
                 error.into_response(protocol)
             }
         };
-        http.served(&method, res.status(), started.elapsed());
+        let served = || http.served(&method, res.status(), started.elapsed());
+        // Inside the request's span, when it may be sampled: the latency histogram then
+        // keeps its trace as an exemplar.
+        if crate::telemetry::exporting_traces() && !span.is_disabled() {
+            span.in_scope(served);
+        } else {
+            served();
+        }
         tracing::info!(
             parent: &span,
             route = route_name,

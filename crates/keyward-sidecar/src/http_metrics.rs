@@ -15,6 +15,10 @@
 //! histograms bound to the (method, status) pairs it has seen on a route
 //! ([`BoundHistogram`]: the SDK's attribute look-up, hashing three attributes per point,
 //! is done once per pair instead of per request).
+//! With OTLP export on, both histograms also keep the exemplar of a sampled request per
+//! bucket ([`crate::exemplars`], whose bound histograms keep them too);
+//! `http.server.request.duration` is then recorded inside the request's span, so that
+//! its exemplar names it.
 
 use std::cell::RefCell;
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 mod admin;
 mod app;
 mod config;
+mod exemplars;
 mod explain;
 mod hotkeys;
 mod http_metrics;

@@ -12,6 +12,9 @@
 //! No span is needed for either: decision spans exist only when a subscriber records
 //! them (a sampled trace, a log level that shows spans).
 //!
+//! A scrape that asks for OpenMetrics also gets the histograms' exemplars: the trace of
+//! a sampled request per bucket ([`crate::exemplars`]).
+//!
 //! Hot keys count one hit per request, route and key hash: a request passing through
 //! several layers of its route (quota, idempotency, ...) that see the same key counts
 //! once, not once per layer; layers keyed on different things (an API key for quota,
@@ -22,16 +25,19 @@ use std::sync::Mutex;
 use keyward::core::KeyHash;
 use keyward::{DecisionSink, ReportedDecision};
 
+use crate::exemplars::Exemplars;
 use crate::hotkeys::HotKeys;
-use crate::prometheus::PullReader;
+use crate::prometheus::{Format, PullReader};
 
 /// Name of the per-request span the sidecar opens (when a subscriber records it).
 pub const REQUEST_SPAN: &str = "keyward.request";
 
-/// The sidecar's metrics: the meter provider's pull reader and the hot-key sketches.
+/// The sidecar's metrics: the meter provider's pull reader, the histograms' exemplars
+/// and the hot-key sketches.
 #[derive(Clone, Default)]
 pub struct Metrics {
     reader: PullReader,
+    exemplars: Exemplars,
     hot_keys: HotKeys,
 }
 
@@ -46,9 +52,19 @@ impl Metrics {
         &self.hot_keys
     }
 
-    /// Prometheus text exposition format 0.0.4.
-    pub fn render(&self) -> String {
-        self.reader.render()
+    /// The exemplars the histograms keep (with OTLP export on, see
+    /// [`crate::telemetry::Telemetry::meter`]).
+    pub fn exemplars(&self) -> &Exemplars {
+        &self.exemplars
+    }
+
+    /// Every metric in `format`: Prometheus text exposition format 0.0.4, or
+    /// OpenMetrics 1.0.0 with exemplars.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Prometheus => self.reader.render(),
+            Format::OpenMetrics => self.reader.render_openmetrics(&self.exemplars),
+        }
     }
 }
 

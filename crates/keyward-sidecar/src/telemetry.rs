@@ -12,6 +12,10 @@
 //!
 //! W3C trace context: [`extract_parent`] reads the caller's `traceparent` and
 //! [`inject_current`] writes the current span's into the upstream request.
+//!
+//! With OTLP export on, the meter's histograms also keep exemplars: the trace and span
+//! of a sampled request per bucket, served to scrapes that ask for OpenMetrics
+//! ([`crate::exemplars`]).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -28,6 +32,7 @@ use opentelemetry_sdk::trace::{SdkTracerProvider, Tracer};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::config::TelemetryConfig;
+use crate::exemplars::Exemplars;
 use crate::metrics::Metrics;
 
 /// Whether spans are exported (OTLP configured): only then is there a trace context to
@@ -48,6 +53,9 @@ const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct Telemetry {
     meter_provider: SdkMeterProvider,
     tracer_provider: Option<SdkTracerProvider>,
+    /// Where the histograms keep exemplars: only with OTLP export, which alone gives
+    /// requests trace ids.
+    exemplars: Option<Exemplars>,
 }
 
 impl Telemetry {
@@ -61,6 +69,7 @@ impl Telemetry {
             .with_resource(resource.clone())
             .with_reader(metrics.reader().clone());
         let mut tracer_provider = None;
+        let mut exemplars = None;
         if let Some(endpoint) = &config.otlp_endpoint {
             let exporter = opentelemetry_otlp::MetricExporter::builder()
                 .with_tonic()
@@ -81,16 +90,24 @@ impl Telemetry {
             );
             opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
             EXPORTING_TRACES.store(true, Ordering::Relaxed);
+            exemplars = Some(metrics.exemplars().clone());
         }
         Ok(Telemetry {
             meter_provider: meters.build(),
             tracer_provider,
+            exemplars,
         })
     }
 
-    /// The meter every layer records into.
+    /// The meter every layer records into. With OTLP export on, its histograms also keep
+    /// the exemplars of sampled requests ([`crate::exemplars`]); without, it is the
+    /// SDK's meter as it is.
     pub fn meter(&self) -> Meter {
-        self.meter_provider.meter(SCOPE)
+        let meter = self.meter_provider.meter(SCOPE);
+        match &self.exemplars {
+            Some(exemplars) => exemplars.meter(meter),
+            None => meter,
+        }
     }
 
     /// The tracer for `tracing-opentelemetry`, when spans are exported.
@@ -106,6 +123,7 @@ impl Telemetry {
         let Telemetry {
             meter_provider,
             tracer_provider,
+            exemplars: _,
         } = self;
         // The SDK's shutdown blocks its caller until the export threads are done.
         let flush = tokio::task::spawn_blocking(move || {
@@ -123,6 +141,12 @@ impl Telemetry {
             tracing::warn!("telemetry flush timed out");
         }
     }
+}
+
+/// Whether spans are exported (OTLP configured): only then do requests have trace ids,
+/// and histograms exemplars.
+pub fn exporting_traces() -> bool {
+    EXPORTING_TRACES.load(Ordering::Relaxed)
 }
 
 /// Says whether the log filter shows info-level spans (set once, when logging starts).

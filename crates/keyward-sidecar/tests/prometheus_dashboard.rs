@@ -6,13 +6,13 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{HttpClient, Sidecar, Upstream, client, free_port, send};
+use support::prometheus::Prometheus;
+use support::{HttpClient, Sidecar, Upstream, client, send};
 
 /// One route per layer; a quota route with a 1 s window on a table of one key per shard
 /// makes store errors (let through: `on_error = "open"`).
@@ -64,96 +64,13 @@ key = "method_uri"
 scope = "none"
 "#;
 
-struct Prometheus {
-    child: Child,
-    url: String,
-    _dir: support::tempdir::Dir,
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_prometheus(http: &HttpClient, target: std::net::SocketAddr) -> Prometheus {
-    let found = Command::new("prometheus").arg("--version").output();
-    assert!(
-        found.is_ok_and(|out| out.status.success()),
-        "prometheus is missing: install it with `apt-get install prometheus` (or run .ci/install-deps.sh)"
-    );
-    let dir = support::tempdir::Dir::new("prometheus");
-    let config = dir.path().join("prometheus.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: keyward\n    static_configs:\n      - targets: ['{target}']\n"
-        ),
-    )
-    .unwrap();
-    let port = free_port();
-    let child = Command::new("prometheus")
-        .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}");
-    let prometheus = Prometheus {
-        child,
-        url,
-        _dir: dir,
-    };
-    for _ in 0..400 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            let ready = send(http, "GET", &format!("{}/-/ready", prometheus.url), &[], "").await;
-            if ready.status == 200 {
-                return prometheus;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("prometheus did not get ready within 10 s");
-}
-
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-async fn query(http: &HttpClient, prometheus: &Prometheus, expr: &str) -> Vec<Value> {
-    let url = format!("{}/api/v1/query?query={}", prometheus.url, encode(expr));
-    let reply = send(http, "GET", &url, &[], "").await;
-    let body: Value = serde_json::from_str(&reply.body).unwrap();
-    assert_eq!(body["status"], "success", "{expr}: {body}");
-    body["data"]["result"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_panel_query_returns_data_on_a_real_prometheus() {
     let upstream = Upstream::start().await;
     let sidecar =
         Sidecar::start_with_server(upstream.addr, "request_timeout = \"300ms\"", ALL_LAYERS).await;
     let http = client();
-    let prometheus = start_prometheus(&http, sidecar.admin).await;
+    let prometheus = Prometheus::start(&http, sidecar.admin, &[]).await;
 
     // Traffic runs while Prometheus scrapes and while the panels are evaluated.
     let stop = Arc::new(AtomicBool::new(false));
@@ -208,7 +125,7 @@ async fn every_panel_query_returns_data_on_a_real_prometheus() {
     while !pending.is_empty() && Instant::now() < deadline {
         let mut still = Vec::new();
         for (title, expr) in pending {
-            let result = query(&http, &prometheus, &expr).await;
+            let result = prometheus.query(&http, &expr).await;
             // NaN is what a ratio or quantile gives over a window without events: no data.
             let has_data = result
                 .iter()
@@ -228,12 +145,9 @@ async fn every_panel_query_returns_data_on_a_real_prometheus() {
         pending.is_empty(),
         "panels without data after 30 s: {pending:#?}"
     );
-    let routes = query(
-        &http,
-        &prometheus,
-        "count by (route) (keyward_decisions_total)",
-    )
-    .await;
+    let routes = prometheus
+        .query(&http, "count by (route) (keyward_decisions_total)")
+        .await;
     assert!(
         routes.len() >= 4,
         "the $route variable's values: {routes:?}"

@@ -1,7 +1,8 @@
 //! The proxy's own metrics on `/metrics`: `http.server.request.duration` and
 //! `http.client.request.duration` per route (OpenTelemetry HTTP semantic conventions,
-//! Prometheus names), upstream failures by kind, the memory store's table sizes; and
-//! `promtool check metrics` finds nothing to complain about.
+//! Prometheus names), upstream failures by kind, the memory store's table sizes;
+//! `promtool check metrics` finds nothing to complain about, and the OpenMetrics a
+//! scrape asks for parses with the reference parser, with the same samples.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -9,6 +10,7 @@ mod support;
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use support::openmetrics::{ACCEPT_OPENMETRICS, parse_openmetrics};
 use support::{Sidecar, Upstream, client, free_port, send};
 
 const ROUTES: &str = r#"
@@ -158,6 +160,36 @@ async fn the_proxy_reports_requests_upstream_calls_failures_and_table_sizes() {
         assert!(
             out.status.success() && said.trim().is_empty(),
             "promtool check metrics:\n{said}\non\n{text}"
+        );
+    }
+
+    // Asked for OpenMetrics: the reference parser takes it, and its samples are the
+    // Prometheus text's, line for line (no exemplars without trace export).
+    for (scraped, text) in [(&sidecar, &metrics), (&orphan, &refused)] {
+        let url = format!("http://{}/metrics", scraped.admin);
+        let reply = send(&http, "GET", &url, &[("accept", ACCEPT_OPENMETRICS)], "").await;
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/openmetrics-text; version=1.0.0; charset=utf-8")
+        );
+        let parsed = parse_openmetrics(&reply.body);
+        let samples = |text: &str| -> Vec<String> {
+            let mut lines: Vec<String> = text
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            lines
+        };
+        assert_eq!(samples(&reply.body), samples(text));
+        assert_eq!(parsed.len(), samples(text).len());
+        assert!(
+            reply
+                .body
+                .contains("# TYPE keyward_upstream_failures counter\n"),
+            "{}",
+            reply.body
         );
     }
 }

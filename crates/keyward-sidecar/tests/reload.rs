@@ -1,7 +1,8 @@
 //! Live reload: `SIGHUP` and `POST /reload` swap routes and limits while a client loop
 //! runs (no request fails), a bad file leaves the old config serving with the same
-//! field-named errors `keyward check` prints, and a change only a restart can apply is
-//! refused, saying so.
+//! field-named errors `keyward check` prints, a change only a restart can apply is
+//! refused, saying so, and a request in flight during a reload finishes under the
+//! settings it started with.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -228,4 +229,114 @@ async fn ten_reloads_under_a_client_loop_fail_no_request_and_apply_each_limit() 
     assert!(sent > 40, "the client loops ran: {sent} requests");
     assert_eq!(failed.load(Ordering::SeqCst), 0, "{failures:?} of {sent}");
     assert!(sidecar.child.id() > 0);
+}
+
+/// A payments route whose quota limit and idempotency record ttl a reload changes.
+fn held_routes(limit: u32, ttl: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "pay"
+methods = ["POST"]
+path = "/pay/{{id}}"
+
+[routes.quota]
+key = "header:X-Api-Key"
+limit = {limit}
+per = "1h"
+
+[routes.idempotency]
+ttl = "{ttl}"
+"#
+    )
+}
+
+/// How long the record of idempotency key `key` on the `pay` route has left.
+async fn expires_in(http: &HttpClient, sidecar: &Sidecar, key: &str) -> f64 {
+    let (status, record) = admin(http, sidecar, "GET", &format!("/keys/pay/{key}")).await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["state"], "completed", "{record}");
+    record["expires_in_seconds"].as_f64().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_in_flight_across_a_reload_finishes_under_the_settings_it_started_with() {
+    let upstream = Upstream::start().await;
+    let sidecar = Sidecar::start(upstream.addr, &held_routes(5, "1h")).await;
+    let http = client();
+    let gate = upstream.gate("reload");
+
+    // Admitted under limit 5 and ttl 1h, then held inside the upstream.
+    let held = {
+        let (http, url) = (http.clone(), sidecar.url("/pay/1?hold=reload"));
+        tokio::spawn(async move {
+            send(
+                &http,
+                "POST",
+                &url,
+                &[("x-api-key", "tenant"), ("idempotency-key", "held")],
+                "{}",
+            )
+            .await
+        })
+    };
+    gate.arrived(1).await;
+
+    std::fs::write(
+        sidecar.config_path(),
+        format!("{}{}", server(&sidecar, &upstream), held_routes(50, "24h")),
+    )
+    .unwrap();
+    let (status, answer) = admin(&http, &sidecar, "POST", "/reload").await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["reloaded"], true);
+
+    // A request after the reload: the new limit and the new ttl.
+    let after = send(
+        &http,
+        "POST",
+        &sidecar.url("/pay/2"),
+        &[("x-api-key", "tenant"), ("idempotency-key", "after")],
+        "{}",
+    )
+    .await;
+    assert_eq!(after.status, 200, "{}", after.body);
+    let policy = after.header("ratelimit-policy").unwrap().to_owned();
+    assert!(policy.contains("q=50;"), "{policy}");
+    assert!(!held.is_finished(), "the held request is still in flight");
+
+    // The held request ends now: its answer and its record are the old config's.
+    gate.release();
+    let held = held.await.unwrap();
+    assert_eq!(held.status, 200, "{}", held.body);
+    let policy = held.header("ratelimit-policy").unwrap().to_owned();
+    assert!(
+        policy.contains("q=5;"),
+        "old limit on the in-flight answer: {policy}"
+    );
+    let old_ttl = expires_in(&http, &sidecar, "held").await;
+    assert!(
+        old_ttl <= 3600.0 && old_ttl > 3000.0,
+        "the in-flight request's record keeps the old ttl (1h): {old_ttl}"
+    );
+    let new_ttl = expires_in(&http, &sidecar, "after").await;
+    assert!(
+        new_ttl > 3600.0 && new_ttl <= 86400.0,
+        "the new request's record has the new ttl (24h): {new_ttl}"
+    );
+    // Its retry is a replay: the record stored under the old config serves on.
+    let retry = send(
+        &http,
+        "POST",
+        &sidecar.url("/pay/1?hold=reload"),
+        &[("x-api-key", "tenant"), ("idempotency-key", "held")],
+        "{}",
+    )
+    .await;
+    assert_eq!(
+        retry.header("idempotent-replayed"),
+        Some("true"),
+        "{retry:?}"
+    );
+    assert_eq!(upstream.hits(), 2);
 }

@@ -19,6 +19,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+pub mod openmetrics;
+pub mod prometheus;
+
 /// What the upstream saw.
 #[derive(Default)]
 pub struct Seen {
@@ -30,9 +33,62 @@ pub struct Seen {
     /// Requests inside the handler right now and at most, over all paths.
     pub total_in_flight: AtomicUsize,
     pub max_total_in_flight: AtomicUsize,
+    /// The gates `?hold=NAME` requests wait at.
+    pub gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+impl Seen {
+    fn gate(&self, name: &str) -> Arc<Gate> {
+        self.gates
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_insert_with(|| Arc::new(Gate::default()))
+            .clone()
+    }
+}
+
+/// Where `?hold=NAME` requests wait, inside the upstream, until the test opens it: a
+/// request held for exactly as long as a test needs, without sleeps.
+pub struct Gate {
+    arrived: tokio::sync::watch::Sender<usize>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            arrived: tokio::sync::watch::Sender::new(0),
+            open: tokio::sync::watch::Sender::new(false),
+        }
+    }
+}
+
+impl Gate {
+    /// Waits (bounded: 10 s) until `n` requests have come to the gate.
+    pub async fn arrived(&self, n: usize) {
+        let mut arrived = self.arrived.subscribe();
+        let waited = tokio::time::timeout(Duration::from_secs(10), arrived.wait_for(|c| *c >= n));
+        assert!(
+            matches!(waited.await, Ok(Ok(_))),
+            "{n} request(s) did not reach the upstream's gate within 10 s"
+        );
+    }
+
+    /// Lets every request held at the gate, and every later one, through.
+    pub fn release(&self) {
+        self.open.send_replace(true);
+    }
+
+    async fn pass(&self) {
+        self.arrived.send_modify(|n| *n += 1);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
 }
 
 /// A counting upstream: answers `{method} {path} hit={n}`; `?delay_ms=N` makes it slow;
+/// `?hold=NAME` holds the request until the test opens [`Upstream::gate`]`(NAME)`;
 /// `?status=N` sets the status; `?size=N` answers N bytes of `x` instead.
 pub struct Upstream {
     pub addr: SocketAddr,
@@ -68,6 +124,10 @@ async fn upstream_handler(State(seen): State<Arc<Seen>>, req: Request) -> impl I
     seen.max_total_in_flight.fetch_max(total, Ordering::SeqCst);
     if let Some(ms) = query.get("delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(name) = query.get("hold") {
+        let gate = seen.gate(name);
+        gate.pass().await;
     }
     *seen.in_flight.lock().unwrap().get_mut(&path).unwrap() -= 1;
     seen.total_in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -105,6 +165,11 @@ impl Upstream {
 
     pub fn hits(&self) -> usize {
         self.seen.hits.load(Ordering::SeqCst)
+    }
+
+    /// The gate `?hold=NAME` requests wait at (made on first use, by either side).
+    pub fn gate(&self, name: &str) -> Arc<Gate> {
+        self.seen.gate(name)
     }
 
     /// Waits (bounded: 2 s) until the upstream has seen `n` requests; fails if it has not.
