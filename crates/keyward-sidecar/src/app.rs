@@ -17,7 +17,7 @@ use tracing::Instrument;
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, UpstreamProtocol};
-use crate::hotkeys::HotKeys;
+use crate::hotkeys::{HotKeys, RouteSketch};
 use crate::http_metrics::{HttpMetrics, RouteHttp};
 use crate::ingress::Ingress;
 use crate::metrics::{REQUEST_SPAN, RequestDecisions};
@@ -32,6 +32,7 @@ struct Route {
     methods: Option<Vec<Method>>,
     service: Stack,
     http: RouteHttp,
+    hot_keys: Option<RouteSketch>,
 }
 
 /// Every route of a config, ready to serve. The routing table sits behind one swappable
@@ -131,6 +132,7 @@ impl Inner {
                 entry.push(i);
                 let http = http_metrics.route(&route.name);
                 Route {
+                    hot_keys: hot_keys.route(&route.name),
                     name: route.name.clone(),
                     methods: route.methods.clone(),
                     service: stack::build(
@@ -188,18 +190,18 @@ impl App {
                 return res;
             }
         };
-        let (route_name, service, http, routed) = match inner.route_for(&mut req) {
+        let (route_name, service, http, hot_keys) = match inner.route_for(&mut req) {
             Some(route) => (
                 route.name.as_str(),
                 route.service.clone(),
                 &route.http,
-                true,
+                Some(&route.hot_keys),
             ),
-            None => (NO_ROUTE, inner.passthrough.clone(), &inner.unrouted, false),
+            None => (NO_ROUTE, inner.passthrough.clone(), &inner.unrouted, None),
         };
         // Requests no route matches meet no layer: nothing to report.
-        let decisions = routed.then(|| {
-            let decisions = Arc::new(RequestDecisions::new(inner.hot_keys.clone()));
+        let decisions = hot_keys.map(|hot_keys| {
+            let decisions = Arc::new(RequestDecisions::new(hot_keys.clone()));
             req.extensions_mut()
                 .insert(DecisionReporter::new(decisions.clone()));
             decisions

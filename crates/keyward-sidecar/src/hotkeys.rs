@@ -186,19 +186,37 @@ pub struct Report {
 /// Hot-key sketches of all routes; cheap to clone.
 #[derive(Debug, Clone, Default)]
 pub struct HotKeys {
-    routes: Arc<Mutex<HashMap<String, Sketch>>>,
+    routes: Arc<Mutex<HashMap<String, RouteSketch>>>,
 }
 
+/// One route's sketch. Requests count into it directly (the routing table holds it), so
+/// a hit locks this route's sketch only, not every route's map.
+pub type RouteSketch = Arc<Mutex<Sketch>>;
+
 impl HotKeys {
-    /// Counts one hit of `key_hash` on `route`.
-    pub fn observe(&self, route: &str, key_hash: &str) {
+    /// The sketch of `route`, made on first ask and the same one after a reload; `None`
+    /// beyond [`MAX_ROUTES`] routes.
+    pub fn route(&self, route: &str) -> Option<RouteSketch> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(sketch) = routes.get_mut(route) {
-            sketch.observe(key_hash);
-        } else if routes.len() < MAX_ROUTES {
-            let mut sketch = Sketch::new(CAPACITY);
-            sketch.observe(key_hash);
-            routes.insert(route.to_owned(), sketch);
+        if let Some(sketch) = routes.get(route) {
+            return Some(sketch.clone());
+        }
+        if routes.len() >= MAX_ROUTES {
+            return None;
+        }
+        let sketch = Arc::new(Mutex::new(Sketch::new(CAPACITY)));
+        routes.insert(route.to_owned(), sketch.clone());
+        Some(sketch)
+    }
+
+    /// Counts one hit of `key_hash` on `route`.
+    #[cfg(test)]
+    pub fn observe(&self, route: &str, key_hash: &str) {
+        if let Some(sketch) = self.route(route) {
+            sketch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(key_hash);
         }
     }
 
@@ -210,7 +228,16 @@ impl HotKeys {
     )]
     pub fn size(&self) -> (usize, usize, usize) {
         let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        let counters = routes.values().map(|sketch| sketch.entries.len()).sum();
+        let counters = routes
+            .values()
+            .map(|sketch| {
+                sketch
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .entries
+                    .len()
+            })
+            .sum();
         (routes.len(), counters, routes.len() * SKETCH_BYTES)
     }
 
@@ -220,7 +247,12 @@ impl HotKeys {
         Report {
             routes: routes
                 .iter()
-                .map(|(route, sketch)| (route.clone(), sketch.top()))
+                .filter_map(|(route, sketch)| {
+                    let sketch = sketch.lock().unwrap_or_else(|p| p.into_inner());
+                    // A route is listed from its first hit on, as before it had a sketch
+                    // of its own from the start.
+                    (!sketch.entries.is_empty()).then(|| (route.clone(), sketch.top()))
+                })
                 .collect(),
         }
     }

@@ -26,7 +26,7 @@ use keyward::core::KeyHash;
 use keyward::{DecisionSink, ReportedDecision};
 
 use crate::exemplars::Exemplars;
-use crate::hotkeys::HotKeys;
+use crate::hotkeys::{HotKeys, RouteSketch};
 use crate::prometheus::{Format, PullReader};
 
 /// Name of the per-request span the sidecar opens (when a subscriber records it).
@@ -71,7 +71,7 @@ impl Metrics {
 /// One request's decisions, as its layers report them: the outcomes for its access-log
 /// line, and one hot-key hit per key hash.
 pub struct RequestDecisions {
-    hot_keys: HotKeys,
+    hot_keys: Option<RouteSketch>,
     seen: Mutex<Seen>,
 }
 
@@ -82,8 +82,8 @@ struct Seen {
 }
 
 impl RequestDecisions {
-    /// The decisions of one request, counting hot keys into `hot_keys`.
-    pub fn new(hot_keys: HotKeys) -> Self {
+    /// The decisions of one request, counting hot keys into its route's sketch.
+    pub fn new(hot_keys: Option<RouteSketch>) -> Self {
         RequestDecisions {
             hot_keys,
             seen: Mutex::new(Seen::default()),
@@ -121,8 +121,12 @@ impl DecisionSink for RequestDecisions {
                 _ => None,
             }
         };
-        if let Some(hash) = first {
-            self.hot_keys.observe(decision.route, hash.as_str());
+        // The request's route: every layer it passes belongs to it.
+        if let (Some(hash), Some(sketch)) = (first, &self.hot_keys) {
+            sketch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .observe(hash.as_str());
         }
     }
 }

@@ -218,11 +218,7 @@ where
 {
     let (mut parts, body) = res.into_parts();
     remove_hop_by_hop(&mut parts.headers);
-    if !body
-        .size_hint()
-        .exact()
-        .is_some_and(|n| n <= SMALL_RESPONSE)
-    {
+    if body.size_hint().exact().is_none_or(|n| n > SMALL_RESPONSE) {
         return Ok(Response::from_parts(parts, Body::new(body)));
     }
     // Most small bodies come in one frame: taken as it is, without a collecting buffer.

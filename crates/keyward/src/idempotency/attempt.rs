@@ -1,7 +1,10 @@
 //! One coordinated request: claim the key (waiting for an in-flight holder where the
 //! route says so), run the handler as the key's holder, then store or release.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -175,7 +178,14 @@ where
         // task of their own; a client that leaves stops waiting, not the task.
         let (waiting, gone) = oneshot::channel::<()>();
         let finish = self.clone().finish(res, guard, token, *fingerprint, gone);
-        let finished = tokio::spawn(finish.instrument(self.trace.span.clone())).await;
+        let mut finish = Box::pin(finish.instrument(self.trace.span.clone()));
+        // A response already in memory stored in a store that answers at once (the
+        // memory store) finishes in its first poll: no task is needed for that. Anything
+        // else goes on in a task, with nothing awaited in between.
+        if let Poll::Ready(response) = poll_once(finish.as_mut()).await {
+            return Ok(response);
+        }
+        let finished = tokio::spawn(finish).await;
         drop(waiting);
         match finished {
             Ok(response) => Ok(response),
@@ -400,4 +410,9 @@ enum Claim<ResB: Body> {
 
 fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {
     Problem::store_unavailable().into_keyward_response(protocol)
+}
+
+/// Polls `future` once and says what that gave, without waiting.
+async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }

@@ -6,6 +6,9 @@
 //! `opentelemetry::global::meter("keyward")` or the meter given to the layer's `.meter()`
 //! knob. Without an installed meter provider they are no-ops: a request then pays for a
 //! few reference-count updates and, where store latency is measured, two clock reads.
+//!
+//! With the `bound-instruments` feature every point is recorded through a handle bound
+//! to its attributes ([`bound`]): looked up once, not hashed on every request.
 
 use std::fmt;
 use std::future::Future;
@@ -14,11 +17,14 @@ use std::time::Instant;
 
 use keyward_core::store::StoreError;
 use keyward_core::telemetry::{
-    ATTR_ERROR, ATTR_LAYER, ATTR_OP, ATTR_OUTCOME, ATTR_ROUTE, FIELD_WAIT_SECONDS,
-    METRIC_DECISIONS, METRIC_FAIL_OPEN, METRIC_STORE_ERRORS, METRIC_STORE_SECONDS,
-    METRIC_WAIT_SECONDS, METRIC_WAITING,
+    ATTR_ERROR, ATTR_LAYER, ATTR_OP, ATTR_ROUTE, FIELD_WAIT_SECONDS, METRIC_DECISIONS,
+    METRIC_FAIL_OPEN, METRIC_STORE_ERRORS, METRIC_STORE_SECONDS, METRIC_WAIT_SECONDS,
+    METRIC_WAITING,
 };
+mod bound;
 mod report;
+
+use bound::Bound;
 
 pub use report::{DecisionReporter, DecisionSink, ReportedDecision};
 
@@ -54,6 +60,8 @@ struct Instruments {
     /// The same, for decision reports.
     layer: &'static str,
     route: Arc<str>,
+    /// The instruments bound to `labels` (and an outcome, or an operation).
+    bound: Bound,
 }
 
 impl LayerMetrics {
@@ -99,17 +107,19 @@ impl LayerMetrics {
                 "Requests waiting right now: serial queue depth, single-flight followers.",
             )
             .build();
+        let labels = [
+            KeyValue::new(ATTR_LAYER, layer),
+            KeyValue::new(ATTR_ROUTE, route.clone()),
+        ];
         LayerMetrics(Arc::new(Instruments {
+            bound: Bound::new(),
             decisions,
             waits,
             store,
             store_errors,
             fail_open,
             waiting,
-            labels: [
-                KeyValue::new(ATTR_LAYER, layer),
-                KeyValue::new(ATTR_ROUTE, route.clone()),
-            ],
+            labels,
             layer,
             route: route.clone(),
         }))
@@ -118,14 +128,16 @@ impl LayerMetrics {
     /// The same instruments for another route name (a builder call, not per request).
     pub(crate) fn for_route(&self, route: &Arc<str>) -> Self {
         let [layer, _] = &self.0.labels;
+        let labels = [layer.clone(), KeyValue::new(ATTR_ROUTE, route.clone())];
         LayerMetrics(Arc::new(Instruments {
+            bound: Bound::new(),
             decisions: self.0.decisions.clone(),
             waits: self.0.waits.clone(),
             store: self.0.store.clone(),
             store_errors: self.0.store_errors.clone(),
             fail_open: self.0.fail_open.clone(),
             waiting: self.0.waiting.clone(),
-            labels: [layer.clone(), KeyValue::new(ATTR_ROUTE, route.clone())],
+            labels,
             layer: self.0.layer,
             route: route.clone(),
         }))
@@ -135,21 +147,15 @@ impl LayerMetrics {
     /// asked for one) and one count.
     pub(crate) fn decided(&self, trace: &Trace, outcome: &'static str) {
         trace.decided(self.0.layer, &self.0.route, outcome);
-        let [layer, route] = &self.0.labels;
-        self.0.decisions.add(
-            1,
-            &[
-                layer.clone(),
-                route.clone(),
-                KeyValue::new(ATTR_OUTCOME, outcome),
-            ],
-        );
+        self.0
+            .bound
+            .decision(&self.0.decisions, &self.0.labels, outcome);
     }
 
     /// Records a wait for the key: the span's `keyward.wait_seconds` and the histogram.
     pub(crate) fn waited(&self, span: &Span, seconds: f64) {
         span.record(FIELD_WAIT_SECONDS, seconds);
-        self.0.waits.record(seconds, &self.0.labels);
+        self.0.bound.wait(&self.0.waits, &self.0.labels, seconds);
     }
 
     /// Starts timing one store call `op`; [`LayerMetrics::store_call_done`] records it.
@@ -162,10 +168,8 @@ impl LayerMetrics {
 
     /// Records a store call started with [`LayerMetrics::store_call`], and its error.
     pub(crate) fn store_call_done(&self, call: StoreCall, error: Option<&StoreError>) {
-        self.0.store.record(
-            call.started.elapsed().as_secs_f64(),
-            &[KeyValue::new(ATTR_OP, call.op)],
-        );
+        let seconds = call.started.elapsed().as_secs_f64();
+        self.0.bound.store_call(&self.0.store, call.op, seconds);
         if let Some(error) = error {
             self.store_failed(call.op, error);
         }
@@ -187,13 +191,13 @@ impl LayerMetrics {
     /// Counts one request as waiting (`keyward_waiting`) until the guard is dropped,
     /// however the wait ends (its turn, a timeout, the client leaving).
     pub(crate) fn waiting(&self) -> WaitingNow {
-        self.0.waiting.add(1, &self.0.labels);
+        self.0.bound.waiting(&self.0.waiting, &self.0.labels, 1);
         WaitingNow(self.clone())
     }
 
     /// Counts a request let through uncoordinated after a store failure.
     pub(crate) fn failed_open(&self) {
-        self.0.fail_open.add(1, &self.0.labels);
+        self.0.bound.fail_open(&self.0.fail_open, &self.0.labels);
     }
 
     /// Awaits the store call `op` and records its latency and error.
@@ -214,7 +218,9 @@ pub(crate) struct WaitingNow(LayerMetrics);
 impl Drop for WaitingNow {
     fn drop(&mut self) {
         let instruments = &(self.0).0;
-        instruments.waiting.add(-1, &instruments.labels);
+        instruments
+            .bound
+            .waiting(&instruments.waiting, &instruments.labels, -1);
     }
 }
 
