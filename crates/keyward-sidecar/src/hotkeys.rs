@@ -114,7 +114,9 @@ pub struct HotKey {
 pub struct Sketch {
     capacity: usize,
     entries: Vec<Counter>,
-    index: HashMap<InlineKey, usize>,
+    /// Key hashes are keyed SHA-256 digests, which a client cannot steer: a fast
+    /// hasher (a new key of a full sketch costs a removal and an insertion).
+    index: HashMap<InlineKey, usize, foldhash::fast::RandomState>,
 }
 
 impl Sketch {
@@ -124,7 +126,7 @@ impl Sketch {
         Sketch {
             capacity,
             entries: Vec::with_capacity(capacity),
-            index: HashMap::with_capacity(capacity * 2),
+            index: HashMap::with_capacity_and_hasher(capacity * 2, Default::default()),
         }
     }
 
