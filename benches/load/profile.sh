@@ -8,6 +8,12 @@
 # `perf record -F 1999 -g -p PID`, and prints the samples grouped by area (kernel,
 # allocator, tokio, hyper, tracing, keyward, ...) and the top user-space symbols.
 # Needs nginx, wrk and perf (apt-get install nginx-light wrk linux-perf).
+#
+# FLAME=out.svg also writes a flame graph of the recording (needs inferno:
+# `cargo install inferno`). Call stacks need frame pointers; build the binary for it:
+#   RUSTFLAGS="-C force-frame-pointers=yes" CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+#     cargo build --release -p keyward-sidecar --target-dir target/prof
+#   FLAME=/tmp/bare.svg bash benches/load/profile.sh target/prof/release/keyward bare
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/keyward}
@@ -61,7 +67,7 @@ esac
 wrk -t2 -c64 -d9s "${ARGS[@]}" >"$W/wrk.txt" &
 WP=$!
 sleep 2
-perf record -F 1999 -g -p "$KP" -o "$W/perf.data" -- sleep 5 >/dev/null 2>&1
+perf record -F 1999 --call-graph fp -p "$KP" -o "$W/perf.data" -- sleep 5 >/dev/null 2>&1
 wait "$WP"
 grep -E "Requests/sec" "$W/wrk.txt"
 echo "-- samples by area"
@@ -79,3 +85,8 @@ perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none --stdio 2>
 END { for (a in sum) printf "%6.2f%%  %s\n", sum[a], a | "sort -rn" }'
 echo "-- top user-space symbols"
 perf report -i "$W/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | grep -v "\[k\]" | sed 's/  */ /g' | cut -c1-150 | head -25
+if [ -n "${FLAME:-}" ]; then
+    command -v inferno-flamegraph >/dev/null || { echo "FLAME needs inferno: cargo install inferno" >&2; exit 1; }
+    perf script -i "$W/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "keyward $CASE" > "$FLAME"
+    echo "-- flame graph: $FLAME"
+fi

@@ -472,7 +472,11 @@ fn peer_ip<B>(req: &Request<B>, ipv6_prefix: u8) -> Option<String> {
         .or_else(|| extensions.get::<PeerAddr>().map(|peer| peer.0.ip()))
         .or_else(|| extensions.get::<SocketAddr>().map(SocketAddr::ip))?;
     Some(match ip.to_canonical() {
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V4(v4) => {
+            let mut key = String::with_capacity(15);
+            crate::ip::push_ip(&mut key, IpAddr::V4(v4));
+            key
+        }
         IpAddr::V6(v6) if ipv6_prefix >= 128 => v6.to_string(),
         IpAddr::V6(v6) => {
             let bits = u32::from(ipv6_prefix.max(1));

@@ -26,6 +26,7 @@ mod fencing;
 pub mod gcra;
 pub mod grpc;
 mod idempotency_key;
+pub mod ip;
 pub mod json;
 mod key;
 pub mod problem;

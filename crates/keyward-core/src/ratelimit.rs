@@ -21,8 +21,6 @@
 //! assert_eq!(item.params, vec![("q".to_owned(), 5), ("w".to_owned(), 1)]);
 //! ```
 
-use std::fmt::Write;
-
 use http::HeaderValue;
 use http::header::HeaderName;
 
@@ -33,16 +31,26 @@ pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// `"NAME";q=LIMIT;w=WINDOW_SECONDS`.
 pub fn format_policy(name: &str, limit: u32, window_seconds: u64) -> String {
-    let mut out = sf_string(name);
-    // Writing to a String cannot fail.
-    let _ = write!(out, ";q={limit};w={window_seconds}");
-    out
+    item(name, [(";q=", u64::from(limit)), (";w=", window_seconds)])
 }
 
 /// `"NAME";r=REMAINING;t=SECONDS_TO_RESET`.
 pub fn format_ratelimit(name: &str, remaining: u32, reset_seconds: u64) -> String {
+    item(
+        name,
+        [(";r=", u64::from(remaining)), (";t=", reset_seconds)],
+    )
+}
+
+/// An sf-string with integer parameters. Written on every quota decision: integers by
+/// `itoa`, not the formatting machinery.
+fn item<const N: usize>(name: &str, params: [(&str, u64); N]) -> String {
     let mut out = sf_string(name);
-    let _ = write!(out, ";r={remaining};t={reset_seconds}");
+    let mut digits = itoa::Buffer::new();
+    for (key, value) in params {
+        out.push_str(key);
+        out.push_str(digits.format(value));
+    }
     out
 }
 
