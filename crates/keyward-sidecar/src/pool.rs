@@ -95,9 +95,11 @@ impl Http1Pool {
             req.headers_mut()
                 .insert(header::HOST, self.authority.clone());
         }
+        // A new connection is the rare path, and its handshake's state is large: boxed,
+        // it does not make every request's future (moved on each poll) larger.
         let mut sender = match self.checkout().await {
             Some(sender) => sender,
-            None => self.connect().await?,
+            None => Box::pin(self.connect()).await?,
         };
         let res = match sender.try_send_request(req).await {
             Ok(res) => res,
@@ -105,8 +107,8 @@ impl Http1Pool {
                 // Never written: the connection was gone before it could be. Once more,
                 // on a connection of its own.
                 Some(req) => {
-                    sender = self.connect().await?;
-                    sender.send_request(req).await?
+                    sender = Box::pin(self.connect()).await?;
+                    Box::pin(sender.send_request(req)).await?
                 }
                 None => return Err(error.into_error().into()),
             },
