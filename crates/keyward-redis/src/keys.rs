@@ -39,8 +39,19 @@ impl KeyLayout {
 
     /// `{prefix}{layer}:{route}:{<tag>}`: the main record of `key`.
     pub(crate) fn record(&self, key: &ScopedKey) -> String {
+        let mut name = String::with_capacity(self.record_len(key));
+        self.push_record(key, &mut name);
+        name
+    }
+
+    /// An upper bound of the length of [`KeyLayout::record`] (for sizing buffers).
+    pub(crate) fn record_len(&self, key: &ScopedKey) -> usize {
+        self.prefix.len() + key.layer().len() + key.route().len() + 36
+    }
+
+    /// Appends [`KeyLayout::record`] of `key` to `name`.
+    pub(crate) fn push_record(&self, key: &ScopedKey, name: &mut String) {
         let digest = Sha256::digest(key.storage_key().as_bytes());
-        let mut name = String::with_capacity(self.prefix.len() + key.route().len() + 48);
         name.push_str(&self.prefix);
         name.push_str(key.layer());
         name.push(':');
@@ -51,7 +62,6 @@ impl KeyLayout {
             name.push(HEX[usize::from(byte & 0x0f)]);
         }
         name.push('}');
-        name
     }
 
     /// A companion record of `record` (same hash tag, so same slot).
