@@ -21,6 +21,7 @@ def parse(out):
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 5 and re.match(r"^[0-9.]+x", cells[2] or ""):
             rows.setdefault(cells[0], {})["latency"] = float(cells[2].split("x")[0])
+            rows[cells[0]]["latency_us"] = float(cells[1])
             rows[cells[0]]["throughput"] = float(cells[4].split("x")[0])
             rows[cells[0]]["per_s"] = float(cells[3])
         elif len(cells) == 6 and re.match(r"^[0-9.]+ \(", cells[1] or ""):
@@ -47,6 +48,7 @@ def main():
         ("redis_cpu", "Redis CPU µs per decision"),
         ("client_cpu", "client CPU µs per decision"),
         ("per_s", "per second, 64 callers"),
+        ("latency_us", "latency µs, one caller"),
     ]:
         print(f"\n| variant | " + " | ".join(f"{label}: {name}" for name, _ in bins) + " |")
         print("|---|" + "---|" * len(bins))
@@ -55,7 +57,7 @@ def main():
             for name, _ in bins:
                 values = [r[variant][metric] for r in results[name] if variant in r]
                 m = statistics.median(values)
-                fmt = "{:.0f}" if metric == "per_s" else "{:.2f}"
+                fmt = {"per_s": "{:.0f}", "latency_us": "{:.1f}"}.get(metric, "{:.2f}")
                 suffix = "x" if metric in ("throughput", "latency") else ""
                 cells.append(
                     (fmt + suffix + " (" + fmt + "–" + fmt + ")").format(m, min(values), max(values))

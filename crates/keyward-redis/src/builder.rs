@@ -174,7 +174,7 @@ impl RedisStoreBuilder {
             conn
         } else {
             // No response timeout of redis-rs's own: every call is bounded by the store's
-            // deadlines already (`conn::Deadlines`), and redis-rs's would cost a second
+            // deadlines already (`deadline.rs`), and redis-rs's would cost a second
             // timer per call.
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
@@ -200,6 +200,7 @@ impl RedisStoreBuilder {
                 conn,
                 keys,
                 timeout: self.timeout,
+                deadlines: crate::deadline::Deadlines::new(self.timeout, &runtime),
                 hub,
                 runtime,
                 instance,
