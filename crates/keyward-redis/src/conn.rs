@@ -29,8 +29,6 @@ use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, Value};
 use tokio::time::Instant;
 
-use crate::deadline::Deadlines;
-
 #[derive(Clone)]
 pub(crate) enum Conn {
     Standalone(ConnectionManager),
@@ -399,21 +397,6 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Bounds `call` by the store timeout (its [`Deadlines`]) and maps its failure onto
-/// [`StoreError`]: the same outcome as [`bounded`] with that timeout (the call's own
-/// result wins when both are ready), without a timer per call.
-pub(crate) async fn within<T>(
-    deadlines: &Deadlines,
-    call: impl Future<Output = Result<T, RedisError>>,
-) -> Result<T, StoreError> {
-    let expiry = deadlines.expiry();
-    tokio::select! {
-        biased;
-        result = call => result.map_err(|error| store_error(&error)),
-        () = expiry => Err(StoreError::Timeout(deadlines.timeout())),
-    }
 }
 
 /// Bounds `call` by `timeout` and maps its failure onto [`StoreError`].

@@ -80,7 +80,6 @@
 mod builder;
 mod codec;
 mod conn;
-mod deadline;
 mod hub;
 mod idempotency;
 mod keys;
@@ -101,8 +100,7 @@ use redis::Script;
 pub use builder::{BuildError, RedisStoreBuilder};
 pub use quota::RedisCheckFuture;
 
-use conn::{Conn, within};
-use deadline::Deadlines;
+use conn::{Conn, bounded};
 use hub::Hub;
 use keys::KeyLayout;
 
@@ -119,8 +117,6 @@ struct Inner {
     conn: Conn,
     keys: KeyLayout,
     timeout: Duration,
-    /// Enforces `timeout` on every call of `conn` (one ticker, no timer per call).
-    deadlines: Deadlines,
     hub: Hub,
     runtime: tokio::runtime::Handle,
     /// Random per store ([`util::instance_id`]): claim nonces and serial waiter ids never
@@ -155,7 +151,7 @@ impl RedisStore {
     /// the first decisions need no extra round trip.
     pub async fn ping(&self) -> Result<(), StoreError> {
         let conn = &self.inner.conn;
-        within(&self.inner.deadlines, async {
+        bounded(self.inner.timeout, async {
             conn.query::<String>(&redis::cmd("PING")).await?;
             for script in idempotency::SCRIPTS
                 .iter()
@@ -176,8 +172,8 @@ impl RedisStore {
     /// counters under memory pressure: a key then runs twice, or two holders overlap.
     pub async fn maxmemory_policies(&self) -> Result<Vec<String>, StoreError> {
         let conn = &self.inner.conn;
-        let info: redis::Value = within(
-            &self.inner.deadlines,
+        let info: redis::Value = bounded(
+            self.inner.timeout,
             conn.query(redis::cmd("INFO").arg("memory")),
         )
         .await?;
@@ -230,8 +226,7 @@ impl RedisStore {
         keys: &[&str],
         args: &[&[u8]],
     ) -> Result<T, StoreError> {
-        let inner = &self.inner;
-        let result = within(&inner.deadlines, inner.conn.eval(script, keys, args)).await;
+        let result = bounded(self.inner.timeout, self.inner.conn.eval(script, keys, args)).await;
         if let Err(StoreError::Timeout(_)) = &result {
             self.inner.conn.timed_out();
         }
