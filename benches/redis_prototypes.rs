@@ -27,59 +27,28 @@ static CURRENT: LazyLock<Script> = LazyLock::new(|| {
 
 /// Hash record as today, token from Redis's clock only: no counter key.
 static HASH_NO_COUNTER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
-        r"#!lua
-local rec = redis.call('HMGET', KEYS[1], 's', 'f', 't', 'r')
-if rec[1] == 'c' then
-  if rec[2] == ARGV[1] then return rec[4] end
-  return {3}
-end
-if rec[1] == 'h' then
-  if rec[2] ~= ARGV[1] then return {3} end
-  redis.call('HSET', KEYS[1], 'w', '1')
-  return {1, rec[3], redis.call('PTTL', KEYS[1])}
-end
-local t = redis.call('TIME')
-local token = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-redis.call('HSET', KEYS[1], 's', 'h', 'f', ARGV[1], 't', token, 'o', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return {0, token}
-",
-    )
+    Script::new(concat!(
+        "#!lua\n",
+        include_str!("prototypes/hash_no_counter.lua")
+    ))
 });
-
-/// The Lua of a single-value record: `<state byte><fingerprint 32><rest>`; completed:
-/// rest = the response; held: rest = nonce (16) + token. The client strips the 33 bytes.
-const STRING_RECORD: &str = r"
-local v = redis.call('GET', KEYS[1])
-if v then
-  if string.sub(v, 2, 33) ~= ARGV[1] then return {3} end
-  if string.byte(v, 1) == 99 then return v end
-  return {1, string.sub(v, 50), redis.call('PTTL', KEYS[1])}
-end
-";
 
 /// Single-value record, token from the counter as today (`fencing_set.lua`).
 static STRING_WITH_COUNTER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "#!lua\n{}{STRING_RECORD}{}",
+    Script::new(concat!(
+        "#!lua\n",
         include_str!("../crates/keyward-redis/src/scripts/fencing_set.lua"),
-        r"local token = set_next_token(KEYS[2], ARGV[3])
-redis.call('SET', KEYS[1], 'h' .. ARGV[1] .. ARGV[4] .. token, 'PX', ARGV[2])
-return {0, token}
-"
+        include_str!("prototypes/string_record.lua"),
+        include_str!("prototypes/string_with_counter.lua")
     ))
 });
 
 /// Single-value record, token from Redis's clock only: one key, one write.
 static STRING_NO_COUNTER: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        "#!lua\n{STRING_RECORD}{}",
-        r"local t = redis.call('TIME')
-local token = string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2]))
-redis.call('SET', KEYS[1], 'h' .. ARGV[1] .. ARGV[4] .. token, 'PX', ARGV[2])
-return {0, token}
-"
+    Script::new(concat!(
+        "#!lua\n",
+        include_str!("prototypes/string_record.lua"),
+        include_str!("prototypes/string_no_counter.lua")
     ))
 });
 
