@@ -71,9 +71,10 @@ impl RedisStore {
     fn idempotency_names(&self, key: &ScopedKey) -> Names {
         let keys = &self.inner.keys;
         let mut both = String::with_capacity(2 * keys.record_len(key) + 2);
-        keys.push_record(key, &mut both);
+        let digest = KeyLayout::digest(key);
+        keys.push_record_of(key, &digest, &mut both);
         let split = both.len();
-        both.extend_from_within(..split);
+        keys.push_record_of(key, &digest, &mut both);
         both.push_str(":n");
         debug_assert_eq!(&both[split..], KeyLayout::companion(&both[..split], "n"));
         Names { both, split }

@@ -40,7 +40,7 @@ impl KeyLayout {
     /// `{prefix}{layer}:{route}:{<tag>}`: the main record of `key`.
     pub(crate) fn record(&self, key: &ScopedKey) -> String {
         let mut name = String::with_capacity(self.record_len(key));
-        self.push_record(key, &mut name);
+        self.push_record_of(key, &Self::digest(key), &mut name);
         name
     }
 
@@ -49,9 +49,14 @@ impl KeyLayout {
         self.prefix.len() + key.layer().len() + key.route().len() + 36
     }
 
-    /// Appends [`KeyLayout::record`] of `key` to `name`.
-    pub(crate) fn push_record(&self, key: &ScopedKey, name: &mut String) {
-        let digest = Sha256::digest(key.storage_key().as_bytes());
+    /// The SHA-256 of `key`'s storage key, for [`KeyLayout::push_record_of`].
+    pub(crate) fn digest(key: &ScopedKey) -> [u8; 32] {
+        Sha256::digest(key.storage_key().as_bytes()).into()
+    }
+
+    /// Appends [`KeyLayout::record`] of `key`, whose [`KeyLayout::digest`] is `digest`, to
+    /// `name` (twice into one buffer: a record and its companions without hashing again).
+    pub(crate) fn push_record_of(&self, key: &ScopedKey, digest: &[u8; 32], name: &mut String) {
         name.push_str(&self.prefix);
         name.push_str(key.layer());
         name.push(':');
