@@ -25,6 +25,9 @@ pub struct Setup {
     _server: RedisServer,
     pub store: RedisStore,
     pub bare: ConnectionManager,
+    /// A second bare connection without redis-rs's own per-call response timeout.
+    #[allow(dead_code)] // used by one of the two benches
+    pub untimed: ConnectionManager,
     replay_key: ScopedKey,
     fingerprint: Fingerprint,
     next: AtomicU64,
@@ -48,6 +51,12 @@ impl Setup {
         let bare = ConnectionManager::new(server.client())
             .await
             .expect("bare connection");
+        let untimed = ConnectionManager::new_with_config(
+            server.client(),
+            redis::aio::ConnectionManagerConfig::new().set_response_timeout(None),
+        )
+        .await
+        .expect("bare connection");
         let fingerprint = Fingerprint::builder().part(b"POST /pay 10 EUR").finish();
         let replay_key = key("replayed");
         let ClaimOutcome::Claimed(token) = store
@@ -79,6 +88,7 @@ impl Setup {
             _server: server,
             store,
             bare,
+            untimed,
             replay_key,
             fingerprint,
             next: AtomicU64::new(0),
@@ -88,6 +98,24 @@ impl Setup {
     /// Baseline: one `GET` of a 256-byte value.
     pub async fn get(&self) {
         let value: Vec<u8> = self.bare.clone().get("bench:plain").await.expect("get");
+        assert_eq!(value.len(), 256);
+    }
+
+    /// A `GET` wrapped in a `tokio::time::timeout` per call: what one timer costs.
+    #[allow(dead_code)] // used by one of the two benches
+    pub async fn get_with_timeout(&self) {
+        let value: Vec<u8> =
+            tokio::time::timeout(Duration::from_secs(1), self.bare.clone().get("bench:plain"))
+                .await
+                .expect("in time")
+                .expect("get");
+        assert_eq!(value.len(), 256);
+    }
+
+    /// A `GET` on the connection without redis-rs's per-call response timeout.
+    #[allow(dead_code)] // used by one of the two benches
+    pub async fn get_untimed(&self) {
+        let value: Vec<u8> = self.untimed.clone().get("bench:plain").await.expect("get");
         assert_eq!(value.len(), 256);
     }
 

@@ -6,13 +6,22 @@
 //! cpu`), the time per `EVALSHA` (`INFO commandstats`) and the commands a script ran.
 //!
 //! `cargo bench -p keyward-benches --bench redis_paired` (needs `redis-server` on PATH).
+//!
+//! `KEYWARD_BENCH_SET=client` adds client-side probes (a `GET` with a `tokio::time::timeout`
+//! per call, a `GET` on a connection without redis-rs's response timeout);
+//! `KEYWARD_BENCH_SET=prototypes` measures the claim designs of `redis_prototypes.rs`
+//! (not in the store) beside `GET` and the store's claim. `KEYWARD_BENCH_ROUNDS=n` sets
+//! the rounds (default 21).
 
 #[path = "redis_common.rs"]
 mod common;
+#[path = "redis_prototypes.rs"]
+mod prototypes;
 
 use std::time::Instant;
 
 use common::{ServerStats, Setup};
+use prototypes::{Proto, Protos};
 
 const ROUNDS: usize = 21;
 const SEQUENTIAL: usize = 1000;
@@ -25,6 +34,10 @@ enum Variant {
     EvalshaHget,
     ClaimReplay,
     ClaimNewKey,
+    GetWithTimeout,
+    GetUntimed,
+    Replay(Proto),
+    NewKey(Proto),
 }
 
 const VARIANTS: [Variant; 4] = [
@@ -34,29 +47,61 @@ const VARIANTS: [Variant; 4] = [
     Variant::ClaimNewKey,
 ];
 
-async fn one(s: &Setup, variant: Variant) {
+/// The variants of `KEYWARD_BENCH_SET` (the first is the baseline, `GET`).
+fn variants() -> Vec<Variant> {
+    let protos = [
+        Proto::CurrentScript,
+        Proto::Fcall,
+        Proto::HashNoCounter,
+        Proto::StringWithCounter,
+        Proto::StringNoCounter,
+        Proto::SetNxGet,
+    ];
+    match std::env::var("KEYWARD_BENCH_SET").as_deref() {
+        Ok("client") => vec![
+            Variant::Get,
+            Variant::GetWithTimeout,
+            Variant::GetUntimed,
+            Variant::ClaimReplay,
+            Variant::ClaimNewKey,
+        ],
+        Ok("prototypes") => {
+            let mut all = vec![Variant::Get, Variant::ClaimReplay, Variant::ClaimNewKey];
+            all.extend(protos.iter().map(|p| Variant::Replay(*p)));
+            all.extend(protos.iter().map(|p| Variant::NewKey(*p)));
+            all
+        }
+        _ => VARIANTS.to_vec(),
+    }
+}
+
+async fn one(s: &Setup, p: &Protos, variant: Variant) {
     match variant {
         Variant::Get => s.get().await,
         Variant::EvalshaHget => s.evalsha_hget().await,
         Variant::ClaimReplay => s.claim_replay().await,
         Variant::ClaimNewKey => s.claim_new_key().await,
+        Variant::GetWithTimeout => s.get_with_timeout().await,
+        Variant::GetUntimed => s.get_untimed().await,
+        Variant::Replay(proto) => p.claim(proto, true).await,
+        Variant::NewKey(proto) => p.claim(proto, false).await,
     }
 }
 
 /// Microseconds per decision, one caller.
-async fn sequential(s: &Setup, variant: Variant) -> f64 {
+async fn sequential(s: &Setup, p: &Protos, variant: Variant) -> f64 {
     let started = Instant::now();
     for _ in 0..SEQUENTIAL {
-        one(s, variant).await;
+        one(s, p, variant).await;
     }
     started.elapsed().as_secs_f64() * 1e6 / SEQUENTIAL as f64
 }
 
 /// Decisions per second with 64 concurrent callers.
-async fn concurrent(s: &Setup, variant: Variant) -> f64 {
+async fn concurrent(s: &Setup, p: &Protos, variant: Variant) -> f64 {
     let started = Instant::now();
     for _ in 0..BATCHES {
-        futures::future::join_all((0..CONCURRENCY).map(|_| one(s, variant))).await;
+        futures::future::join_all((0..CONCURRENCY).map(|_| one(s, p, variant))).await;
     }
     (BATCHES * CONCURRENCY) as f64 / started.elapsed().as_secs_f64()
 }
@@ -88,7 +133,10 @@ struct ServerSide {
 
 fn server_side(before: &ServerStats, after: &ServerStats) -> ServerSide {
     let decisions = (BATCHES * CONCURRENCY) as f64;
-    let (calls, usec) = after.since(before, "evalsha");
+    let (calls, usec) = match after.since(before, "evalsha") {
+        (0, _) => after.since(before, "fcall"),
+        script => script,
+    };
     ServerSide {
         cpu_us: (after.cpu - before.cpu) * 1e6 / decisions,
         evalsha_us: (calls > 0).then(|| usec as f64 / calls as f64),
@@ -128,11 +176,17 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let bench = Setup::start().await;
+        let protos = Protos::start(bench.bare.clone()).await;
+        let variants = variants();
         if let Ok(only) = std::env::var("KEYWARD_BENCH_ONLY") {
             // Profiling aid: hammer one variant (by its index) with 64 callers.
-            let variant = VARIANTS[only.parse::<usize>().unwrap_or(2) % VARIANTS.len()];
-            for _ in 0..ROUNDS * 5 {
-                concurrent(&bench, variant).await;
+            let variant = variants[only.parse::<usize>().unwrap_or(2) % variants.len()];
+            let times = std::env::var("KEYWARD_BENCH_TIMES")
+                .ok()
+                .and_then(|r| r.parse().ok())
+                .unwrap_or(ROUNDS * 5);
+            for _ in 0..times {
+                concurrent(&bench, &protos, variant).await;
             }
             return;
         }
@@ -140,18 +194,18 @@ fn main() {
             .ok()
             .and_then(|r| r.parse().ok())
             .unwrap_or(ROUNDS);
-        let mut latency = vec![Vec::new(); VARIANTS.len()];
-        let mut throughput = vec![Vec::new(); VARIANTS.len()];
-        let mut cpu = vec![Vec::new(); VARIANTS.len()];
-        let mut client = vec![Vec::new(); VARIANTS.len()];
-        let mut evalsha = vec![Vec::new(); VARIANTS.len()];
-        let mut commands = vec![Vec::new(); VARIANTS.len()];
+        let mut latency = vec![Vec::new(); variants.len()];
+        let mut throughput = vec![Vec::new(); variants.len()];
+        let mut cpu = vec![Vec::new(); variants.len()];
+        let mut client = vec![Vec::new(); variants.len()];
+        let mut evalsha = vec![Vec::new(); variants.len()];
+        let mut commands = vec![Vec::new(); variants.len()];
         for _ in 0..rounds {
-            for (i, variant) in VARIANTS.iter().enumerate() {
-                latency[i].push(sequential(&bench, *variant).await);
+            for (i, variant) in variants.iter().enumerate() {
+                latency[i].push(sequential(&bench, &protos, *variant).await);
                 let before = bench.server_stats().await;
                 let own = own_cpu();
-                throughput[i].push(concurrent(&bench, *variant).await);
+                throughput[i].push(concurrent(&bench, &protos, *variant).await);
                 client[i].push((own_cpu() - own) * 1e6 / (BATCHES * CONCURRENCY) as f64);
                 let side = server_side(&before, &bench.server_stats().await);
                 cpu[i].push(side.cpu_us);
@@ -164,7 +218,7 @@ fn main() {
              | throughput, 64 callers (/s) | vs GET (median, range over rounds) |"
         );
         println!("|---|---|---|---|---|");
-        for (i, variant) in VARIANTS.iter().enumerate() {
+        for (i, variant) in variants.iter().enumerate() {
             let (l, _, _) = spread(&latency[i]);
             let (lr, lr_min, lr_max) = spread(&paired(&latency[i], &latency[0]));
             let (t, _, _) = spread(&throughput[i]);
@@ -182,7 +236,7 @@ fn main() {
         );
         println!("|---|---|---|---|---|---|");
         let cpu_get = spread(&cpu[0]).0;
-        for (i, variant) in VARIANTS.iter().enumerate() {
+        for (i, variant) in variants.iter().enumerate() {
             let (c, c_min, c_max) = spread(&cpu[i]);
             let script = if evalsha[i].is_empty() {
                 "–".to_owned()

@@ -4,10 +4,14 @@ in the way: `redis-benchmark` (pipelined) against a `redis-server` of its own, R
 per call from `INFO cpu` before and after, repetitions interleaved, medians.
 
     python3 benches/load/redis_script_cost.py [old-fencing.lua old-claim.lua]
+    python3 benches/load/redis_script_cost.py --prototypes
 
 With two file arguments (e.g. from `git show 8b02b9d:crates/keyward-redis/src/scripts/...`)
-the old claim script is measured beside the current one. Needs redis-server,
-redis-benchmark and redis-cli on PATH.
+the old claim script is measured beside the current one. With `--prototypes`, the claim
+designs of `benches/prototypes/` (not in the store) beside the current claim: the same
+script as a Redis 7 function (`FCALL`), a hash record without the counter, a single-value
+record with and without the counter, and a Lua-free `SET … NX PX … GET`. Needs
+redis-server, redis-benchmark and redis-cli on PATH.
 """
 
 import os
@@ -19,6 +23,7 @@ import tempfile
 import time
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "crates/keyward-redis/src/scripts")
+PROTOTYPES = os.path.join(os.path.dirname(__file__), "..", "prototypes")
 REPS = 5
 
 
@@ -65,11 +70,19 @@ def run(port):
 
     fingerprint = "F" * 32
 
+    prototypes = sys.argv[1:] == ["--prototypes"]
+
     def seed():
         cli("SET", "plain", "x" * 256)
         for size in (290, 4096):
             record = "idem:r:{replay%d}" % size
             cli("HSET", record, "s", "c", "f", fingerprint, "t", "1", "r", "x" * size)
+            cli("SET", "idem:r:{string%d}" % size, "c" + fingerprint + "x" * size)
+        if prototypes:
+            library = ("#!lua name=kwproto\n" + open(os.path.join(ROOT, "fencing_set.lua")).read()
+                       + "\nredis.register_function('claim', function(KEYS, ARGV)\n"
+                       + open(os.path.join(ROOT, "idempotency/claim.lua")).read() + "\nend)\n")
+            cli("-x", "FUNCTION", "LOAD", "REPLACE", stdin=library)
 
     def per_call(command, n, flush):
         if flush:
@@ -86,20 +99,42 @@ def run(port):
 
     current = script(os.path.join(ROOT, "fencing_set.lua"),
                      os.path.join(ROOT, "idempotency/claim.lua"))
-    variants = [("current", load(current))]
+    variants = [("current", ["EVALSHA", load(current)], "replay")]
     if len(sys.argv) == 3:
-        variants.append(("old", load(script(sys.argv[1], sys.argv[2]))))
+        variants.append(("old", ["EVALSHA", load(script(sys.argv[1], sys.argv[2]))], "replay"))
+    if prototypes:
+        proto = lambda name: os.path.join(PROTOTYPES, name)
+        variants += [
+            ("as a function (FCALL)", ["FCALL", "claim"], "replay"),
+            ("hash record, no counter",
+             ["EVALSHA", load(script(proto("hash_no_counter.lua")))], "replay"),
+            ("single-value record with the counter",
+             ["EVALSHA", load(script(os.path.join(ROOT, "fencing_set.lua"),
+                                     proto("string_record.lua"),
+                                     proto("string_with_counter.lua")))], "string"),
+            ("single-value record, no counter",
+             ["EVALSHA", load(script(proto("string_record.lua"),
+                                     proto("string_no_counter.lua")))], "string"),
+        ]
     seed()
     cases = [("GET of 256 bytes", ["GET", "plain"], 150000, False)]
-    for name, sha in variants:
+    for name, call, replayed in variants:
         for size in (290, 4096):
-            record = "idem:r:{replay%d}" % size
+            record = "idem:r:{%s%d}" % (replayed, size)
             cases.append((f"{name}: replay of {size} bytes",
-                          ["EVALSHA", sha, "2", record, record + ":n", fingerprint, "5000",
+                          [*call, "2", record, record + ":n", fingerprint, "5000",
                            "86400000", "nonce"], 150000, False))
         cases.append((f"{name}: claim of a new key",
-                      ["EVALSHA", sha, "2", "idem:r:{k__rand_int__}",
+                      [*call, "2", "idem:r:{k__rand_int__}",
                        "idem:r:{k__rand_int__}:n", fingerprint, "5000", "86400000", "nonce"],
+                      40000, True))
+    if prototypes:
+        held = "h" + fingerprint + "n" * 16
+        cases.append(("Lua-free SET NX PX GET: replay of 290 bytes",
+                      ["SET", "idem:r:{string290}", held, "NX", "PX", "5000", "GET"],
+                      150000, False))
+        cases.append(("Lua-free SET NX PX GET: claim of a new key",
+                      ["SET", "idem:r:{k__rand_int__}", held, "NX", "PX", "5000", "GET"],
                       40000, True))
     results = {name: [] for name, _, _, _ in cases}
     for _ in range(REPS):

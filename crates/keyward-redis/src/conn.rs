@@ -121,26 +121,41 @@ impl Conn {
     /// script cache (restart, `SCRIPT FLUSH`, failover) `SCRIPT LOAD` + `EVALSHA` again.
     /// On a cluster, failures that prove the script did not run are retried (see the
     /// module docs) until the caller's bound cuts the call off.
+    ///
+    /// The command is built once, straight into one buffer ([`evalsha`]): no copy of the
+    /// keys and arguments per call beyond that (redis-rs's `ScriptInvocation` made one
+    /// `Vec` per key and argument and then copied them all into the command).
     pub(crate) async fn eval<T: FromRedisValue>(
         &self,
         script: &Script,
         keys: &[&str],
         args: &[&[u8]],
     ) -> Result<T, RedisError> {
-        let mut invocation = script.prepare_invoke();
-        for key in keys {
-            invocation.key(*key);
-        }
-        for arg in args {
-            invocation.arg(*arg);
-        }
+        let cmd = evalsha(script, keys, args);
         match self {
-            Conn::Standalone(manager) => invocation.invoke_async(&mut manager.clone()).await,
+            Conn::Standalone(manager) => {
+                let mut manager = manager.clone();
+                match cmd.query_async(&mut manager).await {
+                    Err(error) if is_noscript(&error) => {
+                        script.load_async(&mut manager).await?;
+                        cmd.query_async(&mut manager).await
+                    }
+                    result => result,
+                }
+            }
             Conn::Cluster(cluster) => {
                 let mut backoff = FIRST_BACKOFF;
                 loop {
                     let result = match cluster.get().await {
-                        Ok(mut conn) => invocation.invoke_async(&mut conn).await,
+                        Ok(mut conn) => match cmd.query_async(&mut conn).await {
+                            Err(error) if is_noscript(&error) => {
+                                match script.load_async(&mut conn).await {
+                                    Ok(_) => cmd.query_async(&mut conn).await,
+                                    Err(error) => Err(error),
+                                }
+                            }
+                            result => result,
+                        },
                         Err(error) => Err(error),
                     };
                     let Err(error) = result else { return result };
@@ -355,6 +370,28 @@ pub(crate) fn slot_owners(value: &Value) -> Option<Vec<SlotOwner>> {
     Some(owners)
 }
 
+/// `EVALSHA <sha> <number of keys> <keys..> <args..>` in one buffer sized up front.
+pub(crate) fn evalsha(script: &Script, keys: &[&str], args: &[&[u8]]) -> redis::Cmd {
+    let data = script.get_hash().len()
+        + 7
+        + 2
+        + keys.iter().map(|key| key.len()).sum::<usize>()
+        + args.iter().map(|arg| arg.len()).sum::<usize>();
+    let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), data);
+    cmd.arg("EVALSHA").arg(script.get_hash()).arg(keys.len());
+    for key in keys {
+        cmd.arg(*key);
+    }
+    for arg in args {
+        cmd.arg(*arg);
+    }
+    cmd
+}
+
+fn is_noscript(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Single assignments: a poisoned value is consistent.
     mutex
@@ -435,6 +472,23 @@ mod tests {
         }
         assert_eq!(classify(&server("ERR script failed")), Failure::Final);
         assert_eq!(classify(&server("NOSCRIPT")), Failure::Final);
+    }
+
+    #[test]
+    fn evalsha_is_the_command_redis_rs_builds_for_a_script() {
+        let script = Script::new("return 1");
+        let built = evalsha(&script, &["k1", "{k}:n"], &[b"\x00\xff", b"5000"]);
+        let expected = redis::cmd("EVALSHA")
+            .arg(script.get_hash())
+            .arg(2)
+            .arg("k1")
+            .arg("{k}:n")
+            .arg(&b"\x00\xff"[..])
+            .arg("5000")
+            .get_packed_command();
+        assert_eq!(built.get_packed_command(), expected);
+        let none = evalsha(&script, &[], &[]);
+        assert!(none.get_packed_command().ends_with(b"$1\r\n0\r\n"));
     }
 
     #[test]

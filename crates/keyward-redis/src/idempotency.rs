@@ -32,7 +32,7 @@ use crate::codec;
 use crate::keys::KeyLayout;
 use crate::reply;
 use crate::script::script;
-use crate::util::millis;
+use crate::util::{Decimal, millis_arg};
 
 static CLAIM: LazyLock<Script> = script!(writes: "fencing_set.lua", "idempotency/claim.lua");
 static COMPLETE: LazyLock<Script> = script!(writes: "idempotency/complete.lua");
@@ -51,20 +51,37 @@ pub(crate) static SCRIPTS: [&LazyLock<Script>; 7] = [
 /// How long the fencing counter outlives the last claim or renewal of its key.
 const COUNTER_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
+/// The record and its counter (`<record>:n`), in one buffer: one allocation per call.
 struct Names {
-    record: String,
-    counter: String,
+    both: String,
+    split: usize,
+}
+
+impl Names {
+    fn record(&self) -> &str {
+        &self.both[..self.split]
+    }
+
+    fn counter(&self) -> &str {
+        &self.both[self.split..]
+    }
 }
 
 impl RedisStore {
     fn idempotency_names(&self, key: &ScopedKey) -> Names {
-        let record = self.inner.keys.record(key);
-        let counter = KeyLayout::companion(&record, "n");
-        Names { record, counter }
+        let keys = &self.inner.keys;
+        let mut both = String::with_capacity(2 * keys.record_len(key) + 2);
+        let digest = KeyLayout::digest(key);
+        keys.push_record_of(key, &digest, &mut both);
+        let split = both.len();
+        keys.push_record_of(key, &digest, &mut both);
+        both.push_str(":n");
+        debug_assert_eq!(&both[split..], KeyLayout::companion(&both[..split], "n"));
+        Names { both, split }
     }
 
     async fn release_record(&self, record: &str, token: FencingToken) -> Result<(), StoreError> {
-        let token = token.get().to_string();
+        let token = Decimal::new(token.get());
         let channel = self.inner.keys.channel();
         let _released: i64 = self
             .eval(&RELEASE, &[record], &[token.as_bytes(), channel.as_bytes()])
@@ -143,13 +160,13 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> Result<ClaimOutcome, StoreError> {
         let names = self.idempotency_names(key);
-        let keep = millis(COUNTER_LIFETIME.max(lease));
-        let lease_ms = millis(lease);
+        let keep = millis_arg(COUNTER_LIFETIME.max(lease));
+        let lease_ms = millis_arg(lease);
         let nonce = self.nonce();
         let claimed = self
             .eval::<Value>(
                 &CLAIM,
-                &[&names.record, &names.counter],
+                &[names.record(), names.counter()],
                 &[&fingerprint.0, lease_ms.as_bytes(), keep.as_bytes(), &nonce],
             )
             .await;
@@ -160,7 +177,7 @@ impl IdempotencyStore for RedisStore {
                 // the key for a whole lease with nobody to release it: undo it, behind
                 // the claim on the same connection, bounded by the lease.
                 if !matches!(error, StoreError::Corrupt(_)) {
-                    self.abandon_by_nonce(names.record, nonce, lease);
+                    self.abandon_by_nonce(names.record().to_owned(), nonce, lease);
                 }
                 Err(error)
             }
@@ -176,13 +193,13 @@ impl IdempotencyStore for RedisStore {
         ttl: Duration,
     ) -> Result<Completion, StoreError> {
         let names = self.idempotency_names(key);
-        let token = token.get().to_string();
+        let token = Decimal::new(token.get());
         let encoded = codec::encode(&response);
-        let ttl = millis(ttl);
+        let ttl = millis_arg(ttl);
         let stored: i64 = self
             .eval(
                 &COMPLETE,
-                &[&names.record, &names.counter],
+                &[names.record(), names.counter()],
                 &[
                     token.as_bytes(),
                     &fingerprint.0,
@@ -221,13 +238,13 @@ impl IdempotencyStore for RedisStore {
         lease: Duration,
     ) -> Result<bool, StoreError> {
         let names = self.idempotency_names(key);
-        let token = token.get().to_string();
-        let keep = millis(COUNTER_LIFETIME.max(lease));
-        let lease = millis(lease);
+        let token = Decimal::new(token.get());
+        let keep = millis_arg(COUNTER_LIFETIME.max(lease));
+        let lease = millis_arg(lease);
         let renewed: i64 = self
             .eval(
                 &RENEW,
-                &[&names.record, &names.counter],
+                &[names.record(), names.counter()],
                 &[token.as_bytes(), lease.as_bytes(), keep.as_bytes()],
             )
             .await?;
@@ -252,12 +269,12 @@ impl IdempotencyStore for RedisStore {
 
     async fn forget(&self, key: &ScopedKey) -> Result<RecordState, StoreError> {
         let names = self.idempotency_names(key);
-        let keep = millis(COUNTER_LIFETIME);
+        let keep = millis_arg(COUNTER_LIFETIME);
         let channel = self.inner.keys.channel();
         let value = self
             .eval::<Value>(
                 &FORGET,
-                &[&names.record, &names.counter],
+                &[names.record(), names.counter()],
                 &[keep.as_bytes(), channel.as_bytes()],
             )
             .await?;

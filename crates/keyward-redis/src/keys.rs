@@ -39,8 +39,24 @@ impl KeyLayout {
 
     /// `{prefix}{layer}:{route}:{<tag>}`: the main record of `key`.
     pub(crate) fn record(&self, key: &ScopedKey) -> String {
-        let digest = Sha256::digest(key.storage_key().as_bytes());
-        let mut name = String::with_capacity(self.prefix.len() + key.route().len() + 48);
+        let mut name = String::with_capacity(self.record_len(key));
+        self.push_record_of(key, &Self::digest(key), &mut name);
+        name
+    }
+
+    /// An upper bound of the length of [`KeyLayout::record`] (for sizing buffers).
+    pub(crate) fn record_len(&self, key: &ScopedKey) -> usize {
+        self.prefix.len() + key.layer().len() + key.route().len() + 36
+    }
+
+    /// The SHA-256 of `key`'s storage key, for [`KeyLayout::push_record_of`].
+    pub(crate) fn digest(key: &ScopedKey) -> [u8; 32] {
+        Sha256::digest(key.storage_key().as_bytes()).into()
+    }
+
+    /// Appends [`KeyLayout::record`] of `key`, whose [`KeyLayout::digest`] is `digest`, to
+    /// `name` (twice into one buffer: a record and its companions without hashing again).
+    pub(crate) fn push_record_of(&self, key: &ScopedKey, digest: &[u8; 32], name: &mut String) {
         name.push_str(&self.prefix);
         name.push_str(key.layer());
         name.push(':');
@@ -51,7 +67,6 @@ impl KeyLayout {
             name.push(HEX[usize::from(byte & 0x0f)]);
         }
         name.push('}');
-        name
     }
 
     /// A companion record of `record` (same hash tag, so same slot).

@@ -20,6 +20,38 @@ pub(crate) fn millis(duration: Duration) -> String {
     duration.as_millis().clamp(1, i64::MAX as u128).to_string()
 }
 
+/// A number as a script argument, formatted on the stack: no allocation per call.
+#[derive(Clone, Copy)]
+pub(crate) struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    pub(crate) fn new(mut n: u64) -> Self {
+        let mut digits = [b'0'; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Decimal { digits, start }
+    }
+
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
+}
+
+/// [`millis`] without the allocation.
+pub(crate) fn millis_arg(duration: Duration) -> Decimal {
+    Decimal::new(duration.as_millis().clamp(1, i64::MAX as u128) as u64)
+}
+
 /// Runs `task` on the caller's runtime, or on `fallback` when called outside any (a
 /// destructor on a plain thread).
 pub(crate) fn spawn(
@@ -37,4 +69,25 @@ pub(crate) fn spawn(
 pub(crate) fn instance_id() -> u64 {
     use std::hash::BuildHasher;
     std::collections::hash_map::RandomState::new().hash_one(std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_what_to_string_gives() {
+        for n in [0, 1, 9, 10, 86_400_000, u64::MAX] {
+            assert_eq!(Decimal::new(n).as_bytes(), n.to_string().as_bytes());
+        }
+        assert_eq!(millis_arg(Duration::ZERO).as_bytes(), b"1");
+        assert_eq!(
+            millis_arg(Duration::from_secs(5)).as_bytes(),
+            millis(Duration::from_secs(5)).as_bytes()
+        );
+        assert_eq!(
+            millis_arg(Duration::MAX).as_bytes(),
+            millis(Duration::MAX).as_bytes()
+        );
+    }
 }
