@@ -1,8 +1,10 @@
 //! Request handling: match a route, run its stack, log one line.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -41,7 +43,24 @@ struct Route {
 #[derive(Clone)]
 pub struct App {
     inner: Arc<ArcSwap<Inner>>,
+    /// Counts reloads: a worker thread keeps its own handle on the routing table and
+    /// takes a new one when this has moved ([`App::routes`]).
+    generation: Arc<AtomicU64>,
+    id: u64,
 }
+
+/// A worker thread's handle on one routing table. A request holds it for its whole
+/// life: its reference count is touched by that thread only, where one `Arc` of the
+/// table itself would bounce its count between the cores on every request.
+struct ThreadRoutes(Arc<Inner>);
+
+thread_local! {
+    /// This thread's handle per [`App`] (by id), with the generation it was taken at.
+    static ROUTES: RefCell<Vec<(u64, u64, Arc<ThreadRoutes>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Ids of [`App`]s, so that a thread's handles never mix up two of them.
+static APP_IDS: AtomicU64 = AtomicU64::new(0);
 
 struct Inner {
     router: matchit::Router<Vec<usize>>,
@@ -74,6 +93,8 @@ impl App {
         let inner = Inner::build(config, store, meter, None, hot_keys)?;
         Ok(App {
             inner: Arc::new(ArcSwap::from_pointee(inner)),
+            generation: Arc::new(AtomicU64::new(0)),
+            id: APP_IDS.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -89,7 +110,27 @@ impl App {
         let old = self.inner.load_full();
         let inner = Inner::build(config, store, meter, Some(&old), old.hot_keys.clone())?;
         self.inner.store(Arc::new(inner));
+        // After the store: a thread that sees the new generation loads the new table.
+        self.generation.fetch_add(1, Ordering::Release);
         Ok(())
+    }
+
+    /// This thread's handle on the current routing table (a new one after a reload).
+    fn routes(&self) -> Arc<ThreadRoutes> {
+        let generation = self.generation.load(Ordering::Acquire);
+        ROUTES.with(|routes| {
+            let mut routes = routes.borrow_mut();
+            if let Some((_, seen, handle)) = routes.iter_mut().find(|(id, ..)| *id == self.id) {
+                if *seen != generation {
+                    *seen = generation;
+                    *handle = Arc::new(ThreadRoutes(self.inner.load_full()));
+                }
+                return handle.clone();
+            }
+            let handle = Arc::new(ThreadRoutes(self.inner.load_full()));
+            routes.push((self.id, generation, handle.clone()));
+            handle
+        })
     }
 }
 
@@ -176,7 +217,8 @@ impl App {
     pub async fn handle(&self, req: Request<Body>, peer: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         // One read of the routing table per request: a reload meanwhile does not touch it.
-        let inner = self.inner.load_full();
+        let routes = self.routes();
+        let inner = &routes.0;
         let method = req.method().clone();
         let protocol = Protocol::of(req.headers());
         let mut req = match inner.ingress.admit(req, peer) {

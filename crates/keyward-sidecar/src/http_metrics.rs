@@ -43,13 +43,16 @@ struct Instruments {
     failures: Counter<u64>,
 }
 
-/// The instruments, bound to one route name.
+/// The instruments, bound to one route name. One `Arc`: a request clones it (with its
+/// route's stack) and each clone is an atomic update of a count every core shares.
 #[derive(Clone)]
-pub struct RouteHttp {
+pub struct RouteHttp(Arc<RouteInstruments>);
+
+struct RouteInstruments {
     instruments: Arc<Instruments>,
     route: KeyValue,
-    server: Arc<BoundPairs>,
-    client: Arc<BoundPairs>,
+    server: BoundPairs,
+    client: BoundPairs,
 }
 
 /// Most (method, status) pairs a thread binds per route and histogram; points of further
@@ -141,21 +144,21 @@ impl HttpMetrics {
     /// The recorder of `route` (`-`: requests no route matches).
     pub fn route(&self, route: &str) -> RouteHttp {
         let name: Arc<str> = Arc::from(route);
-        RouteHttp {
+        RouteHttp(Arc::new(RouteInstruments {
             instruments: self.instruments.clone(),
             route: KeyValue::new("http.route", Value::String(StringValue::from(name))),
-            server: Arc::default(),
-            client: Arc::default(),
-        }
+            server: BoundPairs::default(),
+            client: BoundPairs::default(),
+        }))
     }
 }
 
 impl RouteHttp {
     /// One request served.
     pub fn served(&self, method: &Method, status: StatusCode, elapsed: Duration) {
-        self.server.record(
-            &self.instruments.server,
-            &self.route,
+        self.0.server.record(
+            &self.0.instruments.server,
+            &self.0.route,
             method_name(method),
             i64::from(status.as_u16()),
             elapsed.as_secs_f64(),
@@ -172,19 +175,19 @@ impl RouteHttp {
         let status = match outcome {
             Ok(status) => i64::from(status.as_u16()),
             Err(error) => {
-                self.instruments.failures.add(
+                self.0.instruments.failures.add(
                     1,
                     &[
-                        self.route.clone(),
+                        self.0.route.clone(),
                         KeyValue::new("error.type", failure_kind(error)),
                     ],
                 );
                 0
             }
         };
-        self.client.record(
-            &self.instruments.client,
-            &self.route,
+        self.0.client.record(
+            &self.0.instruments.client,
+            &self.0.route,
             method_name(method),
             status,
             elapsed.as_secs_f64(),

@@ -79,7 +79,11 @@ const SMALL_RESPONSE: u64 = 16 * 1024;
 /// Idle connections are bounded per thread (`upstream_keepalive`, like nginx's
 /// `keepalive` per worker); a client that is idle holds no upstream connection.
 #[derive(Clone, Debug)]
-pub struct Upstream {
+pub struct Upstream(Arc<UpstreamInner>);
+
+/// One `Arc` for all of it: every request clones its route's stack, and so this.
+#[derive(Debug)]
+struct UpstreamInner {
     client: UpstreamClient,
     base: Uri,
     timeout: Duration,
@@ -101,11 +105,11 @@ impl Upstream {
             }
             UpstreamProtocol::H2c => UpstreamClient::H2c(Arc::new(ThreadLocal::new())),
         };
-        Upstream {
+        Upstream(Arc::new(UpstreamInner {
             client,
             base,
             timeout,
-        }
+        }))
     }
 
     /// This thread's h2c client, made on its first request: prior knowledge, one
@@ -128,7 +132,7 @@ impl Upstream {
     /// upstream).
     fn absolute_uri(&self, uri: &Uri) -> Result<Uri, ProxyError> {
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let mut parts = self.base.clone().into_parts();
+        let mut parts = self.0.base.clone().into_parts();
         parts.path_and_query = Some(
             path_and_query
                 .parse()
@@ -168,8 +172,8 @@ impl Service<Request<Body>> for Upstream {
         // Taken here, inside the caller's span: the boxed future runs in no span of its
         // own. Nothing happens unless OTLP export is on.
         crate::telemetry::inject_current(&mut parts.headers);
-        let timeout = self.timeout;
-        match &self.client {
+        let timeout = self.0.timeout;
+        match &self.0.client {
             UpstreamClient::Http1(pool) => {
                 let pool = pool.clone();
                 parts.uri = origin_form(std::mem::take(&mut parts.uri));

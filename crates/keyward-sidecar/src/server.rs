@@ -185,6 +185,9 @@ async fn accept_loop(
         // than the copy (about 1.5 µs per request, benches/load/run.sh).
         .writev(false);
     let graceful = GracefulShutdown::new();
+    // This worker's own reference: requests clone it without touching a count that
+    // the other workers' requests touch too.
+    let app = Arc::new(app);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
