@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# A/B of keyward binaries, interleaved, each against nginx proxy_pass in the same round.
+#
+#   ROUNDS=4 D=4s [CASE=bare|fresh] [WORKERS=2,1] bash benches/load/ab.sh BIN_A BIN_B ...
+#
+# An nginx `return 200` upstream, nginx `proxy_pass` (2 workers, keepalive 64) as the
+# baseline, and each binary as a sidecar with no layers (CASE=bare, GET /) or quota +
+# idempotency on fresh keys (CASE=fresh, POST /pay); WORKERS gives each binary's
+# `[server] workers` (default 2). Each round runs wrk -t2 -c64 for D against the
+# baseline, then against each binary, and prints requests/s, user and kernel µs per
+# request (from /proc/PID/stat) and the ratio to the baseline of the round. Everything
+# listens on 127.0.0.1; needs nginx and wrk.
+set -euo pipefail
+ROUNDS=${ROUNDS:-5}; D=${D:-4s}; CASE=${CASE:-bare}
+W=$(mktemp -d); chmod 755 $W
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; for f in $W/*.pid; do [ -f $f ] && kill $(cat $f) 2>/dev/null; done; rm -rf $W; }
+trap cleanup EXIT
+cat > $W/up.conf <<CONF
+worker_processes 1; pid $W/up.pid; error_log $W/err.log warn; events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $W/b; proxy_temp_path $W/p; fastcgi_temp_path $W/f;
+ uwsgi_temp_path $W/u; scgi_temp_path $W/s; keepalive_requests 1000000;
+ server { listen 127.0.0.1:19400; location / { return 200 'ok\n'; } } }
+CONF
+cat > $W/px.conf <<CONF
+worker_processes 2; pid $W/px.pid; error_log $W/err2.log warn; events { worker_connections 4096; }
+http { access_log off; client_body_temp_path $W/b2; proxy_temp_path $W/p2; fastcgi_temp_path $W/f2;
+ uwsgi_temp_path $W/u2; scgi_temp_path $W/s2; keepalive_requests 1000000;
+ upstream up { server 127.0.0.1:19400; keepalive 64; }
+ server { listen 127.0.0.1:19401; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+nginx -c $W/up.conf -p $W; nginx -c $W/px.conf -p $W
+IFS=, read -ra WORKERS_LIST <<< "${WORKERS:-2,2}"
+i=0
+for bin in "$@"; do
+  i=$((i+1)); port=$((19410+i*3))
+  cat > $W/kw$i.toml <<TOML
+[server]
+listen = "127.0.0.1:$port"
+upstream = "http://127.0.0.1:19400"
+admin = "127.0.0.1:$((port+1))"
+workers = ${WORKERS_LIST[$((i-1))]:-2}
+TOML
+  if [ "$CASE" != bare ]; then cat >> $W/kw$i.toml <<TOML
+[[routes]]
+name = "pay"
+methods = ["POST"]
+path = "/pay"
+[routes.quota]
+key = "peer_ip"
+limit = 1000000000
+per = "1s"
+[routes.idempotency]
+scope = "none"
+TOML
+  fi
+  KEYWARD_LOG=warn $bin serve -c $W/kw$i.toml > $W/kw$i.log 2>&1 & pids+=($!)
+done
+cat > $W/fresh.lua <<'LUA'
+local threads = 0
+setup = function(thread) threads = threads + 1; thread:set("prefix", "t" .. threads .. "-" .. os.time() .. math.random(1000000)) end
+local counter = 0
+request = function() counter = counter + 1; return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter }, "amount=1") end
+LUA
+cat > $W/post.lua <<'LUA'
+request = function() return wrk.format("POST", "/pay", nil, "amount=1") end
+LUA
+sleep 0.7
+ut() { awk '{print $14+$15}' /proc/$1/stat; }
+nginxpids() { pgrep -P $(cat $W/px.pid) | tr '\n' ' '; }
+run() { # port pidlist -> "rps user_us_per_req"
+  local port=$1; shift
+  local u0=0; for p in $@; do u0=$((u0+$(awk '{print $14}' /proc/$p/stat))); done
+  local s0=0; for p in $@; do s0=$((s0+$(awk '{print $15}' /proc/$p/stat))); done
+  if [ "$CASE" = fresh ]; then out=$(wrk -t2 -c64 -d$D -s $W/fresh.lua http://127.0.0.1:$port/pay)
+  elif [ "$CASE" = post ]; then out=$(wrk -t2 -c64 -d$D -s $W/post.lua http://127.0.0.1:$port/pay)
+  else out=$(wrk -t2 -c64 -d$D http://127.0.0.1:$port/); fi
+  local u1=0; for p in $@; do u1=$((u1+$(awk '{print $14}' /proc/$p/stat))); done
+  local s1=0; for p in $@; do s1=$((s1+$(awk '{print $15}' /proc/$p/stat))); done
+  local n=$(echo "$out" | awk '/requests in/ {print $1}')
+  local rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  local tck=$(getconf CLK_TCK)
+  awk -v n=$n -v r=$rps -v u=$((u1-u0)) -v s=$((s1-s0)) -v t=$tck 'BEGIN{printf "%8.0f %6.2f %6.2f", r, u/t*1e6/n, s/t*1e6/n}'
+}
+npx=$(nginxpids)
+FRESHCASE=$CASE
+for r in $(seq 1 $ROUNDS); do
+  if [ "$CASE" = bare ]; then CASE=bare; else CASE=post; fi
+  base=$(run 19401 $npx); CASE=$FRESHCASE
+  line="round $r nginx: $base |"
+  brps=$(echo $base | awk '{print $1}')
+  i=0
+  for p in "${pids[@]}"; do i=$((i+1)); port=$((19410+i*3))
+    res=$(run $port $p); rps=$(echo $res | awk '{print $1}')
+    line="$line kw$i: $res ($(awk -v a=$rps -v b=$brps 'BEGIN{printf "%.2fx", a/b}')) |"
+  done
+  echo "$line  load $(cut -d' ' -f1 /proc/loadavg)"
+done
