@@ -12,68 +12,38 @@
 # listens on 127.0.0.1; needs nginx and wrk.
 set -euo pipefail
 ROUNDS=${ROUNDS:-5}; D=${D:-4s}; CASE=${CASE:-bare}
-W=$(mktemp -d); chmod 755 $W
+cd "$(dirname "$0")/../.."
+. benches/load/common.sh
+WORK=$(mktemp -d); chmod 755 "$WORK"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; for f in $W/*.pid; do [ -f $f ] && kill $(cat $f) 2>/dev/null; done; rm -rf $W; }
+cleanup() { for p in "${pids[@]}"; do kill $p 2>/dev/null || true; done; stop_servers; rm -rf "$WORK"; }
 trap cleanup EXIT
-cat > $W/up.conf <<CONF
-worker_processes 1; pid $W/up.pid; error_log $W/err.log warn; events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $W/b; proxy_temp_path $W/p; fastcgi_temp_path $W/f;
- uwsgi_temp_path $W/u; scgi_temp_path $W/s; keepalive_requests 1000000;
- server { listen 127.0.0.1:19400; location / { return 200 'ok\n'; } } }
-CONF
-cat > $W/px.conf <<CONF
-worker_processes 2; pid $W/px.pid; error_log $W/err2.log warn; events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $W/b2; proxy_temp_path $W/p2; fastcgi_temp_path $W/f2;
- uwsgi_temp_path $W/u2; scgi_temp_path $W/s2; keepalive_requests 1000000;
- upstream up { server 127.0.0.1:19400; keepalive 64; }
- server { listen 127.0.0.1:19401; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
-nginx -c $W/up.conf -p $W; nginx -c $W/px.conf -p $W
+upstream_nginx 19400
+NGINX_WORKERS=2 proxy_nginx 19401 19400
+wrk_scripts
 IFS=, read -ra WORKERS_LIST <<< "${WORKERS:-2,2}"
 i=0
 for bin in "$@"; do
   i=$((i+1)); port=$((19410+i*3))
-  cat > $W/kw$i.toml <<TOML
+  cat > $WORK/kw$i.toml <<TOML
 [server]
 listen = "127.0.0.1:$port"
 upstream = "http://127.0.0.1:19400"
 admin = "127.0.0.1:$((port+1))"
 workers = ${WORKERS_LIST[$((i-1))]:-2}
 TOML
-  if [ "$CASE" != bare ]; then cat >> $W/kw$i.toml <<TOML
-[[routes]]
-name = "pay"
-methods = ["POST"]
-path = "/pay"
-[routes.quota]
-key = "peer_ip"
-limit = 1000000000
-per = "1s"
-[routes.idempotency]
-scope = "none"
-TOML
-  fi
-  KEYWARD_LOG=warn $bin serve -c $W/kw$i.toml > $W/kw$i.log 2>&1 & pids+=($!)
+  if [ "$CASE" != bare ]; then echo "$ROUTE_LAYERED" >> "$WORK/kw$i.toml"; fi
+  KEYWARD_LOG=warn $bin serve -c $WORK/kw$i.toml > $WORK/kw$i.log 2>&1 & pids+=($!)
 done
-cat > $W/fresh.lua <<'LUA'
-local threads = 0
-setup = function(thread) threads = threads + 1; thread:set("prefix", "t" .. threads .. "-" .. os.time() .. math.random(1000000)) end
-local counter = 0
-request = function() counter = counter + 1; return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter }, "amount=1") end
-LUA
-cat > $W/post.lua <<'LUA'
-request = function() return wrk.format("POST", "/pay", nil, "amount=1") end
-LUA
 sleep 0.7
 ut() { awk '{print $14+$15}' /proc/$1/stat; }
-nginxpids() { pgrep -P $(cat $W/px.pid) | tr '\n' ' '; }
+nginxpids() { pgrep -P $(cat "$WORK/proxy.pid") | tr '\n' ' '; }
 run() { # port pidlist -> "rps user_us_per_req"
   local port=$1; shift
   local u0=0; for p in $@; do u0=$((u0+$(awk '{print $14}' /proc/$p/stat))); done
   local s0=0; for p in $@; do s0=$((s0+$(awk '{print $15}' /proc/$p/stat))); done
-  if [ "$CASE" = fresh ]; then out=$(wrk -t2 -c64 -d$D -s $W/fresh.lua http://127.0.0.1:$port/pay)
-  elif [ "$CASE" = post ]; then out=$(wrk -t2 -c64 -d$D -s $W/post.lua http://127.0.0.1:$port/pay)
+  if [ "$CASE" = fresh ]; then out=$(wrk -t2 -c64 -d$D -s $WORK/fresh.lua http://127.0.0.1:$port/pay)
+  elif [ "$CASE" = post ]; then out=$(wrk -t2 -c64 -d$D -s $WORK/post.lua http://127.0.0.1:$port/pay)
   else out=$(wrk -t2 -c64 -d$D http://127.0.0.1:$port/); fi
   local u1=0; for p in $@; do u1=$((u1+$(awk '{print $14}' /proc/$p/stat))); done
   local s1=0; for p in $@; do s1=$((s1+$(awk '{print $15}' /proc/$p/stat))); done

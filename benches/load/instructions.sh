@@ -23,18 +23,13 @@ need() { command -v "$1" >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONT
 need nginx nginx-light
 need wrk wrk
 need valgrind valgrind
-W=$(mktemp -d)
-chmod 755 "$W"
+. benches/load/common.sh
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
 PORT=${BASE_PORT:-19700}
-trap 'kill "${KP:-}" 2>/dev/null || true; [ -f "$W/up.pid" ] && kill "$(cat "$W/up.pid")" 2>/dev/null || true; rm -rf "$W"' EXIT
-cat > "$W/up.conf" <<CONF
-worker_processes 1; pid $W/up.pid; error_log $W/err.log warn; events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $W/b; proxy_temp_path $W/p; fastcgi_temp_path $W/f;
- uwsgi_temp_path $W/u; scgi_temp_path $W/s; keepalive_requests 1000000;
- server { listen 127.0.0.1:$PORT; location / { return 200 'ok\n'; } } }
-CONF
-nginx -c "$W/up.conf" -p "$W"
-cat > "$W/kw.toml" <<TOML
+trap 'kill "${KP:-}" 2>/dev/null || true; stop_servers; rm -rf "$WORK"' EXIT
+upstream_nginx "$PORT"
+cat > "$WORK/kw.toml" <<TOML
 [server]
 listen = "127.0.0.1:$((PORT + 1))"
 upstream = "http://127.0.0.1:$PORT"
@@ -42,53 +37,25 @@ admin = "127.0.0.1:$((PORT + 2))"
 TOML
 case $CASE in
     bare) ;;
-    fresh | replay) cat >> "$W/kw.toml" <<TOML
-[[routes]]
-name = "pay"
-methods = ["POST"]
-path = "/pay"
-[routes.quota]
-key = "peer_ip"
-limit = 1000000000
-per = "1s"
-[routes.idempotency]
-scope = "none"
-TOML
-    ;;
-    serial) cat >> "$W/kw.toml" <<TOML
-[[routes]]
-name = "pay"
-methods = ["POST"]
-path = "/pay"
-[routes.serial]
-key = "header:account"
-TOML
-    ;;
+    fresh | replay) echo "$ROUTE_LAYERED" >> "$WORK/kw.toml" ;;
+    serial) echo "$ROUTE_SERIAL" >> "$WORK/kw.toml" ;;
     *) echo "case: bare, fresh, replay or serial" >&2; exit 64 ;;
 esac
-cat > "$W/fresh.lua" <<'LUA'
-local threads = 0
-setup = function(thread) threads = threads + 1; thread:set("prefix", "t" .. threads .. "-" .. os.time() .. math.random(1000000)) end
-local counter = 0
-request = function() counter = counter + 1; return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter, ["Account"] = prefix .. "-" .. counter }, "amount=1") end
-LUA
-cat > "$W/replay.lua" <<'LUA'
-request = function() return wrk.format("POST", "/pay", { ["Idempotency-Key"] = "same-key" }, "amount=1") end
-LUA
+wrk_scripts
 rm -f "$OUT" "$OUT".*
-KEYWARD_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" "$BIN" serve -c "$W/kw.toml" >"$W/kw.log" 2>&1 &
+KEYWARD_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$OUT" "$BIN" serve -c "$WORK/kw.toml" >"$WORK/kw.log" 2>&1 &
 KP=$!
 up=no
 for _ in $(seq 1 100); do
     if curl -s -o /dev/null "http://127.0.0.1:$((PORT + 1))/"; then up=yes; break; fi
     sleep 0.3
 done
-[ "$up" = yes ] || { echo "keyward did not come up on 127.0.0.1:$((PORT + 1)):" >&2; cat "$W/kw.log" >&2; exit 1; }
+[ "$up" = yes ] || { echo "keyward did not come up on 127.0.0.1:$((PORT + 1)):" >&2; cat "$WORK/kw.log" >&2; exit 1; }
 URL="http://127.0.0.1:$((PORT + 1))/"
 ARGS=()
 case $CASE in
-    fresh | serial) ARGS=(-s "$W/fresh.lua"); URL="${URL}pay" ;;
-    replay) ARGS=(-s "$W/replay.lua"); URL="${URL}pay" ;;
+    fresh | serial) ARGS=(-s "$WORK/fresh.lua"); URL="${URL}pay" ;;
+    replay) ARGS=(-s "$WORK/replay.lua"); URL="${URL}pay" ;;
 esac
 wrk -t2 -c64 -d3s "${ARGS[@]}" "$URL" >/dev/null
 callgrind_control -i on "$KP" >/dev/null 2>&1

@@ -18,60 +18,35 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BIN=${1:-target/release/keyward}
 CASE=${2:-bare}
-W=$(mktemp -d)
-chmod 755 "$W"
-trap 'kill "${KP:-}" 2>/dev/null || true; [ -f "$W/up.pid" ] && kill "$(cat "$W/up.pid")" 2>/dev/null || true; rm -rf "$W"' EXIT
-cat > "$W/up.conf" <<CONF
-worker_processes 1; pid $W/up.pid; error_log $W/err.log warn; events { worker_connections 4096; }
-http { access_log off; client_body_temp_path $W/b; proxy_temp_path $W/p; fastcgi_temp_path $W/f;
- uwsgi_temp_path $W/u; scgi_temp_path $W/s; keepalive_requests 1000000;
- server { listen 127.0.0.1:19200; location / { return 200 'ok\n'; } } }
-CONF
-nginx -c "$W/up.conf" -p "$W"
-cat > "$W/kw.toml" <<TOML
+. benches/load/common.sh
+WORK=$(mktemp -d)
+chmod 755 "$WORK"
+trap 'kill "${KP:-}" 2>/dev/null || true; stop_servers; rm -rf "$WORK"' EXIT
+upstream_nginx 19200
+cat > "$WORK/kw.toml" <<TOML
 [server]
 listen = "127.0.0.1:19201"
 upstream = "http://127.0.0.1:19200"
 admin = "127.0.0.1:19202"
 TOML
-if [ "$CASE" != bare ]; then cat >> "$W/kw.toml" <<TOML
-[[routes]]
-name = "pay"
-methods = ["POST"]
-path = "/pay"
-[routes.quota]
-key = "peer_ip"
-limit = 1000000000
-per = "1s"
-[routes.idempotency]
-scope = "none"
-TOML
-fi
-cat > "$W/fresh.lua" <<'LUA'
-local threads = 0
-setup = function(thread) threads = threads + 1; thread:set("prefix", "t" .. threads .. "-" .. os.time()) end
-local counter = 0
-request = function() counter = counter + 1; return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter }, "amount=1") end
-LUA
-cat > "$W/replay.lua" <<'LUA'
-request = function() return wrk.format("POST", "/pay", { ["Idempotency-Key"] = "same-key" }, "amount=1") end
-LUA
-KEYWARD_LOG=warn "$BIN" serve -c "$W/kw.toml" >"$W/kw.log" 2>&1 & KP=$!
+if [ "$CASE" != bare ]; then echo "$ROUTE_LAYERED" >> "$WORK/kw.toml"; fi
+wrk_scripts
+KEYWARD_LOG=warn "$BIN" serve -c "$WORK/kw.toml" >"$WORK/kw.log" 2>&1 & KP=$!
 sleep 0.5
 case $CASE in
     bare) ARGS=(http://127.0.0.1:19201/) ;;
-    fresh) ARGS=(-s "$W/fresh.lua" http://127.0.0.1:19201/pay) ;;
-    replay) ARGS=(-s "$W/replay.lua" http://127.0.0.1:19201/pay) ;;
+    fresh) ARGS=(-s "$WORK/fresh.lua" http://127.0.0.1:19201/pay) ;;
+    replay) ARGS=(-s "$WORK/replay.lua" http://127.0.0.1:19201/pay) ;;
     *) echo "case: bare, fresh or replay" >&2; exit 64 ;;
 esac
-wrk -t2 -c64 -d9s "${ARGS[@]}" >"$W/wrk.txt" &
+wrk -t2 -c64 -d9s "${ARGS[@]}" >"$WORK/wrk.txt" &
 WP=$!
 sleep 2
-perf record -F 1999 --call-graph fp -p "$KP" -o "$W/perf.data" -- sleep 5 >/dev/null 2>&1
+perf record -F 1999 --call-graph fp -p "$KP" -o "$WORK/perf.data" -- sleep 5 >/dev/null 2>&1
 wait "$WP"
-grep -E "Requests/sec" "$W/wrk.txt"
+grep -E "Requests/sec" "$WORK/wrk.txt"
 echo "-- samples by area"
-perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | awk '
+perf report -i "$WORK/perf.data" --no-children --sort dso,symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | awk '
 { pct = $1; sub("%", "", pct); $1 = ""; line = $0; area = "other user space"
   if (line ~ /\[k\]/) area = "kernel"
   else if (line ~ /malloc|free|realloc|calloc|memmove|memcpy|memset|mi_/) area = "allocator and memcpy"
@@ -84,9 +59,9 @@ perf report -i "$W/perf.data" --no-children --sort dso,symbol -g none --stdio 2>
   sum[area] += pct }
 END { for (a in sum) printf "%6.2f%%  %s\n", sum[a], a | "sort -rn" }'
 echo "-- top user-space symbols"
-perf report -i "$W/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | grep -v "\[k\]" | sed 's/  */ /g' | cut -c1-150 | head -25
+perf report -i "$WORK/perf.data" --no-children --sort symbol -g none --stdio 2>/dev/null | grep -v "^#" | grep "%" | grep -v "\[k\]" | sed 's/  */ /g' | cut -c1-150 | head -25
 if [ -n "${FLAME:-}" ]; then
     command -v inferno-flamegraph >/dev/null || { echo "FLAME needs inferno: cargo install inferno" >&2; exit 1; }
-    perf script -i "$W/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "keyward $CASE" > "$FLAME"
+    perf script -i "$WORK/perf.data" 2>/dev/null | inferno-collapse-perf | inferno-flamegraph --title "keyward $CASE" > "$FLAME"
     echo "-- flame graph: $FLAME"
 fi

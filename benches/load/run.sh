@@ -25,6 +25,7 @@
 # BENCHMARKS.md; logs go to a temporary directory that is removed at exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+. benches/load/common.sh
 
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-5s}
@@ -55,34 +56,15 @@ chmod 755 "$WORK"
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pidfile in "$WORK"/*.pid; do [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true; done
+    stop_servers
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-nginx_conf() { # name workers http-block
-    mkdir -p "$WORK/$1.cache" && chmod 777 "$WORK/$1.cache"
-    cat > "$WORK/$1.conf" <<CONF
-worker_processes $2;
-pid $WORK/$1.pid;
-error_log $WORK/$1.error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/$1.body; proxy_temp_path $WORK/$1.proxy;
-    fastcgi_temp_path $WORK/$1.fcgi; uwsgi_temp_path $WORK/$1.uwsgi; scgi_temp_path $WORK/$1.scgi;
-    keepalive_requests 1000000;
-    $3
-}
-CONF
-    nginx -c "$WORK/$1.conf" -p "$WORK"
-}
-
 # The upstream: a fixed small answer, as cheap as an upstream gets.
-nginx_conf upstream 1 "server { listen 127.0.0.1:$UPSTREAM; location / { return 200 'ok\n'; } }"
+upstream_nginx "$UPSTREAM"
 # The baseline proxy: nginx proxy_pass with a keepalive upstream pool, one worker per core.
-nginx_conf proxy auto "upstream backend { server 127.0.0.1:$UPSTREAM; keepalive 64; }
-    server { listen 127.0.0.1:$NGINX; location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
+proxy_nginx "$NGINX" "$UPSTREAM"
 # The stampede baseline: nginx in front of the slow upstream, proxy_cache_lock on.
 nginx_conf cache auto "proxy_cache_path $WORK/cache.cache keys_zone=stampede:1m;
     upstream slow { server 127.0.0.1:$SLOW; keepalive 64; }
@@ -129,24 +111,8 @@ TOML
     KW_PID[$name]=$!; PIDS+=($!); KW_PORT[$name]=$listen
 }
 keyward_start bare ""
-keyward_start layered '
-[[routes]]
-name = "pay"
-methods = ["POST"]
-path = "/pay"
-[routes.quota]
-key = "peer_ip"
-limit = 1000000000
-per = "1s"
-[routes.idempotency]
-scope = "none"'
-keyward_start serial '
-[[routes]]
-name = "pay"
-methods = ["POST"]
-path = "/pay"
-[routes.serial]
-key = "header:X-Account"'
+keyward_start layered "$ROUTE_LAYERED"
+keyward_start serial "$ROUTE_SERIAL"
 wanted flight && keyward_start flight '
 [[routes]]
 name = "slow"
@@ -169,22 +135,8 @@ otlp_endpoint = \"http://127.0.0.1:$OTLP\"" OTEL_TRACES_SAMPLER=traceidratio OTE
 wait_port() { for _ in $(seq 1 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "nothing listens on $1" >&2; exit 1; }
 for p in $UPSTREAM $NGINX $HAPROXY $SLOW $NGINX_CACHE "${KW_PORT[@]}"; do wait_port "$p"; done
 
-# Request scripts. Each wrk thread has its own Lua state: each gets its own key prefix.
-cat > "$WORK/fresh.lua" <<'LUA'
-local threads = 0
-setup = function(thread) threads = threads + 1; thread:set("prefix", "t" .. threads .. "-" .. os.time()) end
-local counter = 0
-request = function()
-    counter = counter + 1
-    return wrk.format("POST", "/pay", { ["Idempotency-Key"] = prefix .. "-" .. counter, ["X-Account"] = prefix .. "-" .. counter }, "amount=1")
-end
-LUA
-cat > "$WORK/replay.lua" <<'LUA'
-request = function() return wrk.format("POST", "/pay", { ["Idempotency-Key"] = "same-key" }, "amount=1") end
-LUA
-cat > "$WORK/post.lua" <<'LUA'
-request = function() return wrk.format("POST", "/pay", nil, "amount=1") end
-LUA
+# Request scripts (fresh keys, one key, plain POST).
+wrk_scripts
 
 # The processes of a server: nginx/haproxy master and workers, or one keyward.
 pids_of() {
