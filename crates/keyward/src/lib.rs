@@ -27,6 +27,10 @@
 //! `keyward_wait_seconds{layer,route}` and `keyward_store_seconds{op}`. Instruments come
 //! from `opentelemetry::global::meter("keyward")` when the layer is built, or from the
 //! meter passed to the layer's `.meter()`; with no meter provider they are no-ops.
+//! With the feature `bound-instruments` the points go through handles bound to their
+//! attributes (OpenTelemetry's experimental bound instruments, in the API and the SDK):
+//! no attribute hashing per request; a meter provider other than the SDK must then
+//! implement `SyncInstrument::bind`.
 //!
 //! ```
 //! use keyward::{IdempotencyLayer, MemoryStore};
