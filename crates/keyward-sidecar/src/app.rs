@@ -3,8 +3,8 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use axum::body::Body;
@@ -54,9 +54,13 @@ pub struct App {
 /// table itself would bounce its count between the cores on every request.
 struct ThreadRoutes(Arc<Inner>);
 
+/// One [`App`]'s handle on a thread: the app's id, whether the app is still there, the
+/// generation the handle was taken at, and the handle.
+type ThreadHandle = (u64, Weak<ArcSwap<Inner>>, u64, Arc<ThreadRoutes>);
+
 thread_local! {
-    /// This thread's handle per [`App`] (by id), with the generation it was taken at.
-    static ROUTES: RefCell<Vec<(u64, u64, Arc<ThreadRoutes>)>> = const { RefCell::new(Vec::new()) };
+    /// This thread's handle per [`App`].
+    static ROUTES: RefCell<Vec<ThreadHandle>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Ids of [`App`]s, so that a thread's handles never mix up two of them.
@@ -120,15 +124,22 @@ impl App {
         let generation = self.generation.load(Ordering::Acquire);
         ROUTES.with(|routes| {
             let mut routes = routes.borrow_mut();
-            if let Some((_, seen, handle)) = routes.iter_mut().find(|(id, ..)| *id == self.id) {
+            if let Some((.., seen, handle)) = routes.iter_mut().find(|(id, ..)| *id == self.id) {
                 if *seen != generation {
                     *seen = generation;
                     *handle = Arc::new(ThreadRoutes(self.inner.load_full()));
                 }
                 return handle.clone();
             }
+            // A new app on this thread: forget the handles of apps that are gone.
+            routes.retain(|(_, app, ..)| app.strong_count() > 0);
             let handle = Arc::new(ThreadRoutes(self.inner.load_full()));
-            routes.push((self.id, generation, handle.clone()));
+            routes.push((
+                self.id,
+                Arc::downgrade(&self.inner),
+                generation,
+                handle.clone(),
+            ));
             handle
         })
     }
