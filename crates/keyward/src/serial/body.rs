@@ -2,20 +2,18 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use std::time::Duration;
-
 use http_body::{Body, Frame, SizeHint};
 use keyward_core::store::{SerialPermit, SerialStore};
 use pin_project_lite::pin_project;
-use tokio::task::AbortHandle;
-use tracing::{Instrument, Span};
+
+use super::hold::{Hold, HoldLimit};
 
 /// Holds a key until dropped: releases the permit without blocking.
 pub(crate) struct PermitGuard<St: SerialStore> {
     store: St,
     permit: Option<SerialPermit>,
-    /// The timer that takes the key away after `max_hold`, if the route has one.
-    expiry: Option<AbortHandle>,
+    /// The permit's place on the `max_hold` queue, if the route has one.
+    hold: Option<Hold>,
 }
 
 impl<St: SerialStore> PermitGuard<St> {
@@ -23,32 +21,20 @@ impl<St: SerialStore> PermitGuard<St> {
     /// at it then (a client that never reads its response, a handler that hangs) loses
     /// the key to the next request, whose higher fencing token lets the resource refuse
     /// the stale holder's writes.
-    pub(crate) fn new(store: St, permit: SerialPermit, max_hold: Option<Duration>) -> Self {
-        let expiry = max_hold.map(|max_hold| {
-            let (store, permit) = (store.clone(), permit.clone());
-            let expire = async move {
-                tokio::time::sleep(max_hold).await;
-                tracing::warn!(
-                    max_hold = ?max_hold,
-                    fencing_token = permit.token().get(),
-                    "serial: the holder kept its key past max_hold; the key is released"
-                );
-                store.release_detached(permit);
-            };
-            tokio::spawn(expire.instrument(Span::current())).abort_handle()
-        });
+    pub(crate) fn new(store: St, permit: SerialPermit, max_hold: Option<&HoldLimit>) -> Self {
+        let hold = max_hold.map(|limit| limit.start(&store, permit.clone()));
         PermitGuard {
             store,
             permit: Some(permit),
-            expiry,
+            hold,
         }
     }
 }
 
 impl<St: SerialStore> Drop for PermitGuard<St> {
     fn drop(&mut self) {
-        if let Some(expiry) = self.expiry.take() {
-            expiry.abort();
+        if let Some(hold) = self.hold.take() {
+            hold.end();
         }
         // After an expiry this release is stale: the store ignores a token that no
         // longer holds the key.

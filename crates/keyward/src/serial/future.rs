@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tower_service::Service;
 
 use super::body::{PermitBody, PermitGuard};
+use super::hold::HoldLimit;
 use super::layer::SerialSettings;
 use super::{FENCING_TOKEN_HEADER, remove_fencing_header};
 use crate::pipeline::{Config, Keyed};
@@ -70,7 +71,7 @@ struct Waiting<S, St, ReqBody> {
     req: Request<ReqBody>,
     store: St,
     limits: SerialLimits,
-    max_hold: Option<Duration>,
+    max_hold: Option<HoldLimit>,
     on_store_error: OnStoreError,
     metrics: LayerMetrics,
     /// When the first poll found the key busy; `None` while it never had to wait, which
@@ -106,7 +107,7 @@ where
             req,
             store,
             limits,
-            max_hold: config.own.max_hold,
+            max_hold: config.own.max_hold.clone(),
             on_store_error: config.common.on_store_error,
             metrics: config.common.metrics.clone(),
             queued_at: None,
@@ -217,7 +218,7 @@ where
         },
         None => {
             // Should `call` panic, unwinding drops the guard and so releases the key.
-            let guard = permit.map(|permit| PermitGuard::new(store, permit, max_hold));
+            let guard = permit.map(|permit| PermitGuard::new(store, permit, max_hold.as_ref()));
             State::Calling {
                 future: inner.call(req),
                 guard,

@@ -5,6 +5,7 @@ use keyward_core::store::SerialLimits;
 use tower_layer::Layer;
 
 use super::PerKeySerialService;
+use super::hold::HoldLimit;
 use crate::defaults::{DEFAULT_SERIAL_MAX_QUEUE, DEFAULT_SERIAL_MAX_WAIT};
 use crate::pipeline::{KeyedLayer, LayerKind, LayerSettings, common_layer_methods, debug_layer};
 
@@ -19,7 +20,7 @@ pub struct PerKeySerialLayer<St, K = KeySpec> {
 pub(crate) struct SerialSettings {
     pub(crate) limits: SerialLimits,
     /// Longest a holder keeps the key (`None`: until its response is over).
-    pub(crate) max_hold: Option<std::time::Duration>,
+    pub(crate) max_hold: Option<HoldLimit>,
 }
 
 impl LayerSettings for SerialSettings {
@@ -86,7 +87,7 @@ impl<St, K: Clone> PerKeySerialLayer<St, K> {
     /// Mutual exclusion then rests on the fencing token: the next holder's is higher, and
     /// a resource that refuses lower tokens refuses the stale holder's writes.
     pub fn max_hold(self, max_hold: std::time::Duration) -> Self {
-        self.with(|own| own.max_hold = Some(max_hold))
+        self.with(|own| own.max_hold = Some(HoldLimit::new(max_hold)))
     }
 
     /// How many requests with one key may be inside the service at once (default 1:
@@ -152,7 +153,10 @@ impl<St, K> fmt::Debug for PerKeySerialLayer<St, K> {
             out.field("max_wait", &config.own.limits.max_wait)
                 .field("max_queue", &config.own.limits.max_queue)
                 .field("permits", &config.own.limits.permits)
-                .field("max_hold", &config.own.max_hold);
+                .field(
+                    "max_hold",
+                    &config.own.max_hold.as_ref().map(HoldLimit::max_hold),
+                );
         })
     }
 }

@@ -70,6 +70,7 @@
 
 mod body;
 mod future;
+mod hold;
 mod layer;
 mod service;
 
