@@ -6,6 +6,7 @@ mod app;
 mod config;
 mod exemplars;
 mod explain;
+mod fifo_timer;
 mod hotkeys;
 mod http_metrics;
 mod ingress;

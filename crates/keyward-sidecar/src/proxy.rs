@@ -180,7 +180,7 @@ impl Service<Request<Body>> for Upstream {
                 parts.version = http::Version::HTTP_11;
                 let req = Request::from_parts(parts, body);
                 Box::pin(async move {
-                    match tokio::time::timeout(timeout, pool.send(req)).await {
+                    match crate::fifo_timer::timeout(timeout, pool.send(req)).await {
                         Err(_) => Err(ProxyError::Timeout(timeout)),
                         Ok(Err(err)) => Err(ProxyError::Unreachable(err)),
                         Ok(Ok(res)) => respond(res).await,
@@ -201,7 +201,7 @@ impl Service<Request<Body>> for Upstream {
                 Box::pin(async move {
                     parts.uri = uri?;
                     let req = Request::from_parts(parts, body);
-                    match tokio::time::timeout(timeout, client.request(req)).await {
+                    match crate::fifo_timer::timeout(timeout, client.request(req)).await {
                         Err(_) => Err(ProxyError::Timeout(timeout)),
                         Ok(Err(err)) => Err(ProxyError::Unreachable(err.into())),
                         Ok(Ok(res)) => respond(res).await,

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use axum::body::Body;
 use http::Request;
-use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::{Body as _, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use keyward_core::grpc::Protocol;
@@ -30,6 +30,7 @@ use tokio::sync::watch;
 use tokio::time::Sleep;
 
 use crate::app::App;
+use crate::fifo_timer::FifoTimer;
 use crate::ingress::{ReadTimeout, body_timeout_response};
 
 /// How long a client may take: to send its headers, between two parts of its body, and
@@ -178,7 +179,7 @@ async fn accept_loop(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(FifoTimer::new(deadlines.header_read))
         .header_read_timeout(deadlines.header_read)
         .max_buf_size(64 * 1024 + 8 * 1024)
         // One write per response head and small body: hyper's vectored writes cost more
@@ -235,13 +236,19 @@ async fn handle(
     peer: std::net::SocketAddr,
     body_read: Duration,
 ) -> http::Response<Body> {
-    let timed_out = Arc::new(AtomicBool::new(false));
     let http1 = req.version() < http::Version::HTTP_2;
     let protocol = Protocol::of(req.headers());
-    let flag = timed_out.clone();
-    let req = req.map(|body| Body::new(ReadTimeout::new(body, body_read, flag)));
+    // A request without a body (most GETs) has nothing to time out: no flag, no wrapper.
+    let (req, timed_out) = if req.body().is_end_stream() {
+        (req.map(|_| Body::empty()), None)
+    } else {
+        let timed_out = Arc::new(AtomicBool::new(false));
+        let flag = timed_out.clone();
+        let req = req.map(|body| Body::new(ReadTimeout::new(body, body_read, flag)));
+        (req, Some(timed_out))
+    };
     let res = app.handle(req, peer).await;
-    if timed_out.load(Ordering::Acquire) {
+    if timed_out.is_some_and(|timed_out| timed_out.load(Ordering::Acquire)) {
         tracing::info!(%peer, "request body timed out");
         return body_timeout_response(protocol, body_read, http1);
     }
