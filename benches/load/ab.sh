@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # A/B of keyward binaries, interleaved, each against nginx proxy_pass in the same round.
 #
-#   ROUNDS=4 D=4s [CASE=bare|fresh] [WORKERS=2,1] bash benches/load/ab.sh BIN_A BIN_B ...
+#   ROUNDS=4 D=4s [CASE=bare|fresh|serial] [WORKERS=2,1] bash benches/load/ab.sh BIN_A BIN_B ...
 #
 # An nginx `return 200` upstream, nginx `proxy_pass` (2 workers, keepalive 64) as the
 # baseline, and each binary as a sidecar with no layers (CASE=bare, GET /) or quota +
-# idempotency on fresh keys (CASE=fresh, POST /pay); WORKERS gives each binary's
+# idempotency on fresh keys (CASE=fresh, POST /pay) or serial on fresh keys (CASE=serial,
+# POST /pay, uncontended); WORKERS gives each binary's
 # `[server] workers` (default 2). Each round runs wrk -t2 -c64 for D against the
 # baseline, then against each binary, and prints requests/s, user and kernel µs per
 # request (from /proc/PID/stat) and the ratio to the baseline of the round. Everything
@@ -32,7 +33,10 @@ upstream = "http://127.0.0.1:19400"
 admin = "127.0.0.1:$((port+1))"
 workers = ${WORKERS_LIST[$((i-1))]:-2}
 TOML
-  if [ "$CASE" != bare ]; then echo "$ROUTE_LAYERED" >> "$WORK/kw$i.toml"; fi
+  case $CASE in
+    fresh) echo "$ROUTE_LAYERED" >> "$WORK/kw$i.toml" ;;
+    serial) echo "$ROUTE_SERIAL" >> "$WORK/kw$i.toml" ;;
+  esac
   KEYWARD_LOG=warn $bin serve -c $WORK/kw$i.toml > $WORK/kw$i.log 2>&1 & pids+=($!)
 done
 sleep 0.7
@@ -42,7 +46,7 @@ run() { # port pidlist -> "rps user_us_per_req"
   local port=$1; shift
   local u0=0; for p in $@; do u0=$((u0+$(awk '{print $14}' /proc/$p/stat))); done
   local s0=0; for p in $@; do s0=$((s0+$(awk '{print $15}' /proc/$p/stat))); done
-  if [ "$CASE" = fresh ]; then out=$(wrk -t2 -c64 -d$D -s $WORK/fresh.lua http://127.0.0.1:$port/pay)
+  if [ "$CASE" = fresh ] || [ "$CASE" = serial ]; then out=$(wrk -t2 -c64 -d$D -s $WORK/fresh.lua http://127.0.0.1:$port/pay)
   elif [ "$CASE" = post ]; then out=$(wrk -t2 -c64 -d$D -s $WORK/post.lua http://127.0.0.1:$port/pay)
   else out=$(wrk -t2 -c64 -d$D http://127.0.0.1:$port/); fi
   local u1=0; for p in $@; do u1=$((u1+$(awk '{print $14}' /proc/$p/stat))); done
