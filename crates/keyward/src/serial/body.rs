@@ -21,7 +21,7 @@ impl<St: SerialStore> PermitGuard<St> {
     /// at it then (a client that never reads its response, a handler that hangs) loses
     /// the key to the next request, whose higher fencing token lets the resource refuse
     /// the stale holder's writes.
-    pub(crate) fn new(store: St, permit: SerialPermit, max_hold: Option<&HoldLimit>) -> Self {
+    pub(crate) fn new(store: St, permit: SerialPermit, max_hold: Option<HoldLimit>) -> Self {
         let hold = max_hold.map(|limit| limit.start(&store, permit.clone()));
         PermitGuard {
             store,

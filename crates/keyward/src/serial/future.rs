@@ -218,7 +218,7 @@ where
         },
         None => {
             // Should `call` panic, unwinding drops the guard and so releases the key.
-            let guard = permit.map(|permit| PermitGuard::new(store, permit, max_hold.as_ref()));
+            let guard = permit.map(|permit| PermitGuard::new(store, permit, max_hold));
             State::Calling {
                 future: inner.call(req),
                 guard,

@@ -74,24 +74,26 @@ impl HoldLimit {
 
     /// Puts `permit` on the queue: past `max_hold` it is released through `store`
     /// unless [`Hold::end`] came first. Needs a Tokio runtime (the shard's sleeper is a
-    /// task), like the rest of the layer.
-    pub(crate) fn start<St: SerialStore>(&self, store: &St, permit: SerialPermit) -> Hold {
+    /// task), like the rest of the layer. Takes the request's own handle on the queue
+    /// (no second count change on a count every thread's requests touch).
+    pub(crate) fn start<St: SerialStore>(self, store: &St, permit: SerialPermit) -> Hold {
         let shard = thread_shard();
-        let mut queue = self.lock(shard);
-        let id = queue.next_id;
-        queue.next_id += 1;
-        queue.held.push_back(Held {
-            id,
-            deadline: Instant::now() + self.max_hold,
-            permit,
-        });
-        if !queue.watched {
-            queue.watched = true;
-            drop(queue);
+        let (id, unwatched) = {
+            let mut queue = self.lock(shard);
+            let id = queue.next_id;
+            queue.next_id += 1;
+            queue.held.push_back(Held {
+                id,
+                deadline: Instant::now() + self.max_hold,
+                permit,
+            });
+            (id, !std::mem::replace(&mut queue.watched, true))
+        };
+        if unwatched {
             tokio::spawn(watch(self.clone(), shard, store.clone()));
         }
         Hold {
-            limit: self.clone(),
+            limit: self,
             shard,
             id,
         }
@@ -241,10 +243,10 @@ mod tests {
     async fn releases_only_the_permits_still_held_at_their_deadline() {
         let store = Releases::default();
         let limit = HoldLimit::new(Duration::from_secs(10));
-        let first = limit.start(&store, permit(1));
+        let first = limit.clone().start(&store, permit(1));
         tokio::time::advance(Duration::from_secs(4)).await;
-        let second = limit.start(&store, permit(2));
-        let third = limit.start(&store, permit(3));
+        let second = limit.clone().start(&store, permit(2));
+        let third = limit.clone().start(&store, permit(3));
         second.end();
         tokio::time::sleep(Duration::from_secs(6)).await;
         tokio::task::yield_now().await;
@@ -261,12 +263,12 @@ mod tests {
     async fn the_watcher_stops_when_the_queue_is_empty_and_a_new_one_starts_after() {
         let store = Releases::default();
         let limit = HoldLimit::new(Duration::from_secs(1));
-        limit.start(&store, permit(1)).end();
+        limit.clone().start(&store, permit(1)).end();
         tokio::time::sleep(Duration::from_secs(2)).await;
         tokio::task::yield_now().await;
         assert!(store.0.lock().unwrap().is_empty(), "ended in time");
         assert!(!limit.lock(thread_shard()).watched, "nothing left to watch");
-        let _held = limit.start(&store, permit(2));
+        let _held = limit.clone().start(&store, permit(2));
         assert!(limit.lock(thread_shard()).watched);
         tokio::time::sleep(Duration::from_secs(2)).await;
         tokio::task::yield_now().await;
@@ -285,14 +287,14 @@ mod tests {
                 .unwrap()
         };
         let first = runtime();
-        let held = first.block_on(async { limit.start(&store, permit(1)) });
+        let held = first.block_on(async { limit.clone().start(&store, permit(1)) });
         drop(first);
         assert!(
             !limit.lock(thread_shard()).watched,
             "its watcher went with it"
         );
         runtime().block_on(async {
-            let _next = limit.start(&store, permit(2));
+            let _next = limit.clone().start(&store, permit(2));
             tokio::time::sleep(Duration::from_secs(2)).await;
             tokio::task::yield_now().await;
         });
