@@ -3,7 +3,10 @@
 # sidecar's own work that a shared, noisy machine does not disturb (wall-clock A/B runs
 # there move by ±20 % between rounds; this moves by ~1 %).
 #
-#   bash benches/load/instructions.sh [BINARY] [bare|fresh|replay|serial]
+#   bash benches/load/instructions.sh [BINARY] [bare|post|fresh|replay|serial]
+#
+# `post` is `bare` with the POST of the layered cases (no layers): the baseline their
+# layers add to.
 #
 # Starts an nginx `return 200` upstream and BINARY (default target/release/keyward)
 # under `valgrind --tool=callgrind` with counting off, warms it up with wrk for 3 s,
@@ -36,10 +39,10 @@ upstream = "http://127.0.0.1:$PORT"
 admin = "127.0.0.1:$((PORT + 2))"
 TOML
 case $CASE in
-    bare) ;;
+    bare | post) ;;
     fresh | replay) echo "$ROUTE_LAYERED" >> "$WORK/kw.toml" ;;
     serial) echo "$ROUTE_SERIAL" >> "$WORK/kw.toml" ;;
-    *) echo "case: bare, fresh, replay or serial" >&2; exit 64 ;;
+    *) echo "case: bare, post, fresh, replay or serial" >&2; exit 64 ;;
 esac
 wrk_scripts
 rm -f "$OUT" "$OUT".*
@@ -56,6 +59,7 @@ ARGS=()
 case $CASE in
     fresh | serial) ARGS=(-s "$WORK/fresh.lua"); URL="${URL}pay" ;;
     replay) ARGS=(-s "$WORK/replay.lua"); URL="${URL}pay" ;;
+    post) ARGS=(-s "$WORK/post.lua"); URL="${URL}pay" ;;
 esac
 wrk -t2 -c64 -d3s "${ARGS[@]}" "$URL" >/dev/null
 callgrind_control -i on "$KP" >/dev/null 2>&1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where a keyward process spends its time under load, grouped by area.
 #
-#   bash benches/load/profile.sh [BINARY] [bare|fresh|replay]
+#   bash benches/load/profile.sh [BINARY] [bare|post|fresh|replay|serial]
 #
 # Starts an nginx `return 200` upstream and BINARY (default target/release/keyward) on
 # 127.0.0.1, drives it with wrk (-t2 -c64, 9 s), records 5 s of it with
@@ -29,15 +29,19 @@ listen = "127.0.0.1:19201"
 upstream = "http://127.0.0.1:19200"
 admin = "127.0.0.1:19202"
 TOML
-if [ "$CASE" != bare ]; then echo "$ROUTE_LAYERED" >> "$WORK/kw.toml"; fi
+case $CASE in
+    fresh | replay) echo "$ROUTE_LAYERED" >> "$WORK/kw.toml" ;;
+    serial) echo "$ROUTE_SERIAL" >> "$WORK/kw.toml" ;;
+esac
 wrk_scripts
 KEYWARD_LOG=warn "$BIN" serve -c "$WORK/kw.toml" >"$WORK/kw.log" 2>&1 & KP=$!
 sleep 0.5
 case $CASE in
     bare) ARGS=(http://127.0.0.1:19201/) ;;
-    fresh) ARGS=(-s "$WORK/fresh.lua" http://127.0.0.1:19201/pay) ;;
+    post) ARGS=(-s "$WORK/post.lua" http://127.0.0.1:19201/pay) ;;
+    fresh | serial) ARGS=(-s "$WORK/fresh.lua" http://127.0.0.1:19201/pay) ;;
     replay) ARGS=(-s "$WORK/replay.lua" http://127.0.0.1:19201/pay) ;;
-    *) echo "case: bare, fresh or replay" >&2; exit 64 ;;
+    *) echo "case: bare, post, fresh, replay or serial" >&2; exit 64 ;;
 esac
 wrk -t2 -c64 -d9s "${ARGS[@]}" >"$WORK/wrk.txt" &
 WP=$!

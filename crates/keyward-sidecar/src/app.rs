@@ -13,14 +13,14 @@ use keyward::DecisionReporter;
 use keyward_core::PathParams;
 use keyward_core::grpc::Protocol;
 use opentelemetry::metrics::Meter;
-use tower::ServiceExt;
+use tower::{Service, ServiceExt};
 use tracing::Instrument;
 
 use arc_swap::ArcSwap;
 
 use crate::config::{Config, UpstreamProtocol};
 use crate::hotkeys::{HotKeys, RouteSketch};
-use crate::http_metrics::{HttpMetrics, RouteHttp};
+use crate::http_metrics::{HttpMetrics, RouteHttp, TimedUpstream};
 use crate::ingress::Ingress;
 use crate::metrics::{REQUEST_SPAN, RequestDecisions};
 use crate::proxy::Upstream;
@@ -69,7 +69,8 @@ static APP_IDS: AtomicU64 = AtomicU64::new(0);
 struct Inner {
     router: matchit::Router<Vec<usize>>,
     routes: Vec<Route>,
-    passthrough: Stack,
+    /// The upstream alone, called directly: no stack to clone, no boxed layer future.
+    passthrough: TimedUpstream,
     /// Metrics of requests no route matches (`http.route = "-"`).
     unrouted: RouteHttp,
     ingress: Ingress,
@@ -206,7 +207,7 @@ impl Inner {
         Ok(Inner {
             router,
             routes,
-            passthrough: stack::boxed_upstream(upstream.clone(), unrouted.clone()),
+            passthrough: TimedUpstream::new(upstream.clone(), unrouted.clone()),
             unrouted,
             ingress: Ingress {
                 trusted_proxies: config.server.trusted_proxies.clone(),
@@ -246,11 +247,11 @@ impl App {
         let (route_name, service, http, hot_keys) = match inner.route_for(&mut req) {
             Some(route) => (
                 route.name.as_str(),
-                route.service.clone(),
+                Some(route.service.clone()),
                 &route.http,
                 Some(&route.hot_keys),
             ),
-            None => (NO_ROUTE, inner.passthrough.clone(), &inner.unrouted, None),
+            None => (NO_ROUTE, None, &inner.unrouted, None),
         };
         // Requests no route matches meet no layer: nothing to report.
         let decisions = hot_keys.map(|hot_keys| {
@@ -266,10 +267,16 @@ impl App {
                 span = tracing::Span::none();
             }
         }
+        let call = async {
+            match service {
+                Some(service) => service.oneshot(req).await,
+                None => inner.passthrough.clone().call(req).await,
+            }
+        };
         let res = if span.is_disabled() {
-            service.oneshot(req).await
+            call.await
         } else {
-            service.oneshot(req).instrument(span.clone()).await
+            call.instrument(span.clone()).await
         };
         let res = match res {
             Ok(res) => res,

@@ -117,6 +117,10 @@ pub struct Sketch {
     /// Key hashes are keyed SHA-256 digests, which a client cannot steer: a fast
     /// hasher (a new key of a full sketch costs a removal and an insertion).
     index: HashMap<InlineKey, usize, foldhash::fast::RandomState>,
+    /// No count is below it (see [`Sketch::min_slot`]).
+    floor: u64,
+    /// Where the next search for a smallest count starts.
+    cursor: usize,
 }
 
 impl Sketch {
@@ -127,6 +131,8 @@ impl Sketch {
             capacity,
             entries: Vec::with_capacity(capacity),
             index: HashMap::with_capacity_and_hasher(capacity * 2, Default::default()),
+            floor: 0,
+            cursor: 0,
         }
     }
 
@@ -149,9 +155,7 @@ impl Sketch {
             return;
         }
         // Full: the new key replaces the minimum and inherits its count as error.
-        let Some((slot, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.count) else {
-            return;
-        };
+        let slot = self.min_slot();
         let Some(entry) = self.entries.get_mut(slot) else {
             return;
         };
@@ -163,6 +167,31 @@ impl Sketch {
             error: min,
         };
         self.index.insert(key, slot);
+    }
+
+    /// A counter with the smallest count (the sketch is full). Counts only grow, so a
+    /// count at `floor`, which no count is below, is a smallest one: the search goes on
+    /// from where the last one stopped and usually ends at the first counter it looks at
+    /// (a flood of new keys leaves them all at the floor). Only when none is at the
+    /// floor any more does it look at every counter, and raise the floor to their
+    /// minimum.
+    fn min_slot(&mut self) -> usize {
+        let n = self.entries.len();
+        let mut lowest = (u64::MAX, 0);
+        for step in 0..n {
+            let slot = (self.cursor + step) % n;
+            let count = self.entries[slot].count;
+            if count <= self.floor {
+                self.cursor = (slot + 1) % n;
+                return slot;
+            }
+            if count < lowest.0 {
+                lowest = (count, slot);
+            }
+        }
+        self.floor = lowest.0;
+        self.cursor = (lowest.1 + 1) % n;
+        lowest.1
     }
 
     /// Number of counters in use (never more than the capacity).
@@ -316,6 +345,33 @@ mod tests {
         let c = top.iter().find(|e| e.key_hash == "c").unwrap();
         assert_eq!((c.count, c.error), (2, 1));
         assert!(top.iter().all(|e| e.key_hash != "b"));
+    }
+
+    #[test]
+    fn a_new_key_of_a_full_sketch_always_replaces_a_smallest_count() {
+        // Against the plain definition (a scan for the minimum), over a stream that
+        // mixes repeats of a few keys with floods of new ones.
+        let mut sketch = Sketch::new(8);
+        let mut state = 7_u64;
+        for i in 0..5_000_u64 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let key = if (state >> 33) % 3 == 0 {
+                format!("hot-{}", (state >> 40) % 4)
+            } else {
+                format!("new-{i}")
+            };
+            let tracked = sketch.index.contains_key(&InlineKey::new(&key).unwrap());
+            let full = sketch.entries.len() == 8;
+            let min = sketch.entries.iter().map(|e| e.count).min().unwrap_or(0);
+            sketch.observe(&key);
+            if full && !tracked {
+                let entry = sketch.entries[sketch.index[&InlineKey::new(&key).unwrap()]];
+                assert_eq!((entry.count, entry.error), (min + 1, min), "item {i}");
+            }
+            assert!(sketch.entries.iter().all(|e| e.count >= sketch.floor));
+        }
     }
 
     #[test]

@@ -172,8 +172,3 @@ pub fn idempotency_layer<St: IdempotencyStore>(
         None => layer.unscoped(),
     }
 }
-
-/// The upstream alone, for requests no route matches.
-pub fn boxed_upstream(upstream: Upstream, http: RouteHttp) -> Stack {
-    boxed(TimedUpstream::new(upstream, http))
-}

@@ -1,8 +1,6 @@
 //! One coordinated request: claim the key (waiting for an in-flight holder where the
 //! route says so), run the handler as the key's holder, then store or release.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -27,7 +25,7 @@ use tracing::Instrument;
 
 use crate::pipeline::Trace;
 
-use super::claim::{ClaimGuard, with_renewal};
+use super::claim::{ClaimGuard, poll_once, with_renewal};
 use super::layer::{IdempotencySettings, OnInFlight, ReplayHeaders};
 use super::request::{body_identity, fingerprint};
 use super::response::{grpc_releases_key, original, releases_key, replay, storable_headers};
@@ -410,9 +408,4 @@ enum Claim<ResB: Body> {
 
 fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {
     Problem::store_unavailable().into_keyward_response(protocol)
-}
-
-/// Polls `future` once and says what that gave, without waiting.
-async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }

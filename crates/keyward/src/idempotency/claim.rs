@@ -1,6 +1,8 @@
 //! Holding a claim: release on every path out, and lease renewal while work runs.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use keyward_core::store::IdempotencyStore;
@@ -52,9 +54,14 @@ where
     St: IdempotencyStore,
     F: Future,
 {
+    tokio::pin!(work);
+    // Work that is done at once (an in-process handler, a body already in memory, the
+    // memory store) needs no renewal timer: no clock read, no timer entry.
+    if let Poll::Ready(output) = poll_once(work.as_mut()).await {
+        return output;
+    }
     let period = lease / 3;
     let mut renewing = true;
-    tokio::pin!(work);
     loop {
         tokio::select! {
             biased;
@@ -71,4 +78,9 @@ where
             }
         }
     }
+}
+
+/// Polls `future` once: its output if it was ready, `Pending` (without waiting) if not.
+pub(crate) async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
