@@ -130,7 +130,8 @@ where
         let req = Request::from_parts(parts, B::from(body));
         // Boxed on its own: the first execution is the rare path, and keeping its state
         // out of this future keeps replays (the common path) small and cheap to move.
-        Box::pin(self.execute(inner, req, token, &fingerprint)).await
+        let execute = Box::pin(self.execute(inner, req, token, &fingerprint));
+        execute.await
     }
 
     /// Runs the handler as the key's holder, then stores or releases.
@@ -175,8 +176,11 @@ where
         // on the client waiting for it. Reading the body and storing the record run in a
         // task of their own; a client that leaves stops waiting, not the task.
         let (waiting, gone) = oneshot::channel::<()>();
-        let finish = self.clone().finish(res, guard, token, *fingerprint, gone);
-        let mut finish = Box::pin(finish.instrument(self.trace.span.clone()));
+        let mut finish = Box::pin(
+            self.clone()
+                .finish(res, guard, token, *fingerprint, gone)
+                .instrument(self.trace.span.clone()),
+        );
         // A response already in memory stored in a store that answers at once (the
         // memory store) finishes in its first poll: no task is needed for that. Anything
         // else goes on in a task, with nothing awaited in between.
@@ -211,13 +215,19 @@ where
         ResB: Body<Data = Bytes> + Unpin,
     {
         let settings = self.settings();
-        let buffering = buffer_response(res, settings.max_response);
-        let buffering = with_renewal(buffering, &self.store, &self.key, token, settings.lease);
-        tokio::pin!(buffering);
-        let buffered = tokio::select! {
-            biased;
-            buffered = &mut buffering => Some(buffered),
-            _ = gone => tokio::time::timeout(settings.lease, &mut buffering).await.ok(),
+        // In a block of its own: the buffering's state is gone before the record is
+        // stored, so the two share their room in this future.
+        let buffered = {
+            let buffering = buffer_response(res, settings.max_response);
+            let buffering = with_renewal(buffering, &self.store, &self.key, token, settings.lease);
+            tokio::pin!(buffering);
+            tokio::select! {
+                biased;
+                buffered = &mut buffering => Some(buffered),
+                // Boxed: a client that leaves first is rare, and its timer would make
+                // every first execution's future larger.
+                _ = gone => Box::pin(tokio::time::timeout(settings.lease, &mut buffering)).await.ok(),
+            }
         };
         let response = match buffered {
             Some(Buffered::Complete {
@@ -337,7 +347,26 @@ where
     /// duplicates wait or get 409. Store errors are usually short (a reconnect, a
     /// restarting Redis, a failover), and completing is fenced by the token, so retrying
     /// cannot overwrite a successor's record.
-    async fn complete(
+    fn complete<'a>(
+        &'a self,
+        token: FencingToken,
+        fingerprint: &'a Fingerprint,
+        stored: StoredResponse,
+    ) -> impl Future<Output = ()> + 'a {
+        // Not an `async fn` around an `async` block: that would hold `stored` twice.
+        let lease = self.settings().lease;
+        with_renewal(
+            self.store_record(token, fingerprint, stored),
+            &self.store,
+            &self.key,
+            token,
+            lease,
+        )
+    }
+
+    /// Stores the record, retrying a failing store for up to `record_retry`, then gives
+    /// up and releases the key.
+    async fn store_record(
         &self,
         token: FencingToken,
         fingerprint: &Fingerprint,
@@ -346,45 +375,40 @@ where
         let settings = self.settings();
         let deadline = Instant::now() + settings.record_retry;
         let mut backoff = Duration::from_millis(10);
-        let retries = async move {
-            loop {
-                let complete = self.store.complete(
-                    &self.key,
-                    token,
-                    fingerprint,
-                    stored.clone(),
-                    settings.ttl,
-                );
-                let result = self
-                    .config
-                    .common
-                    .metrics
-                    .timed(STORE_OP_COMPLETE, complete)
-                    .await;
-                match result {
-                    Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
-                    Ok(Completion::Fenced) => {
-                        // Our lease ran out and another request took the key over: storing now
-                        // would overwrite its result. Downstream fencing decides which write wins.
-                        tracing::warn!(
-                            "idempotency lease expired before completion; response not stored"
-                        );
-                        return self.record(IdempotencyOutcome::Executed);
-                    }
-                    Err(error) if Instant::now() + backoff < deadline => {
-                        tracing::debug!(%error, "idempotency store failed to store the response; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_millis(250));
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
-                        self.record(IdempotencyOutcome::StoreError);
-                        return self.release(token).await;
-                    }
+        loop {
+            let complete =
+                self.store
+                    .complete(&self.key, token, fingerprint, stored.clone(), settings.ttl);
+            let result = self
+                .config
+                .common
+                .metrics
+                .timed(STORE_OP_COMPLETE, complete)
+                .await;
+            match result {
+                Ok(Completion::Stored) => return self.record(IdempotencyOutcome::Executed),
+                Ok(Completion::Fenced) => {
+                    // Our lease ran out and another request took the key over: storing now
+                    // would overwrite its result. Downstream fencing decides which write wins.
+                    tracing::warn!(
+                        "idempotency lease expired before completion; response not stored"
+                    );
+                    return self.record(IdempotencyOutcome::Executed);
+                }
+                Err(error) if Instant::now() + backoff < deadline => {
+                    tracing::debug!(%error, "idempotency store failed to store the response; retrying");
+                    // Boxed: retrying is rare, and its timer would make every first
+                    // execution's future larger.
+                    Box::pin(tokio::time::sleep(backoff)).await;
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "idempotency store failed to store the response; releasing the key");
+                    self.record(IdempotencyOutcome::StoreError);
+                    return self.release(token).await;
                 }
             }
-        };
-        with_renewal(retries, &self.store, &self.key, token, settings.lease).await;
+        }
     }
 
     async fn release(&self, token: FencingToken) {

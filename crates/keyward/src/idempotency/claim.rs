@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use keyward_core::store::IdempotencyStore;
@@ -43,39 +43,91 @@ impl<St: IdempotencyStore> Drop for ClaimGuard<St> {
 
 /// Runs `work` while renewing the claim every third of the lease, so that a slow but
 /// live handler keeps its key and only a dead or stalled process loses it.
-pub(crate) async fn with_renewal<St, F>(
+///
+/// A future of its own rather than an `async fn`: it holds `work` once and the renewal
+/// (a timer and a store call) behind a pointer made on the first poll that finds `work`
+/// not done. Work done at once (an in-process handler, a body already in memory, the
+/// memory store) costs no timer, no clock read and no allocation; and the futures that
+/// run several of these in turn stay small to move and to box.
+pub(crate) fn with_renewal<'a, St, F>(
     work: F,
-    store: &St,
-    key: &ScopedKey,
+    store: &'a St,
+    key: &'a ScopedKey,
     token: FencingToken,
     lease: Duration,
-) -> F::Output
+) -> Renewing<'a, St, F>
 where
     St: IdempotencyStore,
     F: Future,
 {
-    tokio::pin!(work);
-    // Work that is done at once (an in-process handler, a body already in memory, the
-    // memory store) needs no renewal timer: no clock read, no timer entry.
-    if let Poll::Ready(output) = poll_once(work.as_mut()).await {
-        return output;
+    Renewing {
+        work,
+        store,
+        key,
+        token,
+        lease,
+        renewal: None,
     }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`with_renewal`]: `work`'s output.
+    pub(crate) struct Renewing<'a, St, F> {
+        #[pin]
+        work: F,
+        store: &'a St,
+        key: &'a ScopedKey,
+        token: FencingToken,
+        lease: Duration,
+        renewal: Option<Pin<Box<dyn Future<Output = ()> + Send + 'a>>>,
+    }
+}
+
+impl<'a, St, F> Future for Renewing<'a, St, F>
+where
+    St: IdempotencyStore,
+    F: Future,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        // The work first, always: its end ends the renewal, even one in flight (a
+        // renewal that lands after the record is stored finds no holder, and changes
+        // nothing).
+        if let Poll::Ready(output) = this.work.poll(cx) {
+            return Poll::Ready(output);
+        }
+        let (store, key, token, lease) = (*this.store, *this.key, *this.token, *this.lease);
+        let renewal = this
+            .renewal
+            .get_or_insert_with(|| Box::pin(renew_every_third(store, key, token, lease)));
+        // Never ready: it renews until the work ends, or waits forever once the lease is
+        // lost.
+        let _ = renewal.as_mut().poll(cx);
+        Poll::Pending
+    }
+}
+
+/// Renews the claim every third of `lease`, until the store says it is no longer held.
+async fn renew_every_third<St: IdempotencyStore>(
+    store: &St,
+    key: &ScopedKey,
+    token: FencingToken,
+    lease: Duration,
+) {
     let period = lease / 3;
-    let mut renewing = true;
     loop {
-        tokio::select! {
-            biased;
-            output = &mut work => return output,
-            () = tokio::time::sleep(period), if renewing => {
-                match store.renew(key, token, lease).await {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        tracing::warn!("idempotency lease lost while the handler ran; its response will not be stored");
-                        renewing = false;
-                    }
-                    Err(error) => tracing::warn!(%error, "idempotency lease renewal failed"),
-                }
+        tokio::time::sleep(period).await;
+        match store.renew(key, token, lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    "idempotency lease lost while the handler ran; its response will not be stored"
+                );
+                return std::future::pending().await;
             }
+            Err(error) => tracing::warn!(%error, "idempotency lease renewal failed"),
         }
     }
 }
