@@ -215,8 +215,7 @@ where
         ResB: Body<Data = Bytes> + Unpin,
     {
         let settings = self.settings();
-        // In a block of its own: the buffering's state is gone before the record is
-        // stored, so the two share their room in this future.
+        // In a block of its own: the buffering ends before the record is stored.
         let buffered = {
             let buffering = buffer_response(res, settings.max_response);
             let buffering = with_renewal(buffering, &self.store, &self.key, token, settings.lease);
