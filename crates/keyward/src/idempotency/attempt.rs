@@ -1,6 +1,8 @@
 //! One coordinated request: claim the key (waiting for an in-flight holder where the
 //! route says so), run the handler as the key's holder, then store or release.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -25,7 +27,7 @@ use tracing::Instrument;
 
 use crate::pipeline::Trace;
 
-use super::claim::{ClaimGuard, poll_once, with_renewal};
+use super::claim::{ClaimGuard, with_renewal};
 use super::layer::{IdempotencySettings, OnInFlight, ReplayHeaders};
 use super::request::{body_identity, fingerprint};
 use super::response::{grpc_releases_key, original, releases_key, replay, storable_headers};
@@ -427,6 +429,11 @@ where
 enum Claim<ResB: Body> {
     Token(FencingToken),
     Answer(Box<Response<KeywardBody<ResB>>>),
+}
+
+/// Polls `future` once and says what that gave, without waiting.
+async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
+    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
 }
 
 fn store_unavailable<ResB: Body>(protocol: Protocol) -> Response<KeywardBody<ResB>> {

@@ -131,8 +131,3 @@ async fn renew_every_third<St: IdempotencyStore>(
         }
     }
 }
-
-/// Polls `future` once: its output if it was ready, `Pending` (without waiting) if not.
-pub(crate) async fn poll_once<F: Future>(mut future: Pin<&mut F>) -> Poll<F::Output> {
-    std::future::poll_fn(|cx| Poll::Ready(future.as_mut().poll(cx))).await
-}
